@@ -1,0 +1,131 @@
+"""The site's Flower ClientApp: decode the message, call a plain function, encode the reply.
+
+Flower starts a fresh ClientApp process per message in deployment, so nothing here is cached in
+Python globals: backbones, features and the privacy history live in the site's folders on disk.
+Only head tensors and scalar metrics ever go into a reply.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedtl.client.rounds import evaluate_round, feature_sum_round, train_round
+from fedtl.client.site import Site, resolve_site
+from fedtl.shared import constants as k
+from fedtl.shared.errors import ReplyError
+from fedtl.shared.protocol import RoundSettings, SimulationSettings, decode
+
+log = logging.getLogger(__name__)
+
+app = ClientApp()
+
+
+def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """Return an ArrayRecord's arrays as numpy, by name."""
+    return {name: arr.numpy() for name, arr in record.items()}
+
+
+def numpy_to_arrays(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    """Return named numpy arrays as an ArrayRecord, keeping their names."""
+    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
+
+
+def _site(msg: Message, context: Context) -> Site:
+    # The server always sends the simulation settings; a real site's node config takes precedence.
+    config = _config(msg)
+    simulation = decode(SimulationSettings, config, what="simulation config") if k.SITE_ROOT in config else None
+    return resolve_site(context.node_config, simulation)
+
+
+def _config(msg: Message) -> ConfigRecord:
+    if k.CONFIG not in msg.content.config_records:
+        raise ReplyError(f"malformed {msg.metadata.message_type} message: no `{k.CONFIG}` ConfigRecord")
+    return msg.content.config_records[k.CONFIG]
+
+
+def _global_arrays(msg: Message) -> dict[str, np.ndarray]:
+    if k.ARRAYS not in msg.content.array_records:
+        raise ReplyError(f"malformed {msg.metadata.message_type} message: no `{k.ARRAYS}` ArrayRecord")
+    return arrays_to_numpy(msg.content.array_records[k.ARRAYS])
+
+
+def _site_record(site: Site, settings: RoundSettings) -> ConfigRecord:
+    return ConfigRecord({k.SITE_NAME: site.name, k.BACKBONE_FINGERPRINT: settings.backbone_fingerprint})
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the head on the site's cached features under DP-SGD; reply with head tensors only."""
+    config = _config(msg)
+    settings = decode(RoundSettings, config)
+    site = _site(msg, context)
+    report = train_round(
+        site,
+        settings,
+        _global_arrays(msg),
+        server_round=int(config[k.SERVER_ROUND]),
+        proximal_mu=float(config.get(k.PROXIMAL_MU, 0.0)),
+    )
+    res = report.result
+    metrics = MetricRecord({
+        k.NUM_EXAMPLES: res.num_examples,
+        k.TRAIN_LOSS: res.train_loss,
+        k.EPSILON: report.epsilon,
+        k.DELTA: report.delta,
+        k.ROUND_EPSILON_STEPS: res.steps,
+        k.SAMPLE_RATE: res.sample_rate,
+        k.NOISE_MULTIPLIER: res.noise_multiplier if res.noise_multiplier is not None else 0.0,
+    })
+    content = RecordDict({k.ARRAYS: numpy_to_arrays(res.arrays), k.METRICS: metrics,
+                          k.SITE: _site_record(site, settings)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global head on the site's local test split."""
+    settings = decode(RoundSettings, _config(msg))
+    site = _site(msg, context)
+    scores, num_examples = evaluate_round(site, settings, _global_arrays(msg))
+    metrics = MetricRecord({k.NUM_EXAMPLES: num_examples, **scores})
+    content = RecordDict({k.METRICS: metrics, k.SITE: _site_record(site, settings)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Answer the server's backbone questions: is it cached here, and install these verified weights."""
+    config = _config(msg)
+    action = str(config.get(k.ACTION, ""))
+    site = _site(msg, context)
+    name = str(config[k.BACKBONE_NAME])
+    fingerprint = str(config[k.BACKBONE_FINGERPRINT])
+    received = 0
+    if action == k.ACTION_INSTALL_BACKBONE:
+        if k.BACKBONE_ARRAYS not in msg.content.array_records:
+            raise ReplyError(f"install-backbone message carries no `{k.BACKBONE_ARRAYS}` ArrayRecord")
+        record = msg.content.array_records[k.BACKBONE_ARRAYS]
+        received = record.count_bytes()
+        state = record.to_torch_state_dict()
+        path = site.backbones.install(name, fingerprint, state)
+        log.info("site %s: installed backbone %s %s (%d bytes) at %s", site.name, name, fingerprint[:12], received, path)
+    elif action == k.ACTION_FEATURE_SUM:
+        settings = decode(RoundSettings, config)
+        total, count = feature_sum_round(site, settings, noise_multiplier=float(config[k.CENTERING_NOISE_MULTIPLIER]))
+        epsilon = site.privacy_store.epsilon(delta=settings.target_delta, accountant=settings.accountant)
+        content = RecordDict({
+            k.ARRAYS: numpy_to_arrays({k.FEATURE_SUM: total}),
+            k.METRICS: MetricRecord({k.NUM_EXAMPLES: count, k.EPSILON: epsilon}),
+            k.SITE: _site_record(site, settings),
+        })
+        return Message(content=content, reply_to=msg)
+    elif action != k.ACTION_HAS_BACKBONE:
+        raise ReplyError(f"unknown query action {action!r}; expected one of {k.ACTION_HAS_BACKBONE}, "
+                         f"{k.ACTION_INSTALL_BACKBONE}, {k.ACTION_FEATURE_SUM}")
+    reply = ConfigRecord({k.SITE_NAME: site.name, k.HAS_BACKBONE: site.backbones.has(fingerprint),
+                          k.BYTES_RECEIVED: received})
+    return Message(content=RecordDict({k.SITE: reply}), reply_to=msg)

@@ -1,0 +1,227 @@
+"""A site's local state: where it keeps backbones, features and privacy history, and its data."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedtl.shared.data import ImageDataset, load_dataset, site_split
+from fedtl.client.privacy_store import PrivacyStore
+from fedtl.shared import constants as k
+from fedtl.shared.backbones import Preprocessing, build_backbone, fingerprint_state_dict, get_backbone_spec
+from fedtl.shared.config import fedtl_home
+from fedtl.shared.errors import BackboneError, ConfigError, DataError, FingerprintMismatchError
+from fedtl.shared.features import FeatureCache, cached_features
+from fedtl.shared.protocol import RoundSettings, SimulationSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Site:
+    """One site: its name, its state folder (privacy history) and its cache folder."""
+
+    name: str
+    state_dir: Path
+    cache_dir: Path
+    data: str
+    simulation: SimulationSettings | None = None
+    partition_id: int = 0
+    num_partitions: int = 1
+
+    @property
+    def privacy_store(self) -> PrivacyStore:
+        """Return the site's privacy history."""
+        return PrivacyStore(self.state_dir / "privacy" / "history.jsonl")
+
+    @property
+    def backbones(self) -> BackboneStore:
+        """Return the site's store of verified backbone weights."""
+        return BackboneStore(self.cache_dir / "backbones")
+
+    @property
+    def feature_cache(self) -> FeatureCache:
+        """Return the site's on-disk feature cache."""
+        return FeatureCache(self.cache_dir / "features")
+
+
+def resolve_site(node_config: Mapping[str, Any], simulation: SimulationSettings | None) -> Site:
+    """Return the site described by the SuperNode's node config.
+
+    A real site sets `site-dir` and `data` in its node config. A simulated site (Flower's simulation
+    engine sets only `partition-id`/`num-partitions`) takes its slice of the shared data and its
+    folders from the server's simulation settings instead.
+
+    Raises:
+        ConfigError: the node config names neither a site folder nor a simulated partition.
+    """
+    if k.SITE_DIR in node_config:
+        site_dir = Path(str(node_config[k.SITE_DIR])).expanduser()
+        if k.DATA not in node_config:
+            raise ConfigError(f"node config sets `site-dir` = {site_dir} but no `data`; add data=\"/path/to/data\"")
+        name = str(node_config.get(k.SITE_NAME, site_dir.name))
+        return Site(name=name, state_dir=site_dir, cache_dir=site_dir / "cache", data=str(node_config[k.DATA]))
+    if k.PARTITION_ID in node_config and simulation is not None:
+        pid = int(node_config[k.PARTITION_ID])
+        num = int(node_config[k.NUM_PARTITIONS])
+        name = f"site-{pid}"
+        return Site(
+            name=name,
+            state_dir=Path(simulation.site_root) / name,
+            cache_dir=Path(simulation.cache_root) / name,
+            data=simulation.data,
+            simulation=simulation,
+            partition_id=pid,
+            num_partitions=num,
+        )
+    raise ConfigError(
+        "this SuperNode's node config names no site: set --node-config \"site-dir='...' data='...'\" "
+        f"(got keys {sorted(node_config)})"
+    )
+
+
+class BackboneStore:
+    """Verified backbone weights, one safetensors file per fingerprint."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path(self, fingerprint: str) -> Path:
+        """Return where the weights with this fingerprint are kept."""
+        return self.root / f"{fingerprint}.safetensors"
+
+    def has(self, fingerprint: str) -> bool:
+        """Return True when weights with this fingerprint are stored."""
+        return self.path(fingerprint).is_file()
+
+    def install(self, name: str, fingerprint: str, state_dict: dict[str, torch.Tensor]) -> Path:
+        """Verify received weights against the announced fingerprint, then store them atomically.
+
+        Raises:
+            FingerprintMismatchError: the weights hash to another fingerprint (nothing is stored).
+        """
+        actual = fingerprint_state_dict(state_dict)
+        if actual != fingerprint:
+            raise FingerprintMismatchError(
+                f"backbone `{name}` weights received hash to {actual}, but the server announced {fingerprint}; "
+                "refusing them. The transfer was corrupted or the weights were tampered with"
+            )
+        path = self.path(fingerprint)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({k_: v.contiguous() for k_, v in state_dict.items()}, tmp, metadata={"backbone-name": name})
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return path
+
+    def load(self, name: str, fingerprint: str) -> torch.nn.Module:
+        """Build backbone `name` from stored weights, re-checking their fingerprint.
+
+        Raises:
+            BackboneError: no weights with this fingerprint are stored.
+            FingerprintMismatchError: the stored file was changed after it was verified.
+        """
+        path = self.path(fingerprint)
+        if not path.is_file():
+            raise BackboneError(f"backbone `{name}` with fingerprint {fingerprint} is not in the site cache {self.root}")
+        state = load_file(str(path))
+        actual = fingerprint_state_dict(state)
+        if actual != fingerprint:
+            raise FingerprintMismatchError(
+                f"stored backbone file {path} hashes to {actual}, expected {fingerprint}: it was modified on disk. "
+                "Delete the file; the server will send verified weights again"
+            )
+        return build_backbone(name, state)
+
+    def fingerprints(self) -> list[str]:
+        """Return the fingerprints of every stored backbone."""
+        return sorted(p.stem for p in self.root.glob("*.safetensors"))
+
+
+@dataclass(frozen=True)
+class SiteFeatures:
+    """A site's cached features: training split and local test split."""
+
+    train_features: np.ndarray  # (N_train, D)
+    train_labels: np.ndarray  # (N_train,)
+    test_features: np.ndarray  # (N_test, D)
+    test_labels: np.ndarray  # (N_test,)
+    label_names: tuple[str, ...]
+    cache_hits: int
+
+
+def load_site_data(site: Site) -> tuple[ImageDataset, ImageDataset]:
+    """Return the site's (train, local test) data."""
+    if site.simulation is not None:
+        sim = site.simulation
+        splits = load_dataset(sim.data, seed=sim.seed, test_fraction=sim.test_fraction)
+        return site_split(splits.train, site.partition_id, site.num_partitions, scheme=sim.partition,
+                          seed=sim.seed, local_test_fraction=sim.local_test_fraction)
+    splits = load_dataset(site.data, seed=0)
+    if splits.test is None or len(splits.test) == 0:
+        raise ConfigError(f"site data {site.data} has no test split; give it a test/ folder or test_* keys")
+    return splits.train, splits.test
+
+
+def site_preprocessing(settings: RoundSettings) -> Preprocessing:
+    """Return the backbone's preprocessing at the run's image size."""
+    pre = get_backbone_spec(settings.backbone_name).preprocessing
+    if settings.image_size and settings.image_size != pre.image_size:
+        pre = Preprocessing(image_size=settings.image_size, mean=pre.mean, std=pre.std)
+    return pre
+
+
+def load_site_features(site: Site, settings: RoundSettings, *, progress: bool = False) -> SiteFeatures:
+    """Return the site's features, extracting them once per (backbone, data, preprocessing).
+
+    Raises:
+        BackboneError: the announced backbone is not in the site cache (the server must send it first).
+        DataError: the site's labels do not fit the federation's `num-classes`.
+    """
+    train, test = load_site_data(site)
+    if len(train.label_names) != settings.num_classes:
+        raise DataError(
+            f"site {site.name} data {site.data} has {len(train.label_names)} classes {list(train.label_names)}, "
+            f"but the federation trains a {settings.num_classes}-class head; every site needs the same label set"
+        )
+    if not site.backbones.has(settings.backbone_fingerprint):
+        raise BackboneError(
+            f"backbone `{settings.backbone_name}` {settings.backbone_fingerprint[:12]} is not in site {site.name}'s "
+            f"cache {site.backbones.root}; the server sends it before round 1"
+        )
+    pre = site_preprocessing(settings)
+    # Built at most once, and only on a cache miss.
+    load = functools.cache(lambda: site.backbones.load(settings.backbone_name, settings.backbone_fingerprint))
+    hits = 0
+    out = []
+    for split in (train, test):
+        feats, labels, hit = cached_features(
+            site.feature_cache,
+            load_backbone=load,
+            backbone_fingerprint=settings.backbone_fingerprint,
+            images=split.images,
+            labels=split.labels,
+            data_fingerprint=split.fingerprint(),
+            preprocessing=pre,
+            batch_size=settings.feature_batch_size,
+            device=settings.device,
+            progress=progress,
+        )
+        hits += int(hit)
+        out.append((feats, labels))
+    log.info("site %s: features for %d train / %d test examples (%d of 2 from cache)",
+             site.name, len(train), len(test), hits)
+    return SiteFeatures(out[0][0], out[0][1], out[1][0], out[1][1], tuple(train.label_names), hits)
+

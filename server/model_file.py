@@ -1,0 +1,138 @@
+"""The adapted model as ONE safetensors file: head tensors plus everything needed to use and judge it."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import load_file, save_file
+
+from fedtl.shared.backbones import Preprocessing
+from fedtl.shared.errors import ModelFileError
+from fedtl.shared.heads import Head, build_head, load_head_arrays
+from fedtl.shared.protocol import jsonable
+
+FORMAT = "fedtl-adapted-model/1"
+
+
+@dataclass(frozen=True)
+class AdaptedModel:
+    """A federated head on a named, fingerprinted backbone, with its provenance and privacy spend."""
+
+    backbone_name: str
+    backbone_fingerprint: str
+    preprocessing: Preprocessing
+    feature_dim: int
+    head: str
+    head_hidden: int
+    label_names: tuple[str, ...]
+    arrays: dict[str, np.ndarray]
+    privacy: dict[str, dict[str, float]]  # site -> {"epsilon": cumulative, "delta": ...}
+    non_private: bool
+    num_rounds: int
+    sites: tuple[str, ...]
+    run_id: str
+    strategy: str = "fedavg"
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def build_head(self) -> Head:
+        """Return the head module with this model's weights loaded."""
+        head = build_head(self.head, self.feature_dim, len(self.label_names), hidden=self.head_hidden)
+        load_head_arrays(head, self.arrays, source="the model file")
+        return head
+
+    def metadata(self) -> dict[str, Any]:
+        """Return every field except the tensors, JSON-able."""
+        meta = {k_: v for k_, v in asdict(self).items() if k_ != "arrays"}
+        meta["preprocessing"] = self.preprocessing.to_dict()
+        meta["label_names"] = list(self.label_names)
+        meta["sites"] = list(self.sites)
+        return meta
+
+
+def save_model(path: str | Path, model: AdaptedModel) -> Path:
+    """Write the model file (tensors + JSON metadata + model card) and a readable card beside it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    card = model_card(model)
+    metadata = {"format": FORMAT, "fedtl": json.dumps(jsonable(model.metadata()), sort_keys=True), "model-card": card}
+    save_file({k_: np.ascontiguousarray(v) for k_, v in model.arrays.items()}, str(path), metadata=metadata)
+    path.with_suffix(".md").write_text(card)
+    return path
+
+
+def load_model(path: str | Path) -> AdaptedModel:
+    """Read a model file written by `save_model`.
+
+    Raises:
+        ModelFileError: the file is missing, not safetensors, or lacks fedtl's metadata.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file {path} does not exist; runs write it as runs/<run-id>/model.safetensors")
+    try:
+        with safe_open(str(path), framework="numpy") as fh:
+            metadata = fh.metadata() or {}
+        arrays = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelFileError(f"{path} is not a readable safetensors file ({exc})") from exc
+    if metadata.get("format") != FORMAT or "fedtl" not in metadata:
+        raise ModelFileError(
+            f"{path} is not a fedtl model file: metadata format is {metadata.get('format')!r}, expected {FORMAT!r}"
+        )
+    meta = json.loads(metadata["fedtl"])
+    # Non-finite epsilons (non-private sites) are stored as strings in strict JSON.
+    meta["privacy"] = {site: {key: float(v) for key, v in spend.items()} for site, spend in meta.get("privacy", {}).items()}
+    try:
+        return AdaptedModel(
+            arrays=dict(arrays),
+            preprocessing=Preprocessing.from_dict(meta.pop("preprocessing")),
+            label_names=tuple(meta.pop("label_names")),
+            sites=tuple(meta.pop("sites")),
+            **meta,
+        )
+    except (KeyError, TypeError) as exc:
+        raise ModelFileError(f"{path} has incomplete fedtl metadata ({exc})") from exc
+
+
+def model_card(model: AdaptedModel) -> str:
+    """Return a human-readable Markdown card: what the model is, how it was trained, what it cost."""
+    lines = [f"# fedtl adapted model `{model.run_id}`", ""]
+    if model.non_private:
+        lines += ["**NON-PRIVATE BASELINE: trained without differential privacy. Do not release.**", ""]
+    lines += [
+        f"- Backbone: `{model.backbone_name}` (frozen), fingerprint `{model.backbone_fingerprint}`",
+        f"- Preprocessing: {model.preprocessing.image_size}x{model.preprocessing.image_size} px, "
+        f"mean {list(model.preprocessing.mean)}, std {list(model.preprocessing.std)}",
+        f"- Head: {model.head}" + (f" (hidden {model.head_hidden})" if model.head == "mlp" else "")
+        + f", {model.feature_dim} -> {len(model.label_names)} classes",
+        f"- Labels: {', '.join(model.label_names)}",
+        f"- Federation: {len(model.sites)} sites, {model.num_rounds} rounds, strategy {model.strategy}",
+        "",
+        "## Privacy spent per site (cumulative, sample-level DP-SGD)",
+        "",
+        "| site | epsilon | delta |",
+        "|---|---|---|",
+    ]
+    for site, spend in sorted(model.privacy.items()):
+        eps = spend.get("epsilon", math.inf)
+        lines.append(f"| {site} | {'inf (non-private)' if not math.isfinite(eps) else f'{eps:.3f}'} | {spend.get('delta')} |")
+    if model.metrics:
+        lines += ["", "## Final metrics", ""]
+        lines += [f"- {key}: {value:.4f}" if isinstance(value, float) else f"- {key}: {value}"
+                  for key, value in sorted(model.metrics.items())]
+    lines += [
+        "",
+        "## Use",
+        "",
+        f"`fedtl predict {model.run_id}/model.safetensors IMAGE...` (needs the backbone with the fingerprint above).",
+        "",
+        "Only the head was trained. The backbone's ImageNet weights are public; the guarantee above covers each",
+        "site's training examples, not who took part, and not data the backbone itself was trained on.",
+    ]
+    return "\n".join(lines) + "\n"

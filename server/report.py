@@ -1,0 +1,154 @@
+"""Run records on the server: screened replies, per-site metrics, `metrics.jsonl` and the final table."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Message
+
+from fedtl.shared import constants as k
+from fedtl.shared.protocol import jsonable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunRecorder:
+    """Collects what each round produced and appends one JSON line per round to `metrics.jsonl`.
+
+    `expected_arrays` maps each head tensor name to its (shape, dtype); a training reply whose
+    ArrayRecord differs in any name, shape or dtype, or holds NaN/Inf, is rejected before averaging.
+    """
+
+    run_dir: Path
+    expected_arrays: dict[str, tuple[tuple[int, ...], str]]
+    non_private: bool = False
+    site_epsilon: dict[str, float] = field(default_factory=dict)
+    site_delta: dict[str, float] = field(default_factory=dict)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    _round: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def metrics_path(self) -> Path:
+        """Return the path of the per-round metrics file."""
+        return Path(self.run_dir) / "metrics.jsonl"
+
+    def screen_train(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """Return the well-formed training replies and record each site's metrics; log the rest."""
+        kept = []
+        sites = self._round.setdefault("sites", {})
+        for msg in replies:
+            name = _site_name(msg)
+            if msg.has_error():
+                self._reject(server_round, name, f"site error: {msg.error.reason}")
+                continue
+            problem = self._check_train_reply(msg)
+            if problem:
+                self._reject(server_round, name, problem)
+                continue
+            metrics = dict(next(iter(msg.content.metric_records.values())))
+            sites.setdefault(name, {})["train"] = metrics
+            self.site_epsilon[name] = float(metrics[k.EPSILON])
+            self.site_delta[name] = float(metrics[k.DELTA])
+            kept.append(msg)
+        eps = {n: s["train"][k.EPSILON] for n, s in sites.items() if "train" in s}
+        if eps:
+            log.info("round %d epsilon per site (cumulative): %s; max %.3f", server_round,
+                     ", ".join(f"{n}={e:.3f}" for n, e in sorted(eps.items())), max(eps.values()))
+        return kept
+
+    def screen_evaluate(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """Return the evaluation replies that carry metrics and record each site's scores."""
+        kept = []
+        sites = self._round.setdefault("sites", {})
+        for msg in replies:
+            name = _site_name(msg)
+            if msg.has_error():
+                self._reject(server_round, name, f"site error: {msg.error.reason}")
+                continue
+            if len(msg.content.metric_records) != 1:
+                self._reject(server_round, name, "evaluation reply without exactly one MetricRecord")
+                continue
+            metrics = dict(next(iter(msg.content.metric_records.values())))
+            if k.NUM_EXAMPLES not in metrics:
+                self._reject(server_round, name, f"evaluation reply lacks `{k.NUM_EXAMPLES}`")
+                continue
+            sites.setdefault(name, {})["evaluate"] = metrics
+            kept.append(msg)
+        return kept
+
+    def finish_round(self, server_round: int, central: dict[str, float] | None) -> dict[str, Any]:
+        """Append the round's line (per-site, aggregate and central metrics, epsilon) to metrics.jsonl."""
+        sites = self._round.get("sites", {})
+        line: dict[str, Any] = {"round": server_round, "non-private": self.non_private, "sites": sites}
+        for phase in ("train", "evaluate"):
+            per_site = [s[phase] for s in sites.values() if phase in s]
+            if per_site:
+                line[phase] = weighted_site_metrics(per_site)
+        if self.site_epsilon:
+            line["epsilon-per-site"] = dict(sorted(self.site_epsilon.items()))
+            line["epsilon-max"] = max(self.site_epsilon.values())
+        if central is not None:
+            line["central"] = central
+        self.history.append(line)
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(jsonable(line), sort_keys=True) + "\n")
+        self._round = {}
+        return line
+
+    def _check_train_reply(self, msg: Message) -> str | None:
+        content = msg.content
+        if len(content.array_records) != 1 or len(content.metric_records) != 1:
+            return "training reply must hold exactly one ArrayRecord and one MetricRecord"
+        arrays = next(iter(content.array_records.values()))
+        if set(arrays.keys()) != set(self.expected_arrays):
+            return (f"head tensors {sorted(arrays.keys())} differ from the expected {sorted(self.expected_arrays)}; "
+                    "only head tensors may be sent")
+        for name, arr in arrays.items():
+            shape, dtype = self.expected_arrays[name]
+            if tuple(arr.shape) != tuple(shape) or arr.dtype != dtype:
+                return f"head tensor `{name}` is {arr.dtype}{tuple(arr.shape)}, expected {dtype}{tuple(shape)}"
+            if not np.all(np.isfinite(arr.numpy())):
+                return f"head tensor `{name}` contains NaN or Inf"
+        metrics = next(iter(content.metric_records.values()))
+        for key in (k.NUM_EXAMPLES, k.EPSILON, k.DELTA):
+            if key not in metrics:
+                return f"training reply lacks metric `{key}`"
+        if not float(metrics[k.NUM_EXAMPLES]) > 0:
+            return f"`{k.NUM_EXAMPLES}` must be > 0, got {metrics[k.NUM_EXAMPLES]}"
+        return None
+
+    def _reject(self, server_round: int, site: str, reason: str) -> None:
+        log.warning("round %d: reply from %s rejected, not aggregated: %s", server_round, site, reason)
+        self.rejected.append({"round": server_round, "site": site, "reason": reason})
+        self._round.setdefault("rejected", []).append({"site": site, "reason": reason})
+
+
+def _site_name(msg: Message) -> str:
+    if not msg.has_error() and k.SITE in msg.content.config_records:
+        return str(msg.content.config_records[k.SITE].get(k.SITE_NAME, msg.metadata.src_node_id))
+    return f"node-{msg.metadata.src_node_id}"
+
+
+def weighted_site_metrics(per_site: list[dict[str, Any]]) -> dict[str, float]:
+    """Aggregate site metrics: example-weighted means; epsilon/delta the worst site's, counts the sum."""
+    weights = np.array([float(m.get(k.NUM_EXAMPLES, 0)) for m in per_site])
+    out: dict[str, float] = {}
+    for key in per_site[0]:
+        values = np.array([float(m.get(key, math.nan)) for m in per_site])
+        if key in (k.EPSILON, k.DELTA):
+            out[key] = float(values.max())
+        elif key in (k.NUM_EXAMPLES, k.ROUND_EPSILON_STEPS):
+            out[key] = float(values.sum())
+        else:
+            ok = np.isfinite(values) & (weights > 0)
+            out[key] = float(np.average(values[ok], weights=weights[ok])) if ok.any() else math.nan
+    return out

@@ -1,0 +1,356 @@
+"""The federation's Flower ServerApp: distribute the backbone, run the strategy, export the model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import flwr
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedtl.server.model_file import AdaptedModel, save_model
+from fedtl.server.report import RunRecorder
+from fedtl.server.strategy import make_strategy
+from fedtl.shared import constants as k
+from fedtl.shared.backbones import (
+    Preprocessing,
+    backbone_state_dict,
+    build_backbone,
+    count_state_bytes,
+    fingerprint_state_dict,
+    get_backbone_spec,
+)
+from fedtl.shared.config import AUTO, RunConfig, fedtl_home
+from fedtl.shared.data import load_dataset
+from fedtl.shared.features import FeatureCache, cached_features
+from fedtl.shared.heads import build_head, head_arrays, load_head_arrays, predict_proba
+from fedtl.shared.metrics import classification_metrics, majority_rate
+from fedtl.shared.protocol import RoundSettings, SimulationSettings, encode, jsonable
+
+log = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point of `flwr run`: resolve the run config from pyproject and overrides, then federate."""
+    run_federation(grid, RunConfig.from_mapping(dict(context.run_config)))
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """The server's copy of the backbone: name, fingerprint, weights and preprocessing."""
+
+    name: str
+    fingerprint: str
+    state: dict[str, torch.Tensor]
+    feature_dim: int
+    preprocessing: Preprocessing
+
+
+def load_server_backbone(cfg: RunConfig) -> Backbone:
+    """Build the configured backbone from the registry and fingerprint it."""
+    spec = get_backbone_spec(cfg.backbone)
+    state = backbone_state_dict(build_backbone(cfg.backbone))
+    pre = spec.preprocessing
+    if cfg.image_size and cfg.image_size != pre.image_size:
+        pre = Preprocessing(image_size=cfg.image_size, mean=pre.mean, std=pre.std)
+    return Backbone(cfg.backbone, fingerprint_state_dict(state), state, spec.feature_dim, pre)
+
+
+def new_run_dir(cfg: RunConfig) -> tuple[str, Path]:
+    """Return a fresh run id and its folder under `out`."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    run_id = f"{stamp}-{cfg.run_name or cfg.backbone}-{secrets.token_hex(2)}"
+    run_dir = Path(cfg.out) / run_id
+    run_dir.mkdir(parents=True, exist_ok=False)
+    return run_id, run_dir
+
+
+def run_federation(grid: Grid, cfg: RunConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
+    """Run one federation end to end and return its summary (also written to `summary.json`).
+
+    Args:
+        grid: Flower's Grid (simulation or deployment).
+        cfg: the resolved run configuration.
+        run_dir: where to write results; a fresh `out/<run-id>/` when None.
+
+    Returns:
+        The run summary: final metrics, per-site epsilon, bytes sent, timings.
+
+    Raises:
+        RuntimeError: no site returned a usable update in any round.
+    """
+    t_start = time.time()
+    if run_dir is None:
+        run_id, run_dir = new_run_dir(cfg)
+    else:
+        run_id = run_dir.name
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.non_private:
+        log.warning("NON-PRIVATE BASELINE RUN %s: sites train without clipping or noise", run_id)
+    backbone = load_server_backbone(cfg)
+    splits = load_dataset(cfg.data, seed=cfg.seed, test_fraction=cfg.test_fraction)
+    label_names = tuple(splits.train.label_names)
+    _write_json(run_dir / "config.json", {
+        "run-id": run_id,
+        "config": cfg.to_mapping(),
+        "backbone-fingerprint": backbone.fingerprint,
+        "preprocessing": backbone.preprocessing.to_dict(),
+        "label-names": list(label_names),
+        "versions": {"flwr": flwr.__version__, "torch": torch.__version__},
+    })
+
+    settings = RoundSettings(
+        run_id=run_id,
+        num_rounds=cfg.num_rounds,
+        backbone_name=backbone.name,
+        backbone_fingerprint=backbone.fingerprint,
+        image_size=backbone.preprocessing.image_size,
+        head=cfg.head,
+        head_hidden=cfg.head_hidden,
+        num_classes=len(label_names),
+        local_epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        max_grad_norm=cfg.max_grad_norm,
+        noise_multiplier=-1.0 if cfg.noise_multiplier == AUTO else float(cfg.noise_multiplier),
+        target_epsilon=cfg.target_epsilon,
+        target_delta=cfg.target_delta,
+        accountant=cfg.accountant,
+        non_private=cfg.non_private,
+        seed=cfg.seed,
+        feature_batch_size=cfg.feature_batch_size,
+        device=cfg.device,
+    )
+    # Simulated sites read their slice of `data` from these; real sites ignore them (node config wins).
+    simulation = SimulationSettings(
+        data=cfg.data,
+        partition=cfg.partition,
+        seed=cfg.seed,
+        test_fraction=cfg.test_fraction,
+        local_test_fraction=cfg.local_test_fraction,
+        site_root=str((run_dir / "sites").resolve()),
+        cache_root=str(fedtl_home() / "sim-sites"),
+    )
+    config = ConfigRecord({**encode(settings), **encode(simulation)})
+
+    node_ids = wait_for_nodes(grid, cfg.min_available_nodes, timeout=cfg.round_timeout)
+    backbone_bytes = distribute_backbone(grid, node_ids, backbone, config, timeout=cfg.round_timeout)
+
+    head = build_head(cfg.head, backbone.feature_dim, len(label_names), hidden=cfg.head_hidden, seed=cfg.seed)
+    initial = head_arrays(head)
+    if cfg.feature_centering:
+        initial["center"] = estimate_feature_center(grid, node_ids, config, cfg, timeout=cfg.round_timeout)
+    recorder = RunRecorder(
+        run_dir=run_dir,
+        expected_arrays={name: (tuple(v.shape), str(v.dtype)) for name, v in initial.items()},
+        non_private=cfg.non_private,
+    )
+    central = CentralEvaluation(cfg, backbone, splits.test, label_names) if cfg.central_evaluation and splits.test is not None else None
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        scores = central(arrays) if central is not None else None
+        recorder.finish_round(server_round, scores)
+        return MetricRecord(scores) if scores else None
+
+    strategy = make_strategy(cfg, recorder)
+    initial_record = ArrayRecord({name: Array(v) for name, v in initial.items()})
+    head_bytes = initial_record.count_bytes()
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=initial_record,
+        num_rounds=cfg.num_rounds,
+        timeout=cfg.round_timeout,
+        train_config=config,
+        evaluate_config=config,
+        evaluate_fn=evaluate_fn,
+    )
+    if not result.train_metrics_clientapp:
+        raise RuntimeError(
+            f"run {run_id}: no site returned a usable update in {cfg.num_rounds} rounds; "
+            f"rejected replies: {recorder.rejected[:5]}"
+        )
+    final_arrays = {name: arr.numpy() for name, arr in result.arrays.items()}
+    last = recorder.history[-1] if recorder.history else {}
+    final_metrics = {f"central-{key}": v for key, v in last.get("central", {}).items()}
+    final_metrics.update({f"federated-{key}": v for key, v in last.get("evaluate", {}).items()
+                          if key != k.NUM_EXAMPLES})
+    model = AdaptedModel(
+        backbone_name=backbone.name,
+        backbone_fingerprint=backbone.fingerprint,
+        preprocessing=backbone.preprocessing,
+        feature_dim=backbone.feature_dim,
+        head=cfg.head,
+        head_hidden=cfg.head_hidden,
+        label_names=label_names,
+        arrays=final_arrays,
+        privacy={site: {"epsilon": eps, "delta": recorder.site_delta[site]} for site, eps in recorder.site_epsilon.items()},
+        non_private=cfg.non_private,
+        num_rounds=cfg.num_rounds,
+        sites=tuple(sorted(recorder.site_epsilon)),
+        run_id=run_id,
+        strategy=cfg.strategy,
+        metrics=final_metrics,
+    )
+    model_path = save_model(run_dir / "model.safetensors", model)
+    summary = {
+        "run-id": run_id,
+        "run-dir": str(run_dir),
+        "model": str(model_path),
+        "non-private": cfg.non_private,
+        "num-rounds": cfg.num_rounds,
+        "sites": list(model.sites),
+        "backbone": backbone.name,
+        "backbone-fingerprint": backbone.fingerprint,
+        "backbone-bytes": count_state_bytes(backbone.state),
+        "backbone-bytes-sent-per-site": backbone_bytes,
+        "head-bytes-per-site-per-round": head_bytes,
+        "epsilon-per-site": dict(sorted(recorder.site_epsilon.items())),
+        "epsilon-max": max(recorder.site_epsilon.values(), default=math.nan),
+        "delta": cfg.target_delta,
+        "majority-rate": majority_rate(splits.test.labels) if splits.test is not None else math.nan,
+        "final": final_metrics,
+        "final-per-site": {site: s.get("evaluate", {}) for site, s in last.get("sites", {}).items()},
+        "rejected-replies": recorder.rejected,
+        "seconds": time.time() - t_start,
+    }
+    _write_json(run_dir / "summary.json", summary)
+    log.info("run %s finished in %.1f s; model at %s", run_id, summary["seconds"], model_path)
+    return summary
+
+
+def wait_for_nodes(grid: Grid, minimum: int, *, timeout: float) -> list[int]:
+    """Return the connected node ids once at least `minimum` are connected.
+
+    Raises:
+        TimeoutError: fewer than `minimum` nodes connected within `timeout` seconds.
+    """
+    deadline = time.time() + timeout
+    while True:
+        node_ids = sorted(grid.get_node_ids())
+        if len(node_ids) >= minimum:
+            return node_ids
+        if time.time() > deadline:
+            raise TimeoutError(f"only {len(node_ids)} of min-available-nodes={minimum} sites connected in {timeout:.0f} s")
+        time.sleep(1.0)
+
+
+def distribute_backbone(grid: Grid, node_ids: list[int], backbone: Backbone, config: ConfigRecord, *,
+                        timeout: float) -> dict[str, int]:
+    """Send the backbone's weights to every site that does not hold its fingerprint yet.
+
+    Every site is first asked whether it has the fingerprint; only the sites that lack it receive
+    the weights, which they verify against the fingerprint before storing them.
+
+    Returns:
+        Bytes of backbone weights sent to each site (0 for sites that had it cached).
+    """
+    ask = ConfigRecord({**dict(config), k.ACTION: k.ACTION_HAS_BACKBONE,
+                        k.BACKBONE_NAME: backbone.name, k.BACKBONE_FINGERPRINT: backbone.fingerprint})
+    replies = _query(grid, node_ids, RecordDict({k.CONFIG: ask}), timeout)
+    sent: dict[str, int] = {}
+    missing: list[int] = []
+    names: dict[int, str] = {}
+    for node_id, reply in replies.items():
+        if reply.has_error():
+            log.warning("site node-%d could not answer the backbone query: %s", node_id, reply.error.reason)
+            continue
+        site = reply.content.config_records[k.SITE]
+        names[node_id] = str(site[k.SITE_NAME])
+        if bool(site[k.HAS_BACKBONE]):
+            sent[names[node_id]] = 0
+        else:
+            missing.append(node_id)
+    if missing:
+        weights = ArrayRecord({name: Array(t.numpy()) for name, t in backbone.state.items()})
+        install = ConfigRecord({**dict(ask), k.ACTION: k.ACTION_INSTALL_BACKBONE})
+        replies = _query(grid, missing, RecordDict({k.CONFIG: install, k.BACKBONE_ARRAYS: weights}), timeout)
+        for node_id, reply in replies.items():
+            name = names.get(node_id, f"node-{node_id}")
+            if reply.has_error():
+                log.warning("site %s refused the backbone: %s", name, reply.error.reason)
+                continue
+            sent[name] = int(reply.content.config_records[k.SITE][k.BYTES_RECEIVED])
+    for name, nbytes in sorted(sent.items()):
+        log.info("backbone %s %s -> %s: %d bytes sent%s", backbone.name, backbone.fingerprint[:12], name, nbytes,
+                 " (cached at site)" if nbytes == 0 else "")
+    return sent
+
+
+def estimate_feature_center(grid: Grid, node_ids: list[int], config: ConfigRecord, cfg: RunConfig, *,
+                            timeout: float) -> np.ndarray:
+    """Return the mean L2-normalised feature over all sites, from their Gaussian-noised sums.
+
+    Each site charges its release to its own privacy budget (see `feature_sum_round`); the server
+    only adds the noised sums up, which is post-processing.
+
+    Raises:
+        RuntimeError: no site returned a sum.
+    """
+    ask = ConfigRecord({**dict(config), k.ACTION: k.ACTION_FEATURE_SUM,
+                        k.CENTERING_NOISE_MULTIPLIER: cfg.centering_noise_multiplier})
+    replies = _query(grid, node_ids, RecordDict({k.CONFIG: ask}), timeout)
+    total, count = None, 0
+    for node_id, reply in replies.items():
+        if reply.has_error():
+            log.warning("site node-%d did not release its feature sum: %s", node_id, reply.error.reason)
+            continue
+        arr = reply.content.array_records[k.ARRAYS][k.FEATURE_SUM].numpy().astype(np.float64)  # (D,)
+        n = int(reply.content.metric_records[k.METRICS][k.NUM_EXAMPLES])
+        if not np.all(np.isfinite(arr)) or n <= 0:
+            log.warning("site node-%d sent an unusable feature sum (n=%d); ignored", node_id, n)
+            continue
+        total = arr if total is None else total + arr
+        count += n
+    if total is None:
+        raise RuntimeError("no site released a feature sum; check the sites' logs, or run with feature-centering=false")
+    log.info("feature mean estimated from %d examples at %d sites", count, len(replies))
+    return (total / count).astype(np.float32)
+
+
+def _query(grid: Grid, node_ids: list[int], content: RecordDict, timeout: float) -> dict[int, Message]:
+    messages = [Message(content=content, dst_node_id=nid, message_type=MessageType.QUERY) for nid in node_ids]
+    replies = grid.send_and_receive(messages, timeout=timeout)
+    return {msg.metadata.src_node_id: msg for msg in replies}
+
+
+class CentralEvaluation:
+    """Server-side evaluation of the global head on a held-out test set the server owns."""
+
+    def __init__(self, cfg: RunConfig, backbone: Backbone, test, label_names: tuple[str, ...]) -> None:
+        cache = FeatureCache(fedtl_home() / "server-cache" / "features")
+        self.features, self.labels, _ = cached_features(
+            cache,
+            load_backbone=lambda: build_backbone(backbone.name, backbone.state),
+            backbone_fingerprint=backbone.fingerprint,
+            images=test.images,
+            labels=test.labels,
+            data_fingerprint=test.fingerprint(),
+            preprocessing=backbone.preprocessing,
+            batch_size=cfg.feature_batch_size,
+            device=cfg.device,
+            progress=False,
+        )
+        self.head = build_head(cfg.head, backbone.feature_dim, len(label_names), hidden=cfg.head_hidden)
+
+    def __call__(self, arrays: ArrayRecord) -> dict[str, float]:
+        """Return the metrics of the head `arrays` on the server's test set."""
+        load_head_arrays(self.head, {name: a.numpy() for name, a in arrays.items()}, source="the aggregated head")
+        return classification_metrics(self.labels, predict_proba(self.head, self.features))
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.write_text(json.dumps(jsonable(payload), indent=2, sort_keys=True) + "\n")
+

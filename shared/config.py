@@ -1,0 +1,189 @@
+"""Run configuration: one frozen dataclass, kebab-case keys on the wire, strict validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from fedtl.shared.errors import ConfigError
+
+HEADS = ("linear", "mlp")
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+ACCOUNTANTS = ("rdp", "prv")
+DEVICES = ("auto", "cpu", "cuda")
+AUTO = "auto"
+
+
+def fedtl_home() -> Path:
+    """Return the root of fedtl's local state (caches of simulated sites, weights), `$FEDTL_HOME` first."""
+    return Path(os.environ.get("FEDTL_HOME", Path.home() / ".cache" / "fedtl")).expanduser()
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a federation run needs; the ServerApp resolves it and sends sites their part.
+
+    The defaults below are mirrored in pyproject's `[tool.flwr.app.config]` (what `flwr run .` reads);
+    `tests/test_config.py` fails when the two drift apart.
+    """
+
+    num_rounds: int = 6
+    backbone: str = "efficientnet_lite0"
+    image_size: int = 0  # 0: the backbone's own input size
+    head: str = "linear"
+    head_hidden: int = 128
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 0.1  # FedAdam's eta
+    local_epochs: int = 4
+    batch_size: int = 64  # expected batch size under Poisson sampling
+    learning_rate: float = 5.0
+    max_grad_norm: float = 1.0
+    noise_multiplier: float | str = AUTO  # "auto": derived from target-epsilon over the planned rounds
+    target_epsilon: float = 8.0
+    target_delta: float = 1e-5
+    accountant: str = "rdp"
+    feature_centering: bool = True  # estimate the mean feature from noised site sums (charged to each site)
+    centering_noise_multiplier: float = 4.0  # noise of that one release, in units of its sensitivity (1)
+    non_private: bool = False
+    data: str = "digits"
+    partition: str = "iid"
+    test_fraction: float = 0.2  # held-out server test set, when the data has no test split
+    local_test_fraction: float = 0.2
+    central_evaluation: bool = True
+    min_available_nodes: int = 2
+    fraction_train: float = 1.0
+    seed: int = 0
+    out: str = "runs"
+    run_name: str = ""
+    feature_batch_size: int = 64
+    device: str = AUTO
+    round_timeout: float = 3600.0
+
+    def __post_init__(self) -> None:
+        _check_positive_int(self, "num_rounds", "local_epochs", "batch_size", "head_hidden",
+                            "feature_batch_size", "min_available_nodes")
+        _check_choice(self, "head", HEADS)
+        _check_choice(self, "strategy", STRATEGIES)
+        _check_choice(self, "accountant", ACCOUNTANTS)
+        _check_choice(self, "device", DEVICES)
+        _check_range(self, "learning_rate", low=0.0, low_open=True)
+        _check_range(self, "max_grad_norm", low=0.0, low_open=True)
+        _check_range(self, "target_epsilon", low=0.0, low_open=True)
+        _check_range(self, "target_delta", low=0.0, high=1.0, low_open=True, high_open=True)
+        _check_range(self, "test_fraction", low=0.0, high=1.0, low_open=True, high_open=True)
+        _check_range(self, "local_test_fraction", low=0.0, high=1.0, low_open=True, high_open=True)
+        _check_range(self, "fraction_train", low=0.0, high=1.0, low_open=True)
+        _check_range(self, "proximal_mu", low=0.0)
+        _check_range(self, "centering_noise_multiplier", low=0.0, low_open=True)
+        _check_range(self, "server_learning_rate", low=0.0, low_open=True)
+        _check_range(self, "round_timeout", low=0.0, low_open=True)
+        if self.image_size < 0:
+            raise ConfigError(f"`image-size` must be >= 0 (0 = the backbone's own size), got {self.image_size}")
+        if isinstance(self.noise_multiplier, str):
+            if self.noise_multiplier != AUTO:
+                raise ConfigError(
+                    f"`noise-multiplier` must be a number >= 0 or \"auto\", got {self.noise_multiplier!r}"
+                )
+        elif not math.isfinite(self.noise_multiplier) or self.noise_multiplier < 0:
+            raise ConfigError(f"`noise-multiplier` must be >= 0 or \"auto\", got {self.noise_multiplier}")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build from kebab-case keys (Flower run config, CLI overrides); unknown keys are errors.
+
+        Raises:
+            ConfigError: a key is unknown (the nearest known key is suggested) or a value has the wrong type.
+        """
+        known = {_kebab(f.name): f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean `{close[0]}`?" if close else ""
+                raise ConfigError(
+                    f"unknown config key `{key}`{hint} Known keys: {', '.join(sorted(known))}"
+                )
+            kwargs[known[key].name] = _coerce(key, value, getattr(cls, known[key].name))
+        return cls(**kwargs)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Return the kebab-case mapping that `from_mapping` reads back unchanged."""
+        return {_kebab(f.name): getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """Return a copy with snake_case fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def is_private(self) -> bool:
+        """True unless the run is the labelled non-private baseline."""
+        return not self.non_private
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Check a value against its default's type; ints are accepted where floats are expected."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"`{key}` must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"`{key}` must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"`{key}` must be a number, got {value!r}")
+        return float(value)
+    if key == "noise-multiplier":  # number or "auto"
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"`{key}` must be a number >= 0 or \"auto\", got {value!r}")
+        return float(value) if not isinstance(value, str) else value
+    if not isinstance(value, str):
+        raise ConfigError(f"`{key}` must be a string, got {value!r}")
+    return value
+
+
+def _check_positive_int(cfg: RunConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value < 1:
+            raise ConfigError(f"`{_kebab(name)}` must be >= 1, got {value}")
+
+
+def _check_choice(cfg: RunConfig, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(cfg, name)
+    if value not in choices:
+        raise ConfigError(f"`{_kebab(name)}` must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_range(
+    cfg: RunConfig,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    value = getattr(cfg, name)
+    bad = not math.isfinite(value)
+    if low is not None:
+        bad |= value <= low if low_open else value < low
+    if high is not None:
+        bad |= value >= high if high_open else value > high
+    if bad:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+        bound = " and ".join(b for b in (lo, hi) if b)
+        raise ConfigError(f"`{_kebab(name)}` must be {bound}, got {value}")
+

@@ -1,0 +1,144 @@
+"""Frozen-backbone feature extraction, cached on disk per (backbone, data, preprocessing)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fedtl.shared.backbones import Preprocessing
+
+log = logging.getLogger(__name__)
+
+FEATURES_FORMAT = 1  # bump when the cached file layout or extraction semantics change
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """Return the torch device for "auto" (CUDA when present, else CPU), "cpu" or "cuda"."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("`device` is \"cuda\" but no CUDA device is visible; use \"auto\" or \"cpu\"")
+    return torch.device(device)
+
+
+@torch.inference_mode()
+def extract_features(
+    backbone: nn.Module,
+    images: np.ndarray,
+    preprocessing: Preprocessing,
+    *,
+    batch_size: int = 64,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    desc: str = "features",
+) -> np.ndarray:
+    """Run the frozen backbone over `images` in batches and return float32 features (N, D).
+
+    The backbone is put in eval() so BatchNorm uses its ImageNet running statistics and never
+    updates them from private data. On CUDA the forward pass runs under bf16 autocast.
+    """
+    dev = resolve_device(device) if isinstance(device, str) else device
+    backbone.eval()
+    backbone.to(dev)
+    chunks = []
+    bar = tqdm(total=len(images), desc=desc, unit="img", disable=not progress, leave=False)
+    for start in range(0, len(images), batch_size):
+        batch = preprocessing.apply(images[start : start + batch_size]).to(dev)  # (B, 3, S, S)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            feats = backbone(batch)  # (B, D)
+        chunks.append(feats.float().cpu().numpy())
+        bar.update(len(batch))
+    bar.close()
+    if not chunks:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def feature_cache_key(backbone_fingerprint: str, data_fingerprint: str, preprocessing: Preprocessing) -> str:
+    """Return the cache key: SHA-256 over backbone fingerprint, data fingerprint and preprocessing."""
+    payload = json.dumps(
+        {
+            "format": FEATURES_FORMAT,
+            "backbone": backbone_fingerprint,
+            "data": data_fingerprint,
+            "preprocessing": preprocessing.key(),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class FeatureCache:
+    """A folder of `<key>.npz` feature files; writes are atomic, so a crash never leaves half a file."""
+
+    root: Path
+
+    def path(self, key: str) -> Path:
+        """Return where the features for `key` live."""
+        return Path(self.root) / f"{key}.npz"
+
+    def load(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """Return (features, labels) for `key`, or None when absent or unreadable (then recomputed)."""
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path) as data:
+                return data["features"], data["labels"]
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("feature cache file %s is unreadable (%s); recomputing it", path, exc)
+            return None
+
+    def save(self, key: str, features: np.ndarray, labels: np.ndarray) -> Path:
+        """Store (features, labels) under `key` atomically and return the file's path."""
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, features=features, labels=labels)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+
+def cached_features(
+    cache: FeatureCache,
+    *,
+    load_backbone: Callable[[], nn.Module],
+    backbone_fingerprint: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    data_fingerprint: str,
+    preprocessing: Preprocessing,
+    batch_size: int = 64,
+    device: str = "auto",
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Return (features, labels, hit): the cached features, or extract and cache them first.
+
+    `load_backbone` is only called on a cache miss, so a hit costs neither weights nor a forward pass.
+    """
+    key = feature_cache_key(backbone_fingerprint, data_fingerprint, preprocessing)
+    found = cache.load(key)
+    if found is not None:
+        return found[0], found[1], True
+    feats = extract_features(load_backbone(), images, preprocessing, batch_size=batch_size, device=device, progress=progress)
+    cache.save(key, feats, np.asarray(labels, dtype=np.int64))
+    return feats, np.asarray(labels, dtype=np.int64), False

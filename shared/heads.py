@@ -1,0 +1,99 @@
+"""Trainable heads on frozen-backbone features, and their tensors as they travel."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fedtl.shared.errors import ReplyError
+
+
+class Head(nn.Module):
+    """Normalise features, subtract the federation's mean feature, normalise again, then classify.
+
+    The per-example L2 normalisation uses no dataset statistics (no privacy cost) and bounds every
+    input to norm 1, which keeps per-sample gradients near the clipping norm. Backbone features
+    share one dominant direction (cosine ~0.9 to their mean on digits), so the head also subtracts
+    `center`, the mean normalised feature of all sites. That statistic is NOT public: the server
+    estimates it from Gaussian-noised per-site sums that every site charges to its privacy budget
+    (see `fedtl.client.rounds.feature_sum_round`). `center` is a buffer, never trained.
+    """
+
+    def __init__(self, kind: str, in_features: int, num_classes: int, hidden: int = 128) -> None:
+        super().__init__()
+        if kind == "linear":
+            self.layers = nn.Sequential(nn.Linear(in_features, num_classes))
+        elif kind == "mlp":
+            self.layers = nn.Sequential(
+                nn.Linear(in_features, hidden), nn.ReLU(inplace=False), nn.Linear(hidden, num_classes)
+            )
+        else:
+            raise ValueError(f"`head` must be one of linear, mlp; got {kind!r}")
+        self.kind = kind
+        self.register_buffer("center", torch.zeros(in_features))  # (D,)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, C)
+        return self.layers(F.normalize(F.normalize(features, dim=1) - self.center, dim=1))
+
+
+def build_head(kind: str, in_features: int, num_classes: int, *, hidden: int = 128, seed: int = 0) -> Head:
+    """Return a freshly initialised head; the same seed gives the same initial weights everywhere."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        head = Head(kind, in_features, num_classes, hidden)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return head
+
+
+def normalize_features(features: np.ndarray) -> np.ndarray:
+    """Return features (N, D) scaled to unit L2 norm per example, as the head's first step does."""
+    return F.normalize(torch.as_tensor(features, dtype=torch.float32), dim=1).numpy()
+
+
+def head_arrays(head: nn.Module) -> "OrderedDict[str, np.ndarray]":
+    """Return the head's tensors as float32 numpy arrays, in state-dict order."""
+    return OrderedDict((k, v.detach().cpu().numpy().astype(np.float32, copy=True)) for k, v in head.state_dict().items())
+
+
+def load_head_arrays(head: nn.Module, arrays: dict[str, np.ndarray], *, source: str = "message") -> None:
+    """Load arrays into the head after checking keys, shapes and finiteness.
+
+    Raises:
+        ReplyError: a key is missing or unexpected, a shape differs, or a value is NaN/Inf.
+    """
+    expected = head.state_dict()
+    missing = sorted(set(expected) - set(arrays))
+    extra = sorted(set(arrays) - set(expected))
+    if missing or extra:
+        raise ReplyError(
+            f"head tensors from {source} do not match the {getattr(head, 'kind', '')} head: "
+            f"missing {missing}, unexpected {extra}; sender and receiver must use the same `head` and `num-classes`"
+        )
+    state = OrderedDict()
+    for key, ref in expected.items():
+        value = np.asarray(arrays[key])
+        if tuple(value.shape) != tuple(ref.shape):
+            raise ReplyError(
+                f"head tensor `{key}` from {source} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}"
+            )
+        if not np.all(np.isfinite(value)):
+            raise ReplyError(f"head tensor `{key}` from {source} contains NaN or Inf")
+        state[key] = torch.as_tensor(value, dtype=ref.dtype)
+    head.load_state_dict(state)
+
+
+@torch.no_grad()
+def predict_proba(head: nn.Module, features: np.ndarray, *, batch_size: int = 4096) -> np.ndarray:
+    """Return softmax class probabilities (N, C) of the head on features (N, D)."""
+    head.eval()
+    out = []
+    for start in range(0, len(features), batch_size):
+        logits = head(torch.as_tensor(features[start : start + batch_size], dtype=torch.float32))
+        out.append(torch.softmax(logits, dim=1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)

@@ -1,0 +1,30 @@
+"""Shared fixtures: paths to the real data beside the checkout, isolated fedtl homes."""
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def shared_data_file(name: str) -> Path:
+    """Return a file of ../shared/data, or skip the test saying what is missing."""
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.skip(f"real data file {path} is absent (MedMNIST files live in ../shared/data beside the checkout)")
+    return path
+
+
+@pytest.fixture
+def breastmnist_path() -> Path:
+    """The real BreastMNIST file (28x28 grey, 2 classes)."""
+    return shared_data_file("breastmnist.npz")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_fedtl_home(tmp_path_factory, monkeypatch):
+    """Keep every test's caches and runs out of the user's home."""
+    home = tmp_path_factory.mktemp("fedtl-home")
+    monkeypatch.setenv("FEDTL_HOME", str(home))
+    return home

@@ -1,0 +1,120 @@
+"""A real 2-site, 3-round federation on Flower's simulation engine with the tiny backbone."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from opacus.accountants import RDPAccountant
+
+from fedtl.client.privacy_store import DP_SGD, PrivacyStore
+from fedtl.client.site import BackboneStore
+from fedtl.server import report
+from fedtl.server.model_file import load_model
+from fedtl.shared.backbones import backbone_state_dict, build_backbone, fingerprint_state_dict
+from fedtl.shared.config import RunConfig
+from fedtl.simulations.engine import simulate
+
+ROUNDS = 3
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """Run one federation (and a second one on the same site caches); record every training reply."""
+    home = tmp_path_factory.mktemp("fedtl-home")
+    out = tmp_path_factory.mktemp("runs")
+    replies: list[dict] = []
+    original = report.RunRecorder.screen_train
+
+    def spy(self, server_round, msgs):
+        for msg in msgs:
+            if not msg.has_error():
+                arrays = next(iter(msg.content.array_records.values()))
+                replies.append({
+                    "round": server_round,
+                    "array_records": list(msg.content.array_records.keys()),
+                    "arrays": {name: tuple(a.shape) for name, a in arrays.items()},
+                    "bytes": arrays.count_bytes(),
+                })
+        return original(self, server_round, msgs)
+
+    cfg = RunConfig(backbone="tiny", num_rounds=ROUNDS, out=str(out), seed=0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDTL_HOME", str(home))
+        mp.setattr(report.RunRecorder, "screen_train", spy)
+        first = simulate(cfg, num_sites=2)
+        second = simulate(cfg.replace(num_rounds=1), num_sites=2)
+    return {"home": home, "first": first, "second": second, "replies": replies}
+
+
+def _metrics(summary):
+    return [json.loads(line) for line in (Path(summary["run-dir"]) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_config_metrics_summary_and_model(federation):
+    run_dir = Path(federation["first"]["run-dir"])
+    for name in ("config.json", "metrics.jsonl", "summary.json", "model.safetensors", "model.md"):
+        assert (run_dir / name).is_file(), name
+    config = json.loads((run_dir / "config.json").read_text())
+    assert RunConfig.from_mapping(config["config"]).num_rounds == ROUNDS
+    lines = _metrics(federation["first"])
+    assert [line["round"] for line in lines] == list(range(ROUNDS + 1))
+    assert set(lines[-1]["sites"]) == {"site-0", "site-1"}
+
+
+def test_loss_falls_over_rounds(federation):
+    lines = _metrics(federation["first"])
+    central = [line["central"]["loss"] for line in lines]
+    federated = [line["evaluate"]["loss"] for line in lines[1:]]
+    assert central[-1] < central[0] - 0.2, central
+    assert federated[-1] < federated[0], federated
+    assert lines[-1]["central"]["accuracy"] > 2 * federation["first"]["majority-rate"]
+
+
+def test_epsilon_grows_every_round_and_matches_the_accountant(federation):
+    lines = _metrics(federation["first"])
+    run_id = federation["first"]["run-id"]
+    for site in ("site-0", "site-1"):
+        reported = [line["epsilon-per-site"][site] for line in lines[1:]]
+        assert all(b > a for a, b in zip(reported, reported[1:])), reported
+        store = PrivacyStore(Path(federation["first"]["run-dir"]) / "sites" / site / "privacy" / "history.jsonl")
+        charges = [c for c in store.charges() if c.run_id == run_id]
+        # Independent recomputation: Opacus' accountant over the stored history, round by round.
+        acc = RDPAccountant()
+        for charge in charges:
+            acc.history.append((charge.noise_multiplier, charge.sample_rate, charge.steps))
+            if charge.kind == DP_SGD:
+                expected = acc.get_epsilon(delta=charge.delta)
+                assert reported[charge.server_round - 1] == pytest.approx(expected, rel=1e-9)
+        assert [c.server_round for c in charges if c.kind == DP_SGD] == list(range(1, ROUNDS + 1))
+        assert reported[-1] <= 8.0
+
+
+def test_backbone_is_bit_identical_after_training(federation):
+    fingerprint = federation["first"]["backbone-fingerprint"]
+    assert fingerprint == fingerprint_state_dict(backbone_state_dict(build_backbone("tiny")))
+    for site in ("site-0", "site-1"):
+        store = BackboneStore(federation["home"] / "sim-sites" / site / "backbones")
+        assert store.fingerprints() == [fingerprint]
+        assert fingerprint_state_dict(backbone_state_dict(store.load("tiny", fingerprint))) == fingerprint
+    assert load_model(federation["first"]["model"]).backbone_fingerprint == fingerprint
+
+
+def test_only_head_tensors_travel(federation):
+    head_keys = set(load_model(federation["first"]["model"]).arrays)
+    assert head_keys == {"center", "layers.0.weight", "layers.0.bias"}
+    replies = federation["replies"]
+    assert len(replies) == 2 * ROUNDS + 2  # two runs: 3 rounds, then 1 round
+    for reply in replies:
+        assert reply["array_records"] == ["arrays"]
+        assert set(reply["arrays"]) == head_keys
+        assert reply["arrays"]["layers.0.weight"] == (10, 32)
+    assert max(r["bytes"] for r in replies) < 4096
+
+
+def test_backbone_sent_once_then_only_its_fingerprint(federation):
+    first, second = federation["first"], federation["second"]
+    assert set(first["backbone-bytes-sent-per-site"]) == {"site-0", "site-1"}
+    assert all(n >= first["backbone-bytes"] for n in first["backbone-bytes-sent-per-site"].values())
+    assert second["backbone-bytes-sent-per-site"] == {"site-0": 0, "site-1": 0}
+    assert np.isfinite(second["epsilon-max"])
