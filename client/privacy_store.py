@@ -57,8 +57,14 @@ class PrivacyStore:
         """
         if not self.path.is_file():
             return []
+        with open(self.path, encoding="utf-8") as fh:
+            fcntl.flock(fh, fcntl.LOCK_SH)  # never read half of a concurrent append
+            try:
+                text = fh.read()
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
         out = []
-        for lineno, line in enumerate(self.path.read_text().splitlines(), start=1):
+        for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
+from opacus import GradSampleModule, PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -35,11 +35,12 @@ class TrainResult:
 def steps_per_epoch(num_examples: int, batch_size: int) -> tuple[float, int]:
     """Return (sample_rate, optimizer steps per epoch) of Poisson sampling, exactly as Opacus' DPDataLoader sets them.
 
-    Opacus turns a loader of ceil(N / B) batches into ceil(N / B) Poisson steps at sample rate
-    1 / ceil(N / B); the accountant must be charged with these, not with B / N.
+    Opacus sets the sample rate to 1 / ceil(N / B) (one over the plain loader's length) and runs
+    int(1 / sample_rate) Poisson steps per epoch, which float rounding can make one less than
+    ceil(N / B). The accountant must be charged with exactly these, not with B / N.
     """
-    num_batches = math.ceil(num_examples / min(batch_size, num_examples))
-    return 1.0 / num_batches, num_batches
+    sample_rate = 1.0 / math.ceil(num_examples / min(batch_size, num_examples))
+    return sample_rate, int(1 / sample_rate)
 
 
 def train_head(
@@ -59,7 +60,7 @@ def train_head(
     """Train `head` in place on (features, labels) and return its new tensors.
 
     With a noise multiplier this is DP-SGD (Abadi et al. 2016, "Deep Learning with Differential
-    Privacy"): Poisson-sampled batches at rate batch_size/N, per-sample clipping to `max_grad_norm`,
+    Privacy"): Poisson-sampled batches (expected size ~batch_size), per-sample clipping to `max_grad_norm`,
     Gaussian noise of std noise_multiplier * max_grad_norm. With `noise_multiplier=None` it is plain
     SGD (the labelled non-private baseline).
 
@@ -93,18 +94,19 @@ def train_head(
     sample_rate, per_epoch = steps_per_epoch(num_examples, batch_size)
     head.train()
     optimizer = torch.optim.SGD(head.parameters(), lr=learning_rate)
-    criterion = nn.CrossEntropyLoss()
-    if noise_multiplier is not None:
-        loader = DataLoader(dataset, batch_size=min(batch_size, num_examples), generator=generator)
-        with warnings.catch_warnings():
-            # Opacus warns that secure_mode is off. Simulations want reproducible noise; the
-            # generator above takes OS entropy at real sites (seed=None).
-            warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
-            # Features are leaves (the backbone is frozen), so the first layer's full backward hook
-            # fires on outputs only; Opacus' per-sample gradients need nothing more.
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            engine = PrivacyEngine(accountant="rdp")
-            model, optimizer, loader = engine.make_private(
+    anchor = None
+    if proximal_mu > 0 and global_arrays is not None:
+        anchor = {name: torch.as_tensor(global_arrays[name]) for name, _ in head.named_parameters()}
+    with warnings.catch_warnings():
+        # Opacus warns that secure_mode is off. Simulations want reproducible noise; the generator
+        # above takes OS entropy at real sites (seed=None).
+        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+        # Features are leaves (the backbone is frozen), so the first layer's full backward hook
+        # fires on outputs only; Opacus' per-sample gradients need nothing more.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        if noise_multiplier is not None:
+            loader = DataLoader(dataset, batch_size=min(batch_size, num_examples), generator=generator)
+            model, optimizer, loader = PrivacyEngine(accountant="rdp").make_private(
                 module=head,
                 optimizer=optimizer,
                 data_loader=loader,
@@ -113,12 +115,37 @@ def train_head(
                 poisson_sampling=True,
                 noise_generator=generator,
             )
-    else:
-        loader = DataLoader(dataset, batch_size=min(batch_size, num_examples), shuffle=True, generator=generator)
-        model = head
-    anchor = None
-    if proximal_mu > 0 and global_arrays is not None:
-        anchor = {name: torch.as_tensor(global_arrays[name]) for name, _ in head.named_parameters()}
+            # The accountant was charged with (sample_rate, epochs * per_epoch) before training.
+            assert math.isclose(loader.sample_rate, sample_rate) and len(loader) == per_epoch, (
+                loader.sample_rate, len(loader), sample_rate, per_epoch)
+        else:
+            loader = DataLoader(dataset, batch_size=min(batch_size, num_examples), shuffle=True, generator=generator)
+            model = head
+        try:
+            losses, steps = _run_epochs(model, optimizer, loader, epochs=epochs, feature_dim=features.shape[1],
+                                        anchor=anchor, learning_rate=learning_rate, proximal_mu=proximal_mu)
+        finally:
+            if isinstance(model, GradSampleModule):
+                model._close()  # remove Opacus' hooks and per-sample gradients from the caller's head
+    if noise_multiplier is not None:
+        assert steps == epochs * per_epoch, (steps, epochs, per_epoch)
+    head.eval()
+    return TrainResult(
+        arrays=head_arrays(head),
+        num_examples=num_examples,
+        train_loss=float(np.mean(losses)) if losses else float("nan"),
+        steps=steps,
+        sample_rate=sample_rate,
+        noise_multiplier=noise_multiplier,
+    )
+
+
+def _run_epochs(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, *, epochs: int,
+                feature_dim: int, anchor: dict[str, torch.Tensor] | None, learning_rate: float,
+                proximal_mu: float) -> tuple[list[float], int]:
+    """Run the SGD steps of `epochs` passes; return the non-empty batches' losses and the step count."""
+    criterion = nn.CrossEntropyLoss()
+    head = model._module if isinstance(model, GradSampleModule) else model
     losses: list[float] = []
     steps = 0
     for _ in range(epochs):
@@ -126,8 +153,7 @@ def train_head(
             optimizer.zero_grad(set_to_none=True)
             if len(y) == 0:
                 # An empty Poisson batch still counts as a step: Opacus adds pure noise to it.
-                logits = model(torch.zeros((0, features.shape[1])))
-                loss = logits.sum()
+                loss = model(torch.zeros((0, feature_dim))).sum()
             else:
                 loss = criterion(model(x), y)
                 losses.append(float(loss.detach()))
@@ -141,18 +167,7 @@ def train_head(
                 with torch.no_grad():
                     for name, param in head.named_parameters():
                         param.sub_(learning_rate * proximal_mu * (param - anchor[name]))
-    if noise_multiplier is not None:
-        # The accountant is charged with (sample_rate, epochs * per_epoch) before training starts.
-        assert steps == epochs * per_epoch and math.isclose(loader.sample_rate, sample_rate), (steps, loader.sample_rate)
-    head.eval()
-    return TrainResult(
-        arrays=head_arrays(head),
-        num_examples=num_examples,
-        train_loss=float(np.mean(losses)) if losses else float("nan"),
-        steps=steps,
-        sample_rate=sample_rate,
-        noise_multiplier=noise_multiplier,
-    )
+    return losses, steps
 
 
 def evaluate_head(head: nn.Module, features: np.ndarray, labels: np.ndarray) -> dict[str, float]:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -61,7 +62,10 @@ def extract_features(
         bar.update(len(batch))
     bar.close()
     if not chunks:
-        return np.zeros((0, 0), dtype=np.float32)
+        # No images: still report the backbone's feature width, so callers build heads of the right size.
+        side = preprocessing.image_size
+        width = backbone(torch.zeros((1, 3, side, side), device=dev)).shape[1]
+        return np.zeros((0, width), dtype=np.float32)
     return np.concatenate(chunks).astype(np.float32, copy=False)
 
 
@@ -97,7 +101,7 @@ class FeatureCache:
         try:
             with np.load(path) as data:
                 return data["features"], data["labels"]
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             log.warning("feature cache file %s is unreadable (%s); recomputing it", path, exc)
             return None
 

@@ -1,0 +1,197 @@
+"""Tests for shared/features.py: frozen-backbone feature extraction, the cache key and the on-disk cache."""
+
+import logging
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from fedtl.shared.backbones import Preprocessing, build_backbone, fingerprint_backbone, get_backbone_spec
+from fedtl.shared.features import FeatureCache, cached_features, extract_features, feature_cache_key, resolve_device
+
+TINY_DIM = 32
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    """Twelve 8x8 sklearn digits as uint8 grey images (N, 8, 8), and their labels."""
+    bunch = load_digits()
+    images = np.round(bunch.images[:12] * 255 / 16).astype(np.uint8)
+    return images, bunch.target[:12].astype(np.int64)
+
+
+@pytest.fixture
+def tiny() -> torch.nn.Module:
+    return build_backbone("tiny")
+
+
+@pytest.fixture
+def pre() -> Preprocessing:
+    return get_backbone_spec("tiny").preprocessing
+
+
+# --- extract_features ------------------------------------------------------------------------------
+
+
+def test_extract_features_with_tiny_backbone(tiny, pre, digits):
+    images, _ = digits
+    fingerprint = fingerprint_backbone(tiny)
+    tiny.train()  # extract_features must switch it to eval itself
+    feats = extract_features(tiny, images, pre, batch_size=5, device="cpu", progress=False)
+    assert feats.shape == (12, TINY_DIM)
+    assert feats.dtype == np.float32
+    assert np.isfinite(feats).all()
+    assert len(np.unique(feats.round(5), axis=0)) == 12  # different digits, different features
+    assert not tiny.training
+    assert fingerprint_backbone(tiny) == fingerprint  # frozen: weights bit-identical
+    # Oracle: one forward pass of the whole preprocessed batch.
+    with torch.no_grad():
+        direct = tiny(pre.apply(images)).numpy()
+    np.testing.assert_allclose(feats, direct, rtol=1e-5, atol=1e-6)
+
+
+def test_extract_features_is_deterministic_and_batch_size_free(tiny, pre, digits):
+    images, _ = digits
+    a = extract_features(tiny, images, pre, batch_size=64, device="cpu", progress=False)
+    b = extract_features(tiny, images, pre, batch_size=64, device="cpu", progress=False)
+    c = extract_features(build_backbone("tiny"), images, pre, batch_size=1, device="cpu", progress=False)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)
+
+
+def test_extract_features_leaves_the_images_alone(tiny, pre, digits):
+    images, _ = digits
+    before = images.copy()
+    extract_features(tiny, images, pre, device="cpu", progress=False)
+    np.testing.assert_array_equal(images, before)
+
+
+def test_extract_features_of_no_images_keeps_the_feature_width(tiny, pre):
+    feats = extract_features(tiny, np.zeros((0, 8, 8), np.uint8), pre, device="cpu", progress=False)
+    assert feats.shape == (0, TINY_DIM)
+
+
+# --- feature_cache_key -----------------------------------------------------------------------------
+
+
+def test_feature_cache_key_is_stable_and_sensitive_to_each_input(pre):
+    base = feature_cache_key("bb-1", "data-1", pre)
+    assert len(base) == 64 and int(base, 16) >= 0  # SHA-256 hex
+    assert feature_cache_key("bb-1", "data-1", pre) == base
+    # An equal Preprocessing built from lists (as from JSON) is the same key.
+    assert feature_cache_key("bb-1", "data-1", Preprocessing(pre.image_size, list(pre.mean), list(pre.std))) == base
+    variants = [
+        feature_cache_key("bb-2", "data-1", pre),
+        feature_cache_key("bb-1", "data-2", pre),
+        feature_cache_key("bb-1", "data-1", Preprocessing(pre.image_size + 1, pre.mean, pre.std)),
+        feature_cache_key("bb-1", "data-1", Preprocessing(pre.image_size, (0.4, 0.5, 0.5), pre.std)),
+        feature_cache_key("bb-1", "data-1", Preprocessing(pre.image_size, pre.mean, (0.5, 0.5, 0.6))),
+        feature_cache_key("data-1", "bb-1", pre),  # fields are not interchangeable
+    ]
+    assert len({base, *variants}) == len(variants) + 1
+
+
+# --- FeatureCache ----------------------------------------------------------------------------------
+
+
+def test_feature_cache_round_trip(tmp_path):
+    cache = FeatureCache(tmp_path / "features")
+    feats = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+    labels = np.array([0, 2, 1, 1, 0], dtype=np.int64)
+    assert cache.load("k") is None
+    path = cache.save("k", feats, labels)
+    assert path == cache.path("k") == tmp_path / "features" / "k.npz"
+    loaded_feats, loaded_labels = cache.load("k")
+    np.testing.assert_array_equal(loaded_feats, feats)
+    np.testing.assert_array_equal(loaded_labels, labels)
+    assert (loaded_feats.dtype, loaded_labels.dtype) == (np.float32, np.int64)
+    assert sorted(p.name for p in (tmp_path / "features").iterdir()) == ["k.npz"]  # no temp file left behind
+
+
+def _valid_npz_bytes(tmp_path) -> bytes:
+    cache = FeatureCache(tmp_path / "scratch")
+    return cache.save("x", np.ones((4, 3), np.float32), np.zeros(4, np.int64)).read_bytes()
+
+
+CORRUPTIONS = [
+    pytest.param(lambda valid: b"not an npz file at all" * 4, id="garbage"),
+    pytest.param(lambda valid: valid[: len(valid) // 2], id="truncated-npz"),
+    pytest.param(lambda valid: b"", id="empty-file"),
+]
+
+
+@pytest.mark.parametrize("corrupt", CORRUPTIONS)
+def test_unreadable_cache_file_is_a_miss_and_gets_rewritten(tmp_path, tiny, pre, digits, corrupt, caplog):
+    images, labels = digits
+    cache = FeatureCache(tmp_path / "features")
+    key = feature_cache_key(fingerprint_backbone(tiny), "digits-12", pre)
+    cache.path(key).parent.mkdir(parents=True)
+    cache.path(key).write_bytes(corrupt(_valid_npz_bytes(tmp_path)))
+
+    with caplog.at_level(logging.WARNING, logger="fedtl.shared.features"):
+        assert cache.load(key) is None
+    assert "unreadable" in caplog.text
+
+    feats, out_labels, hit = cached_features(
+        cache, load_backbone=lambda: tiny, backbone_fingerprint=fingerprint_backbone(tiny), images=images,
+        labels=labels, data_fingerprint="digits-12", preprocessing=pre, device="cpu", progress=False,
+    )
+    assert hit is False
+    reloaded = cache.load(key)
+    assert reloaded is not None
+    np.testing.assert_array_equal(reloaded[0], feats)
+    np.testing.assert_array_equal(reloaded[1], labels)
+
+
+# --- cached_features -------------------------------------------------------------------------------
+
+
+def test_cached_features_loads_the_backbone_only_on_a_miss(tmp_path, pre, digits):
+    images, labels = digits
+    calls = []
+
+    def load_backbone():
+        calls.append(1)
+        return build_backbone("tiny")
+
+    fingerprint = fingerprint_backbone(build_backbone("tiny"))
+    cache = FeatureCache(tmp_path / "features")
+    kwargs = dict(load_backbone=load_backbone, backbone_fingerprint=fingerprint, images=images,
+                  labels=labels.astype(np.int32), data_fingerprint="digits-12", device="cpu", progress=False)
+
+    feats, out_labels, hit = cached_features(cache, preprocessing=pre, **kwargs)
+    assert (hit, len(calls)) == (False, 1)
+    assert out_labels.dtype == np.int64
+    np.testing.assert_array_equal(out_labels, labels)
+    expected = extract_features(build_backbone("tiny"), images, pre, device="cpu", progress=False)
+    np.testing.assert_allclose(feats, expected, rtol=1e-5, atol=1e-6)
+
+    feats2, labels2, hit2 = cached_features(cache, preprocessing=pre, **kwargs)
+    assert (hit2, len(calls)) == (True, 1)  # a hit builds no backbone
+    np.testing.assert_array_equal(feats2, feats)
+    np.testing.assert_array_equal(labels2, out_labels)
+    assert labels2.dtype == np.int64
+
+    # Another preprocessing is another key: a miss again.
+    other = Preprocessing(16, pre.mean, pre.std)
+    _, _, hit3 = cached_features(cache, preprocessing=other, **kwargs)
+    assert (hit3, len(calls)) == (False, 2)
+    assert len(list((tmp_path / "features").glob("*.npz"))) == 2
+
+
+# --- resolve_device --------------------------------------------------------------------------------
+
+
+def test_resolve_device_auto_and_cpu():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device().type == expected
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_resolve_device_cuda_without_cuda_is_refused():
+    with pytest.raises(ValueError, match=r'`device` is "cuda" but no CUDA device is visible; use "auto" or "cpu"'):
+        resolve_device("cuda")

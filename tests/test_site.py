@@ -1,0 +1,135 @@
+"""A site's own state: verified backbones, its data, its rounds and the privacy they cost."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedtl.client.rounds import feature_sum_round, train_round
+from fedtl.client.site import BackboneStore, Site, resolve_site
+from fedtl.shared.backbones import backbone_state_dict, build_backbone, fingerprint_state_dict
+from fedtl.shared.errors import BackboneError, ConfigError, DataError, FingerprintMismatchError, PrivacyBudgetError
+from fedtl.shared.heads import build_head, head_arrays
+from fedtl.shared.protocol import RoundSettings, SimulationSettings
+
+
+@pytest.fixture
+def tiny_state():
+    return backbone_state_dict(build_backbone("tiny"))
+
+
+def _site(tmp_path) -> Site:
+    sim = SimulationSettings(data="digits", partition="iid", seed=0, test_fraction=0.2, local_test_fraction=0.2,
+                             site_root=str(tmp_path / "state"), cache_root=str(tmp_path / "cache"))
+    return resolve_site({"partition-id": 0, "num-partitions": 4}, sim)
+
+
+def _settings(fingerprint: str, **changes) -> RoundSettings:
+    values = dict(run_id="run-a", num_rounds=2, backbone_name="tiny", backbone_fingerprint=fingerprint,
+                  image_size=32, head="linear", head_hidden=16, num_classes=10, local_epochs=1, batch_size=32,
+                  learning_rate=1.0, max_grad_norm=1.0, noise_multiplier=-1.0, target_epsilon=4.0,
+                  target_delta=1e-5, accountant="rdp", non_private=False, seed=0, feature_batch_size=64,
+                  device="cpu")
+    values.update(changes)
+    return RoundSettings(**values)
+
+
+def test_install_refuses_weights_that_do_not_match_the_announced_fingerprint(tmp_path, tiny_state):
+    store = BackboneStore(tmp_path)
+    announced = fingerprint_state_dict(tiny_state)
+    tampered = {k: v.clone() for k, v in tiny_state.items()}
+    first = next(iter(tampered))
+    tampered[first].view(-1)[0] += 1e-3
+    actual = fingerprint_state_dict(tampered)
+    with pytest.raises(FingerprintMismatchError, match=f"hash to {actual}, but the server announced {announced}"):
+        store.install("tiny", announced, tampered)
+    assert store.fingerprints() == []  # nothing stored
+
+
+def test_a_stored_backbone_changed_on_disk_is_refused(tmp_path, tiny_state):
+    from safetensors.torch import save_file
+
+    store = BackboneStore(tmp_path)
+    fingerprint = fingerprint_state_dict(tiny_state)
+    path = store.install("tiny", fingerprint, tiny_state)
+    assert fingerprint_state_dict(backbone_state_dict(store.load("tiny", fingerprint))) == fingerprint
+    changed = {k: v.clone() for k, v in tiny_state.items()}
+    next(iter(changed.values())).view(-1)[0] *= 2
+    save_file(changed, str(path))
+    with pytest.raises(FingerprintMismatchError, match="was modified on disk"):
+        store.load("tiny", fingerprint)
+    with pytest.raises(BackboneError, match="is not in the site cache"):
+        store.load("tiny", "0" * 64)
+
+
+def test_node_config_must_name_a_site():
+    with pytest.raises(ConfigError, match="names no site"):
+        resolve_site({}, None)
+    with pytest.raises(ConfigError, match="but no `data`"):
+        resolve_site({"site-dir": "/nowhere"}, None)
+
+
+def test_a_round_is_charged_before_training_and_refused_past_the_budget(tmp_path, tiny_state):
+    site = _site(tmp_path)
+    fingerprint = site.backbones.install("tiny", fingerprint_state_dict(tiny_state), tiny_state).stem
+    settings = _settings(fingerprint)
+    head = head_arrays(build_head("linear", 32, 10, hidden=16))
+    eps = []
+    for server_round in (1, 2):
+        report = train_round(site, settings, head, server_round=server_round)
+        eps.append(report.epsilon)
+        assert report.epsilon == pytest.approx(site.privacy_store.epsilon(delta=1e-5))
+    assert eps[0] < eps[1] <= 4.0
+    charges = site.privacy_store.charges()
+    assert [c.server_round for c in charges] == [1, 2]
+    assert len({c.noise_multiplier for c in charges}) == 1  # one noise for the whole run
+    # A third round was not planned: it would overspend, so the site refuses with the numbers.
+    with pytest.raises(PrivacyBudgetError, match=r"would reach \d+\.\d+ > target-epsilon 4.0"):
+        train_round(site, settings, head, server_round=3)
+    assert len(site.privacy_store.charges()) == 2  # nothing charged, nothing lost
+    # A new run over the same site starts from what is already spent.
+    with pytest.raises(PrivacyBudgetError, match=r"epsilon already spent is \d+\.\d+ >= target-epsilon \d+\.\d+"):
+        train_round(site, _settings(fingerprint, run_id="run-b", target_epsilon=eps[1]), head, server_round=1)
+
+
+def test_a_crash_after_the_charge_keeps_the_charge(tmp_path, tiny_state, monkeypatch):
+    site = _site(tmp_path)
+    fingerprint = site.backbones.install("tiny", fingerprint_state_dict(tiny_state), tiny_state).stem
+    import fedtl.client.rounds as rounds
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-round")
+
+    monkeypatch.setattr(rounds, "train_head", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_round(site, _settings(fingerprint), head_arrays(build_head("linear", 32, 10)), server_round=1)
+    assert len(site.privacy_store.charges()) == 1
+
+
+def test_feature_sum_is_noised_and_charged(tmp_path, tiny_state):
+    site = _site(tmp_path)
+    fingerprint = site.backbones.install("tiny", fingerprint_state_dict(tiny_state), tiny_state).stem
+    settings = _settings(fingerprint)
+    noisy, n = feature_sum_round(site, settings, noise_multiplier=4.0)
+    exact, n2 = feature_sum_round(site, _settings(fingerprint, non_private=True), noise_multiplier=4.0)
+    assert n == n2 > 0 and noisy.shape == exact.shape == (32,)
+    # Each normalised feature has norm 1, so the exact sum's norm is at most n.
+    assert np.linalg.norm(exact) <= n + 1e-3
+    assert np.linalg.norm(noisy - exact) > 1.0  # noise of std 4 in 32 dims
+    kinds = [(c.kind, c.noise_multiplier, c.sample_rate, c.steps) for c in site.privacy_store.charges()]
+    assert kinds == [("feature-sum", 4.0, 1.0, 1), ("feature-sum", 0.0, 1.0, 1)]
+
+
+def test_label_set_different_from_the_federation_is_refused(tmp_path, tiny_state):
+    site = _site(tmp_path)
+    fingerprint = site.backbones.install("tiny", fingerprint_state_dict(tiny_state), tiny_state).stem
+    with pytest.raises(DataError, match=r"has 10 classes .* but the federation trains a 2-class head"):
+        train_round(site, _settings(fingerprint, num_classes=2), head_arrays(build_head("linear", 32, 2)),
+                    server_round=1)
+
+
+def test_training_leaves_the_backbone_untouched(tmp_path, tiny_state):
+    site = _site(tmp_path)
+    fingerprint = site.backbones.install("tiny", fingerprint_state_dict(tiny_state), tiny_state).stem
+    train_round(site, _settings(fingerprint), head_arrays(build_head("linear", 32, 10)), server_round=1)
+    assert fingerprint_state_dict(backbone_state_dict(site.backbones.load("tiny", fingerprint))) == fingerprint
+    assert torch.equal(next(iter(tiny_state.values())), next(iter(backbone_state_dict(build_backbone("tiny")).values())))
