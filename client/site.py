@@ -183,7 +183,7 @@ def site_preprocessing(settings: RoundSettings) -> Preprocessing:
     return pre
 
 
-def load_site_features(site: Site, settings: RoundSettings, *, progress: bool = False) -> SiteFeatures:
+def load_site_features(site: Site, settings: RoundSettings, *, progress: bool | None = None) -> SiteFeatures:
     """Return the site's features, extracting them once per (backbone, data, preprocessing).
 
     Raises:
@@ -202,6 +202,8 @@ def load_site_features(site: Site, settings: RoundSettings, *, progress: bool = 
             f"cache {site.backbones.root}; the server sends it before round 1"
         )
     pre = site_preprocessing(settings)
+    if progress is None:  # a real site's log shows extraction progress; simulated sites stay quiet
+        progress = site.simulation is None
     # Built at most once, and only on a cache miss.
     load = functools.cache(lambda: site.backbones.load(settings.backbone_name, settings.backbone_fingerprint))
     hits = 0

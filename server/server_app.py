@@ -216,7 +216,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_dir: Path | None = None) -
         "backbone-fingerprint": backbone.fingerprint,
         "backbone-bytes": count_state_bytes(backbone.state),
         "backbone-bytes-sent-per-site": backbone_bytes,
-        "head-bytes-per-site-per-round": head_bytes,
+        "head-bytes-per-site-per-round": 2 * head_bytes,  # down to the site and back up
         "epsilon-per-site": dict(sorted(recorder.site_epsilon.items())),
         "epsilon-max": max(recorder.site_epsilon.values(), default=math.nan),
         "delta": cfg.target_delta,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 import time
 import tomllib
@@ -118,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Flower logs every round at INFO through its own handler; keep the terminal for the final table.
-    logging.getLogger("flwr").setLevel(logging.INFO if args.verbose else logging.ERROR)
+    # Flower logs every round through its own console handler (read from FLWR_LOG_LEVEL when flwr is
+    # first imported, which happens below); keep the terminal for the final table unless --verbose.
+    os.environ.setdefault("FLWR_LOG_LEVEL", "INFO" if args.verbose else "WARNING")
+    logging.getLogger("flwr").propagate = False  # its handler prints already; no second copy via root
     try:
         if args.command == "simulate":
             from fedtl.simulations.engine import simulate

@@ -18,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedtl.client.client_app import app as client_app
 from fedtl.server.server_app import run_federation
 from fedtl.shared.config import RunConfig
+from fedtl.shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def simulate(
         Exception: whatever the ServerApp raised (Flower re-raises it here); Ray is shut down first.
     """
     if num_sites < 1:
-        raise ValueError(f"`sites` must be >= 1, got {num_sites}")
+        raise ConfigError(f"`sites` must be >= 1, got {num_sites}")
     cfg = cfg.replace(min_available_nodes=num_sites)
     outcome: dict[str, Any] = {}
     server_app = ServerApp()

@@ -118,3 +118,52 @@ def test_backbone_sent_once_then_only_its_fingerprint(federation):
     assert all(n >= first["backbone-bytes"] for n in first["backbone-bytes-sent-per-site"].values())
     assert second["backbone-bytes-sent-per-site"] == {"site-0": 0, "site-1": 0}
     assert np.isfinite(second["epsilon-max"])
+
+
+def test_predict_round_trips_the_model_file(federation, tmp_path, capsys):
+    from PIL import Image
+
+    from fedtl.server.predict import load_model_backbone
+    from fedtl.shared.data import load_dataset
+    from fedtl.shared.features import extract_features
+    from fedtl.shared.heads import predict_proba
+    from fedtl.simulations.cli import main
+
+    model_path = federation["first"]["model"]
+    test = load_dataset("digits").test
+    paths = []
+    for i in range(6):
+        path = tmp_path / f"digit-{i}.png"
+        Image.fromarray(test.images[i]).save(path)
+        paths.append(str(path))
+    assert main(["predict", model_path, *paths]) == 0
+    printed = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
+    assert [p for p, _, _ in printed] == paths
+    # Oracle: the same head on the same backbone's features, computed directly.
+    model = load_model(model_path)
+    feats = extract_features(load_model_backbone(model), test.images[:6], model.preprocessing, progress=False)
+    probs = predict_proba(model.build_head(), feats)
+    assert [label for _, label, _ in printed] == [model.label_names[i] for i in probs.argmax(1)]
+    np.testing.assert_allclose([float(p) for _, _, p in printed], probs.max(1), atol=1e-4)
+
+
+def test_predict_names_a_corrupt_image_and_a_foreign_backbone(federation, tmp_path, capsys):
+    import dataclasses
+
+    from fedtl.server.model_file import save_model
+    from fedtl.shared.errors import FingerprintMismatchError
+    from fedtl.server.predict import predict_images
+    from fedtl.simulations.cli import main
+
+    bad = tmp_path / "scan.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png")
+    assert main(["predict", federation["first"]["model"], str(bad)]) == 2
+    assert "scan.png" in capsys.readouterr().err
+    model = load_model(federation["first"]["model"])
+    foreign = save_model(tmp_path / "foreign.safetensors", dataclasses.replace(model, backbone_fingerprint="f" * 64))
+    good = tmp_path / "ok.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(good)
+    with pytest.raises(FingerprintMismatchError, match="f" * 64):
+        predict_images(foreign, [good])
