@@ -75,8 +75,12 @@ class Throughput:
 
     def to_dict(self) -> dict[str, float]:
         """Return the figures under kebab-case keys."""
-        return {"samples": self.samples, "steps": self.steps, "seconds": self.seconds,
-                "samples-per-s": self.samples_per_s}
+        return {
+            "samples": self.samples,
+            "steps": self.steps,
+            "seconds": self.seconds,
+            "samples-per-s": self.samples_per_s,
+        }
 
 
 @dataclass(frozen=True)
@@ -127,8 +131,12 @@ def cycle_batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tens
 
 
 def make_private_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, logits_of: Callable[[torch.Tensor], torch.Tensor],
-    *, empty_input_shape: tuple[int, ...], device: torch.device,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    logits_of: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    empty_input_shape: tuple[int, ...],
+    device: torch.device,
 ) -> Callable[[torch.Tensor, torch.Tensor], int]:
     """Return a function doing one DP-SGD step on a batch of (indices, labels) and returning its size."""
     criterion = nn.CrossEntropyLoss()
@@ -148,27 +156,47 @@ def make_private_step(
 
 
 def poisson_private(
-    module: nn.Module, *, num_examples: int, labels: np.ndarray, batch_size: int, learning_rate: float,
-    noise_multiplier: float, max_grad_norm: float, seed: int, device: torch.device,
+    module: nn.Module,
+    *,
+    num_examples: int,
+    labels: np.ndarray,
+    batch_size: int,
+    learning_rate: float,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    seed: int,
+    device: torch.device,
 ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
     """Wrap `module` with Opacus over a Poisson-sampled loader of (image index, label) pairs."""
     dataset = TensorDataset(torch.arange(num_examples), torch.as_tensor(labels, dtype=torch.long))
     # Batch sampling stays on a CPU generator; noise is drawn where the parameters live, and Opacus
     # needs its noise generator on that device.
-    loader = DataLoader(dataset, batch_size=min(batch_size, num_examples),
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        dataset, batch_size=min(batch_size, num_examples), generator=torch.Generator().manual_seed(seed)
+    )
     noise_generator = torch.Generator(device=device).manual_seed(seed + 1)
     optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=learning_rate)
     with quiet_opacus():
         engine = PrivacyEngine(accountant="rdp")
         return engine.make_private(
-            module=module, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm, poisson_sampling=True, noise_generator=noise_generator,
+            module=module,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            poisson_sampling=True,
+            noise_generator=noise_generator,
         )
 
 
-def timed_steps(step: Callable[[torch.Tensor, torch.Tensor], int], batches: Iterator, *, warmup: int,
-                steps: int, device: torch.device) -> Throughput:
+def timed_steps(
+    step: Callable[[torch.Tensor, torch.Tensor], int],
+    batches: Iterator,
+    *,
+    warmup: int,
+    steps: int,
+    device: torch.device,
+) -> Throughput:
     """Run `warmup` untimed steps, then time `steps` steps and count the examples they processed."""
     with quiet_opacus():
         for _ in range(warmup):
@@ -184,35 +212,55 @@ def timed_steps(step: Callable[[torch.Tensor, torch.Tensor], int], batches: Iter
 # --- the sections ----------------------------------------------------------------------------------
 
 
-def measure_extraction(backbone: nn.Module, images: np.ndarray, preprocessing: Preprocessing, *,
-                       batch_size: int, device: torch.device) -> tuple[Throughput, np.ndarray]:
+def measure_extraction(
+    backbone: nn.Module, images: np.ndarray, preprocessing: Preprocessing, *, batch_size: int, device: torch.device
+) -> tuple[Throughput, np.ndarray]:
     """(3) Time extract_features over all images; return the throughput and the features (N, D)."""
-    extract_features(backbone, images[:batch_size], preprocessing, batch_size=batch_size, device=device,
-                     progress=False)  # warm-up: weights to the device, kernel selection
+    extract_features(
+        backbone, images[:batch_size], preprocessing, batch_size=batch_size, device=device, progress=False
+    )  # warm-up: weights to the device, kernel selection
     synchronize(device)
     start = time.perf_counter()
-    features = extract_features(backbone, images, preprocessing, batch_size=batch_size, device=device,
-                                progress=False)
+    features = extract_features(backbone, images, preprocessing, batch_size=batch_size, device=device, progress=False)
     synchronize(device)
     seconds = time.perf_counter() - start
     return Throughput(samples=len(images), steps=math.ceil(len(images) / batch_size), seconds=seconds), features
 
 
-def measure_cached_head(features: np.ndarray, labels: np.ndarray, *, num_classes: int, epochs: int,
-                        batch_size: int, learning_rate: float, max_grad_norm: float,
-                        noise_multiplier: float, seed: int, repeats: int) -> tuple[Throughput, float]:
+def measure_cached_head(
+    features: np.ndarray,
+    labels: np.ndarray,
+    *,
+    num_classes: int,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    max_grad_norm: float,
+    noise_multiplier: float,
+    seed: int,
+    repeats: int,
+) -> tuple[Throughput, float]:
     """(1) Time train_head (DP-SGD on cached features, PrivacyEngine set-up included) as a site's round does.
 
     One call is short and easily disturbed by other processes, so the median of `repeats` calls is
     reported, with the fastest call's seconds beside it. train_head runs on the CPU.
     """
+
     def run(run_epochs: int) -> tuple[float, int]:
         head = build_head(HEAD, features.shape[1], num_classes, seed=seed)
         start = time.perf_counter()
         with quiet_opacus():  # train_head filters them itself (since 124cceb); kept for older versions
-            result = train_head(head, features, labels, epochs=run_epochs, batch_size=batch_size,
-                                learning_rate=learning_rate, max_grad_norm=max_grad_norm,
-                                noise_multiplier=noise_multiplier, seed=seed)
+            result = train_head(
+                head,
+                features,
+                labels,
+                epochs=run_epochs,
+                batch_size=batch_size,
+                learning_rate=learning_rate,
+                max_grad_norm=max_grad_norm,
+                noise_multiplier=noise_multiplier,
+                seed=seed,
+            )
         return time.perf_counter() - start, result.steps
 
     run(1)  # warm-up
@@ -222,11 +270,23 @@ def measure_cached_head(features: np.ndarray, labels: np.ndarray, *, num_classes
     return median, min(seconds)
 
 
-def measure_forward_every_step(backbone: nn.Module, images: np.ndarray, labels: np.ndarray,
-                               preprocessing: Preprocessing, *, feature_dim: int, num_classes: int,
-                               epochs: int, batch_size: int, learning_rate: float, max_grad_norm: float,
-                               noise_multiplier: float, seed: int, max_steps: int,
-                               device: torch.device) -> tuple[Throughput, int]:
+def measure_forward_every_step(
+    backbone: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    preprocessing: Preprocessing,
+    *,
+    feature_dim: int,
+    num_classes: int,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    max_grad_norm: float,
+    noise_multiplier: float,
+    seed: int,
+    max_steps: int,
+    device: torch.device,
+) -> tuple[Throughput, int]:
     """(2) Time DP-SGD on the head where every step first runs the frozen backbone on its raw images.
 
     Returns the throughput over min(max_steps, epochs * steps per epoch) steps (all of them when
@@ -236,14 +296,21 @@ def measure_forward_every_step(backbone: nn.Module, images: np.ndarray, labels: 
     head = build_head(HEAD, feature_dim, num_classes, seed=seed).to(device).train()
     backbone.eval().to(device)
     model, optimizer, loader = poisson_private(
-        head, num_examples=num_examples, labels=labels, batch_size=batch_size, learning_rate=learning_rate,
-        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, seed=seed, device=device)
+        head,
+        num_examples=num_examples,
+        labels=labels,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        seed=seed,
+        device=device,
+    )
 
     def logits_of(indices: torch.Tensor) -> torch.Tensor:
         x = preprocessing.apply(images[indices.numpy()]).to(device)  # (B, 3, S, S)
         # no_grad, not inference_mode: inference tensors cannot be saved for the head's backward.
-        with torch.no_grad(), torch.autocast(device_type="cuda", dtype=torch.bfloat16,
-                                             enabled=device.type == "cuda"):
+        with torch.no_grad(), torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             feats = backbone(x)  # (B, D), as extract_features computes them
         return model(feats.float())  # (B, C)
 
@@ -269,6 +336,7 @@ class OutOfPlaceBasicBlock(nn.Module):
 
 def finetune_candidates(name: str) -> Iterator[tuple[str, Callable[[], tuple[nn.Module, str]]]]:
     """Yield (backbone name, builder returning (network, weights label)) in the order to try them."""
+
     def registry(n: str) -> Callable[[], tuple[nn.Module, str]]:
         return lambda: (build_backbone(n), get_backbone_spec(n).weights_source)
 
@@ -320,10 +388,21 @@ def build_private_finetune_model(backbone: nn.Module, feature_dim: int, num_clas
     return model
 
 
-def measure_full_finetune(name: str, images: np.ndarray, labels: np.ndarray, *, image_size: int,
-                          num_classes: int, batch_size: int, learning_rate: float, max_grad_norm: float,
-                          noise_multiplier: float, seed: int, min_steps: int,
-                          device: torch.device) -> FinetuneResult:
+def measure_full_finetune(
+    name: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    image_size: int,
+    num_classes: int,
+    batch_size: int,
+    learning_rate: float,
+    max_grad_norm: float,
+    noise_multiplier: float,
+    seed: int,
+    min_steps: int,
+    device: torch.device,
+) -> FinetuneResult:
     """(4) Time full-network DP-SGD at `image_size` px over 1 epoch (at least `min_steps` steps) of the images.
 
     Tries backbone `name`, then FALLBACK_BACKBONES; a candidate that fails to build, fix, wrap or
@@ -336,24 +415,33 @@ def measure_full_finetune(name: str, images: np.ndarray, labels: np.ndarray, *, 
             seed_everything(seed)
             backbone, weights = build()
             spec = get_backbone_spec(candidate)
-            preprocessing = Preprocessing(image_size=image_size, mean=spec.preprocessing.mean,
-                                          std=spec.preprocessing.std)
+            preprocessing = Preprocessing(
+                image_size=image_size, mean=spec.preprocessing.mean, std=spec.preprocessing.std
+            )
             start = time.perf_counter()
             with quiet_opacus():
                 model = build_private_finetune_model(backbone, spec.feature_dim, num_classes)
                 model_bytes = count_state_bytes(backbone_state_dict(model))
                 # fp32 throughout: per-sample gradients and clipping in full precision.
                 model, optimizer, loader = poisson_private(
-                    model.to(device), num_examples=num_examples, labels=labels, batch_size=batch_size,
-                    learning_rate=learning_rate, noise_multiplier=noise_multiplier,
-                    max_grad_norm=max_grad_norm, seed=seed, device=device)
+                    model.to(device),
+                    num_examples=num_examples,
+                    labels=labels,
+                    batch_size=batch_size,
+                    learning_rate=learning_rate,
+                    noise_multiplier=noise_multiplier,
+                    max_grad_norm=max_grad_norm,
+                    seed=seed,
+                    device=device,
+                )
             setup_seconds = time.perf_counter() - start
 
             def logits_of(indices: torch.Tensor, model: nn.Module = model) -> torch.Tensor:
                 return model(preprocessing.apply(images[indices.numpy()]).to(device))  # (B, C)
 
-            step = make_private_step(model, optimizer, logits_of, empty_input_shape=(3, image_size, image_size),
-                                     device=device)
+            step = make_private_step(
+                model, optimizer, logits_of, empty_input_shape=(3, image_size, image_size), device=device
+            )
             batches = cycle_batches(loader)
             # Warm-up apart: the first private step is many times slower. EfficientNet-Lite's convs are a
             # Conv2d subclass, absent from Opacus' exact-type grad-sampler registry, so functorch computes
@@ -365,13 +453,21 @@ def measure_full_finetune(name: str, images: np.ndarray, labels: np.ndarray, *, 
             continue
         steps = max(min_steps, steps_per_epoch(num_examples, batch_size)[1])
         throughput = timed_steps(step, batches, warmup=0, steps=steps, device=device)
-        return FinetuneResult(throughput=throughput, backbone=candidate, weights=weights, image_size=image_size,
-                              setup_seconds=setup_seconds, model_bytes=model_bytes, skipped=tuple(skipped))
+        return FinetuneResult(
+            throughput=throughput,
+            backbone=candidate,
+            weights=weights,
+            image_size=image_size,
+            setup_seconds=setup_seconds,
+            model_bytes=model_bytes,
+            skipped=tuple(skipped),
+        )
     raise RuntimeError(f"no backbone could be DP fine-tuned: {'; '.join(skipped)}")
 
 
-def measure_bytes(backbone: nn.Module, *, feature_dim: int, num_classes: int, rounds: int,
-                  finetune_model_bytes: int | None) -> dict[str, Any]:
+def measure_bytes(
+    backbone: nn.Module, *, feature_dim: int, num_classes: int, rounds: int, finetune_model_bytes: int | None
+) -> dict[str, Any]:
     """(6) Bytes per site: backbone once + head both ways each round, vs full fine-tuning both ways each round."""
     backbone_bytes = count_state_bytes(backbone_state_dict(backbone))
     # What travels each round, one way: weight, bias and the `center` buffer (HEAD over D features).
@@ -416,49 +512,72 @@ def print_report(figures: dict[str, Any]) -> None:
     print(f"  device      {env['device']}  torch {env['torch']}  opacus {env['opacus']}  threads {env['threads']}")
     print(f"  backbone    {cfg['backbone']}  feature_dim {env['feature-dim']}  image {env['image-size']} px")
     print(f"  data        {DATA}: N = {cfg['samples']} training images ({env['raw-image-shape']} uint8, resized)")
-    print(f"  DP-SGD      noise_multiplier {cfg['noise-multiplier']}, max_grad_norm {cfg['max-grad-norm']}, "
-          f"expected batch {cfg['batch-size']} (Poisson), lr {cfg['learning-rate']}, {cfg['epochs']} epochs, "
-          f"{HEAD} head")
+    print(
+        f"  DP-SGD      noise_multiplier {cfg['noise-multiplier']}, max_grad_norm {cfg['max-grad-norm']}, "
+        f"expected batch {cfg['batch-size']} (Poisson), lr {cfg['learning-rate']}, {cfg['epochs']} epochs, "
+        f"{HEAD} head"
+    )
     print()
     rows = [
-        ("(1) DP head on cached features (train_head, CPU)", sec["cached-head"],
-         f"median of {cfg['head-repeats']} calls (fastest {figures['cached-head-fastest-seconds']:.3f} s), "
-         "set-up incl."),
-        ("(2) frozen backbone forward every step + DP head", sec["forward-every-step"],
-         f"{sec['forward-every-step']['steps']} of {figures['forward-every-step-full-steps']} steps timed"),
+        (
+            "(1) DP head on cached features (train_head, CPU)",
+            sec["cached-head"],
+            f"median of {cfg['head-repeats']} calls (fastest {figures['cached-head-fastest-seconds']:.3f} s), "
+            "set-up incl.",
+        ),
+        (
+            "(2) frozen backbone forward every step + DP head",
+            sec["forward-every-step"],
+            f"{sec['forward-every-step']['steps']} of {figures['forward-every-step-full-steps']} steps timed",
+        ),
         ("(3) feature extraction (extract_features)", sec["extraction"], f"batch {cfg['batch-size']}"),
-        (f"(4) full-network DP fine-tuning @ {ft['image-size']} px", sec["full-finetune"],
-         f"{ft['backbone']}, N = {ft['samples']}, batch {ft['batch-size']}"),
+        (
+            f"(4) full-network DP fine-tuning @ {ft['image-size']} px",
+            sec["full-finetune"],
+            f"{ft['backbone']}, N = {ft['samples']}, batch {ft['batch-size']}",
+        ),
     ]
     print(f"  {'section':<52}{'samples':>8}{'steps':>7}{'seconds':>10}{'samples/s':>12}  note")
     for label, t, note in rows:
         print(f"  {label:<52}{t['samples']:>8}{t['steps']:>7}{t['seconds']:>10.3f}{t['samples-per-s']:>12.1f}  {note}")
     print()
-    print(f"  (4) used {ft['backbone']} with weights: {ft['weights']}; "
-          f"fix + make_private {ft['setup-seconds']:.2f} s (not timed)")
+    print(
+        f"  (4) used {ft['backbone']} with weights: {ft['weights']}; "
+        f"fix + make_private {ft['setup-seconds']:.2f} s (not timed)"
+    )
     for reason in ft["skipped"]:
         print(f"      skipped {reason}")
     print()
     r = figures["ratios"]
     verdict = "met" if r["cached-vs-forward-every-step"] >= TARGET_RATIO else "NOT met"
     print("  ratios")
-    print(f"    cached-feature rounds vs forward-every-step  (1)/(2) {r['cached-vs-forward-every-step']:>10.1f}x"
-          f"  (target >= {TARGET_RATIO:.0f}x: {verdict})")
+    print(
+        f"    cached-feature rounds vs forward-every-step  (1)/(2) {r['cached-vs-forward-every-step']:>10.1f}x"
+        f"  (target >= {TARGET_RATIO:.0f}x: {verdict})"
+    )
     print(f"    cached-feature rounds vs full DP fine-tuning (1)/(4) {r['cached-vs-full-finetune']:>10.1f}x")
     print(f"    feature extraction vs forward-every-step     (3)/(2) {r['extraction-vs-forward-every-step']:>10.2f}x")
     print()
     b = figures["bytes"]
     print(f"  bytes per site ({b['rounds']} rounds)")
-    print(f"    backbone, sent once per site            {format_bytes(b['backbone-bytes-once']):>12}"
-          f"  ({b['backbone-bytes-once']} B)")
-    print(f"    {HEAD} head, one way                     {format_bytes(b['head-bytes-one-way']):>12}"
-          f"  ({b['head-bytes-one-way']} B; weight, bias, center)")
+    print(
+        f"    backbone, sent once per site            {format_bytes(b['backbone-bytes-once']):>12}"
+        f"  ({b['backbone-bytes-once']} B)"
+    )
+    print(
+        f"    {HEAD} head, one way                     {format_bytes(b['head-bytes-one-way']):>12}"
+        f"  ({b['head-bytes-one-way']} B; weight, bias, center)"
+    )
     print(f"    head per round (down + up)              {format_bytes(b['head-bytes-per-round']):>12}")
     print(f"    backbone / head (one way)               {b['backbone-over-head']:>12.1f}x")
-    print(f"    cached-backbone design, {b['rounds']} rounds         {format_bytes(b['cached-design-total']):>12}"
-          f"  (backbone once + {b['rounds']} x 2 x head)")
-    print(f"    full fine-tuning, {b['rounds']} rounds               {format_bytes(b['full-finetune-total']):>12}"
-          f"  ({b['rounds']} x 2 x {format_bytes(b['full-finetune-bytes-one-way'])}, {b['full-finetune-basis']})")
+    print(
+        f"    cached-backbone design, {b['rounds']} rounds         {format_bytes(b['cached-design-total']):>12}"
+        f"  (backbone once + {b['rounds']} x 2 x head)"
+    )
+    print(
+        f"    full fine-tuning, {b['rounds']} rounds               {format_bytes(b['full-finetune-total']):>12}"
+        f"  ({b['rounds']} x 2 x {format_bytes(b['full-finetune-bytes-one-way'])}, {b['full-finetune-basis']})"
+    )
     print(f"    full fine-tuning / cached design        {b['full-over-cached']:>12.1f}x")
 
 
@@ -470,16 +589,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backbone", default=_DEFAULTS.backbone, choices=list_backbones())
     p.add_argument("--samples", type=int, default=256, help="first N digits training images (default 256)")
-    p.add_argument("--image-size", type=int, default=0,
-                   help="backbone input px; 0 = the backbone's own (224 for efficientnet_lite0)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=0,
+        help="backbone input px; 0 = the backbone's own (224 for efficientnet_lite0)",
+    )
     p.add_argument("--small-image-size", type=int, default=64, help="input px of full fine-tuning (4)")
     p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="expected DP batch size")
     p.add_argument("--epochs", type=int, default=2, help="epochs of (1); (2) is timed over a share of as many")
     p.add_argument("--noise-multiplier", type=float, default=1.0)
     p.add_argument("--max-grad-norm", type=float, default=_DEFAULTS.max_grad_norm)
     p.add_argument("--learning-rate", type=float, default=_DEFAULTS.learning_rate)
-    p.add_argument("--forward-steps", type=int, default=4,
-                   help="steps of (2) timed (0 = all of --epochs); a share suffices for samples/s")
+    p.add_argument(
+        "--forward-steps",
+        type=int,
+        default=4,
+        help="steps of (2) timed (0 = all of --epochs); a share suffices for samples/s",
+    )
     p.add_argument("--finetune-samples", type=int, default=64, help="images of (4), one epoch")
     p.add_argument("--finetune-batch-size", type=int, default=16, help="expected batch size of (4)")
     p.add_argument("--head-repeats", type=int, default=5, help="timed calls of (1); the median is reported")
@@ -488,8 +615,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
     args = p.parse_args(argv)
-    for flag in ("samples", "small_image_size", "batch_size", "epochs", "finetune_samples",
-                 "finetune_batch_size", "head_repeats", "rounds"):
+    for flag in (
+        "samples",
+        "small_image_size",
+        "batch_size",
+        "epochs",
+        "finetune_samples",
+        "finetune_batch_size",
+        "head_repeats",
+        "rounds",
+    ):
         if getattr(args, flag) < 1:
             p.error(f"`--{flag.replace('_', '-')}` must be >= 1, got {getattr(args, flag)}")
     for flag in ("image_size", "forward_steps", "noise_multiplier"):
@@ -519,31 +654,68 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     image_size = args.image_size or spec.preprocessing.image_size
     preprocessing = Preprocessing(image_size=image_size, mean=spec.preprocessing.mean, std=spec.preprocessing.std)
     backbone = build_backbone(args.backbone)
-    dp = {"learning_rate": args.learning_rate, "max_grad_norm": args.max_grad_norm,
-          "noise_multiplier": args.noise_multiplier, "seed": args.seed}
+    dp = {
+        "learning_rate": args.learning_rate,
+        "max_grad_norm": args.max_grad_norm,
+        "noise_multiplier": args.noise_multiplier,
+        "seed": args.seed,
+    }
 
     print(f"[3] feature extraction on {device} ...", file=sys.stderr, flush=True)
-    extraction, features = measure_extraction(backbone, images, preprocessing, batch_size=args.batch_size,
-                                              device=device)
+    extraction, features = measure_extraction(
+        backbone, images, preprocessing, batch_size=args.batch_size, device=device
+    )
     print("[1] DP head on cached features ...", file=sys.stderr, flush=True)
-    cached, cached_best = measure_cached_head(features, labels, num_classes=num_classes, epochs=args.epochs,
-                                 batch_size=args.batch_size, repeats=args.head_repeats, **dp)
+    cached, cached_best = measure_cached_head(
+        features,
+        labels,
+        num_classes=num_classes,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        repeats=args.head_repeats,
+        **dp,
+    )
     print("[2] forward every step ...", file=sys.stderr, flush=True)
     forward, full_steps = measure_forward_every_step(
-        backbone, images, labels, preprocessing, feature_dim=spec.feature_dim, num_classes=num_classes,
-        epochs=args.epochs, batch_size=args.batch_size, max_steps=args.forward_steps, device=device, **dp)
+        backbone,
+        images,
+        labels,
+        preprocessing,
+        feature_dim=spec.feature_dim,
+        num_classes=num_classes,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        max_steps=args.forward_steps,
+        device=device,
+        **dp,
+    )
     print("[4] full-network DP fine-tuning ...", file=sys.stderr, flush=True)
     n_ft = min(args.finetune_samples, args.samples)
     finetune = measure_full_finetune(
-        args.backbone, images[:n_ft], labels[:n_ft], image_size=args.small_image_size, num_classes=num_classes,
-        batch_size=args.finetune_batch_size, min_steps=3, device=device, **dp)
+        args.backbone,
+        images[:n_ft],
+        labels[:n_ft],
+        image_size=args.small_image_size,
+        num_classes=num_classes,
+        batch_size=args.finetune_batch_size,
+        min_steps=3,
+        device=device,
+        **dp,
+    )
     byte_figures = measure_bytes(
-        backbone, feature_dim=spec.feature_dim, num_classes=num_classes, rounds=args.rounds,
-        finetune_model_bytes=finetune.model_bytes if finetune.backbone == args.backbone else None)
+        backbone,
+        feature_dim=spec.feature_dim,
+        num_classes=num_classes,
+        rounds=args.rounds,
+        finetune_model_bytes=finetune.model_bytes if finetune.backbone == args.backbone else None,
+    )
 
     figures: dict[str, Any] = {
-        "config": {k.replace("_", "-"): (str(v) if isinstance(v, (Path, torch.device)) else v)
-                   for k, v in vars(args).items() if k != "resolved_device"},
+        "config": {
+            k.replace("_", "-"): (str(v) if isinstance(v, (Path, torch.device)) else v)
+            for k, v in vars(args).items()
+            if k != "resolved_device"
+        },
         "environment": {
             "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
             "torch": torch.__version__,
@@ -562,9 +734,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cached-head-fastest-seconds": cached_best,
         "forward-every-step-full-steps": full_steps,
         "full-finetune": {
-            "backbone": finetune.backbone, "weights": finetune.weights, "image-size": finetune.image_size,
-            "samples": n_ft, "batch-size": args.finetune_batch_size, "setup-seconds": finetune.setup_seconds,
-            "model-bytes": finetune.model_bytes, "skipped": list(finetune.skipped),
+            "backbone": finetune.backbone,
+            "weights": finetune.weights,
+            "image-size": finetune.image_size,
+            "samples": n_ft,
+            "batch-size": args.finetune_batch_size,
+            "setup-seconds": finetune.setup_seconds,
+            "model-bytes": finetune.model_bytes,
+            "skipped": list(finetune.skipped),
         },
         "ratios": {
             "cached-vs-forward-every-step": cached.samples_per_s / forward.samples_per_s,

@@ -2,7 +2,7 @@
 
 Flower starts a fresh ClientApp process per message in deployment, so nothing here is cached in
 Python globals: backbones, features and the privacy history live in the site's folders on disk.
-Only head tensors and scalar metrics ever go into a reply.
+Replies carry head tensors and scalar metrics, plus, once per run, the noised feature sum (charged).
 """
 
 from __future__ import annotations
@@ -71,23 +71,34 @@ def train(msg: Message, context: Context) -> Message:
         proximal_mu=float(config.get(k.PROXIMAL_MU, 0.0)),
     )
     res = report.result
-    metrics = MetricRecord({
-        k.NUM_EXAMPLES: res.num_examples,
-        k.TRAIN_LOSS: res.train_loss,
-        k.EPSILON: report.epsilon,
-        k.DELTA: report.delta,
-        k.ROUND_EPSILON_STEPS: res.steps,
-        k.SAMPLE_RATE: res.sample_rate,
-        k.NOISE_MULTIPLIER: res.noise_multiplier if res.noise_multiplier is not None else 0.0,
-    })
-    content = RecordDict({k.ARRAYS: numpy_to_arrays(res.arrays), k.METRICS: metrics,
-                          k.SITE: _site_record(site, settings)})
+    metrics = MetricRecord(
+        {
+            k.NUM_EXAMPLES: res.num_examples,  # declared public: it weights the average (README, privacy model)
+            k.EPSILON: report.epsilon,
+            k.DELTA: report.delta,
+            k.ROUND_EPSILON_STEPS: res.steps,
+            k.SAMPLE_RATE: res.sample_rate,
+            k.NOISE_MULTIPLIER: res.noise_multiplier if res.noise_multiplier is not None else 0.0,
+        }
+    )
+    if settings.non_private:
+        # The mean training loss is computed on private examples without noise, so it is released
+        # only by the non-private baseline; private runs show loss from evaluation instead.
+        metrics[k.TRAIN_LOSS] = res.train_loss
+    content = RecordDict(
+        {k.ARRAYS: numpy_to_arrays(res.arrays), k.METRICS: metrics, k.SITE: _site_record(site, settings)}
+    )
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the global head on the site's local test split."""
+    """Evaluate the global head on the site's local test split.
+
+    PRIVACY SHORTCUT: these metrics are computed on the site's private test examples without noise
+    and are NOT covered by its epsilon; the server warns at run time, and `federated-evaluation =
+    false` turns them off.
+    """
     settings = decode(RoundSettings, _config(msg))
     site = _site(msg, context)
     scores, num_examples = evaluate_round(site, settings, _global_arrays(msg))
@@ -112,20 +123,27 @@ def query(msg: Message, context: Context) -> Message:
         received = record.count_bytes()
         state = record.to_torch_state_dict()
         path = site.backbones.install(name, fingerprint, state)
-        log.info("site %s: installed backbone %s %s (%d bytes) at %s", site.name, name, fingerprint[:12], received, path)
+        log.info(
+            "site %s: installed backbone %s %s (%d bytes) at %s", site.name, name, fingerprint[:12], received, path
+        )
     elif action == k.ACTION_FEATURE_SUM:
         settings = decode(RoundSettings, config)
         total, count = feature_sum_round(site, settings, noise_multiplier=float(config[k.CENTERING_NOISE_MULTIPLIER]))
         epsilon = site.privacy_store.epsilon(delta=settings.target_delta, accountant=settings.accountant)
-        content = RecordDict({
-            k.ARRAYS: numpy_to_arrays({k.FEATURE_SUM: total}),
-            k.METRICS: MetricRecord({k.NUM_EXAMPLES: count, k.EPSILON: epsilon}),
-            k.SITE: _site_record(site, settings),
-        })
+        content = RecordDict(
+            {
+                k.ARRAYS: numpy_to_arrays({k.FEATURE_SUM: total}),
+                k.METRICS: MetricRecord({k.NUM_EXAMPLES: count, k.EPSILON: epsilon}),
+                k.SITE: _site_record(site, settings),
+            }
+        )
         return Message(content=content, reply_to=msg)
     elif action != k.ACTION_HAS_BACKBONE:
-        raise ReplyError(f"unknown query action {action!r}; expected one of {k.ACTION_HAS_BACKBONE}, "
-                         f"{k.ACTION_INSTALL_BACKBONE}, {k.ACTION_FEATURE_SUM}")
-    reply = ConfigRecord({k.SITE_NAME: site.name, k.HAS_BACKBONE: site.backbones.has(fingerprint),
-                          k.BYTES_RECEIVED: received})
+        raise ReplyError(
+            f"unknown query action {action!r}; expected one of {k.ACTION_HAS_BACKBONE}, "
+            f"{k.ACTION_INSTALL_BACKBONE}, {k.ACTION_FEATURE_SUM}"
+        )
+    reply = ConfigRecord(
+        {k.SITE_NAME: site.name, k.HAS_BACKBONE: site.backbones.has(fingerprint), k.BYTES_RECEIVED: received}
+    )
     return Message(content=RecordDict({k.SITE: reply}), reply_to=msg)

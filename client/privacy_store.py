@@ -109,8 +109,24 @@ class PrivacyStore:
         return [c.step for c in self.charges() if not (c.run_id == run_id and c.kind == DP_SGD)]
 
 
-def new_charge(*, run_id: str, server_round: int, noise_multiplier: float, sample_rate: float, steps: int,
-               delta: float, kind: str = DP_SGD) -> PrivacyCharge:
+def new_charge(
+    *,
+    run_id: str,
+    server_round: int,
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    kind: str = DP_SGD,
+) -> PrivacyCharge:
     """Return a charge stamped with the current time."""
-    return PrivacyCharge(run_id=run_id, server_round=server_round, noise_multiplier=noise_multiplier,
-                         sample_rate=sample_rate, steps=steps, delta=delta, time=time.time(), kind=kind)
+    return PrivacyCharge(
+        run_id=run_id,
+        server_round=server_round,
+        noise_multiplier=noise_multiplier,
+        sample_rate=sample_rate,
+        steps=steps,
+        delta=delta,
+        time=time.time(),
+        kind=kind,
+    )

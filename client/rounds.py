@@ -9,13 +9,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedtl.client.privacy_store import FEATURE_SUM, PrivacyStore, new_charge
+from fedtl.client.privacy_store import FEATURE_SUM, new_charge
 from fedtl.client.site import Site, load_site_features
 from fedtl.client.training import TrainResult, evaluate_head, steps_per_epoch, train_head
 from fedtl.shared import constants as k
 from fedtl.shared.errors import PrivacyBudgetError
-from fedtl.shared.metrics import majority_rate
 from fedtl.shared.heads import build_head, load_head_arrays, normalize_features
+from fedtl.shared.metrics import majority_rate
 from fedtl.shared.privacy import PrivacyStep, compute_epsilon, find_noise_multiplier
 from fedtl.shared.protocol import RoundSettings
 
@@ -94,17 +94,19 @@ def train_round(
     else:
         noise = plan_noise_multiplier(site, settings, sample_rate=sample_rate, steps_per_round=steps)
         if noise > 0:
-            projected = _projected_epsilon(store, noise, sample_rate, steps, settings)
-            if projected > settings.target_epsilon * 1.0001:
-                raise PrivacyBudgetError(
-                    f"site {site.name} refuses round {server_round}: its epsilon would reach {projected:.3f} > "
-                    f"target-epsilon {settings.target_epsilon} (delta {settings.target_delta}); spent so far "
-                    f"{store.epsilon(delta=settings.target_delta, accountant=settings.accountant):.3f}"
-                )
+            check_budget(site, settings, PrivacyStep(noise, sample_rate, steps), what=f"round {server_round}")
     # Write-ahead: the round is paid for before it runs. Non-private rounds are recorded with
     # noise 0, so the site's epsilon honestly becomes infinite.
-    store.charge(new_charge(run_id=settings.run_id, server_round=server_round, noise_multiplier=noise or 0.0,
-                            sample_rate=sample_rate, steps=steps, delta=settings.target_delta))
+    store.charge(
+        new_charge(
+            run_id=settings.run_id,
+            server_round=server_round,
+            noise_multiplier=noise or 0.0,
+            sample_rate=sample_rate,
+            steps=steps,
+            delta=settings.target_delta,
+        )
+    )
     result = train_head(
         head,
         feats.train_features,
@@ -119,8 +121,14 @@ def train_round(
         proximal_mu=proximal_mu,
     )
     epsilon = store.epsilon(delta=settings.target_delta, accountant=settings.accountant)
-    log.info("site %s round %d: loss %.4f, sigma %s, cumulative epsilon %.3f", site.name, server_round,
-             result.train_loss, noise, epsilon)
+    log.info(
+        "site %s round %d: loss %.4f, sigma %s, cumulative epsilon %.3f",
+        site.name,
+        server_round,
+        result.train_loss,
+        noise,
+        epsilon,
+    )
     return TrainReport(result=result, epsilon=epsilon, delta=settings.target_delta)
 
 
@@ -139,14 +147,18 @@ def feature_sum_round(site: Site, settings: RoundSettings, *, noise_multiplier: 
     store = site.privacy_store
     noise = 0.0 if settings.non_private else noise_multiplier
     if noise > 0:
-        projected = _projected_epsilon(store, noise, 1.0, 1, settings)
-        if projected > settings.target_epsilon:
-            raise PrivacyBudgetError(
-                f"site {site.name} refuses the feature-mean release: its epsilon would reach {projected:.3f} > "
-                f"target-epsilon {settings.target_epsilon}; raise centering-noise-multiplier or the budget"
-            )
-    store.charge(new_charge(run_id=settings.run_id, server_round=0, noise_multiplier=noise, sample_rate=1.0,
-                            steps=1, delta=settings.target_delta, kind=FEATURE_SUM))
+        check_budget(site, settings, PrivacyStep(noise, 1.0, 1), what="the feature-mean release")
+    store.charge(
+        new_charge(
+            run_id=settings.run_id,
+            server_round=0,
+            noise_multiplier=noise,
+            sample_rate=1.0,
+            steps=1,
+            delta=settings.target_delta,
+            kind=FEATURE_SUM,
+        )
+    )
     z = normalize_features(feats.train_features)  # (N, D), every row norm 1
     seed = round_seed(site, settings, 0)
     rng = np.random.default_rng(seed)  # seed None: OS entropy
@@ -154,7 +166,9 @@ def feature_sum_round(site: Site, settings: RoundSettings, *, noise_multiplier: 
     return total.astype(np.float32), len(z)
 
 
-def evaluate_round(site: Site, settings: RoundSettings, global_arrays: dict[str, np.ndarray]) -> tuple[dict[str, float], int]:
+def evaluate_round(
+    site: Site, settings: RoundSettings, global_arrays: dict[str, np.ndarray]
+) -> tuple[dict[str, float], int]:
     """Return the global head's metrics on the site's local test split, and that split's size."""
     feats = load_site_features(site, settings)
     head = build_head(settings.head, feats.test_features.shape[1], settings.num_classes, hidden=settings.head_hidden)
@@ -164,8 +178,28 @@ def evaluate_round(site: Site, settings: RoundSettings, global_arrays: dict[str,
     return scores, len(feats.test_labels)
 
 
-def _projected_epsilon(store: PrivacyStore, noise: float, sample_rate: float, steps: int,
-                       settings: RoundSettings) -> float:
-    """Return the site's epsilon if one more round at (noise, sample_rate, steps) were charged."""
-    history = store.history() + [PrivacyStep(noise, sample_rate, steps)]
-    return compute_epsilon(history, delta=settings.target_delta, accountant=settings.accountant)
+def check_budget(site: Site, settings: RoundSettings, step: PrivacyStep, *, what: str) -> float:
+    """Return the site's epsilon after `step`, refusing it when that exceeds target-epsilon.
+
+    Raises:
+        PrivacyBudgetError: the step would take the site past its budget (the message has the numbers).
+    """
+    store = site.privacy_store
+    spent = store.epsilon(delta=settings.target_delta, accountant=settings.accountant)
+    projected = compute_epsilon(store.history() + [step], delta=settings.target_delta, accountant=settings.accountant)
+    # The planned noise meets the target exactly up to float rounding of the RDP sums.
+    if projected > settings.target_epsilon * (1 + 1e-6):
+        raise PrivacyBudgetError(
+            f"site {site.name} refuses {what}: its epsilon would reach {projected:.3f} > target-epsilon "
+            f"{settings.target_epsilon} (delta {settings.target_delta}); spent so far {spent:.3f}. "
+            "Raise the budget, or plan fewer rounds or more noise"
+        )
+    if projected >= 0.9 * settings.target_epsilon:
+        log.warning(
+            "site %s: %s brings epsilon to %.3f of target %.3g (budget nearly spent)",
+            site.name,
+            what,
+            projected,
+            settings.target_epsilon,
+        )
+    return projected

@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from fedtl.shared.data import ImageDataset, load_dataset, site_split
 from fedtl.client.privacy_store import PrivacyStore
 from fedtl.shared import constants as k
-from fedtl.shared.backbones import Preprocessing, build_backbone, fingerprint_state_dict, get_backbone_spec
-from fedtl.shared.config import fedtl_home
+from fedtl.shared.backbones import build_backbone, fingerprint_state_dict, resolve_preprocessing
+from fedtl.shared.data import ImageDataset, load_dataset, site_split
 from fedtl.shared.errors import BackboneError, ConfigError, DataError, FingerprintMismatchError
 from fedtl.shared.features import FeatureCache, cached_features
+from fedtl.shared.files import atomic_write_bytes
 from fedtl.shared.protocol import RoundSettings, SimulationSettings
 
 log = logging.getLogger(__name__)
@@ -54,23 +54,40 @@ class Site:
         return FeatureCache(self.cache_dir / "features")
 
 
+SIMULATION_ENV = "FEDTL_SIMULATED_SITES"  # set to 1 only where the lab simulates sites on one machine
+
+
+def simulation_enabled() -> bool:
+    """Return True when this process runs simulated sites (opted in locally, never by the server)."""
+    return os.environ.get(SIMULATION_ENV) == "1"
+
+
 def resolve_site(node_config: Mapping[str, Any], simulation: SimulationSettings | None) -> Site:
     """Return the site described by the SuperNode's node config.
 
-    A real site sets `site-dir` and `data` in its node config. A simulated site (Flower's simulation
-    engine sets only `partition-id`/`num-partitions`) takes its slice of the shared data and its
-    folders from the server's simulation settings instead.
+    A real site sets an absolute `site-dir` and `data` in its node config. A simulated site (Flower's
+    simulation engine sets only `partition-id`/`num-partitions`) takes its slice of the shared data,
+    its folders and a reproducible noise seed from the server's simulation settings, which is only
+    acceptable in the lab: it is allowed only where `FEDTL_SIMULATED_SITES=1` is set on the machine
+    running the sites (`fedtl simulate` sets it), so a real SuperNode can never be talked into it.
 
     Raises:
-        ConfigError: the node config names neither a site folder nor a simulated partition.
+        ConfigError: the node config names no site, or a relative `site-dir`.
     """
     if k.SITE_DIR in node_config:
         site_dir = Path(str(node_config[k.SITE_DIR])).expanduser()
+        if not site_dir.is_absolute():
+            raise ConfigError(
+                f"node config `site-dir` must be an absolute path (its privacy ledger must not move with the "
+                f"working directory), got {str(node_config[k.SITE_DIR])!r}"
+            )
         if k.DATA not in node_config:
-            raise ConfigError(f"node config sets `site-dir` = {site_dir} but no `data`; add data=\"/path/to/data\"")
+            raise ConfigError(f'node config sets `site-dir` = {site_dir} but no `data`; add data="/path/to/data"')
         name = str(node_config.get(k.SITE_NAME, site_dir.name))
         return Site(name=name, state_dir=site_dir, cache_dir=site_dir / "cache", data=str(node_config[k.DATA]))
-    if k.PARTITION_ID in node_config and simulation is not None:
+    if k.PARTITION_ID in node_config and simulation is not None and simulation_enabled():
+        if k.NUM_PARTITIONS not in node_config:
+            raise ConfigError(f"node config has `partition-id` but no `num-partitions` (got {sorted(node_config)})")
         pid = int(node_config[k.PARTITION_ID])
         num = int(node_config[k.NUM_PARTITIONS])
         name = f"site-{pid}"
@@ -83,9 +100,14 @@ def resolve_site(node_config: Mapping[str, Any], simulation: SimulationSettings 
             partition_id=pid,
             num_partitions=num,
         )
+    hint = (
+        f" (`partition-id` alone makes a simulated site only where {SIMULATION_ENV}=1 is set)"
+        if k.PARTITION_ID in node_config
+        else ""
+    )
     raise ConfigError(
-        "this SuperNode's node config names no site: set --node-config \"site-dir='...' data='...'\" "
-        f"(got keys {sorted(node_config)})"
+        "this SuperNode's node config names no site: set --node-config \"site-dir='/abs/path' data='/path/to/data'\" "
+        f"(got keys {sorted(node_config)}){hint}"
     )
 
 
@@ -115,16 +137,8 @@ class BackboneStore:
                 f"backbone `{name}` weights received hash to {actual}, but the server announced {fingerprint}; "
                 "refusing them. The transfer was corrupted or the weights were tampered with"
             )
-        path = self.path(fingerprint)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({k_: v.contiguous() for k_, v in state_dict.items()}, tmp, metadata={"backbone-name": name})
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        return path
+        data = save({k_: v.contiguous() for k_, v in state_dict.items()}, metadata={"backbone-name": name})
+        return atomic_write_bytes(self.path(fingerprint), data)
 
     def load(self, name: str, fingerprint: str) -> torch.nn.Module:
         """Build backbone `name` from stored weights, re-checking their fingerprint.
@@ -135,7 +149,9 @@ class BackboneStore:
         """
         path = self.path(fingerprint)
         if not path.is_file():
-            raise BackboneError(f"backbone `{name}` with fingerprint {fingerprint} is not in the site cache {self.root}")
+            raise BackboneError(
+                f"backbone `{name}` with fingerprint {fingerprint} is not in the site cache {self.root}"
+            )
         state = load_file(str(path))
         actual = fingerprint_state_dict(state)
         if actual != fingerprint:
@@ -167,20 +183,18 @@ def load_site_data(site: Site) -> tuple[ImageDataset, ImageDataset]:
     if site.simulation is not None:
         sim = site.simulation
         splits = load_dataset(sim.data, seed=sim.seed, test_fraction=sim.test_fraction)
-        return site_split(splits.train, site.partition_id, site.num_partitions, scheme=sim.partition,
-                          seed=sim.seed, local_test_fraction=sim.local_test_fraction)
+        return site_split(
+            splits.train,
+            site.partition_id,
+            site.num_partitions,
+            scheme=sim.partition,
+            seed=sim.seed,
+            local_test_fraction=sim.local_test_fraction,
+        )
     splits = load_dataset(site.data, seed=0)
     if splits.test is None or len(splits.test) == 0:
         raise ConfigError(f"site data {site.data} has no test split; give it a test/ folder or test_* keys")
     return splits.train, splits.test
-
-
-def site_preprocessing(settings: RoundSettings) -> Preprocessing:
-    """Return the backbone's preprocessing at the run's image size."""
-    pre = get_backbone_spec(settings.backbone_name).preprocessing
-    if settings.image_size and settings.image_size != pre.image_size:
-        pre = Preprocessing(image_size=settings.image_size, mean=pre.mean, std=pre.std)
-    return pre
 
 
 def load_site_features(site: Site, settings: RoundSettings, *, progress: bool | None = None) -> SiteFeatures:
@@ -191,17 +205,19 @@ def load_site_features(site: Site, settings: RoundSettings, *, progress: bool | 
         DataError: the site's labels do not fit the federation's `num-classes`.
     """
     train, test = load_site_data(site)
-    if len(train.label_names) != settings.num_classes:
+    expected = json.loads(settings.label_names)
+    if list(train.label_names) != expected:
         raise DataError(
             f"site {site.name} data {site.data} has {len(train.label_names)} classes {list(train.label_names)}, "
-            f"but the federation trains a {settings.num_classes}-class head; every site needs the same label set"
+            f"but the federation trains a {settings.num_classes}-class head on {expected}; every site needs the "
+            "same label names in the same order (rename the class folders or set label_names in the .npz)"
         )
     if not site.backbones.has(settings.backbone_fingerprint):
         raise BackboneError(
             f"backbone `{settings.backbone_name}` {settings.backbone_fingerprint[:12]} is not in site {site.name}'s "
             f"cache {site.backbones.root}; the server sends it before round 1"
         )
-    pre = site_preprocessing(settings)
+    pre = resolve_preprocessing(settings.backbone_name, settings.image_size)
     if progress is None:  # a real site's log shows extraction progress; simulated sites stay quiet
         progress = site.simulation is None
     # Built at most once, and only on a cache miss.
@@ -223,7 +239,7 @@ def load_site_features(site: Site, settings: RoundSettings, *, progress: bool | 
         )
         hits += int(hit)
         out.append((feats, labels))
-    log.info("site %s: features for %d train / %d test examples (%d of 2 from cache)",
-             site.name, len(train), len(test), hits)
+    log.info(
+        "site %s: features for %d train / %d test examples (%d of 2 from cache)", site.name, len(train), len(test), hits
+    )
     return SiteFeatures(out[0][0], out[0][1], out[1][0], out[1][1], tuple(train.label_names), hits)
-

@@ -98,9 +98,11 @@ def train_head(
     if proximal_mu > 0 and global_arrays is not None:
         anchor = {name: torch.as_tensor(global_arrays[name]) for name, _ in head.named_parameters()}
     with warnings.catch_warnings():
-        # Opacus warns that secure_mode is off. Simulations want reproducible noise; the generator
-        # above takes OS entropy at real sites (seed=None).
-        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+        if seed is not None:
+            # Simulations want reproducible noise, so Opacus' secure-RNG warning says nothing new there.
+            # Real sites (seed=None) keep the warning: OS entropy seeds the generator, but torch's
+            # generator is not a cryptographic one (Opacus' secure_mode needs torchcsprng).
+            warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
         # Features are leaves (the backbone is frozen), so the first layer's full backward hook
         # fires on outputs only; Opacus' per-sample gradients need nothing more.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -117,13 +119,25 @@ def train_head(
             )
             # The accountant was charged with (sample_rate, epochs * per_epoch) before training.
             assert math.isclose(loader.sample_rate, sample_rate) and len(loader) == per_epoch, (
-                loader.sample_rate, len(loader), sample_rate, per_epoch)
+                loader.sample_rate,
+                len(loader),
+                sample_rate,
+                per_epoch,
+            )
         else:
             loader = DataLoader(dataset, batch_size=min(batch_size, num_examples), shuffle=True, generator=generator)
             model = head
         try:
-            losses, steps = _run_epochs(model, optimizer, loader, epochs=epochs, feature_dim=features.shape[1],
-                                        anchor=anchor, learning_rate=learning_rate, proximal_mu=proximal_mu)
+            losses, steps = _run_epochs(
+                model,
+                optimizer,
+                loader,
+                epochs=epochs,
+                feature_dim=features.shape[1],
+                anchor=anchor,
+                learning_rate=learning_rate,
+                proximal_mu=proximal_mu,
+            )
         finally:
             if isinstance(model, GradSampleModule):
                 model._close()  # remove Opacus' hooks and per-sample gradients from the caller's head
@@ -140,9 +154,17 @@ def train_head(
     )
 
 
-def _run_epochs(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, *, epochs: int,
-                feature_dim: int, anchor: dict[str, torch.Tensor] | None, learning_rate: float,
-                proximal_mu: float) -> tuple[list[float], int]:
+def _run_epochs(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    *,
+    epochs: int,
+    feature_dim: int,
+    anchor: dict[str, torch.Tensor] | None,
+    learning_rate: float,
+    proximal_mu: float,
+) -> tuple[list[float], int]:
     """Run the SGD steps of `epochs` passes; return the non-empty batches' losses and the step count."""
     criterion = nn.CrossEntropyLoss()
     head = model._module if isinstance(model, GradSampleModule) else model

@@ -10,10 +10,11 @@ from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from fedtl.shared.backbones import Preprocessing
 from fedtl.shared.errors import ModelFileError
+from fedtl.shared.files import atomic_write_bytes
 from fedtl.shared.heads import Head, build_head, load_head_arrays
 from fedtl.shared.protocol import jsonable
 
@@ -58,11 +59,10 @@ class AdaptedModel:
 def save_model(path: str | Path, model: AdaptedModel) -> Path:
     """Write the model file (tensors + JSON metadata + model card) and a readable card beside it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     card = model_card(model)
     metadata = {"format": FORMAT, "fedtl": json.dumps(jsonable(model.metadata()), sort_keys=True), "model-card": card}
-    save_file({k_: np.ascontiguousarray(v) for k_, v in model.arrays.items()}, str(path), metadata=metadata)
-    path.with_suffix(".md").write_text(card)
+    atomic_write_bytes(path, save({k_: np.ascontiguousarray(v) for k_, v in model.arrays.items()}, metadata=metadata))
+    atomic_write_bytes(path.with_suffix(".md"), card.encode())
     return path
 
 
@@ -85,10 +85,12 @@ def load_model(path: str | Path) -> AdaptedModel:
         raise ModelFileError(
             f"{path} is not a fedtl model file: metadata format is {metadata.get('format')!r}, expected {FORMAT!r}"
         )
-    meta = json.loads(metadata["fedtl"])
-    # Non-finite epsilons (non-private sites) are stored as strings in strict JSON.
-    meta["privacy"] = {site: {key: float(v) for key, v in spend.items()} for site, spend in meta.get("privacy", {}).items()}
     try:
+        meta = json.loads(metadata["fedtl"])
+        # Non-finite epsilons (non-private sites) are stored as strings in strict JSON.
+        meta["privacy"] = {
+            site: {key: float(v) for key, v in spend.items()} for site, spend in meta.get("privacy", {}).items()
+        }
         return AdaptedModel(
             arrays=dict(arrays),
             preprocessing=Preprocessing.from_dict(meta.pop("preprocessing")),
@@ -96,8 +98,8 @@ def load_model(path: str | Path) -> AdaptedModel:
             sites=tuple(meta.pop("sites")),
             **meta,
         )
-    except (KeyError, TypeError) as exc:
-        raise ModelFileError(f"{path} has incomplete fedtl metadata ({exc})") from exc
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ModelFileError(f"{path} has damaged or incomplete fedtl metadata ({exc!r})") from exc
 
 
 def model_card(model: AdaptedModel) -> str:
@@ -109,7 +111,8 @@ def model_card(model: AdaptedModel) -> str:
         f"- Backbone: `{model.backbone_name}` (frozen), fingerprint `{model.backbone_fingerprint}`",
         f"- Preprocessing: {model.preprocessing.image_size}x{model.preprocessing.image_size} px, "
         f"mean {list(model.preprocessing.mean)}, std {list(model.preprocessing.std)}",
-        f"- Head: {model.head}" + (f" (hidden {model.head_hidden})" if model.head == "mlp" else "")
+        f"- Head: {model.head}"
+        + (f" (hidden {model.head_hidden})" if model.head == "mlp" else "")
         + f", {model.feature_dim} -> {len(model.label_names)} classes",
         f"- Labels: {', '.join(model.label_names)}",
         f"- Federation: {len(model.sites)} sites, {model.num_rounds} rounds, strategy {model.strategy}",
@@ -121,11 +124,15 @@ def model_card(model: AdaptedModel) -> str:
     ]
     for site, spend in sorted(model.privacy.items()):
         eps = spend.get("epsilon", math.inf)
-        lines.append(f"| {site} | {'inf (non-private)' if not math.isfinite(eps) else f'{eps:.3f}'} | {spend.get('delta')} |")
+        lines.append(
+            f"| {site} | {'inf (non-private)' if not math.isfinite(eps) else f'{eps:.3f}'} | {spend.get('delta')} |"
+        )
     if model.metrics:
         lines += ["", "## Final metrics", ""]
-        lines += [f"- {key}: {value:.4f}" if isinstance(value, float) else f"- {key}: {value}"
-                  for key, value in sorted(model.metrics.items())]
+        lines += [
+            f"- {key}: {value:.4f}" if isinstance(value, float) else f"- {key}: {value}"
+            for key, value in sorted(model.metrics.items())
+        ]
     lines += [
         "",
         "## Use",

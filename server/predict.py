@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from fedtl.server.model_file import AdaptedModel, load_model
 from fedtl.shared.backbones import build_backbone, fingerprint_backbone
 from fedtl.shared.data import load_image_file
-from fedtl.shared.errors import FingerprintMismatchError
+from fedtl.shared.errors import BackboneError, FingerprintMismatchError
 from fedtl.shared.features import extract_features
 from fedtl.shared.heads import predict_proba
 
@@ -33,7 +34,14 @@ def load_model_backbone(model: AdaptedModel, *, weights_file: str | Path | None 
         FingerprintMismatchError: the backbone found is not the one the head was trained on.
     """
     if weights_file is not None:
-        backbone = build_backbone(model.backbone_name, load_file(str(weights_file)))
+        try:
+            state = load_file(str(weights_file))
+        except (OSError, SafetensorError) as exc:
+            raise BackboneError(
+                f"--backbone-weights {weights_file} is not a readable safetensors file ({exc}); pass a file "
+                "from a site cache, <site-dir>/cache/backbones/<fingerprint>.safetensors"
+            ) from exc
+        backbone = build_backbone(model.backbone_name, state)
     else:
         backbone = build_backbone(model.backbone_name)
     actual = fingerprint_backbone(backbone)
@@ -45,8 +53,13 @@ def load_model_backbone(model: AdaptedModel, *, weights_file: str | Path | None 
     return backbone
 
 
-def predict_images(model_path: str | Path, image_paths: list[str | Path], *,
-                   weights_file: str | Path | None = None, device: str = "auto") -> list[Prediction]:
+def predict_images(
+    model_path: str | Path,
+    image_paths: list[str | Path],
+    *,
+    weights_file: str | Path | None = None,
+    device: str = "auto",
+) -> list[Prediction]:
     """Return label + probability for each image under the adapted model.
 
     Raises:

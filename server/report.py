@@ -60,8 +60,12 @@ class RunRecorder:
             kept.append(msg)
         eps = {n: s["train"][k.EPSILON] for n, s in sites.items() if "train" in s}
         if eps:
-            log.info("round %d epsilon per site (cumulative): %s; max %.3f", server_round,
-                     ", ".join(f"{n}={e:.3f}" for n, e in sorted(eps.items())), max(eps.values()))
+            log.info(
+                "round %d epsilon per site (cumulative): %s; max %.3f",
+                server_round,
+                ", ".join(f"{n}={e:.3f}" for n, e in sorted(eps.items())),
+                max(eps.values()),
+            )
         return kept
 
     def screen_evaluate(self, server_round: int, replies: list[Message]) -> list[Message]:
@@ -110,8 +114,10 @@ class RunRecorder:
             return "training reply must hold exactly one ArrayRecord and one MetricRecord"
         arrays = next(iter(content.array_records.values()))
         if set(arrays.keys()) != set(self.expected_arrays):
-            return (f"head tensors {sorted(arrays.keys())} differ from the expected {sorted(self.expected_arrays)}; "
-                    "only head tensors may be sent")
+            return (
+                f"head tensors {sorted(arrays.keys())} differ from the expected {sorted(self.expected_arrays)}; "
+                "only head tensors may be sent"
+            )
         for name, arr in arrays.items():
             shape, dtype = self.expected_arrays[name]
             if tuple(arr.shape) != tuple(shape) or arr.dtype != dtype:

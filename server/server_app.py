@@ -29,10 +29,13 @@ from fedtl.shared.backbones import (
     count_state_bytes,
     fingerprint_state_dict,
     get_backbone_spec,
+    resolve_preprocessing,
 )
 from fedtl.shared.config import AUTO, RunConfig, fedtl_home
 from fedtl.shared.data import load_dataset
+from fedtl.shared.errors import ConfigError
 from fedtl.shared.features import FeatureCache, cached_features
+from fedtl.shared.files import atomic_write_bytes
 from fedtl.shared.heads import build_head, head_arrays, load_head_arrays, predict_proba
 from fedtl.shared.metrics import classification_metrics, majority_rate
 from fedtl.shared.protocol import RoundSettings, SimulationSettings, encode, jsonable
@@ -61,12 +64,14 @@ class Backbone:
 
 def load_server_backbone(cfg: RunConfig) -> Backbone:
     """Build the configured backbone from the registry and fingerprint it."""
-    spec = get_backbone_spec(cfg.backbone)
     state = backbone_state_dict(build_backbone(cfg.backbone))
-    pre = spec.preprocessing
-    if cfg.image_size and cfg.image_size != pre.image_size:
-        pre = Preprocessing(image_size=cfg.image_size, mean=pre.mean, std=pre.std)
-    return Backbone(cfg.backbone, fingerprint_state_dict(state), state, spec.feature_dim, pre)
+    return Backbone(
+        cfg.backbone,
+        fingerprint_state_dict(state),
+        state,
+        get_backbone_spec(cfg.backbone).feature_dim,
+        resolve_preprocessing(cfg.backbone, cfg.image_size),
+    )
 
 
 def new_run_dir(cfg: RunConfig) -> tuple[str, Path]:
@@ -97,20 +102,30 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_dir: Path | None = None) -
         run_id, run_dir = new_run_dir(cfg)
     else:
         run_id = run_dir.name
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ConfigError(f"run folder {run_dir} is not empty; results of another run would be overwritten")
         run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.non_private:
         log.warning("NON-PRIVATE BASELINE RUN %s: sites train without clipping or noise", run_id)
+    elif cfg.federated_evaluation:
+        log.warning(
+            "federated evaluation: sites report metrics of their local test splits each round; these "
+            "are not covered by their epsilon (set federated-evaluation = false to keep them local)"
+        )
     backbone = load_server_backbone(cfg)
     splits = load_dataset(cfg.data, seed=cfg.seed, test_fraction=cfg.test_fraction)
     label_names = tuple(splits.train.label_names)
-    _write_json(run_dir / "config.json", {
-        "run-id": run_id,
-        "config": cfg.to_mapping(),
-        "backbone-fingerprint": backbone.fingerprint,
-        "preprocessing": backbone.preprocessing.to_dict(),
-        "label-names": list(label_names),
-        "versions": {"flwr": flwr.__version__, "torch": torch.__version__},
-    })
+    _write_json(
+        run_dir / "config.json",
+        {
+            "run-id": run_id,
+            "config": cfg.to_mapping(),
+            "backbone-fingerprint": backbone.fingerprint,
+            "preprocessing": backbone.preprocessing.to_dict(),
+            "label-names": list(label_names),
+            "versions": {"flwr": flwr.__version__, "torch": torch.__version__},
+        },
+    )
 
     settings = RoundSettings(
         run_id=run_id,
@@ -121,6 +136,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_dir: Path | None = None) -
         head=cfg.head,
         head_hidden=cfg.head_hidden,
         num_classes=len(label_names),
+        label_names=json.dumps(list(label_names)),
         local_epochs=cfg.local_epochs,
         batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate,
@@ -158,7 +174,11 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_dir: Path | None = None) -
         expected_arrays={name: (tuple(v.shape), str(v.dtype)) for name, v in initial.items()},
         non_private=cfg.non_private,
     )
-    central = CentralEvaluation(cfg, backbone, splits.test, label_names) if cfg.central_evaluation and splits.test is not None else None
+    central = (
+        CentralEvaluation(cfg, backbone, splits.test, label_names)
+        if cfg.central_evaluation and splits.test is not None
+        else None
+    )
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         scores = central(arrays) if central is not None else None
@@ -185,8 +205,9 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_dir: Path | None = None) -
     final_arrays = {name: arr.numpy() for name, arr in result.arrays.items()}
     last = recorder.history[-1] if recorder.history else {}
     final_metrics = {f"central-{key}": v for key, v in last.get("central", {}).items()}
-    final_metrics.update({f"federated-{key}": v for key, v in last.get("evaluate", {}).items()
-                          if key != k.NUM_EXAMPLES})
+    final_metrics.update(
+        {f"federated-{key}": v for key, v in last.get("evaluate", {}).items() if key != k.NUM_EXAMPLES}
+    )
     model = AdaptedModel(
         backbone_name=backbone.name,
         backbone_fingerprint=backbone.fingerprint,
@@ -196,7 +217,9 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_dir: Path | None = None) -
         head_hidden=cfg.head_hidden,
         label_names=label_names,
         arrays=final_arrays,
-        privacy={site: {"epsilon": eps, "delta": recorder.site_delta[site]} for site, eps in recorder.site_epsilon.items()},
+        privacy={
+            site: {"epsilon": eps, "delta": recorder.site_delta[site]} for site, eps in recorder.site_epsilon.items()
+        },
         non_private=cfg.non_private,
         num_rounds=cfg.num_rounds,
         sites=tuple(sorted(recorder.site_epsilon)),
@@ -243,12 +266,15 @@ def wait_for_nodes(grid: Grid, minimum: int, *, timeout: float) -> list[int]:
         if len(node_ids) >= minimum:
             return node_ids
         if time.time() > deadline:
-            raise TimeoutError(f"only {len(node_ids)} of min-available-nodes={minimum} sites connected in {timeout:.0f} s")
+            raise TimeoutError(
+                f"only {len(node_ids)} of min-available-nodes={minimum} sites connected in {timeout:.0f} s"
+            )
         time.sleep(1.0)
 
 
-def distribute_backbone(grid: Grid, node_ids: list[int], backbone: Backbone, config: ConfigRecord, *,
-                        timeout: float) -> dict[str, int]:
+def distribute_backbone(
+    grid: Grid, node_ids: list[int], backbone: Backbone, config: ConfigRecord, *, timeout: float
+) -> dict[str, int]:
     """Send the backbone's weights to every site that does not hold its fingerprint yet.
 
     Every site is first asked whether it has the fingerprint; only the sites that lack it receive
@@ -257,8 +283,14 @@ def distribute_backbone(grid: Grid, node_ids: list[int], backbone: Backbone, con
     Returns:
         Bytes of backbone weights sent to each site (0 for sites that had it cached).
     """
-    ask = ConfigRecord({**dict(config), k.ACTION: k.ACTION_HAS_BACKBONE,
-                        k.BACKBONE_NAME: backbone.name, k.BACKBONE_FINGERPRINT: backbone.fingerprint})
+    ask = ConfigRecord(
+        {
+            **dict(config),
+            k.ACTION: k.ACTION_HAS_BACKBONE,
+            k.BACKBONE_NAME: backbone.name,
+            k.BACKBONE_FINGERPRINT: backbone.fingerprint,
+        }
+    )
     replies = _query(grid, node_ids, RecordDict({k.CONFIG: ask}), timeout)
     sent: dict[str, int] = {}
     missing: list[int] = []
@@ -284,13 +316,20 @@ def distribute_backbone(grid: Grid, node_ids: list[int], backbone: Backbone, con
                 continue
             sent[name] = int(reply.content.config_records[k.SITE][k.BYTES_RECEIVED])
     for name, nbytes in sorted(sent.items()):
-        log.info("backbone %s %s -> %s: %d bytes sent%s", backbone.name, backbone.fingerprint[:12], name, nbytes,
-                 " (cached at site)" if nbytes == 0 else "")
+        log.info(
+            "backbone %s %s -> %s: %d bytes sent%s",
+            backbone.name,
+            backbone.fingerprint[:12],
+            name,
+            nbytes,
+            " (cached at site)" if nbytes == 0 else "",
+        )
     return sent
 
 
-def estimate_feature_center(grid: Grid, node_ids: list[int], config: ConfigRecord, cfg: RunConfig, *,
-                            timeout: float) -> np.ndarray:
+def estimate_feature_center(
+    grid: Grid, node_ids: list[int], config: ConfigRecord, cfg: RunConfig, *, timeout: float
+) -> np.ndarray:
     """Return the mean L2-normalised feature over all sites, from their Gaussian-noised sums.
 
     Each site charges its release to its own privacy budget (see `feature_sum_round`); the server
@@ -299,8 +338,9 @@ def estimate_feature_center(grid: Grid, node_ids: list[int], config: ConfigRecor
     Raises:
         RuntimeError: no site returned a sum.
     """
-    ask = ConfigRecord({**dict(config), k.ACTION: k.ACTION_FEATURE_SUM,
-                        k.CENTERING_NOISE_MULTIPLIER: cfg.centering_noise_multiplier})
+    ask = ConfigRecord(
+        {**dict(config), k.ACTION: k.ACTION_FEATURE_SUM, k.CENTERING_NOISE_MULTIPLIER: cfg.centering_noise_multiplier}
+    )
     replies = _query(grid, node_ids, RecordDict({k.CONFIG: ask}), timeout)
     total, count = None, 0
     for node_id, reply in replies.items():
@@ -352,5 +392,4 @@ class CentralEvaluation:
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.write_text(json.dumps(jsonable(payload), indent=2, sort_keys=True) + "\n")
-
+    atomic_write_bytes(path, (json.dumps(jsonable(payload), indent=2, sort_keys=True) + "\n").encode())

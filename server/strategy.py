@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Iterable
 
 from flwr.app import Message, MetricRecord, RecordDict
@@ -13,6 +14,7 @@ from fedtl.shared import constants as k
 from fedtl.shared.config import RunConfig
 
 log = logging.getLogger(__name__)
+
 
 def aggregate_site_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
     """Aggregate the MetricRecords of replies as `weighted_site_metrics` does (weights: `num-examples`)."""
@@ -53,12 +55,15 @@ class FedtlFedAdam(RecordingMixin, FedAdam):
 
 
 def make_strategy(cfg: RunConfig, recorder: RunRecorder) -> FedAvg:
-    """Return the configured strategy, sampling `fraction-train` of at least `min-available-nodes` sites."""
+    """Return the configured strategy: it waits for `min-available-nodes` sites and trains `fraction-train` of them."""
+    # Flower samples max(fraction * connected, min_*_nodes) sites, so the minimum follows the fraction.
+    min_train = max(1, math.ceil(cfg.fraction_train * cfg.min_available_nodes))
+    fraction_evaluate = 1.0 if cfg.federated_evaluation else 0.0
     common = dict(
         fraction_train=cfg.fraction_train,
-        fraction_evaluate=1.0,
-        min_train_nodes=cfg.min_available_nodes,
-        min_evaluate_nodes=cfg.min_available_nodes,
+        fraction_evaluate=fraction_evaluate,
+        min_train_nodes=min_train,
+        min_evaluate_nodes=cfg.min_available_nodes if cfg.federated_evaluation else 0,
         min_available_nodes=cfg.min_available_nodes,
         weighted_by_key=k.NUM_EXAMPLES,
         arrayrecord_key=k.ARRAYS,

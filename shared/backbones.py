@@ -41,7 +41,9 @@ _TORCHVISION_URLS = {
     "vit_b_16": "https://download.pytorch.org/models/vit_b_16-c867db91.pth",
 }
 # Old DenseNet checkpoints name layers 'norm.1' where modules are now 'norm1' (torchvision densenet.py).
-_DENSENET_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_DENSENET_OLD_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,14 @@ def get_backbone_spec(name: str) -> BackboneSpec:
 
 
 # --- architectures ---------------------------------------------------------------------------------
+
+
+def resolve_preprocessing(name: str, image_size: int = 0) -> Preprocessing:
+    """Return backbone `name`'s preprocessing, at `image_size` px when given (0: its own size)."""
+    pre = get_backbone_spec(name).preprocessing
+    if image_size and image_size != pre.image_size:
+        pre = Preprocessing(image_size=image_size, mean=pre.mean, std=pre.std)
+    return pre
 
 
 def _new_lite0() -> nn.Module:

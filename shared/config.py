@@ -6,10 +6,12 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from fedtl.shared.data import parse_partition
 from fedtl.shared.errors import ConfigError
 
 HEADS = ("linear", "mlp")
@@ -56,6 +58,7 @@ class RunConfig:
     test_fraction: float = 0.2  # held-out server test set, when the data has no test split
     local_test_fraction: float = 0.2
     central_evaluation: bool = True
+    federated_evaluation: bool = True  # sites report test-split metrics: outside the DP guarantee
     min_available_nodes: int = 2
     fraction_train: float = 1.0
     seed: int = 0
@@ -66,8 +69,9 @@ class RunConfig:
     round_timeout: float = 3600.0
 
     def __post_init__(self) -> None:
-        _check_positive_int(self, "num_rounds", "local_epochs", "batch_size", "head_hidden",
-                            "feature_batch_size", "min_available_nodes")
+        _check_positive_int(
+            self, "num_rounds", "local_epochs", "batch_size", "head_hidden", "feature_batch_size", "min_available_nodes"
+        )
         _check_choice(self, "head", HEADS)
         _check_choice(self, "strategy", STRATEGIES)
         _check_choice(self, "accountant", ACCOUNTANTS)
@@ -83,15 +87,18 @@ class RunConfig:
         _check_range(self, "centering_noise_multiplier", low=0.0, low_open=True)
         _check_range(self, "server_learning_rate", low=0.0, low_open=True)
         _check_range(self, "round_timeout", low=0.0, low_open=True)
+        parse_partition(self.partition)  # raises ConfigError naming the value
+        if not re.fullmatch(r"[A-Za-z0-9._-]*", self.run_name) or self.run_name.startswith("."):
+            raise ConfigError(
+                f"`run-name` may hold letters, digits, '.', '_' and '-' only (it names a folder), got {self.run_name!r}"
+            )
         if self.image_size < 0:
             raise ConfigError(f"`image-size` must be >= 0 (0 = the backbone's own size), got {self.image_size}")
         if isinstance(self.noise_multiplier, str):
             if self.noise_multiplier != AUTO:
-                raise ConfigError(
-                    f"`noise-multiplier` must be a number >= 0 or \"auto\", got {self.noise_multiplier!r}"
-                )
+                raise ConfigError(f'`noise-multiplier` must be a number >= 0 or "auto", got {self.noise_multiplier!r}')
         elif not math.isfinite(self.noise_multiplier) or self.noise_multiplier < 0:
-            raise ConfigError(f"`noise-multiplier` must be >= 0 or \"auto\", got {self.noise_multiplier}")
+            raise ConfigError(f'`noise-multiplier` must be >= 0 or "auto", got {self.noise_multiplier}')
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -106,9 +113,7 @@ class RunConfig:
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f"; did you mean `{close[0]}`?" if close else ""
-                raise ConfigError(
-                    f"unknown config key `{key}`{hint} Known keys: {', '.join(sorted(known))}"
-                )
+                raise ConfigError(f"unknown config key `{key}`{hint} Known keys: {', '.join(sorted(known))}")
             kwargs[known[key].name] = _coerce(key, value, getattr(cls, known[key].name))
         return cls(**kwargs)
 
@@ -146,7 +151,7 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         return float(value)
     if key == "noise-multiplier":  # number or "auto"
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"`{key}` must be a number >= 0 or \"auto\", got {value!r}")
+            raise ConfigError(f'`{key}` must be a number >= 0 or "auto", got {value!r}')
         return float(value) if not isinstance(value, str) else value
     if not isinstance(value, str):
         raise ConfigError(f"`{key}` must be a string, got {value!r}")
@@ -186,4 +191,3 @@ def _check_range(
         hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
         bound = " and ".join(b for b in (lo, hi) if b)
         raise ConfigError(f"`{_kebab(name)}` must be {bound}, got {value}")
-

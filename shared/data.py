@@ -360,8 +360,7 @@ def _load_npz(path: Path) -> DataSplits:
     splits = ["train", "val", "test"] if "val_images" in arrays else ["train", "test"]
     images = {split: _npz_images(arrays[f"{split}_images"], path, f"{split}_images") for split in splits}
     labels = {
-        split: _as_integer_labels(arrays[f"{split}_labels"], source=f"{path} key '{split}_labels'")
-        for split in splits
+        split: _as_integer_labels(arrays[f"{split}_labels"], source=f"{path} key '{split}_labels'") for split in splits
     }
     for split in splits:
         if labels[split].shape[0] != images[split].shape[0]:
@@ -371,9 +370,7 @@ def _load_npz(path: Path) -> DataSplits:
             )
     shapes = {f"{split}_images": images[split].shape[1:] for split in splits}
     if len(set(shapes.values())) > 1:
-        raise DataError(
-            f"{path}: image shapes differ between splits: {shapes}; fix: resize/convert all splits alike"
-        )
+        raise DataError(f"{path}: image shapes differ between splits: {shapes}; fix: resize/convert all splits alike")
     if images["train"].shape[0] == 0:
         raise DataError(f"{path}: 'train_images' is empty; fix: the training split needs images")
 
@@ -576,8 +573,10 @@ def partition_indices(
     _check_seed(seed)
     labels = _as_integer_labels(labels, source="partition labels")
     n = labels.size
-    if isinstance(num_partitions, bool) or not isinstance(num_partitions, numbers.Integral) or not (
-        1 <= num_partitions <= n
+    if (
+        isinstance(num_partitions, bool)
+        or not isinstance(num_partitions, numbers.Integral)
+        or not (1 <= num_partitions <= n)
     ):
         raise ConfigError(
             f"`num_partitions` must be an integer in [1, {n}] (the number of samples), got {num_partitions!r}; "
@@ -651,8 +650,10 @@ def site_split(
     _check_fraction("local_test_fraction", local_test_fraction)
     if isinstance(num_partitions, bool) or not isinstance(num_partitions, numbers.Integral) or num_partitions < 1:
         raise ConfigError(f"`num_partitions` must be an integer >= 1, got {num_partitions!r}")
-    if isinstance(partition_id, bool) or not isinstance(partition_id, numbers.Integral) or not (
-        0 <= partition_id < num_partitions
+    if (
+        isinstance(partition_id, bool)
+        or not isinstance(partition_id, numbers.Integral)
+        or not (0 <= partition_id < num_partitions)
     ):
         raise ConfigError(
             f"`partition_id` must be an integer in [0, {num_partitions}) for num_partitions={num_partitions}, "

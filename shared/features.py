@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fedtl.shared.backbones import Preprocessing
+from fedtl.shared.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("`device` is \"cuda\" but no CUDA device is visible; use \"auto\" or \"cpu\"")
+        raise ValueError('`device` is "cuda" but no CUDA device is visible; use "auto" or "cpu"')
     return torch.device(device)
 
 
@@ -110,19 +110,9 @@ class FeatureCache:
 
     def save(self, key: str, features: np.ndarray, labels: np.ndarray) -> Path:
         """Store (features, labels) under `key` atomically and return the file's path."""
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, features=features, labels=labels)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        buffer = io.BytesIO()
+        np.savez(buffer, features=features, labels=labels)
+        return atomic_write_bytes(self.path(key), buffer.getvalue())
 
 
 def cached_features(
@@ -146,6 +136,8 @@ def cached_features(
     found = cache.load(key)
     if found is not None:
         return found[0], found[1], True
-    feats = extract_features(load_backbone(), images, preprocessing, batch_size=batch_size, device=device, progress=progress)
+    feats = extract_features(
+        load_backbone(), images, preprocessing, batch_size=batch_size, device=device, progress=progress
+    )
     cache.save(key, feats, np.asarray(labels, dtype=np.int64))
     return feats, np.asarray(labels, dtype=np.int64), False

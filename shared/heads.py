@@ -58,7 +58,9 @@ def normalize_features(features: np.ndarray) -> np.ndarray:
 
 def head_arrays(head: nn.Module) -> "OrderedDict[str, np.ndarray]":
     """Return the head's tensors as float32 numpy arrays, in state-dict order."""
-    return OrderedDict((k, v.detach().cpu().numpy().astype(np.float32, copy=True)) for k, v in head.state_dict().items())
+    return OrderedDict(
+        (k, v.detach().cpu().numpy().astype(np.float32, copy=True)) for k, v in head.state_dict().items()
+    )
 
 
 def load_head_arrays(head: nn.Module, arrays: dict[str, np.ndarray], *, source: str = "message") -> None:

@@ -79,17 +79,34 @@ def find_noise_multiplier(
         )
 
     def eps_at(sigma: float) -> float:
-        return compute_epsilon(past + [PrivacyStep(sigma, sample_rate, steps)], delta=target_delta,
-                               accountant=accountant)
+        return compute_epsilon(
+            past + [PrivacyStep(sigma, sample_rate, steps)], delta=target_delta, accountant=accountant
+        )
 
-    low, high = 0.0, 1.0
-    while eps_at(high) > target_epsilon:
-        low, high = high, high * 2
-        if high > 1e4:
-            raise PrivacyBudgetError(
-                f"no noise multiplier up to 1e4 meets target-epsilon {target_epsilon} over {steps} steps at "
-                f"sample-rate {sample_rate:.4f} after {spent:.3f} already spent; plan fewer rounds or steps"
-            )
+    if accountant == "prv":
+        # PRV is at least as tight as RDP, so RDP's answer bounds PRV's from above; PRV evaluations at
+        # small noise take minutes, so the search stays within [sigma_rdp / 2, sigma_rdp].
+        high = find_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            history=past,
+            accountant="rdp",
+            precision=precision,
+        )
+        low = high / 2
+        if eps_at(low) <= target_epsilon:
+            return low
+    else:
+        low, high = 0.0, 1.0
+        while eps_at(high) > target_epsilon:
+            low, high = high, high * 2
+            if high > 1e4:
+                raise PrivacyBudgetError(
+                    f"no noise multiplier up to 1e4 meets target-epsilon {target_epsilon} over {steps} steps at "
+                    f"sample-rate {sample_rate:.4f} after {spent:.3f} already spent; plan fewer rounds or steps"
+                )
     while high - low > precision:
         mid = (low + high) / 2
         if eps_at(mid) > target_epsilon:

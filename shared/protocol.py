@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, TypeVar
 
@@ -24,6 +23,7 @@ class RoundSettings:
     head: str
     head_hidden: int
     num_classes: int
+    label_names: str  # JSON list: every site's data must carry exactly these classes, in this order
     local_epochs: int
     batch_size: int
     learning_rate: float
@@ -66,7 +66,9 @@ def decode(cls: type[T], values: Mapping[str, Any], *, what: str = "message conf
     for f in fields(cls):  # type: ignore[arg-type]
         key = f.name.replace("_", "-")
         if key not in values:
-            raise ReplyError(f"malformed {what}: key `{key}` is missing; sender and receiver run different fedtl versions?")
+            raise ReplyError(
+                f"malformed {what}: key `{key}` is missing; sender and receiver run different fedtl versions?"
+            )
         value = values[key]
         expected = {"int": int, "float": (int, float), "str": str, "bool": bool}[str(f.type)]
         if not isinstance(value, expected) or (str(f.type) in ("int", "float") and isinstance(value, bool)):

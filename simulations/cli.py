@@ -38,9 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log Flower's and fedtl's INFO messages")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sim = sub.add_parser("simulate", help="run a whole federation on one machine (Flower simulation engine)",
-                         description="Run a federation of simulated sites. With no options: EfficientNet-Lite0 "
-                         "features of scikit-learn's digits over 5 sites, DP-SGD heads at epsilon 8.")
+    sim = sub.add_parser(
+        "simulate",
+        help="run a whole federation on one machine (Flower simulation engine)",
+        description="Run a federation of simulated sites. With no options: EfficientNet-Lite0 "
+        "features of scikit-learn's digits over 5 sites, DP-SGD heads at epsilon 8.",
+    )
     sim.add_argument("--sites", type=int, default=5, help="number of simulated sites (default 5)")
     sim.add_argument("--rounds", type=int, help="federated rounds")
     sim.add_argument("--epsilon", type=float, help="per-site target epsilon (cumulative over the run)")
@@ -54,13 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int)
     sim.add_argument("--out", help="folder for runs (default runs/)")
     sim.add_argument("--non-private", action="store_true", help="baseline without DP (labelled NON-PRIVATE everywhere)")
-    sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="any run-config key, TOML value syntax (e.g. --set local-epochs=2 --set head=\"mlp\")")
+    sim.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help='any run-config key, TOML value syntax (e.g. --set local-epochs=2 --set head="mlp")',
+    )
 
     pred = sub.add_parser("predict", help="label images with an adapted model file")
     pred.add_argument("model", help="model.safetensors written by a run")
     pred.add_argument("images", nargs="+", help="image files")
-    pred.add_argument("--backbone-weights", help="backbone weights file (e.g. from a site cache) instead of the registry")
+    pred.add_argument(
+        "--backbone-weights", help="backbone weights file (e.g. from a site cache) instead of the registry"
+    )
     pred.add_argument("--device", default="auto")
     return parser
 
@@ -89,20 +99,28 @@ def print_summary(summary: dict[str, Any]) -> None:
     """Print the final table: accuracy beside the majority-class rate, per-site epsilon, time."""
     banner = "NON-PRIVATE BASELINE (no DP): " if summary["non-private"] else ""
     print()
-    print(f"{banner}run {summary['run-id']}: {len(summary['sites'])} sites, {summary['num-rounds']} rounds, "
-          f"backbone {summary['backbone']}")
+    print(
+        f"{banner}run {summary['run-id']}: {len(summary['sites'])} sites, {summary['num-rounds']} rounds, "
+        f"backbone {summary['backbone']}"
+    )
     print(f"{'site':<10} {'accuracy':>9} {'majority':>9} {'bal.acc':>8} {'epsilon':>9}  (local test split)")
     for site in summary["sites"]:
         scores = summary["final-per-site"].get(site, {})
         eps = summary["epsilon-per-site"].get(site, math.nan)
-        print(f"{site:<10} {_fmt(scores.get('accuracy'))} {_fmt(scores.get('majority-rate'))} "
-              f"{_fmt(scores.get('balanced-accuracy'), 8)} {_fmt_eps(eps)}")
+        print(
+            f"{site:<10} {_fmt(scores.get('accuracy'))} {_fmt(scores.get('majority-rate'))} "
+            f"{_fmt(scores.get('balanced-accuracy'), 8)} {_fmt_eps(eps)}"
+        )
     final = summary["final"]
     if "central-accuracy" in final:
-        print(f"{'server':<10} {_fmt(final['central-accuracy'])} {_fmt(summary['majority-rate'])} "
-              f"{_fmt(final.get('central-balanced-accuracy'), 8)} {'':>9}  (held-out test set)")
-    print(f"epsilon max {_fmt_eps(summary['epsilon-max']).strip()} at delta {summary['delta']:g} "
-          f"(cumulative per site); time {summary['seconds']:.1f} s")
+        print(
+            f"{'server':<10} {_fmt(final['central-accuracy'])} {_fmt(summary['majority-rate'])} "
+            f"{_fmt(final.get('central-balanced-accuracy'), 8)} {'':>9}  (held-out test set)"
+        )
+    print(
+        f"epsilon max {_fmt_eps(summary['epsilon-max']).strip()} at delta {summary['delta']:g} "
+        f"(cumulative per site); time {summary['seconds']:.1f} s"
+    )
     print(f"model: {summary['model']}")
 
 
@@ -117,8 +135,10 @@ def _fmt_eps(eps: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the `fedtl` command line and return its exit status."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     # Flower logs every round through its own console handler (read from FLWR_LOG_LEVEL when flwr is
     # first imported, which happens below); keep the terminal for the final table unless --verbose.
     os.environ.setdefault("FLWR_LOG_LEVEL", "INFO" if args.verbose else "WARNING")

@@ -16,6 +16,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedtl.client.client_app import app as client_app
+from fedtl.client.site import SIMULATION_ENV
 from fedtl.server.server_app import run_federation
 from fedtl.shared.config import RunConfig
 from fedtl.shared.errors import ConfigError
@@ -67,14 +68,23 @@ def simulate(
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=num_sites,
-            backend_config=backend_config,
-        )
+    # Opt this machine's sites into simulation (Ray workers inherit the environment at start-up).
+    previous = os.environ.get(SIMULATION_ENV)
+    os.environ[SIMULATION_ENV] = "1"
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=num_sites,
+                backend_config=backend_config,
+            )
+    finally:
+        if previous is None:
+            os.environ.pop(SIMULATION_ENV, None)
+        else:
+            os.environ[SIMULATION_ENV] = previous
     if "summary" not in outcome:
         raise RuntimeError("the simulated federation ended without a summary; see the log above")
     return outcome["summary"]

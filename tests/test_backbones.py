@@ -117,7 +117,9 @@ def test_import_pulls_in_neither_flower_opacus_nor_torchvision():
 
 
 def test_unknown_backbone_names_it_and_lists_known():
-    with pytest.raises(BackboneError, match=r"unknown backbone 'resnet9000'; known backbones: efficientnet_lite0, .*tiny"):
+    with pytest.raises(
+        BackboneError, match=r"unknown backbone 'resnet9000'; known backbones: efficientnet_lite0, .*tiny"
+    ):
         build_backbone("resnet9000")
     with pytest.raises(BackboneError, match="unknown backbone 'nope'"):
         get_backbone_spec("nope")
@@ -197,7 +199,9 @@ def test_tiny_is_frozen_eval_and_shaped():
 def test_tiny_fingerprint_same_across_builds_and_processes():
     fp = fingerprint_backbone(build_backbone("tiny"))
     assert fingerprint_backbone(build_backbone("tiny")) == fp
-    code = "from fedtl.shared.backbones import build_backbone, fingerprint_backbone as f; print(f(build_backbone('tiny')))"
+    code = (
+        "from fedtl.shared.backbones import build_backbone, fingerprint_backbone as f; print(f(build_backbone('tiny')))"
+    )
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert other == fp
 
@@ -246,7 +250,9 @@ def test_build_with_state_dict_loads_it_exactly():
 def test_build_with_bad_state_dict_raises_clear_errors():
     good = backbone_state_dict(build_backbone("tiny"))
     wrong_shape = {**good, "2.weight": torch.zeros(32, 16, 5, 5)}
-    with pytest.raises(BackboneError, match=r"wrong shapes .*2\.weight: got \(32, 16, 5, 5\), expected \(32, 16, 3, 3\)"):
+    with pytest.raises(
+        BackboneError, match=r"wrong shapes .*2\.weight: got \(32, 16, 5, 5\), expected \(32, 16, 3, 3\)"
+    ):
         build_backbone("tiny", wrong_shape)
     missing = {k: v for k, v in good.items() if k != "0.bias"}
     with pytest.raises(BackboneError, match=r"1 missing keys \(first: \['0\.bias'\]\)"):
@@ -267,7 +273,9 @@ def test_build_with_bad_state_dict_raises_clear_errors():
 def test_torchvision_backbone_without_local_file_names_it(no_local_weights, tmp_path):
     empty = tmp_path / "weights"
     empty.mkdir()
-    with pytest.raises(BackboneError, match=r"'resnet18-f37072fd\.pth' not found; searched .*weights.*hub.*checkpoints") as info:
+    with pytest.raises(
+        BackboneError, match=r"'resnet18-f37072fd\.pth' not found; searched .*weights.*hub.*checkpoints"
+    ) as info:
         build_backbone("resnet18", weights_dir=empty)
     assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in str(info.value)
     assert WEIGHTS_DIR_ENV in str(info.value)
@@ -344,7 +352,9 @@ def test_preprocessing_rejects_bad_input():
 def test_preprocessing_dict_round_trip_and_key():
     prep = get_backbone_spec("efficientnet_lite0").preprocessing
     assert Preprocessing.from_dict(prep.to_dict()) == prep
-    assert Preprocessing.from_dict({"image_size": 224, "mean": list(prep.mean), "std": list(prep.std)}).key() == prep.key()
+    assert (
+        Preprocessing.from_dict({"image_size": 224, "mean": list(prep.mean), "std": list(prep.std)}).key() == prep.key()
+    )
     assert prep.key() == (
         '{"image_size":224,"mean":[0.4980392156862745,0.4980392156862745,0.4980392156862745],'
         '"std":[0.5019607843137255,0.5019607843137255,0.5019607843137255]}'

@@ -4,10 +4,24 @@ from fedtl.simulations.cli import build_parser, config_from_args, main
 
 
 def test_flags_and_set_overrides_map_onto_the_run_config():
-    args = build_parser().parse_args([
-        "simulate", "--rounds", "3", "--epsilon", "2", "--partition", "dirichlet:0.5", "--non-private",
-        "--set", "local-epochs=2", "--set", "head=\"mlp\"", "--set", "accountant=prv",
-    ])
+    args = build_parser().parse_args(
+        [
+            "simulate",
+            "--rounds",
+            "3",
+            "--epsilon",
+            "2",
+            "--partition",
+            "dirichlet:0.5",
+            "--non-private",
+            "--set",
+            "local-epochs=2",
+            "--set",
+            'head="mlp"',
+            "--set",
+            "accountant=prv",
+        ]
+    )
     cfg = config_from_args(args)
     assert (cfg.num_rounds, cfg.target_epsilon, cfg.partition) == (3, 2.0, "dirichlet:0.5")
     assert (cfg.local_epochs, cfg.head, cfg.accountant, cfg.non_private) == (2, "mlp", "prv", True)

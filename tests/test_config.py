@@ -3,8 +3,8 @@
 import tomllib
 
 import pytest
-
 from conftest import REPO_ROOT
+
 from fedtl.shared.config import RunConfig
 from fedtl.shared.errors import ConfigError
 

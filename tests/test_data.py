@@ -25,7 +25,6 @@ from fedtl.shared.data import (
 )
 from fedtl.shared.errors import ConfigError, DataError
 
-
 # --- helpers ---------------------------------------------------------------------------------------------
 
 

@@ -1,7 +1,6 @@
 """Tests for shared/features.py: frozen-backbone feature extraction, the cache key and the on-disk cache."""
 
 import logging
-import zipfile
 
 import numpy as np
 import pytest
@@ -135,8 +134,15 @@ def test_unreadable_cache_file_is_a_miss_and_gets_rewritten(tmp_path, tiny, pre,
     assert "unreadable" in caplog.text
 
     feats, out_labels, hit = cached_features(
-        cache, load_backbone=lambda: tiny, backbone_fingerprint=fingerprint_backbone(tiny), images=images,
-        labels=labels, data_fingerprint="digits-12", preprocessing=pre, device="cpu", progress=False,
+        cache,
+        load_backbone=lambda: tiny,
+        backbone_fingerprint=fingerprint_backbone(tiny),
+        images=images,
+        labels=labels,
+        data_fingerprint="digits-12",
+        preprocessing=pre,
+        device="cpu",
+        progress=False,
     )
     assert hit is False
     reloaded = cache.load(key)
@@ -158,8 +164,15 @@ def test_cached_features_loads_the_backbone_only_on_a_miss(tmp_path, pre, digits
 
     fingerprint = fingerprint_backbone(build_backbone("tiny"))
     cache = FeatureCache(tmp_path / "features")
-    kwargs = dict(load_backbone=load_backbone, backbone_fingerprint=fingerprint, images=images,
-                  labels=labels.astype(np.int32), data_fingerprint="digits-12", device="cpu", progress=False)
+    kwargs = dict(
+        load_backbone=load_backbone,
+        backbone_fingerprint=fingerprint,
+        images=images,
+        labels=labels.astype(np.int32),
+        data_fingerprint="digits-12",
+        device="cpu",
+        progress=False,
+    )
 
     feats, out_labels, hit = cached_features(cache, preprocessing=pre, **kwargs)
     assert (hit, len(calls)) == (False, 1)

@@ -30,12 +30,14 @@ def federation(tmp_path_factory):
         for msg in msgs:
             if not msg.has_error():
                 arrays = next(iter(msg.content.array_records.values()))
-                replies.append({
-                    "round": server_round,
-                    "array_records": list(msg.content.array_records.keys()),
-                    "arrays": {name: tuple(a.shape) for name, a in arrays.items()},
-                    "bytes": arrays.count_bytes(),
-                })
+                replies.append(
+                    {
+                        "round": server_round,
+                        "array_records": list(msg.content.array_records.keys()),
+                        "arrays": {name: tuple(a.shape) for name, a in arrays.items()},
+                        "bytes": arrays.count_bytes(),
+                    }
+                )
         return original(self, server_round, msgs)
 
     cfg = RunConfig(backbone="tiny", num_rounds=ROUNDS, out=str(out), seed=0)
@@ -151,8 +153,8 @@ def test_predict_names_a_corrupt_image_and_a_foreign_backbone(federation, tmp_pa
     import dataclasses
 
     from fedtl.server.model_file import save_model
-    from fedtl.shared.errors import FingerprintMismatchError
     from fedtl.server.predict import predict_images
+    from fedtl.shared.errors import FingerprintMismatchError
     from fedtl.simulations.cli import main
 
     bad = tmp_path / "scan.png"

@@ -85,8 +85,9 @@ def test_unknown_accountant_is_a_config_error():
 
 def test_find_noise_multiplier_meets_the_target_and_is_minimal():
     target, delta, q, steps, precision = 2.0, 1e-5, 0.05, 200, 0.005
-    sigma = find_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q, steps=steps,
-                                  precision=precision)
+    sigma = find_noise_multiplier(
+        target_epsilon=target, target_delta=delta, sample_rate=q, steps=steps, precision=precision
+    )
     assert oracle_epsilon([(sigma, q, steps)], delta) <= target
     assert oracle_epsilon([(sigma - precision, q, steps)], delta) > target
 
@@ -95,8 +96,9 @@ def test_find_noise_multiplier_leaves_room_for_the_history():
     target, delta, q, steps, precision = 3.0, 1e-5, 0.05, 200, 0.005
     history = [PrivacyStep(2.0, 0.1, 50)]
     alone = find_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q, steps=steps)
-    after = find_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q, steps=steps,
-                                  history=history, precision=precision)
+    after = find_noise_multiplier(
+        target_epsilon=target, target_delta=delta, sample_rate=q, steps=steps, history=history, precision=precision
+    )
     assert after > alone + precision
     stretches = [(2.0, 0.1, 50)]
     assert oracle_epsilon(stretches + [(after, q, steps)], delta) <= target
@@ -115,7 +117,9 @@ def test_find_noise_multiplier_refuses_a_spent_budget_naming_both_numbers():
 @pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
 def test_find_noise_multiplier_gives_up_when_no_noise_is_enough():
     # RDP -> (eps, delta) conversion alone costs more than 0.01 at delta 1e-5, whatever the noise.
-    with pytest.raises(PrivacyBudgetError, match=r"no noise multiplier up to 1e4 meets target-epsilon 0\.01 over 10 steps"):
+    with pytest.raises(
+        PrivacyBudgetError, match=r"no noise multiplier up to 1e4 meets target-epsilon 0\.01 over 10 steps"
+    ):
         find_noise_multiplier(target_epsilon=0.01, target_delta=1e-5, sample_rate=1.0, steps=10)
 
 
@@ -124,7 +128,9 @@ def test_find_noise_multiplier_gives_up_when_no_noise_is_enough():
 
 @pytest.mark.parametrize("noise", [-0.1, math.inf, math.nan])
 def test_privacy_step_rejects_bad_noise(noise):
-    with pytest.raises(ConfigError, match=rf"`noise-multiplier` must be a finite number >= 0, got {re.escape(str(noise))}"):
+    with pytest.raises(
+        ConfigError, match=rf"`noise-multiplier` must be a finite number >= 0, got {re.escape(str(noise))}"
+    ):
         PrivacyStep(noise, 0.1, 1)
 
 
@@ -143,10 +149,18 @@ def test_privacy_step_rejects_negative_steps_and_accepts_the_edges():
 # --- PrivacyStore ----------------------------------------------------------------------------------
 
 
-def _charge(run_id: str, server_round: int, noise: float, *, kind: str = DP_SGD, rate: float = 0.1,
-            steps: int = 10) -> PrivacyCharge:
-    return new_charge(run_id=run_id, server_round=server_round, noise_multiplier=noise, sample_rate=rate,
-                      steps=steps, delta=1e-5, kind=kind)
+def _charge(
+    run_id: str, server_round: int, noise: float, *, kind: str = DP_SGD, rate: float = 0.1, steps: int = 10
+) -> PrivacyCharge:
+    return new_charge(
+        run_id=run_id,
+        server_round=server_round,
+        noise_multiplier=noise,
+        sample_rate=rate,
+        steps=steps,
+        delta=1e-5,
+        kind=kind,
+    )
 
 
 def test_store_without_file_is_empty(tmp_path):
@@ -208,18 +222,25 @@ def test_history_outside_training_drops_only_that_runs_dp_sgd_charges(tmp_path):
     store.charge(_charge("old", 0, 6.0, kind=FEATURE_SUM, rate=1.0, steps=1))
     store.charge(_charge("a", 2, 1.3, rate=0.1, steps=10))
     assert store.history_outside_training("a") == [
-        PrivacyStep(0.9, 0.2, 5), PrivacyStep(9.0, 1.0, 1), PrivacyStep(6.0, 1.0, 1)
+        PrivacyStep(0.9, 0.2, 5),
+        PrivacyStep(9.0, 1.0, 1),
+        PrivacyStep(6.0, 1.0, 1),
     ]
     assert store.history_outside_training("old") == [
-        PrivacyStep(9.0, 1.0, 1), PrivacyStep(1.3, 0.1, 10), PrivacyStep(6.0, 1.0, 1), PrivacyStep(1.3, 0.1, 10)
+        PrivacyStep(9.0, 1.0, 1),
+        PrivacyStep(1.3, 0.1, 10),
+        PrivacyStep(6.0, 1.0, 1),
+        PrivacyStep(1.3, 0.1, 10),
     ]
 
 
 @pytest.mark.parametrize(
     "bad_line",
-    ['{"run_id": "a", "server_round": 3, "noise_mult',  # torn write
-     '{"run_id": "a"}',  # valid JSON, missing fields
-     '[1, 2, 3]'],  # valid JSON, not a record
+    [
+        '{"run_id": "a", "server_round": 3, "noise_mult',  # torn write
+        '{"run_id": "a"}',  # valid JSON, missing fields
+        "[1, 2, 3]",
+    ],  # valid JSON, not a record
 )
 def test_corrupt_line_is_a_data_error_naming_file_and_line(tmp_path, bad_line):
     path = tmp_path / "h.jsonl"
@@ -242,8 +263,16 @@ def test_charge_lines_are_sorted_key_json_records(tmp_path):
     (line,) = path.read_text().splitlines()
     record = json.loads(line)
     assert list(record) == sorted(record)
-    assert record == {"run_id": "a", "server_round": 1, "noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 10,
-                      "delta": 1e-5, "time": c.time, "kind": "dp-sgd"}
+    assert record == {
+        "run_id": "a",
+        "server_round": 1,
+        "noise_multiplier": 1.0,
+        "sample_rate": 0.1,
+        "steps": 10,
+        "delta": 1e-5,
+        "time": c.time,
+        "kind": "dp-sgd",
+    }
 
 
 def _charge_many(path: str, worker: int, count: int, barrier) -> None:

@@ -1,5 +1,7 @@
 """A site's own state: verified backbones, its data, its rounds and the privacy they cost."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -12,23 +14,53 @@ from fedtl.shared.heads import build_head, head_arrays
 from fedtl.shared.protocol import RoundSettings, SimulationSettings
 
 
+@pytest.fixture(autouse=True)
+def _simulated_sites(monkeypatch):
+    monkeypatch.setenv("FEDTL_SIMULATED_SITES", "1")
+
+
 @pytest.fixture
 def tiny_state():
     return backbone_state_dict(build_backbone("tiny"))
 
 
 def _site(tmp_path) -> Site:
-    sim = SimulationSettings(data="digits", partition="iid", seed=0, test_fraction=0.2, local_test_fraction=0.2,
-                             site_root=str(tmp_path / "state"), cache_root=str(tmp_path / "cache"))
+    sim = SimulationSettings(
+        data="digits",
+        partition="iid",
+        seed=0,
+        test_fraction=0.2,
+        local_test_fraction=0.2,
+        site_root=str(tmp_path / "state"),
+        cache_root=str(tmp_path / "cache"),
+    )
     return resolve_site({"partition-id": 0, "num-partitions": 4}, sim)
 
 
 def _settings(fingerprint: str, **changes) -> RoundSettings:
-    values = dict(run_id="run-a", num_rounds=2, backbone_name="tiny", backbone_fingerprint=fingerprint,
-                  image_size=32, head="linear", head_hidden=16, num_classes=10, local_epochs=1, batch_size=32,
-                  learning_rate=1.0, max_grad_norm=1.0, noise_multiplier=-1.0, target_epsilon=4.0,
-                  target_delta=1e-5, accountant="rdp", non_private=False, seed=0, feature_batch_size=64,
-                  device="cpu")
+    values = dict(
+        run_id="run-a",
+        num_rounds=2,
+        backbone_name="tiny",
+        backbone_fingerprint=fingerprint,
+        image_size=32,
+        head="linear",
+        head_hidden=16,
+        num_classes=10,
+        label_names=json.dumps([str(i) for i in range(10)]),
+        local_epochs=1,
+        batch_size=32,
+        learning_rate=1.0,
+        max_grad_norm=1.0,
+        noise_multiplier=-1.0,
+        target_epsilon=4.0,
+        target_delta=1e-5,
+        accountant="rdp",
+        non_private=False,
+        seed=0,
+        feature_batch_size=64,
+        device="cpu",
+    )
     values.update(changes)
     return RoundSettings(**values)
 
@@ -61,11 +93,20 @@ def test_a_stored_backbone_changed_on_disk_is_refused(tmp_path, tiny_state):
         store.load("tiny", "0" * 64)
 
 
-def test_node_config_must_name_a_site():
+def test_node_config_must_name_a_site(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="names no site"):
         resolve_site({}, None)
     with pytest.raises(ConfigError, match="but no `data`"):
         resolve_site({"site-dir": "/nowhere"}, None)
+    with pytest.raises(ConfigError, match="`site-dir` must be an absolute path .* got 'relative/dir'"):
+        resolve_site({"site-dir": "relative/dir", "data": "digits"}, None)
+
+
+def test_a_real_supernode_cannot_be_turned_into_a_simulated_site(tmp_path, monkeypatch):
+    # The server always sends simulation settings; only a local opt-in lets a site use them.
+    monkeypatch.delenv("FEDTL_SIMULATED_SITES")
+    with pytest.raises(ConfigError, match="only where FEDTL_SIMULATED_SITES=1 is set"):
+        _site(tmp_path)
 
 
 def test_a_round_is_charged_before_training_and_refused_past_the_budget(tmp_path, tiny_state):
@@ -123,8 +164,17 @@ def test_label_set_different_from_the_federation_is_refused(tmp_path, tiny_state
     site = _site(tmp_path)
     fingerprint = site.backbones.install("tiny", fingerprint_state_dict(tiny_state), tiny_state).stem
     with pytest.raises(DataError, match=r"has 10 classes .* but the federation trains a 2-class head"):
-        train_round(site, _settings(fingerprint, num_classes=2), head_arrays(build_head("linear", 32, 2)),
-                    server_round=1)
+        train_round(
+            site,
+            _settings(fingerprint, num_classes=2, label_names='["benign", "malignant"]'),
+            head_arrays(build_head("linear", 32, 2)),
+            server_round=1,
+        )
+    swapped = json.dumps([str(i) for i in (1, 0, 2, 3, 4, 5, 6, 7, 8, 9)])
+    with pytest.raises(DataError, match="same label names in the same order"):
+        train_round(
+            site, _settings(fingerprint, label_names=swapped), head_arrays(build_head("linear", 32, 10)), server_round=1
+        )
 
 
 def test_training_leaves_the_backbone_untouched(tmp_path, tiny_state):
@@ -132,4 +182,6 @@ def test_training_leaves_the_backbone_untouched(tmp_path, tiny_state):
     fingerprint = site.backbones.install("tiny", fingerprint_state_dict(tiny_state), tiny_state).stem
     train_round(site, _settings(fingerprint), head_arrays(build_head("linear", 32, 10)), server_round=1)
     assert fingerprint_state_dict(backbone_state_dict(site.backbones.load("tiny", fingerprint))) == fingerprint
-    assert torch.equal(next(iter(tiny_state.values())), next(iter(backbone_state_dict(build_backbone("tiny")).values())))
+    assert torch.equal(
+        next(iter(tiny_state.values())), next(iter(backbone_state_dict(build_backbone("tiny")).values()))
+    )

@@ -48,8 +48,12 @@ def dp_loader(num_examples: int, batch_size: int):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # secure RNG off
         _, _, private = PrivacyEngine().make_private(
-            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
-            noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=True,
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            poisson_sampling=True,
         )
     return private
 
@@ -194,8 +198,17 @@ def test_one_dp_step_is_the_mean_of_clipped_per_sample_gradients(kind):
     expected = {name: start[name] - lr * summed[name] / n for name in start}
     unclipped = {name: start[name] - lr * plain[name] / n for name in start}
 
-    result = train_head(head, features, labels, epochs=1, batch_size=n, learning_rate=lr, max_grad_norm=clip,
-                        noise_multiplier=0.0, seed=0)
+    result = train_head(
+        head,
+        features,
+        labels,
+        epochs=1,
+        batch_size=n,
+        learning_rate=lr,
+        max_grad_norm=clip,
+        noise_multiplier=0.0,
+        seed=0,
+    )
 
     assert (result.steps, result.sample_rate) == (1, 1.0)
     for name, param in head.named_parameters():
@@ -263,8 +276,17 @@ def test_fedprox_keeps_weights_closer_to_the_global_head(noise):
 
     def drift(mu):
         head = build_head("linear", D, 2)
-        train(head, features, labels, epochs=3, learning_rate=0.1, noise_multiplier=noise, seed=4,
-              global_arrays=start, proximal_mu=mu)
+        train(
+            head,
+            features,
+            labels,
+            epochs=3,
+            learning_rate=0.1,
+            noise_multiplier=noise,
+            seed=4,
+            global_arrays=start,
+            proximal_mu=mu,
+        )
         arrays = head_arrays(head)
         return sum(float(np.sum((arrays[key] - start[key]) ** 2)) for key in start) ** 0.5
 
@@ -295,8 +317,12 @@ def oracle_scores(head, features, labels, num_classes):
         if np.any(labels == c):
             recalls.append(tp / (tp + fn))
         f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    out = {k.LOSS: loss, k.ACCURACY: float(np.mean(preds == labels)),
-           k.BALANCED_ACCURACY: float(np.mean(recalls)), k.MACRO_F1: float(np.mean(f1s))}
+    out = {
+        k.LOSS: loss,
+        k.ACCURACY: float(np.mean(preds == labels)),
+        k.BALANCED_ACCURACY: float(np.mean(recalls)),
+        k.MACRO_F1: float(np.mean(f1s)),
+    }
     if num_classes == 2:
         score = torch.softmax(logits, dim=1)[:, 1].numpy()
         pos, neg = score[labels == 1], score[labels == 0]
