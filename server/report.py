@@ -44,11 +44,7 @@ class RunRecorder:
         """Return the well-formed training replies and record each site's metrics; log the rest."""
         kept = []
         sites = self._round.setdefault("sites", {})
-        for msg in replies:
-            name = _site_name(msg)
-            if msg.has_error():
-                self._reject(server_round, name, f"site error: {msg.error.reason}")
-                continue
+        for name, msg in self._answered(server_round, replies):
             problem = self._check_train_reply(msg)
             if problem:
                 self._reject(server_round, name, problem)
@@ -72,11 +68,7 @@ class RunRecorder:
         """Return the evaluation replies that carry metrics and record each site's scores."""
         kept = []
         sites = self._round.setdefault("sites", {})
-        for msg in replies:
-            name = _site_name(msg)
-            if msg.has_error():
-                self._reject(server_round, name, f"site error: {msg.error.reason}")
-                continue
+        for name, msg in self._answered(server_round, replies):
             if len(msg.content.metric_records) != 1:
                 self._reject(server_round, name, "evaluation reply without exactly one MetricRecord")
                 continue
@@ -108,6 +100,17 @@ class RunRecorder:
         self._round = {}
         return line
 
+    def _answered(self, server_round: int, replies: list[Message]) -> list[tuple[str, Message]]:
+        """Return (site name, reply) of the replies without an error; record the errors as rejections."""
+        answered = []
+        for msg in replies:
+            name = _site_name(msg)
+            if msg.has_error():
+                self._reject(server_round, name, f"site error: {_short_reason(msg.error.reason)}")
+            else:
+                answered.append((name, msg))
+        return answered
+
     def _check_train_reply(self, msg: Message) -> str | None:
         content = msg.content
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
@@ -136,6 +139,13 @@ class RunRecorder:
         log.warning("round %d: reply from %s rejected, not aggregated: %s", server_round, site, reason)
         self.rejected.append({"round": server_round, "site": site, "reason": reason})
         self._round.setdefault("rejected", []).append({"site": site, "reason": reason})
+
+
+def _short_reason(reason: str) -> str:
+    """Return the part of a site's error that names the problem, without the runtime's traceback."""
+    # Flower wraps ClientApp exceptions as "... Exception <type> occurred. Message: <text>".
+    text = reason.rsplit("Message:", 1)[-1] if "Message:" in reason else reason
+    return text.strip().strip("'>\"").strip()[-1000:]
 
 
 def _site_name(msg: Message) -> str:
