@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedtl.shared.errors import BackboneError
+from fedtl.shared.errors import BackboneError, FingerprintMismatchError
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 WEIGHTS_DIR_ENV = "FEDTL_WEIGHTS_DIR"
@@ -319,8 +319,32 @@ def _find_weights_file(file_name: str, weights_dir: str | Path | None, url: str)
     )
 
 
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,})\.")  # torch.hub's convention: name-<sha256 prefix>.pth
+
+
+def _verify_file_hash(path: Path) -> None:
+    """Check a weights file against the SHA-256 prefix in its name (torchvision's and Lite0's files carry one).
+
+    Raises:
+        FingerprintMismatchError: the file's hash differs: it was changed or corrupted.
+    """
+    match = _HASH_IN_NAME.search(path.name)
+    if match is None:
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    if not digest.hexdigest().startswith(match.group(1)):
+        raise FingerprintMismatchError(
+            f"weights file {path} has SHA-256 {digest.hexdigest()[:16]}..., but its name promises one starting "
+            f"{match.group(1)}: the file was changed or corrupted. Replace it with a fresh copy of the original"
+        )
+
+
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Load a state dict from a .pth file safely (tensors only, no pickled code)."""
+    """Load a state dict from a .pth file safely (tensors only, no pickled code), after checking its hash."""
+    _verify_file_hash(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same fix
@@ -434,6 +458,7 @@ def build_backbone(
         ViT asserts 224).
 
     Raises:
+        FingerprintMismatchError: a pretrained weights file does not match the hash in its name.
         BackboneError: unknown name, pretrained weights file absent or unreadable, or `state_dict`
             with missing/unexpected keys or wrong shapes/dtypes.
     """

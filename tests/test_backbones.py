@@ -10,6 +10,7 @@ import torchvision
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
+from fedtl.shared import backbones
 from fedtl.shared.backbones import (
     DEFAULT_BACKBONE,
     IMAGENET_MEAN,
@@ -289,6 +290,13 @@ def test_torchvision_backbone_from_local_file(no_local_weights, tmp_path, monkey
     folder = tmp_path / "weights"
     folder.mkdir()
     torch.save(full, folder / "resnet18-f37072fd.pth")
+    # The genuine file cannot be had offline: a stand-in under its name is refused by its hash...
+    from fedtl.shared.errors import FingerprintMismatchError
+
+    with pytest.raises(FingerprintMismatchError, match=r"resnet18-f37072fd\.pth has SHA-256 .* starting f37072fd"):
+        build_backbone("resnet18", weights_dir=folder)
+    # ...so the loading code below is exercised with the hash check switched off for this test only.
+    monkeypatch.setattr(backbones, "_verify_file_hash", lambda path: None)
     # Oracle: the feature extractor's weights are the checkpoint's minus the fc head.
     expected = fingerprint_state_dict({k: v for k, v in full.items() if not k.startswith("fc.")})
 
@@ -366,3 +374,21 @@ def test_preprocessing_dict_round_trip_and_key():
         Preprocessing(image_size=8, mean=(0.5,) * 3, std=(0.5, 0.0, 0.5))
     with pytest.raises(ValueError, match=r"`image_size` must be a positive int, got 0"):
         Preprocessing(image_size=0, mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+def test_a_pretrained_file_with_one_weight_changed_is_refused(tmp_path):
+    from fedtl.shared.backbones import _lite0_weights_path
+    from fedtl.shared.errors import FingerprintMismatchError
+
+    original = _lite0_weights_path(None)
+    state = torch.load(original, map_location="cpu", weights_only=True)
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    changed = state[key].clone().contiguous()
+    changed.view(-1)[0] += 1e-3
+    state[key] = changed
+    tampered = tmp_path / original.name  # searched before the package's own copy
+    torch.save(state, tampered)
+    with pytest.raises(
+        FingerprintMismatchError, match=rf"{tampered.name} has SHA-256 .* promises one starting 57934424"
+    ):
+        build_backbone("efficientnet_lite0", weights_dir=tmp_path)
