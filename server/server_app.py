@@ -127,40 +127,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_dir: Path | None = None) -
         },
     )
 
-    settings = RoundSettings(
-        run_id=run_id,
-        num_rounds=cfg.num_rounds,
-        backbone_name=backbone.name,
-        backbone_fingerprint=backbone.fingerprint,
-        image_size=backbone.preprocessing.image_size,
-        head=cfg.head,
-        head_hidden=cfg.head_hidden,
-        num_classes=len(label_names),
-        label_names=json.dumps(list(label_names)),
-        local_epochs=cfg.local_epochs,
-        batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
-        max_grad_norm=cfg.max_grad_norm,
-        noise_multiplier=-1.0 if cfg.noise_multiplier == AUTO else float(cfg.noise_multiplier),
-        target_epsilon=cfg.target_epsilon,
-        target_delta=cfg.target_delta,
-        accountant=cfg.accountant,
-        non_private=cfg.non_private,
-        seed=cfg.seed,
-        feature_batch_size=cfg.feature_batch_size,
-        device=cfg.device,
-    )
-    # Simulated sites read their slice of `data` from these; real sites ignore them (node config wins).
-    simulation = SimulationSettings(
-        data=cfg.data,
-        partition=cfg.partition,
-        seed=cfg.seed,
-        test_fraction=cfg.test_fraction,
-        local_test_fraction=cfg.local_test_fraction,
-        site_root=str((run_dir / "sites").resolve()),
-        cache_root=str(fedtl_home() / "sim-sites"),
-    )
-    config = ConfigRecord({**encode(settings), **encode(simulation)})
+    config = round_config(cfg, backbone, label_names, run_id=run_id, run_dir=run_dir)
 
     node_ids = wait_for_nodes(grid, cfg.min_available_nodes, timeout=cfg.round_timeout)
     backbone_bytes = distribute_backbone(grid, node_ids, backbone, config, timeout=cfg.round_timeout)
@@ -202,7 +169,79 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_dir: Path | None = None) -
             f"run {run_id}: no site returned a usable update in {cfg.num_rounds} rounds; "
             f"rejected replies: {recorder.rejected[:5]}"
         )
-    final_arrays = {name: arr.numpy() for name, arr in result.arrays.items()}
+    summary = export_run(
+        cfg,
+        backbone,
+        label_names,
+        recorder,
+        result.arrays,
+        run_id=run_id,
+        run_dir=run_dir,
+        backbone_bytes=backbone_bytes,
+        head_bytes=head_bytes,
+        majority=majority_rate(splits.test.labels) if splits.test is not None else math.nan,
+    )
+    summary["seconds"] = time.time() - t_start
+    _write_json(run_dir / "summary.json", summary)
+    log.info("run %s finished in %.1f s; model at %s", run_id, summary["seconds"], summary["model"])
+    return summary
+
+
+def round_config(
+    cfg: RunConfig, backbone: Backbone, label_names: tuple[str, ...], *, run_id: str, run_dir: Path
+) -> ConfigRecord:
+    """Return the ConfigRecord every site receives: the round settings plus the simulation settings."""
+    settings = RoundSettings(
+        run_id=run_id,
+        num_rounds=cfg.num_rounds,
+        backbone_name=backbone.name,
+        backbone_fingerprint=backbone.fingerprint,
+        image_size=backbone.preprocessing.image_size,
+        head=cfg.head,
+        head_hidden=cfg.head_hidden,
+        num_classes=len(label_names),
+        label_names=json.dumps(list(label_names)),
+        local_epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        max_grad_norm=cfg.max_grad_norm,
+        noise_multiplier=-1.0 if cfg.noise_multiplier == AUTO else float(cfg.noise_multiplier),
+        target_epsilon=cfg.target_epsilon,
+        target_delta=cfg.target_delta,
+        accountant=cfg.accountant,
+        non_private=cfg.non_private,
+        seed=cfg.seed,
+        feature_batch_size=cfg.feature_batch_size,
+        device=cfg.device,
+    )
+    # Simulated sites read their slice of `data` from these; real sites ignore them (node config wins).
+    simulation = SimulationSettings(
+        data=cfg.data,
+        partition=cfg.partition,
+        seed=cfg.seed,
+        test_fraction=cfg.test_fraction,
+        local_test_fraction=cfg.local_test_fraction,
+        site_root=str((run_dir / "sites").resolve()),
+        cache_root=str(fedtl_home() / "sim-sites"),
+    )
+    return ConfigRecord({**encode(settings), **encode(simulation)})
+
+
+def export_run(
+    cfg: RunConfig,
+    backbone: Backbone,
+    label_names: tuple[str, ...],
+    recorder: RunRecorder,
+    arrays: ArrayRecord,
+    *,
+    run_id: str,
+    run_dir: Path,
+    backbone_bytes: dict[str, int],
+    head_bytes: int,
+    majority: float,
+) -> dict[str, Any]:
+    """Write the adapted model file and model card; return the run summary (without its timing)."""
+    final_arrays = {name: arr.numpy() for name, arr in arrays.items()}
     last = recorder.history[-1] if recorder.history else {}
     final_metrics = {f"central-{key}": v for key, v in last.get("central", {}).items()}
     final_metrics.update(
@@ -243,14 +282,11 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_dir: Path | None = None) -
         "epsilon-per-site": dict(sorted(recorder.site_epsilon.items())),
         "epsilon-max": max(recorder.site_epsilon.values(), default=math.nan),
         "delta": cfg.target_delta,
-        "majority-rate": majority_rate(splits.test.labels) if splits.test is not None else math.nan,
+        "majority-rate": majority,
         "final": final_metrics,
         "final-per-site": {site: s.get("evaluate", {}) for site, s in last.get("sites", {}).items()},
         "rejected-replies": recorder.rejected,
-        "seconds": time.time() - t_start,
     }
-    _write_json(run_dir / "summary.json", summary)
-    log.info("run %s finished in %.1f s; model at %s", run_id, summary["seconds"], model_path)
     return summary
 
 
