@@ -45,3 +45,17 @@ def test_missing_model_file_is_named(tmp_path, capsys):
 def test_zero_sites_is_refused(capsys):
     assert main(["simulate", "--sites", "0"]) == 2
     assert "`sites` must be >= 1" in capsys.readouterr().err
+
+
+def test_simulate_prints_the_final_table_and_labels_a_non_private_run(tmp_path, capsys):
+    import os
+
+    argv = ["simulate", "--backbone", "tiny", "--sites", "2", "--rounds", "1", "--out", str(tmp_path), "--non-private"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "NON-PRIVATE BASELINE (no DP)" in out
+    assert out.count("inf") >= 3  # both sites and the max
+    assert "server" in out and "majority" in out
+    assert "FEDTL_SIMULATED_SITES" not in os.environ  # the opt-in does not outlive the simulation
+    (run_dir,) = tmp_path.iterdir()
+    assert "NON-PRIVATE BASELINE" in (run_dir / "model.md").read_text()
