@@ -208,3 +208,17 @@ def test_resolve_device_auto_and_cpu():
 def test_resolve_device_cuda_without_cuda_is_refused():
     with pytest.raises(ValueError, match=r'`device` is "cuda" but no CUDA device is visible; use "auto" or "cpu"'):
         resolve_device("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none visible)")
+def test_cuda_bf16_features_agree_with_cpu():
+    from fedtl.shared.data import load_dataset
+
+    images = load_dataset("digits").train.images[:32]
+    pre = get_backbone_spec("efficientnet_lite0").preprocessing
+    cpu = extract_features(build_backbone("efficientnet_lite0"), images, pre, device="cpu", progress=False)
+    gpu = extract_features(build_backbone("efficientnet_lite0"), images, pre, device="cuda", progress=False)
+    # bf16 autocast: agreement to a few percent, and the same nearest neighbours.
+    cos = (cpu * gpu).sum(1) / (np.linalg.norm(cpu, axis=1) * np.linalg.norm(gpu, axis=1))
+    assert cos.min() > 0.98
