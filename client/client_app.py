@@ -109,41 +109,52 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Answer the server's backbone questions: is it cached here, and install these verified weights."""
+    """Answer the server's set-up questions: is the backbone cached, install it, release the feature sum."""
     config = _config(msg)
     action = str(config.get(k.ACTION, ""))
-    site = _site(msg, context)
-    name = str(config[k.BACKBONE_NAME])
-    fingerprint = str(config[k.BACKBONE_FINGERPRINT])
-    received = 0
-    if action == k.ACTION_INSTALL_BACKBONE:
-        if k.BACKBONE_ARRAYS not in msg.content.array_records:
-            raise ReplyError(f"install-backbone message carries no `{k.BACKBONE_ARRAYS}` ArrayRecord")
-        record = msg.content.array_records[k.BACKBONE_ARRAYS]
-        received = record.count_bytes()
-        state = record.to_torch_state_dict()
-        path = site.backbones.install(name, fingerprint, state)
-        log.info(
-            "site %s: installed backbone %s %s (%d bytes) at %s", site.name, name, fingerprint[:12], received, path
-        )
-    elif action == k.ACTION_FEATURE_SUM:
-        settings = decode(RoundSettings, config)
-        total, count = feature_sum_round(site, settings, noise_multiplier=float(config[k.CENTERING_NOISE_MULTIPLIER]))
-        epsilon = site.privacy_store.epsilon(delta=settings.target_delta, accountant=settings.accountant)
-        content = RecordDict(
-            {
-                k.ARRAYS: numpy_to_arrays({k.FEATURE_SUM: total}),
-                k.METRICS: MetricRecord({k.NUM_EXAMPLES: count, k.EPSILON: epsilon}),
-                k.SITE: _site_record(site, settings),
-            }
-        )
-        return Message(content=content, reply_to=msg)
-    elif action != k.ACTION_HAS_BACKBONE:
-        raise ReplyError(
-            f"unknown query action {action!r}; expected one of {k.ACTION_HAS_BACKBONE}, "
-            f"{k.ACTION_INSTALL_BACKBONE}, {k.ACTION_FEATURE_SUM}"
-        )
-    reply = ConfigRecord(
+    handlers = {
+        k.ACTION_HAS_BACKBONE: _has_backbone,
+        k.ACTION_INSTALL_BACKBONE: _install_backbone,
+        k.ACTION_FEATURE_SUM: _feature_sum,
+    }
+    if action not in handlers:
+        raise ReplyError(f"unknown query action {action!r}; expected one of {', '.join(handlers)}")
+    content = handlers[action](msg, config, _site(msg, context))
+    return Message(content=content, reply_to=msg)
+
+
+def _backbone_reply(site: Site, fingerprint: str, received: int = 0) -> RecordDict:
+    record = ConfigRecord(
         {k.SITE_NAME: site.name, k.HAS_BACKBONE: site.backbones.has(fingerprint), k.BYTES_RECEIVED: received}
     )
-    return Message(content=RecordDict({k.SITE: reply}), reply_to=msg)
+    return RecordDict({k.SITE: record})
+
+
+def _has_backbone(msg: Message, config: ConfigRecord, site: Site) -> RecordDict:
+    return _backbone_reply(site, str(config[k.BACKBONE_FINGERPRINT]))
+
+
+def _install_backbone(msg: Message, config: ConfigRecord, site: Site) -> RecordDict:
+    """Verify the received weights against the announced fingerprint, then store them."""
+    name, fingerprint = str(config[k.BACKBONE_NAME]), str(config[k.BACKBONE_FINGERPRINT])
+    if k.BACKBONE_ARRAYS not in msg.content.array_records:
+        raise ReplyError(f"install-backbone message carries no `{k.BACKBONE_ARRAYS}` ArrayRecord")
+    record = msg.content.array_records[k.BACKBONE_ARRAYS]
+    received = record.count_bytes()
+    path = site.backbones.install(name, fingerprint, record.to_torch_state_dict())
+    log.info("site %s: installed backbone %s %s (%d bytes) at %s", site.name, name, fingerprint[:12], received, path)
+    return _backbone_reply(site, fingerprint, received)
+
+
+def _feature_sum(msg: Message, config: ConfigRecord, site: Site) -> RecordDict:
+    """Release the noised sum of the site's normalised features (charged to its budget first)."""
+    settings = decode(RoundSettings, config)
+    total, count = feature_sum_round(site, settings, noise_multiplier=float(config[k.CENTERING_NOISE_MULTIPLIER]))
+    epsilon = site.privacy_store.epsilon(delta=settings.target_delta, accountant=settings.accountant)
+    return RecordDict(
+        {
+            k.ARRAYS: numpy_to_arrays({k.FEATURE_SUM: total}),
+            k.METRICS: MetricRecord({k.NUM_EXAMPLES: count, k.EPSILON: epsilon}),
+            k.SITE: _site_record(site, settings),
+        }
+    )
