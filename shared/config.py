@@ -34,7 +34,7 @@ class RunConfig:
     `tests/test_config.py` fails when the two drift apart.
     """
 
-    num_rounds: int = 6
+    num_rounds: int = 10
     backbone: str = "efficientnet_lite0"
     image_size: int = 0  # 0: the backbone's own input size
     head: str = "linear"
@@ -42,9 +42,9 @@ class RunConfig:
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
     server_learning_rate: float = 0.1  # FedAdam's eta
-    local_epochs: int = 4
+    local_epochs: int = 2
     batch_size: int = 64  # expected batch size under Poisson sampling
-    learning_rate: float = 5.0
+    learning_rate: float = 8.0
     max_grad_norm: float = 1.0
     noise_multiplier: float | str = AUTO  # "auto": derived from target-epsilon over the planned rounds
     target_epsilon: float = 8.0
