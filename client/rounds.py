@@ -184,11 +184,11 @@ def check_budget(site: Site, settings: RoundSettings, step: PrivacyStep, *, what
     Raises:
         PrivacyBudgetError: the step would take the site past its budget (the message has the numbers).
     """
-    store = site.privacy_store
-    spent = store.epsilon(delta=settings.target_delta, accountant=settings.accountant)
-    projected = compute_epsilon(store.history() + [step], delta=settings.target_delta, accountant=settings.accountant)
+    history = site.privacy_store.history()  # read the ledger once
+    projected = compute_epsilon(history + [step], delta=settings.target_delta, accountant=settings.accountant)
     # The planned noise meets the target exactly up to float rounding of the RDP sums.
     if projected > settings.target_epsilon * (1 + 1e-6):
+        spent = compute_epsilon(history, delta=settings.target_delta, accountant=settings.accountant)
         raise PrivacyBudgetError(
             f"site {site.name} refuses {what}: its epsilon would reach {projected:.3f} > target-epsilon "
             f"{settings.target_epsilon} (delta {settings.target_delta}); spent so far {spent:.3f}. "

@@ -202,7 +202,7 @@ def load_site_features(site: Site, settings: RoundSettings, *, progress: bool | 
 
     Raises:
         BackboneError: the announced backbone is not in the site cache (the server must send it first).
-        DataError: the site's labels do not fit the federation's `num-classes`.
+        DataError: the site's label names differ from the federation's (names or order).
     """
     train, test = load_site_data(site)
     expected = json.loads(settings.label_names)
