@@ -3,20 +3,32 @@
 Flower starts a fresh ClientApp process per message in deployment, so nothing here is cached in
 Python globals: backbones, features and the privacy history live in the site's folders on disk.
 Replies carry head tensors and scalar metrics, plus, once per run, the noised feature sum (charged).
+
+Every request is first checked against the site's own policy; a request it does not allow, an
+exhausted budget or unusable local data is answered with a refusal record naming the reason
+(`refused`), which the server logs; the federation goes on with the other sites.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtl.client.rounds import evaluate_round, feature_sum_round, train_round
+from fedtl.client.policy import PolicyRefusal
+from fedtl.client.rounds import evaluate_round, feature_sum_round, site_accountant, train_round
 from fedtl.client.site import Site, resolve_site
 from fedtl.shared import constants as k
-from fedtl.shared.errors import ReplyError
+from fedtl.shared.errors import (
+    BackboneError,
+    DataError,
+    FingerprintMismatchError,
+    PrivacyBudgetError,
+    ReplyError,
+)
 from fedtl.shared.protocol import RoundSettings, SimulationSettings, decode
 
 log = logging.getLogger(__name__)
@@ -57,12 +69,35 @@ def _site_record(site: Site, settings: RoundSettings) -> ConfigRecord:
     return ConfigRecord({k.SITE_NAME: site.name, k.BACKBONE_FINGERPRINT: settings.backbone_fingerprint})
 
 
+# What a site refuses with a reason the server should log by name: its policy, its budget, its data,
+# or backbone weights that fail verification. Anything else is a bug and surfaces as a Flower error.
+SITE_REFUSALS = (PolicyRefusal, PrivacyBudgetError, DataError, FingerprintMismatchError, BackboneError)
+
+
+def _refusable(handler):  # type: ignore[no-untyped-def]
+    """Turn the site's own refusals (policy, budget, data) into a reply the server can log by site name."""
+
+    @functools.wraps(handler)
+    def wrapper(msg: Message, context: Context) -> Message:
+        site = _site(msg, context)
+        try:
+            return Message(content=handler(msg, site), reply_to=msg)
+        except SITE_REFUSALS as exc:
+            log.warning("site %s refused a %s message: %s", site.name, msg.metadata.message_type, exc)
+            record = ConfigRecord({k.SITE_NAME: site.name, k.REFUSED: str(exc), k.REFUSAL_TYPE: type(exc).__name__})
+            return Message(content=RecordDict({k.SITE: record}), reply_to=msg)
+
+    return wrapper
+
+
 @app.train()
-def train(msg: Message, context: Context) -> Message:
+@_refusable
+def train(msg: Message, site: Site) -> RecordDict:
     """Train the head on the site's cached features under DP-SGD; reply with head tensors only."""
     config = _config(msg)
     settings = decode(RoundSettings, config)
-    site = _site(msg, context)
+    if site.policy is not None:
+        site.policy.check_settings(settings, action=f"round {config[k.SERVER_ROUND]}")
     report = train_round(
         site,
         settings,
@@ -85,14 +120,12 @@ def train(msg: Message, context: Context) -> Message:
         # The mean training loss is computed on private examples without noise, so it is released
         # only by the non-private baseline; private runs show loss from evaluation instead.
         metrics[k.TRAIN_LOSS] = res.train_loss
-    content = RecordDict(
-        {k.ARRAYS: numpy_to_arrays(res.arrays), k.METRICS: metrics, k.SITE: _site_record(site, settings)}
-    )
-    return Message(content=content, reply_to=msg)
+    return RecordDict({k.ARRAYS: numpy_to_arrays(res.arrays), k.METRICS: metrics, k.SITE: _site_record(site, settings)})
 
 
 @app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
+@_refusable
+def evaluate(msg: Message, site: Site) -> RecordDict:
     """Evaluate the global head on the site's local test split.
 
     PRIVACY SHORTCUT: these metrics are computed on the site's private test examples without noise
@@ -100,15 +133,21 @@ def evaluate(msg: Message, context: Context) -> Message:
     false` turns them off.
     """
     settings = decode(RoundSettings, _config(msg))
-    site = _site(msg, context)
+    if site.policy is not None:
+        site.policy.check_settings(settings, action="evaluation")
+        if not site.policy.release_evaluation_metrics:
+            raise PolicyRefusal(
+                f"site {site.name} keeps its evaluation metrics local (policy release-evaluation-metrics = false): "
+                "they are not covered by its epsilon"
+            )
     scores, num_examples = evaluate_round(site, settings, _global_arrays(msg))
     metrics = MetricRecord({k.NUM_EXAMPLES: num_examples, **scores})
-    content = RecordDict({k.METRICS: metrics, k.SITE: _site_record(site, settings)})
-    return Message(content=content, reply_to=msg)
+    return RecordDict({k.METRICS: metrics, k.SITE: _site_record(site, settings)})
 
 
 @app.query()
-def query(msg: Message, context: Context) -> Message:
+@_refusable
+def query(msg: Message, site: Site) -> RecordDict:
     """Answer the server's set-up questions: is the backbone cached, install it, release the feature sum."""
     config = _config(msg)
     action = str(config.get(k.ACTION, ""))
@@ -119,13 +158,21 @@ def query(msg: Message, context: Context) -> Message:
     }
     if action not in handlers:
         raise ReplyError(f"unknown query action {action!r}; expected one of {', '.join(handlers)}")
-    content = handlers[action](msg, config, _site(msg, context))
-    return Message(content=content, reply_to=msg)
+    settings = decode(RoundSettings, config)
+    if site.policy is not None:  # checked before anything is stored or computed
+        site.policy.check_settings(settings, action=f"the {action} request of run {settings.run_id}")
+    return handlers[action](msg, config, site)
 
 
 def _backbone_reply(site: Site, fingerprint: str, received: int = 0) -> RecordDict:
+    releases = site.policy.release_evaluation_metrics if site.policy is not None else True
     record = ConfigRecord(
-        {k.SITE_NAME: site.name, k.HAS_BACKBONE: site.backbones.has(fingerprint), k.BYTES_RECEIVED: received}
+        {
+            k.SITE_NAME: site.name,
+            k.HAS_BACKBONE: site.backbones.has(fingerprint),
+            k.BYTES_RECEIVED: received,
+            k.RELEASES_EVALUATION: releases,
+        }
     )
     return RecordDict({k.SITE: record})
 
@@ -150,7 +197,7 @@ def _feature_sum(msg: Message, config: ConfigRecord, site: Site) -> RecordDict:
     """Release the noised sum of the site's normalised features (charged to its budget first)."""
     settings = decode(RoundSettings, config)
     total, count = feature_sum_round(site, settings, noise_multiplier=float(config[k.CENTERING_NOISE_MULTIPLIER]))
-    epsilon = site.privacy_store.epsilon(delta=settings.target_delta, accountant=settings.accountant)
+    epsilon = site.ledger.epsilon(delta=settings.target_delta, accountant=site_accountant(site, settings))
     return RecordDict(
         {
             k.ARRAYS: numpy_to_arrays({k.FEATURE_SUM: total}),

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
-from fedtl.client.privacy_store import FEATURE_SUM, new_charge
+from fedtl.client.ledger import FEATURE_SUM, PrivacyCharge, new_charge
 from fedtl.client.site import Site, load_site_features
 from fedtl.client.training import TrainResult, evaluate_head, steps_per_epoch, train_head
 from fedtl.shared import constants as k
-from fedtl.shared.errors import PrivacyBudgetError
 from fedtl.shared.heads import build_head, load_head_arrays, normalize_features
 from fedtl.shared.metrics import majority_rate
-from fedtl.shared.privacy import PrivacyStep, compute_epsilon, find_noise_multiplier
+from fedtl.shared.privacy import find_noise_multiplier
 from fedtl.shared.protocol import RoundSettings
 
 log = logging.getLogger(__name__)
@@ -31,11 +31,17 @@ class TrainReport:
     delta: float
 
 
+def site_accountant(site: Site, settings: RoundSettings) -> str:
+    """Return the accountant the site counts with: its policy's, or the run's for a simulated site."""
+    return site.policy.accountant if site.policy is not None else settings.accountant
+
+
 def plan_noise_multiplier(site: Site, settings: RoundSettings, *, sample_rate: float, steps_per_round: int) -> float:
     """Return this run's noise multiplier: the one given, or the one meeting target-epsilon over the run.
 
-    The derived noise leaves room for every earlier run in the site's history, and is fixed at the
-    first round of a run (later rounds read it back from the history), so all rounds of a run agree.
+    The derived noise leaves room for every earlier run in the site's ledger, is never below the
+    policy's `min-noise-multiplier`, and is fixed at the first round of a run (later rounds read it
+    back from the ledger), so all rounds of a run agree.
 
     Raises:
         PrivacyBudgetError: earlier runs already spent the target epsilon.
@@ -44,18 +50,27 @@ def plan_noise_multiplier(site: Site, settings: RoundSettings, *, sample_rate: f
         if settings.noise_multiplier == 0:
             warnings.warn("noise-multiplier is 0: this round releases non-private updates (epsilon = inf)")
         return settings.noise_multiplier
-    store = site.privacy_store
-    fixed = store.run_noise_multiplier(settings.run_id)
+    ledger = site.ledger
+    fixed = ledger.run_noise_multiplier(settings.run_id)
     if fixed is not None:
         return fixed
-    return find_noise_multiplier(
+    noise = find_noise_multiplier(
         target_epsilon=settings.target_epsilon,
         target_delta=settings.target_delta,
         sample_rate=sample_rate,
         steps=steps_per_round * settings.num_rounds,
-        history=store.history_outside_training(settings.run_id),
-        accountant=settings.accountant,
+        history=ledger.history_outside_training(settings.run_id),
+        accountant=site_accountant(site, settings),
     )
+    if site.policy is not None and noise < site.policy.min_noise_multiplier:
+        log.info(
+            "site %s: the run's budget allows noise %.3f; the policy's minimum %.3f is used (spends less)",
+            site.name,
+            noise,
+            site.policy.min_noise_multiplier,
+        )
+        noise = site.policy.min_noise_multiplier
+    return noise
 
 
 def round_seed(site: Site, settings: RoundSettings, server_round: int) -> int | None:
@@ -85,7 +100,6 @@ def train_round(
     feats = load_site_features(site, settings)
     head = build_head(settings.head, feats.train_features.shape[1], settings.num_classes, hidden=settings.head_hidden)
     load_head_arrays(head, global_arrays, source="the server's global head")
-    store = site.privacy_store
     sample_rate, per_epoch = steps_per_epoch(len(feats.train_labels), settings.batch_size)
     steps = per_epoch * settings.local_epochs
     if settings.non_private:
@@ -93,11 +107,11 @@ def train_round(
         log.warning("site %s: NON-PRIVATE round %d (baseline mode): no clipping, no noise", site.name, server_round)
     else:
         noise = plan_noise_multiplier(site, settings, sample_rate=sample_rate, steps_per_round=steps)
-        if noise > 0:
-            check_budget(site, settings, PrivacyStep(noise, sample_rate, steps), what=f"round {server_round}")
     # Write-ahead: the round is paid for before it runs. Non-private rounds are recorded with
     # noise 0, so the site's epsilon honestly becomes infinite.
-    store.charge(
+    charge(
+        site,
+        settings,
         new_charge(
             run_id=settings.run_id,
             server_round=server_round,
@@ -105,7 +119,8 @@ def train_round(
             sample_rate=sample_rate,
             steps=steps,
             delta=settings.target_delta,
-        )
+        ),
+        what=f"round {server_round} of run {settings.run_id}",
     )
     result = train_head(
         head,
@@ -120,7 +135,7 @@ def train_round(
         global_arrays=global_arrays,
         proximal_mu=proximal_mu,
     )
-    epsilon = store.epsilon(delta=settings.target_delta, accountant=settings.accountant)
+    epsilon = site.ledger.epsilon(delta=settings.target_delta, accountant=site_accountant(site, settings))
     log.info(
         "site %s round %d: loss %.4f, sigma %s, cumulative epsilon %.3f",
         site.name,
@@ -144,11 +159,12 @@ def feature_sum_round(site: Site, settings: RoundSettings, *, noise_multiplier: 
         PrivacyBudgetError: the release would take the site past target-epsilon.
     """
     feats = load_site_features(site, settings)
-    store = site.privacy_store
     noise = 0.0 if settings.non_private else noise_multiplier
-    if noise > 0:
-        check_budget(site, settings, PrivacyStep(noise, 1.0, 1), what="the feature-mean release")
-    store.charge(
+    if site.policy is not None and not settings.non_private:
+        site.policy.check_noise(noise, what="the feature-mean release")
+    charge(
+        site,
+        settings,
         new_charge(
             run_id=settings.run_id,
             server_round=0,
@@ -157,7 +173,8 @@ def feature_sum_round(site: Site, settings: RoundSettings, *, noise_multiplier: 
             steps=1,
             delta=settings.target_delta,
             kind=FEATURE_SUM,
-        )
+        ),
+        what=f"the feature-mean release of run {settings.run_id}",
     )
     z = normalize_features(feats.train_features)  # (N, D), every row norm 1
     seed = round_seed(site, settings, 0)
@@ -178,28 +195,29 @@ def evaluate_round(
     return scores, len(feats.test_labels)
 
 
-def check_budget(site: Site, settings: RoundSettings, step: PrivacyStep, *, what: str) -> float:
-    """Return the site's epsilon after `step`, refusing it when that exceeds target-epsilon.
+def charge(site: Site, settings: RoundSettings, release: PrivacyCharge, *, what: str) -> float:
+    """Charge `release` to the site's ledger before it happens, within the run's and the policy's budget.
+
+    The run's target-epsilon is at most the policy's max-epsilon (larger requests are refused by
+    `SitePolicy.check_settings`) and its delta at most the policy's, so staying within the run's
+    target at its delta keeps the site within its lifetime budget too.
+
+    Returns:
+        The site's cumulative epsilon including `release`.
 
     Raises:
-        PrivacyBudgetError: the step would take the site past its budget (the message has the numbers).
+        PrivacyBudgetError: the release would take the site past its budget (the message has the numbers).
     """
-    history = site.privacy_store.history()  # read the ledger once
-    projected = compute_epsilon(history + [step], delta=settings.target_delta, accountant=settings.accountant)
-    # The planned noise meets the target exactly up to float rounding of the RDP sums.
-    if projected > settings.target_epsilon * (1 + 1e-6):
-        spent = compute_epsilon(history, delta=settings.target_delta, accountant=settings.accountant)
-        raise PrivacyBudgetError(
-            f"site {site.name} refuses {what}: its epsilon would reach {projected:.3f} > target-epsilon "
-            f"{settings.target_epsilon} (delta {settings.target_delta}); spent so far {spent:.3f}. "
-            "Raise the budget, or plan fewer rounds or more noise"
-        )
-    if projected >= 0.9 * settings.target_epsilon:
+    budget = math.inf if release.noise_multiplier == 0 else settings.target_epsilon
+    projected = site.ledger.charge(
+        release,
+        max_epsilon=budget,
+        delta=settings.target_delta,
+        accountant=site_accountant(site, settings),
+        what=f"{what} at site {site.name}",
+    )
+    if math.isfinite(budget) and projected >= 0.9 * budget:
         log.warning(
-            "site %s: %s brings epsilon to %.3f of target %.3g (budget nearly spent)",
-            site.name,
-            what,
-            projected,
-            settings.target_epsilon,
+            "site %s: %s brings epsilon to %.3f of %.3g (budget nearly spent)", site.name, what, projected, budget
         )
     return projected

@@ -14,7 +14,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
-from fedtl.client.privacy_store import PrivacyStore
+from fedtl.client.ledger import PrivacyLedger
+from fedtl.client.loaders import load_site_dataset
+from fedtl.client.policy import SitePolicy, load_policy
 from fedtl.shared import constants as k
 from fedtl.shared.backbones import build_backbone, fingerprint_state_dict, resolve_preprocessing
 from fedtl.shared.data import ImageDataset, load_dataset, site_split
@@ -28,20 +30,21 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Site:
-    """One site: its name, its state folder (privacy history) and its cache folder."""
+    """One site: its name, its state folder (privacy ledger), its cache folder, its data and policy."""
 
     name: str
     state_dir: Path
     cache_dir: Path
     data: str
+    policy: SitePolicy | None = None  # None only for a simulated site (the lab's run config is its policy)
     simulation: SimulationSettings | None = None
     partition_id: int = 0
     num_partitions: int = 1
 
     @property
-    def privacy_store(self) -> PrivacyStore:
-        """Return the site's privacy history."""
-        return PrivacyStore(self.state_dir / "privacy" / "history.jsonl")
+    def ledger(self) -> PrivacyLedger:
+        """Return the site's privacy ledger."""
+        return PrivacyLedger(self.state_dir / "privacy" / "ledger.jsonl")
 
     @property
     def backbones(self) -> BackboneStore:
@@ -62,29 +65,28 @@ def simulation_enabled() -> bool:
     return os.environ.get(SIMULATION_ENV) == "1"
 
 
+def site_from_policy(policy: SitePolicy) -> Site:
+    """Return the real site a policy describes."""
+    return Site(
+        name=policy.site_name, state_dir=policy.state_dir, cache_dir=policy.cache_dir, data=policy.data, policy=policy
+    )
+
+
 def resolve_site(node_config: Mapping[str, Any], simulation: SimulationSettings | None) -> Site:
     """Return the site described by the SuperNode's node config.
 
-    A real site sets an absolute `site-dir` and `data` in its node config. A simulated site (Flower's
-    simulation engine sets only `partition-id`/`num-partitions`) takes its slice of the shared data,
-    its folders and a reproducible noise seed from the server's simulation settings, which is only
-    acceptable in the lab: it is allowed only where `FEDTL_SIMULATED_SITES=1` is set on the machine
-    running the sites (`fedtl simulate` sets it), so a real SuperNode can never be talked into it.
+    A real site names its policy file in its node config (`policy='/abs/site.toml'`); the policy
+    holds its data path, budget and folders. A simulated site (Flower's simulation engine sets only
+    `partition-id`/`num-partitions`) takes its slice of the shared data, its folders and a
+    reproducible noise seed from the server's simulation settings, which is only acceptable in the
+    lab: it is allowed only where `FEDTL_SIMULATED_SITES=1` is set on the machine running the sites
+    (`fedtl simulate` sets it), so a real SuperNode can never be talked into it.
 
     Raises:
-        ConfigError: the node config names no site, or a relative `site-dir`.
+        ConfigError: the node config names no policy, or the policy file is missing or invalid.
     """
-    if k.SITE_DIR in node_config:
-        site_dir = Path(str(node_config[k.SITE_DIR])).expanduser()
-        if not site_dir.is_absolute():
-            raise ConfigError(
-                f"node config `site-dir` must be an absolute path (its privacy ledger must not move with the "
-                f"working directory), got {str(node_config[k.SITE_DIR])!r}"
-            )
-        if k.DATA not in node_config:
-            raise ConfigError(f'node config sets `site-dir` = {site_dir} but no `data`; add data="/path/to/data"')
-        name = str(node_config.get(k.SITE_NAME, site_dir.name))
-        return Site(name=name, state_dir=site_dir, cache_dir=site_dir / "cache", data=str(node_config[k.DATA]))
+    if k.POLICY in node_config:
+        return site_from_policy(load_policy(str(node_config[k.POLICY])))
     if k.PARTITION_ID in node_config and simulation is not None and simulation_enabled():
         if k.NUM_PARTITIONS not in node_config:
             raise ConfigError(f"node config has `partition-id` but no `num-partitions` (got {sorted(node_config)})")
@@ -106,7 +108,8 @@ def resolve_site(node_config: Mapping[str, Any], simulation: SimulationSettings 
         else ""
     )
     raise ConfigError(
-        "this SuperNode's node config names no site: set --node-config \"site-dir='/abs/path' data='/path/to/data'\" "
+        "this SuperNode's node config names no site policy: start it with "
+        "--node-config \"policy='/absolute/path/site.toml'\" (write one with `fedtl site init`) "
         f"(got keys {sorted(node_config)}){hint}"
     )
 
@@ -178,8 +181,12 @@ class SiteFeatures:
     cache_hits: int
 
 
-def load_site_data(site: Site) -> tuple[ImageDataset, ImageDataset]:
-    """Return the site's (train, local test) data."""
+def load_site_data(site: Site, label_names: tuple[str, ...]) -> tuple[ImageDataset, ImageDataset]:
+    """Return the site's (train, local test) data, validated against the federation's `label_names`.
+
+    Raises:
+        DataError: the data is unreadable, empty, or holds labels outside `label_names`.
+    """
     if site.simulation is not None:
         sim = site.simulation
         splits = load_dataset(sim.data, seed=sim.seed, test_fraction=sim.test_fraction)
@@ -191,9 +198,18 @@ def load_site_data(site: Site) -> tuple[ImageDataset, ImageDataset]:
             seed=sim.seed,
             local_test_fraction=sim.local_test_fraction,
         )
-    splits = load_dataset(site.data, seed=0)
+    policy = site.policy
+    assert policy is not None  # a real site always has one (resolve_site)
+    loaded = load_site_dataset(
+        policy.data,
+        label_names=policy.label_names or label_names,
+        bad_files=policy.bad_files,
+        seed=0,
+        test_fraction=policy.test_fraction,
+    )
+    splits = loaded.splits
     if splits.test is None or len(splits.test) == 0:
-        raise ConfigError(f"site data {site.data} has no test split; give it a test/ folder or test_* keys")
+        raise DataError(f"site data {policy.data} has no local test split; give it test rows or a test/ folder")
     return splits.train, splits.test
 
 
@@ -204,8 +220,8 @@ def load_site_features(site: Site, settings: RoundSettings, *, progress: bool | 
         BackboneError: the announced backbone is not in the site cache (the server must send it first).
         DataError: the site's label names differ from the federation's (names or order).
     """
-    train, test = load_site_data(site)
     expected = json.loads(settings.label_names)
+    train, test = load_site_data(site, tuple(expected))
     if list(train.label_names) != expected:
         raise DataError(
             f"site {site.name} data {site.data} has {len(train.label_names)} classes {list(train.label_names)}, "

@@ -10,12 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import ArrayRecord, Message
 
 from fedtl.shared import constants as k
 from fedtl.shared.protocol import jsonable
 
 log = logging.getLogger(__name__)
+
+UPDATE_NORM = "update-norm"  # recorded per site: L2 norm of its head update this round
+RELATIVE_NORM_LIMIT = 10.0
 
 
 @dataclass
@@ -23,17 +26,46 @@ class RunRecorder:
     """Collects what each round produced and appends one JSON line per round to `metrics.jsonl`.
 
     `expected_arrays` maps each head tensor name to its (shape, dtype); a training reply whose
-    ArrayRecord differs in any name, shape or dtype, or holds NaN/Inf, is rejected before averaging.
+    ArrayRecord differs in any name, shape or dtype, holds NaN/Inf, changes a frozen tensor
+    (`frozen_arrays`, e.g. the feature centre), or moves the head implausibly far (see
+    `max_update_norm`) is rejected before averaging, and so is a site's refusal.
     """
 
     run_dir: Path
     expected_arrays: dict[str, tuple[tuple[int, ...], str]]
     non_private: bool = False
+    frozen_arrays: tuple[str, ...] = ()
+    # Largest accepted L2 norm of (site head - global head) over all tensors; 0: at most
+    # RELATIVE_NORM_LIMIT x the median of the round's updates, when at least 3 sites answered.
+    max_update_norm: float = 0.0
     site_epsilon: dict[str, float] = field(default_factory=dict)
     site_delta: dict[str, float] = field(default_factory=dict)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     _round: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    _global: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def set_global_arrays(self, arrays: ArrayRecord) -> None:
+        """Remember the global head sent this round: updates are measured against it."""
+        self._global = {name: arr.numpy() for name, arr in arrays.items()}
+
+    def state(self) -> dict[str, Any]:
+        """Return what a checkpoint needs to continue these records (JSON-able)."""
+        return jsonable(
+            {
+                "site-epsilon": self.site_epsilon,
+                "site-delta": self.site_delta,
+                "rejected": self.rejected,
+                "history": self.history,
+            }
+        )
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue the records saved by `state` (a resumed run)."""
+        self.site_epsilon = {k_: float(v) for k_, v in state.get("site-epsilon", {}).items()}
+        self.site_delta = {k_: float(v) for k_, v in state.get("site-delta", {}).items()}
+        self.rejected = list(state.get("rejected", []))
+        self.history = list(state.get("history", []))
 
     @property
     def metrics_path(self) -> Path:
@@ -41,15 +73,28 @@ class RunRecorder:
         return Path(self.run_dir) / "metrics.jsonl"
 
     def screen_train(self, server_round: int, replies: list[Message]) -> list[Message]:
-        """Return the well-formed training replies and record each site's metrics; log the rest."""
-        kept = []
+        """Return the acceptable training replies and record each site's metrics; log the rest."""
+        candidates = []
         sites = self._round.setdefault("sites", {})
         for name, msg in self._answered(server_round, replies):
             problem = self._check_train_reply(msg)
             if problem:
                 self._reject(server_round, name, problem)
+            else:
+                candidates.append((name, msg, self._update_norm(msg)))
+        limit = self._norm_limit([norm for _, _, norm in candidates])
+        kept = []
+        for name, msg, norm in candidates:
+            if norm > limit:
+                self._reject(
+                    server_round,
+                    name,
+                    f"implausible update: the head moved by L2 norm {norm:.4g} > limit {limit:.4g} "
+                    f"({'max-update-norm' if self.max_update_norm else f'{RELATIVE_NORM_LIMIT:g}x the round median'})",
+                )
                 continue
             metrics = dict(next(iter(msg.content.metric_records.values())))
+            metrics[UPDATE_NORM] = norm
             sites.setdefault(name, {})["train"] = metrics
             self.site_epsilon[name] = float(metrics[k.EPSILON])
             self.site_delta[name] = float(metrics[k.DELTA])
@@ -63,6 +108,24 @@ class RunRecorder:
                 max(eps.values()),
             )
         return kept
+
+    def _update_norm(self, msg: Message) -> float:
+        """Return the L2 norm of (reply head - global head) over all tensors (0 before any global is set)."""
+        if not self._global:
+            return 0.0
+        arrays = next(iter(msg.content.array_records.values()))
+        total = 0.0
+        for name, arr in arrays.items():
+            diff = arr.numpy().astype(np.float64) - self._global[name].astype(np.float64)
+            total += float(np.sum(diff * diff))
+        return math.sqrt(total)
+
+    def _norm_limit(self, norms: list[float]) -> float:
+        if self.max_update_norm > 0:
+            return self.max_update_norm
+        if len(norms) >= 3:
+            return RELATIVE_NORM_LIMIT * float(np.median(norms))
+        return math.inf
 
     def screen_evaluate(self, server_round: int, replies: list[Message]) -> list[Message]:
         """Return the evaluation replies that carry metrics and record each site's scores."""
@@ -104,9 +167,11 @@ class RunRecorder:
         """Return (site name, reply) of the replies without an error; record the errors as rejections."""
         answered = []
         for msg in replies:
-            name = _site_name(msg)
+            name = reply_site_name(msg)
             if msg.has_error():
-                self._reject(server_round, name, f"site error: {_short_reason(msg.error.reason)}")
+                self._reject(server_round, name, f"site error: {short_reason(msg.error.reason)}")
+            elif refusal(msg) is not None:
+                self._reject(server_round, name, f"refused by the site: {refusal(msg)}")
             else:
                 answered.append((name, msg))
         return answered
@@ -127,6 +192,8 @@ class RunRecorder:
                 return f"head tensor `{name}` is {arr.dtype}{tuple(arr.shape)}, expected {dtype}{tuple(shape)}"
             if not np.all(np.isfinite(arr.numpy())):
                 return f"head tensor `{name}` contains NaN or Inf"
+            if name in self.frozen_arrays and self._global and not np.array_equal(arr.numpy(), self._global[name]):
+                return f"head tensor `{name}` is fixed by the server for the whole run, but the site changed it"
         metrics = next(iter(content.metric_records.values()))
         for key in (k.NUM_EXAMPLES, k.EPSILON, k.DELTA):
             if key not in metrics:
@@ -141,14 +208,22 @@ class RunRecorder:
         self._round.setdefault("rejected", []).append({"site": site, "reason": reason})
 
 
-def _short_reason(reason: str) -> str:
+def refusal(msg: Message) -> str | None:
+    """Return a site's reason for refusing a request, or None when the reply is not a refusal."""
+    if msg.has_error() or k.SITE not in msg.content.config_records:
+        return None
+    site = msg.content.config_records[k.SITE]
+    return str(site[k.REFUSED]) if k.REFUSED in site else None
+
+
+def short_reason(reason: str) -> str:
     """Return the part of a site's error that names the problem, without the runtime's traceback."""
     # Flower wraps ClientApp exceptions as "... Exception <type> occurred. Message: <text>".
     text = reason.rsplit("Message:", 1)[-1] if "Message:" in reason else reason
     return text.strip().strip("'>\"").strip()[-1000:]
 
 
-def _site_name(msg: Message) -> str:
+def reply_site_name(msg: Message) -> str:
     if not msg.has_error() and k.SITE in msg.content.config_records:
         return str(msg.content.config_records[k.SITE].get(k.SITE_NAME, msg.metadata.src_node_id))
     return f"node-{msg.metadata.src_node_id}"

@@ -18,8 +18,9 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedtl.server.checkpoint import Checkpoint, load_checkpoint, restore_strategy_state, save_checkpoint, strategy_state
 from fedtl.server.model_file import AdaptedModel, save_model
-from fedtl.server.report import RunRecorder
+from fedtl.server.report import RunRecorder, refusal, reply_site_name, short_reason
 from fedtl.server.strategy import make_strategy
 from fedtl.shared import constants as k
 from fedtl.shared.backbones import (
@@ -32,8 +33,8 @@ from fedtl.shared.backbones import (
     resolve_preprocessing,
 )
 from fedtl.shared.config import AUTO, RunConfig, fedtl_home
-from fedtl.shared.data import load_dataset
-from fedtl.shared.errors import ConfigError
+from fedtl.shared.data import DataSplits, load_dataset
+from fedtl.shared.errors import ConfigError, FederationError
 from fedtl.shared.features import FeatureCache, cached_features
 from fedtl.shared.files import atomic_write_bytes
 from fedtl.shared.heads import build_head, head_arrays, load_head_arrays, predict_proba
@@ -98,7 +99,10 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_dir: Path | None = None) -
         RuntimeError: no site returned a usable update in any round.
     """
     t_start = time.time()
-    if run_dir is None:
+    checkpoint = None
+    if cfg.resume:
+        cfg, run_id, run_dir, checkpoint = _resume(cfg)
+    elif run_dir is None:
         run_id, run_dir = new_run_dir(cfg)
     else:
         run_id = run_dir.name
@@ -109,62 +113,96 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_dir: Path | None = None) -
         log.warning("NON-PRIVATE BASELINE RUN %s: sites train without clipping or noise", run_id)
     elif cfg.federated_evaluation:
         log.warning(
-            "federated evaluation: sites report metrics of their local test splits each round; these "
-            "are not covered by their epsilon (set federated-evaluation = false to keep them local)"
+            "federated evaluation: sites whose policy allows it report metrics of their local test splits "
+            "each round; these are not covered by their epsilon (federated-evaluation = false keeps them local)"
         )
     backbone = load_server_backbone(cfg)
-    splits = load_dataset(cfg.data, seed=cfg.seed, test_fraction=cfg.test_fraction)
-    label_names = tuple(splits.train.label_names)
-    _write_json(
-        run_dir / "config.json",
-        {
-            "run-id": run_id,
-            "config": cfg.to_mapping(),
-            "backbone-fingerprint": backbone.fingerprint,
-            "preprocessing": backbone.preprocessing.to_dict(),
-            "label-names": list(label_names),
-            "versions": {"flwr": flwr.__version__, "torch": torch.__version__},
-        },
-    )
+    splits = load_dataset(cfg.data, seed=cfg.seed, test_fraction=cfg.test_fraction) if cfg.data else None
+    label_names = _label_names(cfg, splits)
+    if checkpoint is None:
+        _write_json(
+            run_dir / "config.json",
+            {
+                "run-id": run_id,
+                "config": cfg.to_mapping(),
+                "backbone-fingerprint": backbone.fingerprint,
+                "preprocessing": backbone.preprocessing.to_dict(),
+                "label-names": list(label_names),
+                "versions": {"flwr": flwr.__version__, "torch": torch.__version__},
+            },
+        )
 
     config = round_config(cfg, backbone, label_names, run_id=run_id, run_dir=run_dir)
 
     node_ids = wait_for_nodes(grid, cfg.min_available_nodes, timeout=cfg.round_timeout)
-    backbone_bytes = distribute_backbone(grid, node_ids, backbone, config, timeout=cfg.round_timeout)
+    setup = distribute_backbone(grid, node_ids, backbone, config, timeout=cfg.round_timeout)
+    node_ids = [n for n in node_ids if n not in setup.refused]
+    if len(node_ids) < cfg.min_train_sites:
+        raise FederationError(
+            f"only {len(node_ids)} site(s) accepted run {run_id} (min-train-sites {cfg.min_train_sites}); "
+            f"refusals: {list(setup.refused.values())}"
+        )
 
     head = build_head(cfg.head, backbone.feature_dim, len(label_names), hidden=cfg.head_hidden, seed=cfg.seed)
     initial = head_arrays(head)
-    if cfg.feature_centering:
+    if checkpoint is not None:
+        initial = checkpoint.arrays
+    elif cfg.feature_centering:
         initial["center"] = estimate_feature_center(grid, node_ids, config, cfg, timeout=cfg.round_timeout)
     recorder = RunRecorder(
         run_dir=run_dir,
         expected_arrays={name: (tuple(v.shape), str(v.dtype)) for name, v in initial.items()},
         non_private=cfg.non_private,
+        frozen_arrays=("center",) if "center" in initial else (),
+        max_update_norm=cfg.max_update_norm,
     )
+    done = 0
+    if checkpoint is not None:
+        recorder.restore(checkpoint.records)
+        done = checkpoint.server_round
     central = (
         CentralEvaluation(cfg, backbone, splits.test, label_names)
-        if cfg.central_evaluation and splits.test is not None
+        if cfg.central_evaluation and splits is not None and splits.test is not None
         else None
     )
+    strategy = make_strategy(cfg, recorder)
+    strategy.round_offset = done  # type: ignore[attr-defined]
+    strategy.excluded_nodes = frozenset(setup.refused)  # type: ignore[attr-defined]
+    strategy.no_evaluate_nodes = frozenset(setup.no_evaluation)  # type: ignore[attr-defined]
+    if checkpoint is not None:
+        restore_strategy_state(strategy, checkpoint.strategy_state)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0 and done:
+            return None  # a resumed run: round `done` was already evaluated and recorded
+        server_round += done
         scores = central(arrays) if central is not None else None
         recorder.finish_round(server_round, scores)
+        save_checkpoint(
+            run_dir,
+            Checkpoint(
+                server_round=server_round,
+                arrays={name: a.numpy() for name, a in arrays.items()},
+                strategy_state=strategy_state(strategy),
+                records=recorder.state(),
+            ),
+        )
         return MetricRecord(scores) if scores else None
 
-    strategy = make_strategy(cfg, recorder)
     initial_record = ArrayRecord({name: Array(v) for name, v in initial.items()})
     head_bytes = initial_record.count_bytes()
+    if done:
+        log.info("run %s resumes after round %d of %d", run_id, done, cfg.num_rounds)
     result = strategy.start(
         grid=grid,
         initial_arrays=initial_record,
-        num_rounds=cfg.num_rounds,
+        num_rounds=cfg.num_rounds - done,
         timeout=cfg.round_timeout,
         train_config=config,
         evaluate_config=config,
         evaluate_fn=evaluate_fn,
     )
-    if not result.train_metrics_clientapp:
+    if not result.train_metrics_clientapp and not done:
         raise RuntimeError(
             f"run {run_id}: no site returned a usable update in {cfg.num_rounds} rounds; "
             f"rejected replies: {recorder.rejected[:5]}"
@@ -177,9 +215,9 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_dir: Path | None = None) -
         result.arrays,
         run_id=run_id,
         run_dir=run_dir,
-        backbone_bytes=backbone_bytes,
+        backbone_bytes=setup.bytes_sent,
         head_bytes=head_bytes,
-        majority=majority_rate(splits.test.labels) if splits.test is not None else math.nan,
+        majority=majority_rate(splits.test.labels) if splits is not None and splits.test is not None else math.nan,
     )
     summary["seconds"] = time.time() - t_start
     _write_json(run_dir / "summary.json", summary)
@@ -308,16 +346,23 @@ def wait_for_nodes(grid: Grid, minimum: int, *, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
+@dataclass(frozen=True)
+class SiteSetup:
+    """What the sites answered at set-up: backbone bytes sent, refusals, evaluation opt-outs."""
+
+    bytes_sent: dict[str, int]  # site name -> bytes of backbone weights sent (0: cached at the site)
+    refused: dict[int, str]  # node id -> "site: reason" for sites that refused the run
+    no_evaluation: frozenset[int]  # node ids whose policy keeps evaluation metrics local
+
+
 def distribute_backbone(
     grid: Grid, node_ids: list[int], backbone: Backbone, config: ConfigRecord, *, timeout: float
-) -> dict[str, int]:
+) -> SiteSetup:
     """Send the backbone's weights to every site that does not hold its fingerprint yet.
 
-    Every site is first asked whether it has the fingerprint; only the sites that lack it receive
-    the weights, which they verify against the fingerprint before storing them.
-
-    Returns:
-        Bytes of backbone weights sent to each site (0 for sites that had it cached).
+    Every site is first asked whether it has the fingerprint; it checks the run against its policy
+    first, and a site that refuses says why (logged here; it is left out of the run). Only the sites
+    that lack the weights receive them, and verify them against the fingerprint before storing them.
     """
     ask = ConfigRecord(
         {
@@ -329,14 +374,20 @@ def distribute_backbone(
     )
     replies = _query(grid, node_ids, RecordDict({k.CONFIG: ask}), timeout)
     sent: dict[str, int] = {}
+    refused: dict[int, str] = {}
+    no_evaluation: set[int] = set()
     missing: list[int] = []
     names: dict[int, str] = {}
+    for node_id in node_ids:
+        if node_id not in replies:
+            refused[node_id] = f"node-{node_id}: no answer to the backbone query within {timeout:.0f} s"
     for node_id, reply in replies.items():
-        if reply.has_error():
-            log.warning("site node-%d could not answer the backbone query: %s", node_id, reply.error.reason)
+        if _refused_setup(reply, node_id, refused, "the backbone query"):
             continue
         site = reply.content.config_records[k.SITE]
         names[node_id] = str(site[k.SITE_NAME])
+        if not bool(site.get(k.RELEASES_EVALUATION, True)):
+            no_evaluation.add(node_id)
         if bool(site[k.HAS_BACKBONE]):
             sent[names[node_id]] = 0
         else:
@@ -345,12 +396,12 @@ def distribute_backbone(
         weights = ArrayRecord({name: Array(t.numpy()) for name, t in backbone.state.items()})
         install = ConfigRecord({**dict(ask), k.ACTION: k.ACTION_INSTALL_BACKBONE})
         replies = _query(grid, missing, RecordDict({k.CONFIG: install, k.BACKBONE_ARRAYS: weights}), timeout)
+        for node_id in missing:
+            if node_id not in replies:
+                refused[node_id] = f"{names[node_id]}: no answer to the backbone transfer within {timeout:.0f} s"
         for node_id, reply in replies.items():
-            name = names.get(node_id, f"node-{node_id}")
-            if reply.has_error():
-                log.warning("site %s refused the backbone: %s", name, reply.error.reason)
-                continue
-            sent[name] = int(reply.content.config_records[k.SITE][k.BYTES_RECEIVED])
+            if not _refused_setup(reply, node_id, refused, "the backbone"):
+                sent[names[node_id]] = int(reply.content.config_records[k.SITE][k.BYTES_RECEIVED])
     for name, nbytes in sorted(sent.items()):
         log.info(
             "backbone %s %s -> %s: %d bytes sent%s",
@@ -360,7 +411,18 @@ def distribute_backbone(
             nbytes,
             " (cached at site)" if nbytes == 0 else "",
         )
-    return sent
+    return SiteSetup(sent, refused, frozenset(no_evaluation))
+
+
+def _refused_setup(reply: Message, node_id: int, refused: dict[int, str], what: str) -> bool:
+    """Record and log a set-up reply that is an error or a refusal; return True when it is one."""
+    reason = short_reason(reply.error.reason) if reply.has_error() else refusal(reply)
+    if reason is None:
+        return False
+    name = reply_site_name(reply)
+    log.warning("site %s refused %s and is left out of this run: %s", name, what, reason)
+    refused[node_id] = f"{name}: {reason}"
+    return True
 
 
 def estimate_feature_center(
@@ -380,8 +442,9 @@ def estimate_feature_center(
     replies = _query(grid, node_ids, RecordDict({k.CONFIG: ask}), timeout)
     total, count = None, 0
     for node_id, reply in replies.items():
-        if reply.has_error():
-            log.warning("site node-%d did not release its feature sum: %s", node_id, reply.error.reason)
+        reason = short_reason(reply.error.reason) if reply.has_error() else refusal(reply)
+        if reason is not None:
+            log.warning("site %s did not release its feature sum: %s", reply_site_name(reply), reason)
             continue
         arr = reply.content.array_records[k.ARRAYS][k.FEATURE_SUM].numpy().astype(np.float64)  # (D,)
         n = int(reply.content.metric_records[k.METRICS][k.NUM_EXAMPLES])
@@ -425,6 +488,46 @@ class CentralEvaluation:
         """Return the metrics of the head `arrays` on the server's test set."""
         load_head_arrays(self.head, {name: a.numpy() for name, a in arrays.items()}, source="the aggregated head")
         return classification_metrics(self.labels, predict_proba(self.head, self.features))
+
+
+def _label_names(cfg: RunConfig, splits: DataSplits | None) -> tuple[str, ...]:
+    """Return the federation's classes: `label-names` when set (checked against the server's data), else the data's."""
+    declared = cfg.label_name_list
+    if splits is None:
+        return declared
+    if declared and declared != tuple(splits.train.label_names):
+        raise ConfigError(
+            f"`label-names` {list(declared)} differ from the classes of the server's data {cfg.data}: "
+            f"{list(splits.train.label_names)}; make them equal or leave label-names empty"
+        )
+    return tuple(splits.train.label_names)
+
+
+def _resume(cfg: RunConfig) -> tuple[RunConfig, str, Path, Checkpoint]:
+    """Return the stored config, run id, folder and checkpoint of the run `cfg.resume` names.
+
+    Raises:
+        ConfigError: the folder is not a run folder, has no checkpoint, or the run already finished.
+    """
+    run_dir = Path(cfg.resume).expanduser().resolve()
+    try:
+        stored = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot resume {run_dir}: its config.json is missing or unreadable ({exc})") from exc
+    resumed = RunConfig.from_mapping(stored["config"]).replace(resume=str(run_dir), round_timeout=cfg.round_timeout)
+    ignored = sorted(
+        key
+        for key, value in cfg.to_mapping().items()
+        if key not in ("resume", "round-timeout")
+        and value != RunConfig().to_mapping()[key]
+        and value != resumed.to_mapping()[key]
+    )
+    if ignored:
+        log.warning("resuming %s with its stored config; ignoring the new values of %s", run_dir.name, ignored)
+    checkpoint = load_checkpoint(run_dir)
+    if checkpoint.server_round >= resumed.num_rounds:
+        raise ConfigError(f"run {run_dir.name} already finished all {resumed.num_rounds} rounds; nothing to resume")
+    return resumed, str(stored["run-id"]), run_dir, checkpoint
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:

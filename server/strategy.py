@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import logging
-import math
 from typing import Iterable
 
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from fedtl.server.report import RunRecorder, weighted_site_metrics
 from fedtl.shared import constants as k
 from fedtl.shared.config import RunConfig
+from fedtl.shared.errors import FederationError
 
 log = logging.getLogger(__name__)
 
@@ -23,22 +24,57 @@ def aggregate_site_metrics(records: list[RecordDict], weighted_by_key: str) -> M
 
 
 class RecordingMixin:
-    """Screen replies before aggregation and hand per-site metrics to the run recorder.
+    """Screen replies before aggregation, record per-site metrics, and keep a run resumable.
 
-    A reply with wrong keys, shapes, dtypes or non-finite values is logged and dropped; the rest are
-    aggregated by the Flower strategy this mixin is combined with.
+    A reply with wrong keys, shapes, dtypes, non-finite values or an implausible update norm is logged
+    and dropped; so is a site's refusal. The rest are aggregated by the Flower strategy this mixin is
+    combined with. Sites that refused the run at set-up are not sent its rounds; sites whose policy
+    keeps evaluation metrics local are not asked for them. `round_offset` numbers the rounds of a
+    resumed run after those already done, and a round with fewer than `min_train_sites` accepted
+    updates stops the run with `FederationError` (its last checkpoint stays, to resume from).
     """
 
     recorder: RunRecorder
+    round_offset: int = 0
+    min_train_sites: int = 1
+    excluded_nodes: frozenset[int] = frozenset()
+    no_evaluate_nodes: frozenset[int] = frozenset()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):  # type: ignore[no-untyped-def]
+        """Send the round to every sampled site that did not refuse the run."""
+        self.recorder.set_global_arrays(arrays)
+        messages = super().configure_train(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]
+        return [m for m in messages if m.metadata.dst_node_id not in self.excluded_nodes]
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):  # type: ignore[no-untyped-def]
+        """Ask for evaluation only the sites whose policy releases evaluation metrics."""
+        skip = self.excluded_nodes | self.no_evaluate_nodes
+        messages = super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]
+        return [m for m in messages if m.metadata.dst_node_id not in skip]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # type: ignore[no-untyped-def]
-        """Drop malformed replies, record per-site training metrics, then aggregate the rest."""
+        """Drop malformed replies, record per-site training metrics, then aggregate the rest.
+
+        Raises:
+            FederationError: fewer than `min_train_sites` updates were accepted this round.
+        """
+        server_round += self.round_offset
         kept = self.recorder.screen_train(server_round, list(replies))
+        if len(kept) < self.min_train_sites:
+            rejected = [r for r in self.recorder.rejected if r["round"] == server_round]
+            raise FederationError(
+                f"round {server_round}: {len(kept)} accepted update(s) < min-train-sites {self.min_train_sites}; "
+                f"rejected or refused: {rejected or 'none (sites did not answer in time)'}. The run stopped after "
+                f'its last checkpoint; fix the sites, then continue it with resume = "{self.recorder.run_dir}"'
+            )
         return super().aggregate_train(server_round, kept)  # type: ignore[misc]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):  # type: ignore[no-untyped-def]
         """Record per-site evaluation metrics, then aggregate them."""
+        server_round += self.round_offset
         kept = self.recorder.screen_evaluate(server_round, list(replies))
+        if not kept:
+            return None
         return super().aggregate_evaluate(server_round, kept)  # type: ignore[misc]
 
 
@@ -55,16 +91,19 @@ class FedtlFedAdam(RecordingMixin, FedAdam):
 
 
 def make_strategy(cfg: RunConfig, recorder: RunRecorder) -> FedAvg:
-    """Return the configured strategy: it waits for `min-available-nodes` sites and trains `fraction-train` of them."""
-    # Flower samples max(fraction * connected, min_*_nodes) sites, so the minimum follows the fraction.
-    min_train = max(1, math.ceil(cfg.fraction_train * cfg.min_available_nodes))
+    """Return the configured strategy, training `fraction-train` of the connected sites each round.
+
+    The run starts once `min-available-nodes` sites are connected (`wait_for_nodes`); after that a
+    round goes ahead with as few as `min-train-sites` connected sites, so a site that drops out does
+    not stall the federation.
+    """
     fraction_evaluate = 1.0 if cfg.federated_evaluation else 0.0
     common = dict(
         fraction_train=cfg.fraction_train,
         fraction_evaluate=fraction_evaluate,
-        min_train_nodes=min_train,
-        min_evaluate_nodes=cfg.min_available_nodes if cfg.federated_evaluation else 0,
-        min_available_nodes=cfg.min_available_nodes,
+        min_train_nodes=cfg.min_train_sites,
+        min_evaluate_nodes=1 if cfg.federated_evaluation else 0,
+        min_available_nodes=cfg.min_train_sites,
         weighted_by_key=k.NUM_EXAMPLES,
         arrayrecord_key=k.ARRAYS,
         configrecord_key=k.CONFIG,
@@ -79,4 +118,5 @@ def make_strategy(cfg: RunConfig, recorder: RunRecorder) -> FedAvg:
     else:
         strategy = FedtlFedAdam(**common, eta=cfg.server_learning_rate)
     strategy.recorder = recorder  # type: ignore[attr-defined]
+    strategy.min_train_sites = cfg.min_train_sites  # type: ignore[attr-defined]
     return strategy

@@ -53,13 +53,16 @@ class RunConfig:
     feature_centering: bool = True  # estimate the mean feature from noised site sums (charged to each site)
     centering_noise_multiplier: float = 4.0  # noise of that one release, in units of its sensitivity (1)
     non_private: bool = False
-    data: str = "digits"
+    data: str = "digits"  # the server's held-out data for central evaluation; "" = none (set label-names)
+    label_names: str = ""  # comma-separated class names the federation trains; "" = the server data's
     partition: str = "iid"
     test_fraction: float = 0.2  # held-out server test set, when the data has no test split
     local_test_fraction: float = 0.2
     central_evaluation: bool = True
     federated_evaluation: bool = True  # sites report test-split metrics: outside the DP guarantee
     min_available_nodes: int = 2
+    min_train_sites: int = 1  # a round with fewer accepted updates stops the run (resume it later)
+    max_update_norm: float = 0.0  # reject updates moving the head further; 0 = 10x the round's median (>= 3 sites)
     fraction_train: float = 1.0
     seed: int = 0
     out: str = "runs"
@@ -67,10 +70,18 @@ class RunConfig:
     feature_batch_size: int = 64
     device: str = AUTO
     round_timeout: float = 3600.0
+    resume: str = ""  # a stopped run's folder: continue it from its last checkpoint
 
     def __post_init__(self) -> None:
         _check_positive_int(
-            self, "num_rounds", "local_epochs", "batch_size", "head_hidden", "feature_batch_size", "min_available_nodes"
+            self,
+            "num_rounds",
+            "local_epochs",
+            "batch_size",
+            "head_hidden",
+            "feature_batch_size",
+            "min_available_nodes",
+            "min_train_sites",
         )
         _check_choice(self, "head", HEADS)
         _check_choice(self, "strategy", STRATEGIES)
@@ -87,6 +98,17 @@ class RunConfig:
         _check_range(self, "centering_noise_multiplier", low=0.0, low_open=True)
         _check_range(self, "server_learning_rate", low=0.0, low_open=True)
         _check_range(self, "round_timeout", low=0.0, low_open=True)
+        _check_range(self, "max_update_norm", low=0.0)
+        if self.min_train_sites > self.min_available_nodes:
+            raise ConfigError(
+                f"`min-train-sites` ({self.min_train_sites}) must be <= `min-available-nodes` "
+                f"({self.min_available_nodes}): a round cannot get more updates than sites"
+            )
+        if not self.data and not self.label_names.strip():
+            raise ConfigError(
+                '`data` is "" (the server holds no data), so `label-names` must list the classes, e.g. '
+                'label-names = "benign,malignant"'
+            )
         parse_partition(self.partition)  # raises ConfigError naming the value
         if not re.fullmatch(r"[A-Za-z0-9._-]*", self.run_name) or self.run_name.startswith("."):
             raise ConfigError(
@@ -124,6 +146,11 @@ class RunConfig:
     def replace(self, **changes: Any) -> RunConfig:
         """Return a copy with snake_case fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+    @property
+    def label_name_list(self) -> tuple[str, ...]:
+        """Return `label-names` as a tuple (empty: take the server data's)."""
+        return tuple(n.strip() for n in self.label_names.split(",") if n.strip())
 
     @property
     def is_private(self) -> bool:

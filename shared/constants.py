@@ -10,6 +10,9 @@ BACKBONE_ARRAYS = "backbone"
 # Query-message actions (`message_type` "query" carries config[ACTION]).
 ACTION = "action"
 ACTION_HAS_BACKBONE = "has-backbone"
+REFUSED = "refused"  # a site's reason for refusing a request (its policy, budget or data), sent back as text
+REFUSAL_TYPE = "refusal-type"
+RELEASES_EVALUATION = "releases-evaluation"  # the site's policy lets it report evaluation metrics
 ACTION_INSTALL_BACKBONE = "install-backbone"
 ACTION_FEATURE_SUM = "feature-sum"
 
@@ -49,7 +52,7 @@ CACHE_ROOT = "cache-root"
 # Node-config keys a SuperNode sets for its site.
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
-SITE_DIR = "site-dir"
+POLICY = "policy"  # absolute path of the site's policy TOML (client/policy.py)
 SITE_NAME = "site-name"
 
 # Reply keys.
@@ -60,6 +63,9 @@ TRAIN_LOSS = "train-loss"
 ROUND_EPSILON_STEPS = "steps"
 SAMPLE_RATE = "sample-rate"
 HAS_BACKBONE = "has-backbone"
+REFUSED = "refused"  # a site's reason for refusing a request (its policy, budget or data), sent back as text
+REFUSAL_TYPE = "refusal-type"
+RELEASES_EVALUATION = "releases-evaluation"  # the site's policy lets it report evaluation metrics
 BYTES_RECEIVED = "bytes-received"
 ACCURACY = "accuracy"
 BALANCED_ACCURACY = "balanced-accuracy"

@@ -21,11 +21,13 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "DataSplits",
     "ImageDataset",
+    "check_split_settings",
     "load_dataset",
     "load_image_file",
     "parse_partition",
     "partition_indices",
     "site_split",
+    "split_dataset",
     "validate_labels",
 ]
 
@@ -296,6 +298,23 @@ def _load_digits(*, seed: int, test_fraction: float) -> DataSplits:
     source = "sklearn digits"
     labels = validate_labels(bunch.target, 10, source=source)
     dataset = ImageDataset(images, labels, tuple(str(d) for d in range(10)), source)
+    return _split_dataset(dataset, seed=seed, test_fraction=test_fraction)
+
+
+def check_split_settings(*, seed: int, test_fraction: float) -> None:
+    """Raise ConfigError unless `seed` is an integer in [0, 2**32) and `test_fraction` a number in (0, 1)."""
+    _check_fraction("test_fraction", test_fraction)
+    _check_seed(seed)
+
+
+def split_dataset(dataset: ImageDataset, *, seed: int = 0, test_fraction: float = 0.2) -> DataSplits:
+    """Split `dataset` into train/test as load_dataset does: seeded, stratified by class when sklearn can.
+
+    Raises:
+        ConfigError: `seed` or `test_fraction` out of range.
+        DataError: fewer than 2 images.
+    """
+    check_split_settings(seed=seed, test_fraction=test_fraction)
     return _split_dataset(dataset, seed=seed, test_fraction=test_fraction)
 
 

@@ -31,3 +31,7 @@ class ReplyError(FedtlError, ValueError):
 
 class ModelFileError(FedtlError, ValueError):
     """An adapted-model file is missing fields or does not match its backbone."""
+
+
+class FederationError(FedtlError):
+    """The federation cannot go on: too few sites answered usefully (the run can be resumed)."""

@@ -1,4 +1,4 @@
-"""The `fedtl` command line: `simulate` a federation, `predict` with an adapted model."""
+"""The `fedtl` command line: `simulate` a federation, run a `site`, `predict` with an adapted model."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import sys
 import time
 import tomllib
+from pathlib import Path
 from typing import Any
 
 from fedtl.shared.config import RunConfig
@@ -65,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
         help='any run-config key, TOML value syntax (e.g. --set local-epochs=2 --set head="mlp")',
     )
 
+    sim.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+
+    add_site_commands(sub)
+
     pred = sub.add_parser("predict", help="label images with an adapted model file")
     pred.add_argument("model", help="model.safetensors written by a run")
     pred.add_argument("images", nargs="+", help="image files")
@@ -73,6 +78,86 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pred.add_argument("--device", default="auto")
     return parser
+
+
+def add_site_commands(sub: argparse._SubParsersAction) -> None:
+    """Add `fedtl site {init,check,status,ledger,start}`: what a site operator runs."""
+    site = sub.add_parser("site", help="a site operator's commands: policy, data check, budget, ledger, start")
+    site_sub = site.add_subparsers(dest="site_command", required=True)
+    init = site_sub.add_parser("init", help="write a commented site policy (TOML)")
+    init.add_argument("policy", help="where to write the policy file")
+    init.add_argument("--name", required=True, help="site name shown to the federation")
+    init.add_argument("--data", required=True, help="image folder, CSV manifest, MedMNIST .npz (DICOM via manifest)")
+    init.add_argument(
+        "--backbone",
+        action="append",
+        default=None,
+        help="registry backbone to allow (its fingerprint is computed here); repeatable; default efficientnet_lite0",
+    )
+    init.add_argument("--label-names", default="", help="comma-separated class names in the federation's order")
+    init.add_argument("--state-dir", default="state", help="ledger folder (relative to the policy file)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing policy file")
+    for name, text in (
+        ("check", "load and validate the site's data as training would, and report counts and skips"),
+        ("status", "budget left, allowed and cached backbones, feature cache"),
+        ("ledger", "privacy spend per run and in total"),
+    ):
+        cmd = site_sub.add_parser(name, help=text)
+        cmd.add_argument("--policy", required=True, help="the site policy file")
+    start = site_sub.add_parser("start", help="run this site's SuperNode (outbound connection to the SuperLink only)")
+    start.add_argument("--policy", required=True, help="the site policy file")
+    start.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink's Fleet API (default port 9092)")
+    start.add_argument("--root-certificates", help="CA certificate (PEM) that signed the SuperLink's certificate")
+    start.add_argument("--auth-key", help="private key (PEM) registered with `flwr supernode register`")
+    start.add_argument("--insecure", action="store_true", help="no TLS (loopback experiments only)")
+    start.add_argument("--clientappio-port", type=int, default=9094, help="local ClientAppIo port (default 9094)")
+
+
+def run_site_command(args: argparse.Namespace) -> int:
+    """Run one `fedtl site ...` command and return its exit status."""
+    from fedtl.client import admin
+    from fedtl.client.policy import load_policy
+
+    if args.site_command == "init":
+        labels = [n.strip() for n in args.label_names.split(",") if n.strip()]
+        path = admin.init_policy(
+            args.policy,
+            site_name=args.name,
+            data=args.data,
+            backbones=args.backbone or ["efficientnet_lite0"],
+            label_names=labels,
+            state_dir=args.state_dir,
+            overwrite=args.force,
+        )
+        print(f"wrote {path}; review it, then: fedtl site check --policy {path}")
+        return 0
+    policy = load_policy(Path(args.policy).expanduser().resolve())
+    if args.site_command == "check":
+        print(admin.check_data(policy))
+    elif args.site_command == "status":
+        print(admin.status_report(policy))
+    elif args.site_command == "ledger":
+        print(admin.ledger_report(policy))
+    elif args.site_command == "start":
+        command = supernode_command(args, policy.source)
+        print("exec:", " ".join(command), flush=True)
+        os.execvp(command[0], command)
+    return 0
+
+
+def supernode_command(args: argparse.Namespace, policy_path: str) -> list[str]:
+    """Return the `flower-supernode` command line of a site: its policy in the node config, TLS unless --insecure."""
+    command = ["flower-supernode", "--superlink", args.superlink, "--node-config", f"policy='{policy_path}'"]
+    command += ["--clientappio-api-address", f"127.0.0.1:{args.clientappio_port}"]
+    if args.insecure:
+        command.append("--insecure")
+    elif args.root_certificates:
+        command += ["--root-certificates", str(Path(args.root_certificates).expanduser().resolve())]
+    else:
+        raise FedtlError("`fedtl site start` needs --root-certificates CA.pem (TLS), or --insecure on loopback")
+    if args.auth_key:
+        command += ["--auth-supernode-private-key", str(Path(args.auth_key).expanduser().resolve())]
+    return command
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -92,6 +177,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             values[key] = value
     if args.non_private:
         values["non-private"] = True
+    if args.resume:
+        values["resume"] = str(Path(args.resume).expanduser().resolve())
     return RunConfig.from_mapping(values)
 
 
@@ -152,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = simulate(cfg, num_sites=args.sites, verbose=args.verbose)
             summary["seconds"] = time.time() - t0
             print_summary(summary)
+        elif args.command == "site":
+            return run_site_command(args)
         elif args.command == "predict":
             from fedtl.server.predict import predict_images
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from opacus.accountants import RDPAccountant
 
-from fedtl.client.privacy_store import DP_SGD, PrivacyStore
+from fedtl.client.ledger import DP_SGD, PrivacyLedger
 from fedtl.client.site import BackboneStore
 from fedtl.server import report
 from fedtl.server.model_file import load_model
@@ -79,7 +79,7 @@ def test_epsilon_grows_every_round_and_matches_the_accountant(federation):
     for site in ("site-0", "site-1"):
         reported = [line["epsilon-per-site"][site] for line in lines[1:]]
         assert all(b > a for a, b in zip(reported, reported[1:])), reported
-        store = PrivacyStore(Path(federation["first"]["run-dir"]) / "sites" / site / "privacy" / "history.jsonl")
+        store = PrivacyLedger(Path(federation["first"]["run-dir"]) / "sites" / site / "privacy" / "ledger.jsonl")
         charges = [c for c in store.charges() if c.run_id == run_id]
         # Independent recomputation: Opacus' accountant over the stored history, round by round.
         acc = RDPAccountant()

@@ -1,0 +1,121 @@
+"""What a site operator runs by hand: write a policy, read the ledger, see the budget, check the data."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+
+from safetensors import safe_open
+
+from fedtl.client.loaders import load_site_dataset
+from fedtl.client.policy import SitePolicy, load_policy, policy_template
+from fedtl.client.site import site_from_policy
+from fedtl.shared.backbones import backbone_state_dict, build_backbone, fingerprint_state_dict
+from fedtl.shared.errors import ConfigError
+
+
+def init_policy(
+    path: str | Path,
+    *,
+    site_name: str,
+    data: str,
+    backbones: list[str],
+    label_names: list[str],
+    state_dir: str = "state",
+    overwrite: bool = False,
+) -> Path:
+    """Write a commented policy file allowing the named registry backbones (their fingerprints computed here).
+
+    Raises:
+        ConfigError: the file exists (and `overwrite` is False), or a backbone name is unknown.
+    """
+    path = Path(path).expanduser().resolve()
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{path} exists; refusing to overwrite a site policy (pass --force to replace it)")
+    fingerprints = {name: fingerprint_state_dict(backbone_state_dict(build_backbone(name))) for name in backbones}
+    text = policy_template(
+        site_name=site_name, data=data, state_dir=state_dir, fingerprints=fingerprints, label_names=label_names
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    load_policy(path)  # the template must always be a valid policy
+    return path
+
+
+def ledger_report(policy: SitePolicy) -> str:
+    """Return the ledger as a table: spend per run and the cumulative total, at the policy's delta."""
+    ledger = site_from_policy(policy).ledger
+    runs = ledger.spend_by_run(delta=policy.delta, accountant=policy.accountant)
+    lines = [f"privacy ledger {ledger.path} (site {policy.site_name}, delta {policy.delta:g}, {policy.accountant})"]
+    if not runs:
+        lines.append("no charges yet")
+        return "\n".join(lines)
+    lines.append(f"{'run':<44} {'rounds':>6} {'steps':>7} {'eps(run)':>9} {'eps(total)':>10}  last charge (UTC)")
+    for r in runs:
+        when = datetime.fromtimestamp(r.last_time, timezone.utc).strftime("%Y-%m-%d %H:%M")
+        lines.append(
+            f"{r.run_id:<44} {r.rounds:>6} {r.steps:>7} {_eps(r.epsilon_alone):>9} {_eps(r.epsilon_after):>10}  {when}"
+        )
+    total = ledger.epsilon(delta=policy.delta, accountant=policy.accountant)
+    lines.append(f"total epsilon {_eps(total)} of max-epsilon {policy.max_epsilon:g}")
+    return "\n".join(lines)
+
+
+def status_report(policy: SitePolicy) -> str:
+    """Return the site's budget left, its cached backbones and feature caches."""
+    site = site_from_policy(policy)
+    spent = site.ledger.epsilon(delta=policy.delta, accountant=policy.accountant)
+    left = max(policy.max_epsilon - spent, 0.0) if math.isfinite(spent) else 0.0
+    lines = [
+        f"site {policy.site_name} (policy {policy.source})",
+        f"  data: {policy.data}",
+        f"  budget: spent epsilon {_eps(spent)} of {policy.max_epsilon:g} at delta {policy.delta:g}; left {left:.3f}"
+        + ("  (EXHAUSTED: the site refuses further training)" if left <= 0 else ""),
+        f"  ledger: {site.ledger.path}",
+        f"  min noise multiplier {policy.min_noise_multiplier:g}; max rounds per run {policy.max_rounds_per_run}; "
+        f"evaluation metrics {'released' if policy.release_evaluation_metrics else 'kept local'}",
+        "  allowed backbones:",
+    ]
+    cached = set(site.backbones.fingerprints())
+    for fp in policy.allowed_backbones or ():
+        lines.append(f"    {fp}  {'cached' if fp in cached else 'not cached yet'}")
+    lines.append("  cached backbones:")
+    for fp in sorted(cached):
+        path = site.backbones.path(fp)
+        with safe_open(str(path), framework="pt") as fh:
+            name = (fh.metadata() or {}).get("backbone-name", "?")
+        allowed = "" if policy.allowed_backbones is None or fp in policy.allowed_backbones else "  (NOT allowed)"
+        lines.append(f"    {name:<20} {fp[:16]}  {path.stat().st_size / 1e6:.1f} MB{allowed}")
+    if not cached:
+        lines.append("    none")
+    features = sorted(site.feature_cache.root.glob("*.npz")) if site.feature_cache.root.is_dir() else []
+    lines.append(f"  feature cache: {len(features)} file(s) in {site.feature_cache.root}")
+    return "\n".join(lines)
+
+
+def check_data(policy: SitePolicy) -> str:
+    """Load and validate the site's data exactly as a training round would; return the loader's report.
+
+    Raises:
+        DataError: the data cannot be used (the message names the files and the fix).
+    """
+    loaded = load_site_dataset(
+        policy.data,
+        label_names=policy.label_names or None,
+        bad_files=policy.bad_files,
+        seed=0,
+        test_fraction=policy.test_fraction,
+    )
+    return loaded.report.summary()
+
+
+def _eps(value: float) -> str:
+    return "inf" if not math.isfinite(value) else f"{value:.3f}"
+
+
+def policy_summary(policy: SitePolicy) -> str:
+    """Return the policy as JSON (for logs and support tickets)."""
+    fields = {k: (str(v) if isinstance(v, Path) else v) for k, v in policy.__dict__.items()}
+    return json.dumps(fields, indent=2, default=list)

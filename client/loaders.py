@@ -1,0 +1,791 @@
+"""Site data loaders: image folders, CSV manifests, DICOM and MedMNIST .npz, validated before any training.
+
+A real site's data is read here and checked once, at the boundary: unknown labels, missing or corrupt
+files, mixed sizes and empty splits are errors that name the files and the fix, or (bad_files="skip",
+for unreadable/missing files only) omissions listed in a LoadReport. Nothing under the source is written.
+
+The LoadReport stays at the site: its class counts are raw, not differentially private, so it is for
+the site operator (`fedtl site check`) and must not be sent to the server.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import numbers
+import warnings
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_modality_lut
+
+from fedtl.shared.data import (
+    IMAGE_EXTENSIONS,
+    DataSplits,
+    ImageDataset,
+    check_split_settings,
+    load_dataset,
+    load_image_file,
+    split_dataset,
+)
+from fedtl.shared.errors import ConfigError, DataError
+
+__all__ = [
+    "BAD_FILES_MODES",
+    "DICOM_EXTENSION",
+    "SITE_FORMATS",
+    "LoadReport",
+    "SiteData",
+    "SkippedFile",
+    "load_dicom_file",
+    "load_site_dataset",
+]
+
+logger = logging.getLogger(__name__)
+
+SITE_FORMATS = ("folder", "csv", "dicom", "npz")
+BAD_FILES_MODES = ("error", "skip")
+DICOM_EXTENSION = ".dcm"
+CSV_EXTENSION = ".csv"
+NPZ_EXTENSION = ".npz"
+MANIFEST_COLUMNS = ("path", "label")
+SPLIT_COLUMN = "split"
+# Manifest split values; a site's validation rows join its training pool, as MedMNIST's val split does.
+SPLIT_VALUES = {"train": "train", "val": "train", "test": "test"}
+SPLITS = ("train", "test")
+MAX_LISTED = 5
+DICOM_PREAMBLE = 128  # the 'DICM' marker follows a 128-byte preamble (PS3.10 7.1)
+GREY_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
+VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
+ACCEPTED_SITE_SOURCES = (
+    "a directory with one sub-folder per class (root/<class>/<file>, or root/train/<class>/... and "
+    "root/test/<class>/...), a .csv manifest with columns path,label (optional split), "
+    "or a MedMNIST-style .npz file"
+)
+MANIFEST_LAYOUT = (
+    "a header row path,label (optional split with values train, test or val) and one row per image; "
+    "paths relative to the manifest's folder or absolute; labels are class names"
+)
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file left out because bad_files='skip', and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What load_site_dataset read: format, counts per split and class, skipped files and notes."""
+
+    source: str
+    format: str  # one of SITE_FORMATS
+    label_names: tuple[str, ...]
+    image_shape: tuple[int, ...]  # (H, W) grey or (H, W, 3) RGB
+    split_counts: Mapping[str, int]  # {"train": n, "test": m}
+    class_counts: Mapping[str, Mapping[str, int]]  # {"train": {label name: n}, "test": {...}}
+    skipped: tuple[SkippedFile, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        """Human-readable text: counts per split and class, skipped files and notes."""
+        shape = "x".join(str(d) for d in self.image_shape[1::-1])  # width x height
+        colour = "RGB" if len(self.image_shape) == 3 else "grey"
+        splits = ", ".join(f"{n} {split}" for split, n in self.split_counts.items())
+        lines = [
+            f"source: {self.source} ({self.format})",
+            f"images: {splits}; {shape} {colour}",
+            f"classes ({len(self.label_names)}):",
+        ]
+        width = max(len(name) for name in self.label_names)
+        lines.append(f"  {'':<{width}}  " + "  ".join(f"{split:>6}" for split in self.class_counts))
+        for name in self.label_names:
+            counts = "  ".join(f"{per_class[name]:>6}" for per_class in self.class_counts.values())
+            lines.append(f"  {name:<{width}}  {counts}")
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} file(s):")
+            lines.extend(f"  {s.path}: {s.reason}" for s in self.skipped)
+        if self.notes:
+            lines.append("notes:")
+            lines.extend(f"  - {note}" for note in self.notes)
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """A site's validated train/test splits and the report of how they were read."""
+
+    splits: DataSplits
+    report: LoadReport
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One image to read: its file, class name, split ("train"/"test", None = split by seed) and origin."""
+
+    path: Path
+    label: str
+    split: str | None
+    origin: str  # where it was listed, for messages: "line 4" or the file's path under the root
+
+
+def load_site_dataset(
+    source: str | Path,
+    *,
+    label_names: Sequence[str] | None = None,
+    bad_files: str = "error",
+    seed: int = 0,
+    test_fraction: float = 0.2,
+) -> SiteData:
+    """Load and validate a site's images from a folder, a CSV manifest or a MedMNIST .npz.
+
+    Format, from `source`: a directory is an image folder (root/<class>/<file>, searched recursively, or
+    root/train/<class>/... + root/test/<class>/... with an optional root/val/ merged into train); a .csv
+    file is a manifest (columns path,label and optional split); a .npz file goes to shared.data.load_dataset.
+    Files ending in .dcm, or without an image extension but with the DICOM 'DICM' marker, are decoded with
+    load_dicom_file; the report's format is "dicom" when every image read was DICOM.
+
+    Args:
+        source: the directory, .csv or .npz path.
+        label_names: the federation's classes, fixing their order; every label at the site must be one of
+            them, and a declared class without examples is allowed (noted in the report). None: sorted
+            class-folder names, or sorted unique manifest labels (the site's own, data-dependent set).
+        bad_files: "error" (default) raises on missing or unreadable files; "skip" leaves them out,
+            records them in report.skipped and logs a warning.
+        seed, test_fraction: the stratified train/test split when the source has no split of its own.
+
+    Returns:
+        SiteData with the splits (train and a non-empty test) and the LoadReport.
+
+    Raises:
+        ConfigError: bad `bad_files`, `label_names`, `seed` or `test_fraction`.
+        DataError: unknown source; empty folder or manifest; missing columns; bad split value; unknown
+            label; missing/unreadable files (bad_files="error"); mixed image sizes; an empty split.
+    """
+    if bad_files not in BAD_FILES_MODES:
+        raise ConfigError(
+            f"`bad_files` must be one of {list(BAD_FILES_MODES)}, got {bad_files!r}; fix: 'error' stops at the "
+            "first load with missing or unreadable files, 'skip' leaves them out and lists them in the report"
+        )
+    check_split_settings(seed=seed, test_fraction=test_fraction)
+    declared = _check_label_names(label_names)
+    if not isinstance(source, (str, Path)):
+        raise DataError(f"site data source must be a path, got {source!r}; accepted: {ACCEPTED_SITE_SOURCES}")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        entries, found, notes = _folder_entries(path)
+        container = "folder"
+    elif path.is_file() and path.suffix.lower() == CSV_EXTENSION:
+        entries, found, notes = _manifest_entries(path)
+        container = "csv"
+    elif path.is_file() and path.suffix.lower() == NPZ_EXTENSION:
+        return _load_npz_site(path, declared, seed=seed, test_fraction=test_fraction)
+    elif path.is_file() and (path.suffix.lower() == DICOM_EXTENSION or _has_dicom_marker(path)):
+        raise DataError(
+            f"site data source {path} is a single DICOM file, which carries no class label; fix: list the "
+            f"DICOM files in a .csv manifest ({MANIFEST_LAYOUT}) or put them in one sub-folder per class"
+        )
+    else:
+        reason = "is a file of an unsupported type" if path.is_file() else "does not exist"
+        raise DataError(f"site data source {str(source)!r} {reason}; accepted: {ACCEPTED_SITE_SOURCES}")
+    return _load_entries(path, container, entries, found, notes, declared, bad_files, seed, test_fraction)
+
+
+def load_dicom_file(path: str | Path, *, window: tuple[float, float] | None = None) -> np.ndarray:
+    """Decode one single-frame DICOM image to uint8 (H,W) grey, high = bright, or (H,W,3) RGB.
+
+    Grey images: pydicom's apply_modality_lut (Rescale Slope/Intercept, or a Modality LUT Sequence), then
+    the VOI window of DICOM PS3.3 C.11.2.1.2 mapped to 0..255: `window` = (center, width) if given (LINEAR),
+    else the file's first WindowCenter/WindowWidth with its VOILUTFunction (LINEAR, LINEAR_EXACT or
+    SIGMOID), else (or when the file's window is invalid) min..max of the rescaled values (a constant image
+    gives 0). VOI LUT Sequence tables are not applied. MONOCHROME1 is then inverted (255 - v). The window
+    maths is our own rather than pydicom's apply_voi_lut, which keeps the stored bit range instead of
+    0..255 and has no override or min-max fallback.
+    Colour images (RGB; YBR_* which pydicom converts to RGB) are returned as (H,W,3), scaled by
+    255 / (2**BitsStored - 1) when BitsStored > 8; windows do not apply to them.
+
+    Raises:
+        ConfigError: `window` is not (center, width) with finite values and width >= 1.
+        DataError: naming the path, when the file is missing, not DICOM, multi-frame, has no pixel data,
+            an unsupported photometric interpretation or VOI LUT function, or cannot be decoded.
+    """
+    return _read_dicom(Path(path), window)[0]
+
+
+def _check_label_names(label_names: Sequence[str] | None) -> tuple[str, ...] | None:
+    """The federation's class names as a tuple, or ConfigError when they are not unique non-empty strings."""
+    if label_names is None:
+        return None
+    if (
+        isinstance(label_names, str)
+        or not isinstance(label_names, Sequence)
+        or not all(isinstance(n, str) and n.strip() == n and n for n in label_names)
+    ):
+        raise ConfigError(
+            f"`label_names` must be a sequence of non-empty class-name strings without surrounding spaces, "
+            f"got {label_names!r}; fix: pass e.g. ('benign', 'malignant')"
+        )
+    names = tuple(label_names)
+    duplicates = sorted(n for n, c in Counter(names).items() if c > 1)
+    if not names or duplicates:
+        raise ConfigError(
+            f"`label_names` must be non-empty and unique, got {names!r} (duplicates: {duplicates}); "
+            "fix: give each class exactly one name"
+        )
+    return names
+
+
+# --- enumerating the files ----------------------------------------------------------------------------
+
+
+def _folder_entries(root: Path) -> tuple[list[_Entry], list[str], list[str]]:
+    """Entries of an image folder, the class-folder names found (sorted, empty ones too) and notes."""
+    subdirs = _visible_subdirs(root)
+    loose = _visible_files(root)
+    if not subdirs and not loose:
+        raise DataError(
+            f"image folder {root} is empty; expected {root}/<class name>/<image> (one sub-folder per class) "
+            f"or {root}/train/<class name>/... and {root}/test/<class name>/...; fix: copy the site's images there"
+        )
+    if not subdirs:
+        raise DataError(
+            f"image folder {root} has no class sub-folders (it holds {len(loose)} file(s) directly, e.g. "
+            f"{loose[0].name}); expected {root}/<class name>/<image>, one sub-folder per class; fix: move the "
+            "images into one sub-folder per class, or list them with their labels in a .csv manifest"
+        )
+    by_name = {d.name.lower(): d for d in subdirs}
+    if set(by_name) in ({"train", "test"}, {"train", "val", "test"}):
+        layout = [(by_name[name], SPLIT_VALUES[name]) for name in ("train", "val", "test") if name in by_name]
+    else:
+        layout = [(root, None)]
+    entries: list[_Entry] = []
+    found: set[str] = set()
+    ignored: list[Path] = list(loose)
+    for split_root, split in layout:
+        class_dirs = _visible_subdirs(split_root) if split is not None else subdirs
+        if split is not None:
+            ignored.extend(_visible_files(split_root))
+            if not class_dirs:
+                raise DataError(
+                    f"split folder {split_root} has no class sub-folders; expected {split_root}/<class name>/"
+                    "<image>; fix: move its images into one sub-folder per class"
+                )
+        for class_dir in class_dirs:
+            found.add(class_dir.name)
+            for file in _files_below(class_dir):
+                if _is_image_file(file) or _is_dicom_file(file):
+                    entries.append(_Entry(file, class_dir.name, split, str(file.relative_to(root))))
+                else:
+                    ignored.append(file)
+    if not entries:
+        raise DataError(
+            f"image folder {root} has class folder(s) {sorted(found)} but no image or DICOM files in them "
+            f"(accepted: {', '.join(IMAGE_EXTENSIONS)}, {DICOM_EXTENSION} or DICOM files without extension); "
+            "fix: copy the site's images into the class folders"
+        )
+    notes = []
+    if ignored:
+        notes.append(
+            f"{len(ignored)} file(s) ignored (not an image of {', '.join(IMAGE_EXTENSIONS)}, not DICOM, or "
+            f"outside the class folders): {_listing([str(f.relative_to(root)) for f in ignored])}"
+        )
+    return entries, sorted(found), notes
+
+
+def _manifest_entries(path: Path) -> tuple[list[_Entry], list[str], list[str]]:
+    """Entries of a CSV manifest, its sorted unique labels and notes."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheet exports often start with a BOM
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(
+            f"cannot read CSV manifest {path}: {type(exc).__name__}: {exc}; fix: save it as UTF-8 text"
+        ) from exc
+    reader = csv.reader(io.StringIO(text))
+    header = next((row for row in reader if any(cell.strip() for cell in row)), None)
+    if header is None:
+        raise DataError(f"CSV manifest {path} is empty; expected {MANIFEST_LAYOUT}; fix: write the header and rows")
+    columns = [cell.strip().lower() for cell in header]
+    missing = [c for c in MANIFEST_COLUMNS if c not in columns]
+    repeated = sorted(c for c, n in Counter(columns).items() if n > 1 and c in (*MANIFEST_COLUMNS, SPLIT_COLUMN))
+    if missing or repeated:
+        problem = f"missing column(s) {', '.join(repr(c) for c in missing)}" if missing else ""
+        problem += ("; " if missing and repeated else "") + (f"repeated column(s) {repeated}" if repeated else "")
+        raise DataError(
+            f"CSV manifest {path}: {problem}; found columns {[cell.strip() for cell in header]} in the header row; "
+            f"expected {MANIFEST_LAYOUT}; fix: rename the header cells to path,label[,split]"
+        )
+    i_path, i_label = columns.index("path"), columns.index("label")
+    i_split = columns.index(SPLIT_COLUMN) if SPLIT_COLUMN in columns else None
+    entries: list[_Entry] = []
+    seen: dict[Path, int] = {}
+    for row in reader:
+        if not any(cell.strip() for cell in row):
+            continue
+        line = reader.line_num
+        if len(row) != len(header):
+            raise DataError(
+                f"CSV manifest {path} line {line} has {len(row)} field(s) but the header has {len(header)}: "
+                f"{row!r}; fix: quote values that contain commas"
+            )
+        name, label = row[i_path].strip(), row[i_label].strip()
+        if not name or not label:
+            empty = "path" if not name else "label"
+            raise DataError(f"CSV manifest {path} line {line} has an empty {empty}: {row!r}; fix: fill it in")
+        split = None
+        if i_split is not None:
+            raw = row[i_split].strip()
+            if raw.lower() not in SPLIT_VALUES:
+                raise DataError(
+                    f"CSV manifest {path} line {line}: split {raw!r} is not one of 'train', 'test' or 'val' "
+                    "(val rows join train); fix: correct the value, or drop the split column to split by seed"
+                )
+            split = SPLIT_VALUES[raw.lower()]
+        file = Path(name).expanduser()
+        file = file if file.is_absolute() else path.parent / file
+        key = file.resolve()
+        if key in seen:
+            raise DataError(
+                f"CSV manifest {path} lists {name} twice (lines {seen[key]} and {line}); an image listed twice "
+                "is counted twice and may leak from train into test; fix: list each image once"
+            )
+        seen[key] = line
+        entries.append(_Entry(file, label, split, f"line {line}"))
+    if not entries:
+        raise DataError(
+            f"CSV manifest {path} has a header row but no data rows; expected {MANIFEST_LAYOUT}; "
+            "fix: add one row per image"
+        )
+    notes = []
+    extra = [cell.strip() for cell, c in zip(header, columns) if c not in (*MANIFEST_COLUMNS, SPLIT_COLUMN)]
+    if extra:
+        notes.append(f"manifest column(s) {extra} ignored")
+    return entries, sorted({e.label for e in entries}), notes
+
+
+def _visible_subdirs(folder: Path) -> list[Path]:
+    """Sub-folders not starting with '.', sorted by name."""
+    return sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    """Files directly in `folder` not starting with '.', sorted by name."""
+    return sorted((p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")), key=lambda p: p.name)
+
+
+def _files_below(folder: Path) -> list[Path]:
+    """Files in `folder` and its sub-folders (DICOM exports nest by study/series), hidden ones left out."""
+    files = []
+    for file in folder.rglob("*"):
+        if file.is_file() and not any(part.startswith(".") for part in file.relative_to(folder).parts):
+            files.append(file)
+    return sorted(files)
+
+
+def _is_image_file(path: Path) -> bool:
+    """Whether `path` has an image extension load_image_file decodes."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _is_dicom_file(path: Path) -> bool:
+    """Whether `path` ends in .dcm or, lacking an image extension, starts with the DICOM 'DICM' marker."""
+    if path.suffix.lower() == DICOM_EXTENSION:
+        return True
+    return not _is_image_file(path) and _has_dicom_marker(path)
+
+
+def _has_dicom_marker(path: Path) -> bool:
+    """Whether the file holds 'DICM' after the 128-byte preamble (DICOM exports often have no extension)."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(DICOM_PREAMBLE + 4)
+    except OSError:
+        return False
+    return head[DICOM_PREAMBLE:] == b"DICM"
+
+
+# --- reading and validating ---------------------------------------------------------------------------
+
+
+def _load_entries(
+    source: Path,
+    container: str,
+    entries: list[_Entry],
+    found: list[str],
+    notes: list[str],
+    declared: tuple[str, ...] | None,
+    bad_files: str,
+    seed: int,
+    test_fraction: float,
+) -> SiteData:
+    """Check labels, decode the files (skipping bad ones if asked), check sizes, build and split the datasets."""
+    if declared is not None:
+        unknown = [label for label in found if label not in declared]
+        _check_known_labels(source, [(label, _carriers(entries, label)) for label in unknown], declared)
+    label_names = declared if declared is not None else tuple(found)
+    index = {name: k for k, name in enumerate(label_names)}
+
+    skipped: list[SkippedFile] = []
+    missing = [e for e in entries if not e.path.is_file()]
+    if missing and bad_files == "error":
+        where = f"; paths are relative to {source.parent}" if container == "csv" else ""
+        raise DataError(
+            f"{source}: {len(missing)} listed file(s) do not exist: "
+            f"{_listing([f'{e.path} ({e.origin})' for e in missing])}{where}; "
+            "fix: correct the paths, or pass bad_files='skip' to leave them out (they are listed in the report)"
+        )
+    skipped.extend(SkippedFile(str(e.path), "file does not exist") for e in missing)
+    kept: list[_Entry] = []
+    arrays: list[np.ndarray] = []
+    windows: Counter[str] = Counter()
+    failed: list[tuple[_Entry, str]] = []
+    for entry in (e for e in entries if e.path.is_file()):
+        try:
+            if _is_dicom_file(entry.path):
+                array, window = _read_dicom(entry.path, None)
+                windows[window] += 1
+            else:
+                array = load_image_file(entry.path)
+        except DataError as exc:
+            failed.append((entry, str(exc)))
+            continue
+        kept.append(entry)
+        arrays.append(array)
+    if failed and bad_files == "error":
+        raise DataError(
+            f"{source}: {len(failed)} file(s) cannot be read: {_listing([reason for _, reason in failed], sep=' | ')}"
+            "; to go on without them pass bad_files='skip' (they are then listed in the report)"
+        )
+    skipped.extend(SkippedFile(str(e.path), reason) for e, reason in failed)
+    if skipped:
+        logger.warning(
+            "%s: skipped %d missing or unreadable file(s) (bad_files='skip'): %s",
+            source,
+            len(skipped),
+            _listing([s.path for s in skipped]),
+        )
+    if not arrays:
+        raise DataError(
+            f"{source}: all {len(skipped)} listed file(s) were skipped as missing or unreadable "
+            f"({_listing([s.path for s in skipped])}); fix: repair or replace these files"
+        )
+
+    _check_sizes(source, kept, arrays)
+    colour = sum(a.ndim == 3 for a in arrays)
+    if 0 < colour < len(arrays):  # one colour image makes the whole set RGB, as shared.data does
+        notes.append(f"{len(arrays) - colour} grey image(s) converted to RGB to match {colour} colour image(s)")
+        arrays = [a if a.ndim == 3 else np.repeat(a[..., None], 3, axis=-1) for a in arrays]
+    if windows:
+        parts = {
+            "file": "the file's WindowCenter/WindowWidth",
+            "min-max": "min..max of the rescaled values (no window in the file)",
+            "min-max (invalid file window)": "min..max of the rescaled values (the file's window is invalid)",
+            "colour": "none (colour images)",
+        }
+        notes.append(
+            f"{sum(windows.values())} DICOM file(s) decoded; window: "
+            + ", ".join(f"{parts[k]} for {n}" for k, n in sorted(windows.items()))
+        )
+
+    dataset = ImageDataset(
+        images=np.stack(arrays),
+        labels=np.array([index[e.label] for e in kept], dtype=np.int64),
+        label_names=label_names,
+        source=str(source),
+    )
+    splits = _split_site(source, dataset, kept, entries, skipped, notes, seed, test_fraction)
+    fmt = "dicom" if windows and sum(windows.values()) == len(arrays) else container
+    return SiteData(splits, _report(source, fmt, splits, tuple(skipped), notes))
+
+
+def _check_known_labels(source: Path, carried: list[tuple[str, list[str]]], declared: tuple[str, ...]) -> None:
+    """DataError naming every site label outside the federation's `declared` names and where it occurs."""
+    unknown = [(label, where) for label, where in carried if label not in declared]
+    if not unknown:
+        return
+    lowered = {name.lower(): name for name in declared}
+    described = []
+    for label, where in unknown[:MAX_LISTED]:
+        hint = f", differs only in case from {lowered[label.lower()]!r}" if label.lower() in lowered else ""
+        described.append(f"{label!r} ({_listing(where, limit=3)}{hint})")
+    more = f" and {len(unknown) - MAX_LISTED} more" if len(unknown) > MAX_LISTED else ""
+    raise DataError(
+        f"{source}: {len(unknown)} label(s) not in the federation's label_names: {'; '.join(described)}{more}; "
+        f"allowed: {list(declared)}; fix: rename or correct these labels (names are case-sensitive), remove those "
+        "images, or have the federation add the class"
+    )
+
+
+def _carriers(entries: list[_Entry], label: str) -> list[str]:
+    """Where `label` occurs: manifest lines or files (all of them; messages list the first few)."""
+    return [e.origin for e in entries if e.label == label] or ["an empty class folder"]
+
+
+def _check_sizes(source: Path, entries: list[_Entry], arrays: list[np.ndarray]) -> None:
+    """DataError listing up to MAX_LISTED images whose (H, W) differs from the most common size."""
+    sizes = [(a.shape[1], a.shape[0]) for a in arrays]  # (width, height) as PIL reports them
+    majority = Counter(sizes).most_common(1)[0][0]
+    odd = [(e, s) for e, s in zip(entries, sizes) if s != majority]
+    if odd:
+        raise DataError(
+            f"{source}: images must all have the same size; most are {majority[0]}x{majority[1]} (width x height) "
+            f"but {len(odd)} differ: {_listing([f'{e.path} ({w}x{h})' for e, (w, h) in odd])}; "
+            f"fix: resize them to {majority[0]}x{majority[1]} (e.g. PIL Image.resize) or remove them"
+        )
+
+
+def _split_site(
+    source: Path,
+    dataset: ImageDataset,
+    kept: list[_Entry],
+    entries: list[_Entry],
+    skipped: list[SkippedFile],
+    notes: list[str],
+    seed: int,
+    test_fraction: float,
+) -> DataSplits:
+    """The source's own train/test split when it has one, else a seeded stratified split; both non-empty."""
+    if entries[0].split is None:
+        if len(dataset) < 2:
+            raise DataError(
+                f"{source}: {len(dataset)} readable image(s) (skipped {len(skipped)}) cannot be split into train "
+                "and test; fix: add images or repair the skipped ones"
+            )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            splits = split_dataset(dataset, seed=seed, test_fraction=test_fraction)
+        for warning in caught:  # too few images per class to stratify: keep it in the report and warn the caller
+            notes.append(str(warning.message))
+            warnings.warn(warning.message, stacklevel=4)
+        return splits
+    parts = {}
+    for split in SPLITS:
+        mask = np.array([e.split == split for e in kept], dtype=bool)
+        if not mask.any():
+            listed = sum(e.split == split for e in entries)
+            if listed:
+                raise DataError(
+                    f"{source}: all {listed} {split} image(s) were skipped as missing or unreadable, leaving the "
+                    f"{split} split empty; fix: repair those files (see the report's skipped list)"
+                )
+            raise DataError(
+                f"{source}: no images in the {split} split; a site needs both train and test images; fix: mark "
+                f"some rows/folders as {split}, or drop the split column / train-test folders to split by seed"
+            )
+        part = dataset.subset(np.flatnonzero(mask))
+        parts[split] = ImageDataset(part.images, part.labels, part.label_names, f"{source} ({split})")
+    return DataSplits(train=parts["train"], test=parts["test"])
+
+
+def _report(
+    source: Path, fmt: str, splits: DataSplits, skipped: tuple[SkippedFile, ...], notes: list[str]
+) -> LoadReport:
+    """The LoadReport of `splits`, with a note for declared classes that have no images in some split."""
+    datasets = {"train": splits.train, "test": splits.test}
+    names = splits.train.label_names
+    class_counts = {
+        split: dict(zip(names, ds.class_counts() if ds is not None else [0] * len(names)))
+        for split, ds in datasets.items()
+    }
+    notes = list(notes)
+    absent = [n for n in names if all(counts[n] == 0 for counts in class_counts.values())]
+    if absent:
+        notes.append(f"declared class(es) with no images at this site: {absent}")
+    for split, counts in class_counts.items():
+        missing = [n for n in names if counts[n] == 0 and n not in absent]
+        if missing:
+            notes.append(f"class(es) with no {split} images at this site: {missing}")
+    return LoadReport(
+        source=str(source),
+        format=fmt,
+        label_names=names,
+        image_shape=tuple(int(d) for d in splits.train.images.shape[1:]),
+        split_counts={split: len(ds) if ds is not None else 0 for split, ds in datasets.items()},
+        class_counts=class_counts,
+        skipped=skipped,
+        notes=tuple(notes),
+    )
+
+
+def _listing(items: list[str], *, limit: int = MAX_LISTED, sep: str = ", ") -> str:
+    """The first `limit` items joined, with 'and N more' when there are more."""
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return sep.join(items[:limit]) + more
+
+
+# --- .npz ---------------------------------------------------------------------------------------------
+
+
+def _load_npz_site(path: Path, declared: tuple[str, ...] | None, *, seed: int, test_fraction: float) -> SiteData:
+    """A MedMNIST-style .npz via shared.data.load_dataset, its classes mapped onto the federation's names."""
+    splits = load_dataset(path, seed=seed, test_fraction=test_fraction)
+    if splits.test is None:
+        raise DataError(f"{path}: 'test_images' is empty; a site needs test images; fix: add a test split")
+    notes = []
+    if declared is not None:
+        with np.load(path, allow_pickle=False) as npz:
+            named = "label_names" in npz.files
+        own = splits.train.label_names
+        if named:
+            used = sorted(set(splits.train.labels.tolist()) | set(splits.test.labels.tolist()))
+            carried = [(own[k], [f"label index {k}"]) for k in used]
+            _check_known_labels(path, carried, declared)
+            mapping = np.array([declared.index(n) if n in declared else -1 for n in own], dtype=np.int64)
+        else:
+            largest = max(int(splits.train.labels.max()), int(splits.test.labels.max(initial=0)))
+            if largest >= len(declared):
+                raise DataError(
+                    f"{path}: label {largest} is outside the federation's {len(declared)} classes {list(declared)}; "
+                    "the .npz has no 'label_names' key, so labels are read as indices into label_names; fix: "
+                    "save label_names in the .npz, or check that the site and the federation use the same classes"
+                )
+            mapping = np.arange(len(own), dtype=np.int64)
+            notes.append("labels read as indices into label_names (the .npz has no 'label_names' key)")
+        splits = DataSplits(
+            train=ImageDataset(splits.train.images, mapping[splits.train.labels], declared, splits.train.source),
+            test=ImageDataset(splits.test.images, mapping[splits.test.labels], declared, splits.test.source),
+        )
+    return SiteData(splits, _report(path, "npz", splits, (), notes))
+
+
+# --- DICOM --------------------------------------------------------------------------------------------
+
+
+def _read_dicom(path: Path, window: tuple[float, float] | None) -> tuple[np.ndarray, str]:
+    """load_dicom_file's image and where its window came from: 'file', 'override', 'min-max' or 'colour'."""
+    override = _check_window(window) if window is not None else None
+    if not path.is_file():
+        raise DataError(f"DICOM file {path} does not exist or is not a file; fix: check the path")
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:  # InvalidDicomError, EOFError, struct/ValueErrors of a truncated file, OSError
+        raise DataError(
+            f"cannot read DICOM file {path}: {type(exc).__name__}: {exc}; fix: re-export it as DICOM Part 10 "
+            "or remove it"
+        ) from exc
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise DataError(
+            f"DICOM file {path} has no pixel data (SOP class {ds.get('SOPClassUID', 'unknown')}, e.g. a report "
+            "or structured document); fix: remove it or export the image instead"
+        )
+    frames = ds.get("NumberOfFrames", 1) or 1
+    if int(frames) > 1:
+        raise DataError(
+            f"DICOM file {path} is multi-frame ({int(frames)} frames); one image per file is supported; "
+            "fix: export single frames (e.g. one file per slice) or remove it"
+        )
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    if photometric not in GREY_PHOTOMETRICS and photometric != "RGB" and not photometric.startswith("YBR"):
+        raise DataError(
+            f"DICOM file {path} has photometric interpretation {photometric!r}; supported: MONOCHROME1, "
+            "MONOCHROME2, RGB, YBR_*; fix: convert it to RGB or greyscale"
+        )
+    try:
+        pixels = ds.pixel_array  # YBR_* comes back as RGB (pydicom 3 as_rgb default)
+    except Exception as exc:  # compressed syntax without a decoder plugin, truncated pixel data...
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        fix = (
+            "re-export it uncompressed (e.g. gdcmconv --raw) or install a pydicom decoder plugin"
+            if syntax is not None and syntax.is_compressed
+            else "re-export or remove it (it may be truncated)"
+        )
+        raise DataError(
+            f"cannot decode the pixels of DICOM file {path} (transfer syntax {syntax or 'unknown'}): "
+            f"{type(exc).__name__}: {exc}; fix: {fix}"
+        ) from exc
+    if photometric not in GREY_PHOTOMETRICS:
+        if pixels.ndim != 3 or pixels.shape[-1] != 3:
+            raise DataError(f"DICOM file {path} is {photometric} but its pixels have shape {pixels.shape}")
+        return _colour_to_uint8(pixels, int(ds.get("BitsStored", 8))), "colour"
+    if pixels.ndim != 2:
+        raise DataError(
+            f"DICOM file {path} is {photometric} but its pixels have shape {pixels.shape}, expected (rows, columns); "
+            "fix: export single-frame greyscale images"
+        )
+    values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)  # (H, W) modality values, e.g. HU
+    if override is not None:
+        scaled, origin = _apply_window(values, *override, "LINEAR"), "override"
+    else:
+        scaled, origin = _file_window(values, ds, path)
+    image = np.round(scaled * 255.0).astype(np.uint8)
+    if photometric == "MONOCHROME1":  # MONOCHROME1: minimum value is white; flip so high = bright
+        image = 255 - image
+    return image, origin
+
+
+def _check_window(window: tuple[float, float]) -> tuple[float, float]:
+    """`window` as (center, width) floats, or ConfigError."""
+    ok = isinstance(window, (tuple, list)) and len(window) == 2
+    ok = ok and all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in window)
+    if not ok or window[1] < 1:
+        raise ConfigError(
+            f"`window` must be (center, width) with finite numbers and width >= 1 (DICOM PS3.3 C.11.2.1.2), "
+            f"got {window!r}; fix: e.g. (40, 400) for a CT soft-tissue window"
+        )
+    return float(window[0]), float(window[1])
+
+
+def _file_window(values: np.ndarray, ds: Dataset, path: Path) -> tuple[np.ndarray, str]:
+    """`values` scaled to 0..1 by the file's first window, or by min..max when it has none or an invalid one."""
+    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+    if function not in VOI_FUNCTIONS:
+        raise DataError(
+            f"DICOM file {path} has VOILUTFunction {function!r}; supported: {', '.join(VOI_FUNCTIONS)}; "
+            "fix: pass an explicit window or re-export the image"
+        )
+    center, width = _first_value(ds.get("WindowCenter")), _first_value(ds.get("WindowWidth"))
+    if center is None or width is None:
+        return _min_max(values), "min-max"
+    valid_width = width >= 1 if function == "LINEAR" else width > 0  # PS3.3 C.11.2.1.2.1 / C.11.2.1.3
+    if not (math.isfinite(center) and math.isfinite(width) and valid_width):
+        return _min_max(values), "min-max (invalid file window)"
+    return _apply_window(values, center, width, function), "file"
+
+
+def _first_value(element: object) -> float | None:
+    """The first number of a (possibly multi-valued, possibly empty) DICOM element, or None."""
+    if element is None or element == "":
+        return None
+    if isinstance(element, (list, tuple, MultiValue)):
+        if not element:
+            return None
+        element = element[0]
+    try:
+        return float(element)
+    except (TypeError, ValueError):
+        return None
+
+
+def _apply_window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """VOI windowing of DICOM PS3.3 C.11.2.1.2 / C.11.2.1.3.1 onto 0..1 (before scaling to 0..255)."""
+    if function == "LINEAR_EXACT":
+        return np.clip((values - center) / width + 0.5, 0.0, 1.0)
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+    if width == 1:  # the LINEAR window of width 1 is a threshold at center - 0.5
+        return (values > center - 0.5).astype(np.float64)
+    return np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+
+
+def _min_max(values: np.ndarray) -> np.ndarray:
+    """`values` scaled linearly so min -> 0 and max -> 1 (all zeros for a constant image)."""
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros_like(values)
+    return (values - low) / (high - low)
+
+
+def _colour_to_uint8(pixels: np.ndarray, bits_stored: int) -> np.ndarray:
+    """(H,W,3) colour pixels as uint8, scaled from `bits_stored` bits when they have more than 8."""
+    if bits_stored <= 8:
+        return pixels.astype(np.uint8)
+    return np.round(pixels.astype(np.float64) * (255.0 / (2**bits_stored - 1))).astype(np.uint8)

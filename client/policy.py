@@ -1,0 +1,283 @@
+"""A site's own policy: a TOML file the site controls, which nothing the server sends can loosen.
+
+The SuperNode's node config names the file (`--node-config "policy='/etc/fedtl/site.toml'"`); every
+message the ClientApp handles is checked against it before any data is touched, and a request that
+asks for more than the policy allows is refused with the reason sent back to the server.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedtl.shared.errors import ConfigError, FedtlError
+from fedtl.shared.protocol import RoundSettings
+
+ACCOUNTANTS = ("rdp", "prv")
+BAD_FILES = ("error", "skip")
+FINGERPRINT_CHARS = set("0123456789abcdef")
+
+
+class PolicyRefusal(FedtlError):
+    """The server asked for something the site's policy does not allow; the reason goes back to the server."""
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """What a site allows: its data, its lifetime privacy budget, the backbones it accepts, where state lives."""
+
+    site_name: str
+    data: str
+    label_names: tuple[str, ...]  # empty: the data's own classes (folder names, manifest labels)
+    max_epsilon: float  # over the site's lifetime, at `delta`
+    delta: float
+    min_noise_multiplier: float
+    max_rounds_per_run: int
+    allowed_backbones: tuple[str, ...] | None  # SHA-256 fingerprints; None only for simulated sites
+    state_dir: Path  # the privacy ledger
+    cache_dir: Path  # verified backbones and cached features
+    accountant: str = "rdp"
+    bad_files: str = "error"  # "skip": leave unreadable files out, reported by name and count
+    release_evaluation_metrics: bool = False
+    allow_non_private: bool = False
+    test_fraction: float = 0.2  # local test split, when the data has none
+    source: str = "<built in code>"
+
+    def __post_init__(self) -> None:
+        where = f"site policy {self.source}"
+        if not self.site_name or not all(ch.isalnum() or ch in "._-" for ch in self.site_name):
+            raise ConfigError(
+                f"{where}: `site.name` may hold letters, digits, '.', '_' and '-', got {self.site_name!r}"
+            )
+        if not (math.isfinite(self.max_epsilon) and self.max_epsilon > 0):
+            raise ConfigError(f"{where}: `privacy.max-epsilon` must be a finite number > 0, got {self.max_epsilon}")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"{where}: `privacy.delta` must be in (0, 1), got {self.delta}")
+        if not (math.isfinite(self.min_noise_multiplier) and self.min_noise_multiplier >= 0):
+            raise ConfigError(
+                f"{where}: `privacy.min-noise-multiplier` must be a number >= 0, got {self.min_noise_multiplier}"
+            )
+        if self.max_rounds_per_run < 1:
+            raise ConfigError(f"{where}: `privacy.max-rounds-per-run` must be >= 1, got {self.max_rounds_per_run}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ConfigError(
+                f"{where}: `privacy.accountant` must be one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}"
+            )
+        if self.bad_files not in BAD_FILES:
+            raise ConfigError(
+                f"{where}: `site.bad-files` must be one of {', '.join(BAD_FILES)}, got {self.bad_files!r}"
+            )
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError(f"{where}: `site.test-fraction` must be in (0, 1), got {self.test_fraction}")
+        if self.allowed_backbones is not None:
+            if not self.allowed_backbones:
+                raise ConfigError(
+                    f"{where}: `backbones.allowed` is empty, so this site would refuse every federation; list the "
+                    "SHA-256 fingerprints it accepts (`fedtl site init --backbone NAME` writes them)"
+                )
+            for fp in self.allowed_backbones:
+                if len(fp) != 64 or not set(fp) <= FINGERPRINT_CHARS:
+                    raise ConfigError(
+                        f"{where}: `backbones.allowed` entry {fp!r} is not a SHA-256 fingerprint (64 lower-case hex "
+                        "digits); `fedtl site init --backbone NAME` prints the fingerprint of a registry backbone"
+                    )
+        if len(set(self.label_names)) != len(self.label_names):
+            raise ConfigError(f"{where}: `site.label-names` has duplicates: {list(self.label_names)}")
+
+    def check_settings(self, settings: RoundSettings, *, action: str) -> None:
+        """Refuse `action` when the server's settings ask for more than this policy allows.
+
+        Raises:
+            PolicyRefusal: the reason names the setting, the value asked and the policy's limit.
+        """
+        self.check_backbone(settings.backbone_fingerprint, settings.backbone_name)
+        problems = []
+        if settings.non_private and not self.allow_non_private:
+            problems.append(
+                "the run is NON-PRIVATE (no clipping, no noise) and the policy sets allow-non-private = false"
+            )
+        if not settings.non_private and settings.target_epsilon > self.max_epsilon:
+            problems.append(
+                f"the run asks target-epsilon {settings.target_epsilon:g} but the policy allows at most "
+                f"max-epsilon {self.max_epsilon:g} over the site's lifetime"
+            )
+        if settings.target_delta > self.delta:
+            problems.append(f"the run asks target-delta {settings.target_delta:g} > the policy's delta {self.delta:g}")
+        if settings.num_rounds > self.max_rounds_per_run:
+            problems.append(
+                f"the run plans {settings.num_rounds} rounds > the policy's max-rounds-per-run "
+                f"{self.max_rounds_per_run}"
+            )
+        if 0 <= settings.noise_multiplier < self.min_noise_multiplier and not settings.non_private:
+            problems.append(
+                f"the run fixes noise-multiplier {settings.noise_multiplier:g} < the policy's min-noise-multiplier "
+                f"{self.min_noise_multiplier:g}"
+            )
+        if self.label_names and json.loads(settings.label_names) != list(self.label_names):
+            problems.append(
+                f"the run trains classes {json.loads(settings.label_names)} but the policy declares "
+                f"{list(self.label_names)} (names and order must match)"
+            )
+        if problems:
+            raise PolicyRefusal(f"site {self.site_name} refuses {action}: " + "; ".join(problems))
+
+    def check_backbone(self, fingerprint: str, name: str = "") -> None:
+        """Refuse a backbone whose fingerprint the policy does not list.
+
+        Raises:
+            PolicyRefusal: the fingerprint is not in `backbones.allowed`.
+        """
+        if self.allowed_backbones is not None and fingerprint not in self.allowed_backbones:
+            raise PolicyRefusal(
+                f"site {self.site_name} refuses backbone {name or '?'} with fingerprint {fingerprint}: it is not in "
+                f"the policy's backbones.allowed ({', '.join(f[:12] for f in self.allowed_backbones)}); the site "
+                "operator must add it after checking where the weights come from"
+            )
+
+    def check_noise(self, noise_multiplier: float, *, what: str) -> None:
+        """Refuse a release whose noise is below the policy's minimum.
+
+        Raises:
+            PolicyRefusal: `noise_multiplier` < `min-noise-multiplier`.
+        """
+        if noise_multiplier < self.min_noise_multiplier:
+            raise PolicyRefusal(
+                f"site {self.site_name} refuses {what}: noise-multiplier {noise_multiplier:g} < the policy's "
+                f"min-noise-multiplier {self.min_noise_multiplier:g}"
+            )
+
+
+# TOML layout: section -> {key: (field name, type)}
+_LAYOUT: dict[str, dict[str, tuple[str, type]]] = {
+    "site": {
+        "name": ("site_name", str),
+        "data": ("data", str),
+        "label-names": ("label_names", list),
+        "bad-files": ("bad_files", str),
+        "test-fraction": ("test_fraction", float),
+    },
+    "privacy": {
+        "max-epsilon": ("max_epsilon", float),
+        "delta": ("delta", float),
+        "min-noise-multiplier": ("min_noise_multiplier", float),
+        "max-rounds-per-run": ("max_rounds_per_run", int),
+        "accountant": ("accountant", str),
+        "allow-non-private": ("allow_non_private", bool),
+        "release-evaluation-metrics": ("release_evaluation_metrics", bool),
+    },
+    "backbones": {"allowed": ("allowed_backbones", list)},
+    "storage": {"state-dir": ("state_dir", str), "cache-dir": ("cache_dir", str)},
+}
+_REQUIRED = ("site.name", "site.data", "privacy.max-epsilon", "privacy.delta", "backbones.allowed", "storage.state-dir")
+
+
+def load_policy(path: str | Path) -> SitePolicy:
+    """Read and validate a site policy file; relative paths in it are relative to the file's folder.
+
+    Raises:
+        ConfigError: the file is missing or not TOML, a key is unknown or missing, or a value is invalid.
+    """
+    path = Path(path).expanduser()
+    if not path.is_absolute():
+        raise ConfigError(f"the site policy path must be absolute (it is read by a SuperNode), got {str(path)!r}")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"site policy {path} does not exist; write one with `fedtl site init {path}`") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"site policy {path} cannot be read as TOML: {exc}") from exc
+    values: dict[str, Any] = {}
+    for section, table in raw.items():
+        if section not in _LAYOUT:
+            raise ConfigError(_unknown(path, section, _LAYOUT, "section"))
+        if not isinstance(table, dict):
+            raise ConfigError(f"site policy {path}: `{section}` must be a table ([{section}]), got {table!r}")
+        for key, value in table.items():
+            if key not in _LAYOUT[section]:
+                raise ConfigError(
+                    _unknown(path, f"{section}.{key}", {f"{section}.{k}" for k in _LAYOUT[section]}, "key")
+                )
+            name, kind = _LAYOUT[section][key]
+            values[name] = _typed(path, f"{section}.{key}", value, kind)
+    missing = [key for key in _REQUIRED if _LAYOUT[key.split(".")[0]][key.split(".")[1]][0] not in values]
+    if missing:
+        raise ConfigError(f"site policy {path} lacks {', '.join(f'`{m}`' for m in missing)}; see `fedtl site init`")
+    base = path.parent
+    state_dir = _resolve(base, values.pop("state_dir"))
+    cache_dir = _resolve(base, values.pop("cache_dir", str(state_dir / "cache")))
+    data = values.pop("data")
+    if data != "digits":  # sklearn's bundled digits: for trying a site out
+        data = str(_resolve(base, data))
+    values["label_names"] = tuple(values.get("label_names", ()))
+    values["allowed_backbones"] = tuple(values["allowed_backbones"])
+    values.setdefault("min_noise_multiplier", 0.0)
+    values.setdefault("max_rounds_per_run", 100)
+    return SitePolicy(data=data, state_dir=state_dir, cache_dir=cache_dir, source=str(path), **values)
+
+
+def _resolve(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def _typed(path: Path, key: str, value: Any, kind: type) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"site policy {path}: `{key}` must be a list of strings, got {value!r}")
+        return value
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"site policy {path}: `{key}` must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _unknown(path: Path, key: str, known: Any, what: str) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"; did you mean `{close[0]}`?" if close else ""
+    return f"site policy {path}: unknown {what} `{key}`{hint} (known: {', '.join(sorted(known))})"
+
+
+def policy_template(
+    *, site_name: str, data: str, state_dir: str, fingerprints: dict[str, str], label_names: list[str]
+) -> str:
+    """Return a commented policy file for `fedtl site init`."""
+    allowed = "\n".join(f'  "{fp}",  # {name}' for name, fp in fingerprints.items())
+    labels = json.dumps(label_names)
+    return f"""\
+# fedtl site policy. This file belongs to the site: nothing the federation server sends can loosen it.
+# Point your SuperNode at it:  flower-supernode ... --node-config "policy='/absolute/path/to/this.toml'"
+# Relative paths below are relative to this file's folder.
+
+[site]
+name = "{site_name}"          # how this site appears in the server's logs and reports
+data = "{data}"               # image folder (one sub-folder per class), CSV manifest (path,label[,split]),
+                              # MedMNIST .npz, or DICOM files listed in a CSV manifest
+label-names = {labels}        # class names in the federation's order; [] = the data's own (sorted) names
+bad-files = "error"           # "skip": leave unreadable or corrupt files out (reported by name and count)
+test-fraction = 0.2           # local test split, when the data has none
+
+[privacy]
+max-epsilon = 8.0             # lifetime budget of this site, over every run, at `delta`; refused beyond it
+delta = 1e-5                  # well below 1 / (number of records)
+min-noise-multiplier = 0.5    # never release a DP-SGD step or statistic with less noise than this
+max-rounds-per-run = 50
+accountant = "rdp"            # "rdp" (Opacus RDP) or "prv" (tighter, slower)
+allow-non-private = false     # never take part in a non-private baseline run
+release-evaluation-metrics = false  # evaluation metrics are NOT covered by epsilon; keep them local
+
+[backbones]
+# SHA-256 fingerprints of the backbone weights this site accepts; anything else is refused before use.
+allowed = [
+{allowed}
+]
+
+[storage]
+state-dir = "{state_dir}"     # the privacy ledger lives here: back it up, never delete it
+# cache-dir = "..."           # verified backbones and cached features (default: <state-dir>/cache)
+"""

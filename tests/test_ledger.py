@@ -1,0 +1,262 @@
+"""The site's privacy ledger (client/ledger.py): write-ahead, torn records, concurrent writers, recomputation."""
+
+import json
+import math
+import multiprocessing
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+from fedtl.client.ledger import DP_SGD, FEATURE_SUM, TORN, PrivacyCharge, PrivacyLedger, new_charge
+from fedtl.shared.errors import DataError, PrivacyBudgetError
+from fedtl.shared.privacy import PrivacyStep
+
+# Opacus' default RDP orders written out, so the oracle does not go through the accountant class fedtl uses.
+ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+
+
+def oracle_epsilon(stretches: list[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon from Opacus' pure RDP analysis: sum each stretch's RDP curve, then convert once."""
+    rdp = sum(compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=ORDERS) for sigma, q, steps in stretches)
+    eps, _ = get_privacy_spent(orders=ORDERS, rdp=rdp, delta=delta)
+    return float(eps)
+
+
+def _charge(
+    run_id: str, server_round: int, noise: float, *, kind: str = DP_SGD, rate: float = 0.1, steps: int = 10
+) -> PrivacyCharge:
+    return new_charge(
+        run_id=run_id,
+        server_round=server_round,
+        noise_multiplier=noise,
+        sample_rate=rate,
+        steps=steps,
+        delta=1e-5,
+        kind=kind,
+    )
+
+
+def test_ledger_without_file_is_empty(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "none" / "ledger.jsonl")
+    assert ledger.charges() == []
+    assert ledger.epsilon(delta=1e-5) == 0.0
+    assert ledger.run_noise_multiplier("run") is None
+
+
+def test_charges_persist_across_ledger_objects_bit_for_bit(tmp_path):
+    path = tmp_path / "site" / "privacy" / "ledger.jsonl"  # parents do not exist yet
+    written = [
+        _charge("a", 0, 4.0, kind=FEATURE_SUM, rate=1.0, steps=1),
+        _charge("a", 1, 1.234567891234, rate=1 / 3, steps=6),
+        _charge("a", 2, 1.234567891234, rate=1 / 3, steps=6),
+    ]
+    for c in written:
+        PrivacyLedger(path).charge(c)
+    assert PrivacyLedger(path).charges() == written
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3
+    record = json.loads(lines[1])
+    # Accounting fields come first (a torn record keeps them), the checksum last.
+    assert list(record)[:3] == ["noise_multiplier", "sample_rate", "steps"] and list(record)[-1] == "crc32"
+
+
+def test_ledger_epsilon_equals_an_independent_recomputation(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    stretches = [(4.0, 1.0, 1), (1.1, 0.01, 1000), (0.8, 0.05, 120)]
+    for i, (sigma, q, steps) in enumerate(stretches):
+        ledger.charge(_charge("run", i, sigma, rate=q, steps=steps))
+    assert ledger.epsilon(delta=1e-5) == pytest.approx(oracle_epsilon(stretches, 1e-5), rel=1e-9)
+    assert ledger.history() == [PrivacyStep(*s) for s in stretches]
+
+
+def test_non_private_charge_makes_epsilon_infinite(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    ledger.charge(_charge("a", 1, 1.1))
+    ledger.charge(_charge("a", 2, 0.0))
+    assert ledger.epsilon(delta=1e-5) == math.inf
+
+
+def test_run_noise_and_history_outside_training(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    ledger.charge(_charge("old", 1, 0.9, rate=0.2, steps=5))
+    ledger.charge(_charge("a", 0, 9.0, kind=FEATURE_SUM, rate=1.0, steps=1))
+    ledger.charge(_charge("a", 1, 1.3, rate=0.1, steps=10))
+    ledger.charge(_charge("a", 2, 1.9, rate=0.1, steps=10))
+    assert ledger.run_noise_multiplier("a") == 1.3  # the first DP-SGD charge fixes the run's noise
+    assert ledger.run_noise_multiplier("never") is None
+    assert ledger.history_outside_training("a") == [PrivacyStep(0.9, 0.2, 5), PrivacyStep(9.0, 1.0, 1)]
+
+
+def test_charge_past_the_budget_is_refused_with_the_numbers_and_writes_nothing(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    ledger.charge(_charge("a", 1, 1.0, rate=0.1, steps=100))
+    spent = oracle_epsilon([(1.0, 0.1, 100)], 1e-5)
+    with pytest.raises(
+        PrivacyBudgetError,
+        match=rf"refusing round 2: .* would reach \d+\.\d+ > its budget {spent + 0.1:g} \(delta 1e-05\); "
+        rf"spent so far {spent:.3f}, left 0.100",
+    ):
+        ledger.charge(_charge("a", 2, 1.0, rate=0.1, steps=100), max_epsilon=spent + 0.1, what="round 2")
+    assert len(ledger.charges()) == 1
+
+
+def test_a_changed_record_in_the_middle_is_an_error_naming_file_and_line(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    ledger = PrivacyLedger(path)
+    for r in range(3):
+        ledger.charge(_charge("a", r, 1.0))
+    lines = path.read_text().splitlines(keepends=True)
+    lines[1] = lines[1].replace('"noise_multiplier": 1.0', '"noise_multiplier": 9.0')  # a budget "edited" up
+    path.write_text("".join(lines))
+    with pytest.raises(DataError, match=rf"privacy ledger {re.escape(str(path))} line 2 is unreadable \(checksum"):
+        ledger.charges()
+    with pytest.raises(DataError, match="never delete it to reset a budget"):
+        ledger.charge(_charge("a", 4, 1.0))
+    assert path.read_text() == "".join(lines)  # nothing rewritten
+
+
+def _torn(path, text: str) -> None:
+    with open(path, "a") as fh:
+        fh.write(text)
+
+
+def test_a_torn_last_record_is_counted_pessimistically_and_repaired_on_the_next_charge(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    ledger = PrivacyLedger(path)
+    ledger.charge(_charge("a", 1, 1.0, rate=0.1, steps=10))
+    whole = _charge("a", 2, 0.7, rate=0.2, steps=30).to_line()
+    _torn(path, whole[: whole.index('"run_id"') + 5])  # a crash mid-write: accounting fields whole, no newline
+    expected = oracle_epsilon([(1.0, 0.1, 10), (0.7, 0.2, 30)], 1e-5)
+    assert ledger.epsilon(delta=1e-5) == pytest.approx(expected, rel=1e-9)  # counted as if it ran
+    assert ledger.charges()[-1].kind == TORN
+    ledger.charge(_charge("a", 3, 1.0, rate=0.1, steps=10))
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3 and path.read_text().endswith("\n")
+    repaired = json.loads(lines[1])
+    assert repaired["kind"] == "torn" and repaired["note"].startswith('{"noise_multiplier": 0.7')
+    expected = oracle_epsilon([(1.0, 0.1, 10), (0.7, 0.2, 30), (1.0, 0.1, 10)], 1e-5)
+    assert PrivacyLedger(path).epsilon(delta=1e-5) == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_torn_record_whose_cost_is_lost_counts_as_unbounded(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    ledger = PrivacyLedger(path)
+    ledger.charge(_charge("a", 1, 1.0))
+    _torn(path, '{"noise_multiplier": 1.2')  # cut inside the first number
+    assert ledger.epsilon(delta=1e-5) == math.inf
+    with pytest.raises(PrivacyBudgetError, match=r"would reach inf > its budget 8"):
+        ledger.charge(_charge("a", 2, 1.0), max_epsilon=8.0)
+
+
+def test_a_crash_between_charge_and_training_keeps_the_charge(tmp_path):
+    """A real training round in a child process, SIGKILLed once its charge is on disk."""
+    script = textwrap.dedent(
+        f"""
+        import json, os, sys
+        os.environ["FEDTL_SIMULATED_SITES"] = "1"
+        from fedtl.client.rounds import train_round
+        from fedtl.client.site import resolve_site
+        from fedtl.shared.backbones import backbone_state_dict, build_backbone, fingerprint_state_dict
+        from fedtl.shared.heads import build_head, head_arrays
+        from fedtl.shared.protocol import RoundSettings, SimulationSettings
+        sim = SimulationSettings(data="digits", partition="iid", seed=0, test_fraction=0.2,
+            local_test_fraction=0.2, site_root={str(tmp_path / "state")!r}, cache_root={str(tmp_path / "cache")!r})
+        site = resolve_site({{"partition-id": 0, "num-partitions": 1}}, sim)
+        state = backbone_state_dict(build_backbone("tiny"))
+        fp = site.backbones.install("tiny", fingerprint_state_dict(state), state).stem
+        settings = RoundSettings(run_id="r", num_rounds=1, backbone_name="tiny", backbone_fingerprint=fp,
+            image_size=32, head="linear", head_hidden=8, num_classes=10,
+            label_names=json.dumps([str(i) for i in range(10)]), local_epochs=5000, batch_size=16,
+            learning_rate=1.0, max_grad_norm=1.0, noise_multiplier=1.0, target_epsilon=1e6, target_delta=1e-5,
+            accountant="rdp", non_private=False, seed=0, feature_batch_size=64, device="cpu")
+        train_round(site, settings, head_arrays(build_head("linear", 32, 10)), server_round=1)
+        print("TRAINING FINISHED", flush=True)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, start_new_session=True)
+    ledger_path = tmp_path / "state" / "site-0" / "privacy" / "ledger.jsonl"
+    try:
+        deadline = time.time() + 120
+        while not (ledger_path.is_file() and ledger_path.read_text().endswith("\n")):
+            assert proc.poll() is None, "the child exited before charging"
+            assert time.time() < deadline, "no charge written within 120 s"
+            time.sleep(0.05)
+        time.sleep(0.5)  # well into the 5000 epochs of training
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out = proc.communicate(timeout=30)[0]
+    assert proc.returncode == -signal.SIGKILL and b"TRAINING FINISHED" not in out
+    (charge,) = PrivacyLedger(ledger_path).charges()
+    assert (charge.kind, charge.server_round, charge.noise_multiplier) == (DP_SGD, 1, 1.0)
+    expected = oracle_epsilon([(1.0, charge.sample_rate, charge.steps)], 1e-5)
+    assert PrivacyLedger(ledger_path).epsilon(delta=1e-5) == pytest.approx(expected, rel=1e-9)
+
+
+def _charge_many(path: str, worker: int, count: int, barrier) -> None:
+    """Spawned worker: wait for every worker, then append `count` charges tagged with `worker`."""
+    ledger = PrivacyLedger(path)
+    barrier.wait()
+    for i in range(count):
+        ledger.charge(_charge(f"worker-{worker}", i, 1.0 + worker))
+
+
+def _spawn(target, args_per_worker) -> list:
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=target, args=args) for args in args_per_worker]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    return [p.exitcode for p in procs]
+
+
+def test_concurrent_appends_from_processes_lose_nothing(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    workers, count = 2, 30
+    barrier = multiprocessing.get_context("spawn").Barrier(workers)
+    assert _spawn(_charge_many, [(str(path), w, count, barrier) for w in range(workers)]) == [0] * workers
+    charges = PrivacyLedger(path).charges()  # every line parses: no torn or interleaved records
+    assert sorted((c.run_id, c.server_round) for c in charges) == sorted(
+        (f"worker-{w}", i) for w in range(workers) for i in range(count)
+    )
+    assert np.unique([c.noise_multiplier for c in charges]).tolist() == [1.0, 2.0]
+
+
+def _charge_within(path: str, budget: float, barrier, results) -> None:
+    """Spawned worker: try to spend a release that fits the budget once but not twice."""
+    barrier.wait()
+    try:
+        PrivacyLedger(path).charge(_charge("race", 1, 1.0, rate=1.0, steps=1), max_epsilon=budget)
+        results.put("charged")
+    except PrivacyBudgetError:
+        results.put("refused")
+
+
+def test_two_processes_cannot_both_spend_the_last_of_a_budget(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    one = oracle_epsilon([(1.0, 1.0, 1)], 1e-5)
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(3), ctx.Queue()
+    assert _spawn(_charge_within, [(str(path), one * 1.2, barrier, results) for _ in range(3)]) == [0, 0, 0]
+    assert sorted(results.get(timeout=5) for _ in range(3)) == ["charged", "refused", "refused"]
+    assert len(PrivacyLedger(path).charges()) == 1
+
+
+def test_spend_by_run(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    ledger.charge(_charge("a", 0, 4.0, kind=FEATURE_SUM, rate=1.0, steps=1))
+    ledger.charge(_charge("a", 1, 1.0, rate=0.1, steps=10))
+    ledger.charge(_charge("b", 1, 1.0, rate=0.1, steps=10))
+    a, b = ledger.spend_by_run(delta=1e-5)
+    assert (a.run_id, a.rounds, a.steps, b.run_id, b.rounds) == ("a", 1, 11, "b", 1)
+    assert a.epsilon_alone == pytest.approx(oracle_epsilon([(4.0, 1.0, 1), (1.0, 0.1, 10)], 1e-5), rel=1e-9)
+    assert b.epsilon_alone == pytest.approx(oracle_epsilon([(1.0, 0.1, 10)], 1e-5), rel=1e-9)
+    assert b.epsilon_after == pytest.approx(ledger.epsilon(delta=1e-5), rel=1e-12)

@@ -1,0 +1,545 @@
+"""Tests of fedtl.client.loaders: image folders, CSV manifests, DICOM and .npz sites, and their validation."""
+
+import csv
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from sklearn.datasets import load_digits
+
+from fedtl.client.loaders import LoadReport, SiteData, load_dicom_file, load_site_dataset
+from fedtl.shared.errors import ConfigError, DataError
+
+# Stored 16-bit values and the modality/VOI settings of the DICOM oracle tests.
+STORED_SCALE, STORED_OFFSET = 250, 100  # digits 0..16 -> stored 100..4100
+SLOPE, INTERCEPT = 0.5, -1024.0  # -> modality values -974..1026
+CENTER, WIDTH = 40.0, 1001.0
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """sklearn digits: raw 0..16 (N,8,8) ints, uint8 (N,8,8) 0..255 and targets, de-duplicated by pixels."""
+    bunch = load_digits()
+    raw = bunch.images.astype(np.int64)
+    _, first = np.unique(raw.reshape(len(raw), -1), axis=0, return_index=True)
+    keep = np.sort(first)  # identical images could not tell us which label a loaded image carried
+    raw = raw[keep]
+    return raw, np.round(raw * (255.0 / 16.0)).astype(np.uint8), bunch.target[keep]
+
+
+def pick(digits, classes, per_class):
+    """Positions of the first `per_class` digits of each class."""
+    _, _, target = digits
+    return {c: np.flatnonzero(target == c)[:per_class] for c in classes}
+
+
+def save_png(path: Path, array: np.ndarray) -> Path:
+    """Write a uint8 (H,W) or (H,W,3) array as PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def write_dicom(
+    path: Path,
+    stored: np.ndarray,
+    *,
+    photometric: str = "MONOCHROME2",
+    rescale: tuple[float, float] | None = None,
+    window: tuple | None = None,
+    voi_function: str | None = None,
+    frames: int = 1,
+    pixels: bool = True,
+) -> Path:
+    """Write a real uncompressed (Explicit VR Little Endian) DICOM file: 16-bit grey or 8-bit RGB."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[str(path)])
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "OT"
+    colour = photometric == "RGB"
+    ds.Rows, ds.Columns = stored.shape[-3:-1] if colour else stored.shape[-2:]
+    ds.SamplesPerPixel = 3 if colour else 1
+    ds.PhotometricInterpretation = photometric
+    bits = 8 if colour else 16
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    if colour:
+        ds.PlanarConfiguration = 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    if rescale is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    if voi_function is not None:
+        ds.VOILUTFunction = voi_function
+    if pixels:
+        ds.PixelData = stored.astype(np.uint8 if colour else np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def linear_window(x: np.ndarray, center: float, width: float) -> np.ndarray:
+    """Oracle: DICOM PS3.3 C.11.2.1.2.1 LINEAR window written piecewise, onto 0..255, rounded."""
+    low = center - 0.5 - (width - 1) / 2
+    high = center - 0.5 + (width - 1) / 2
+    y = np.where(x <= low, 0.0, np.where(x > high, 255.0, ((x - (center - 0.5)) / (width - 1) + 0.5) * 255.0))
+    return np.round(y).astype(np.uint8)
+
+
+def write_csv(path: Path, rows: list[list[str]], header=("path", "label")) -> Path:
+    """Write a CSV manifest with `header` and `rows`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        if header is not None:
+            writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def make_class_folder(root: Path, digits, classes=(0, 1, 2), per_class=10) -> dict[bytes, str]:
+    """root/<class>/<i>.png from digits; returns image bytes -> class name."""
+    _, images, _ = digits
+    truth = {}
+    for c, positions in pick(digits, classes, per_class).items():
+        for i in positions:
+            save_png(root / str(c) / f"{i}.png", images[i])
+            truth[images[i].tobytes()] = str(c)
+    return truth
+
+
+def assert_labels_match(data: SiteData, truth: dict[bytes, str]) -> None:
+    """Every loaded image carries the class name it was written under."""
+    for ds in (data.splits.train, data.splits.test):
+        for image, label in zip(ds.images, ds.labels):
+            assert ds.label_names[label] == truth[image.tobytes()]
+
+
+def snapshot(root: Path) -> dict[str, tuple[str, int]]:
+    """SHA-256 and mtime of every file under `root`."""
+    return {
+        str(p): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+# --- formats ------------------------------------------------------------------------------------------
+
+
+def test_folder_loads_sorted_class_folders_with_a_stratified_split(tmp_path, digits):
+    truth = make_class_folder(tmp_path / "site", digits)
+    data = load_site_dataset(tmp_path / "site", seed=3)
+    report = data.report
+    assert isinstance(report, LoadReport)
+    assert report.format == "folder" and report.label_names == ("0", "1", "2")
+    assert report.split_counts == {"train": 24, "test": 6}
+    assert report.class_counts["test"] == {"0": 2, "1": 2, "2": 2}
+    assert report.image_shape == (8, 8) and report.skipped == ()
+    assert_labels_match(data, truth)
+    again = load_site_dataset(tmp_path / "site", seed=3)
+    assert again.splits.test.fingerprint() == data.splits.test.fingerprint()
+
+
+def test_label_names_fix_the_order_and_an_absent_class_is_noted(tmp_path, digits):
+    truth = make_class_folder(tmp_path / "site", digits)
+    data = load_site_dataset(tmp_path / "site", label_names=["2", "9", "0", "1"])
+    assert data.splits.train.label_names == ("2", "9", "0", "1")
+    assert_labels_match(data, truth)
+    assert data.report.class_counts["train"]["9"] == 0
+    assert "declared class(es) with no images at this site: ['9']" in data.report.notes
+
+
+def test_folder_train_val_test_layout_keeps_its_split(tmp_path, digits):
+    _, images, _ = digits
+    positions = pick(digits, (3, 4), 9)
+    truth = {}
+    for c, ix in positions.items():
+        for k, i in enumerate(ix):
+            split = ("train", "val", "test")[k % 3]
+            save_png(tmp_path / "site" / split / f"c{c}" / f"{i}.png", images[i])
+            truth[images[i].tobytes()] = f"c{c}"
+    (tmp_path / "site" / "README.txt").write_text("not an image")
+    data = load_site_dataset(tmp_path / "site")
+    assert data.report.split_counts == {"train": 12, "test": 6}  # val joins train
+    assert_labels_match(data, truth)
+    assert any("1 file(s) ignored" in note and "README.txt" in note for note in data.report.notes)
+
+
+def test_manifest_with_split_column_reads_names_relative_and_absolute_paths(tmp_path, digits):
+    _, images, _ = digits
+    rows, truth = [], {}
+    for c, ix in pick(digits, (5, 7), 6).items():
+        for k, i in enumerate(ix):
+            file = save_png(tmp_path / "site" / "img" / f"{i}.png", images[i])
+            name = str(file) if k == 0 else f"img/{i}.png"  # one absolute path per class
+            rows.append([name, f"digit-{c}", ("train", "TEST", "val")[k % 3]])
+            truth[images[i].tobytes()] = f"digit-{c}"
+    manifest = write_csv(tmp_path / "site" / "labels.csv", rows, header=("path", "label", "split"))
+    data = load_site_dataset(manifest)
+    assert data.report.format == "csv"
+    assert data.report.label_names == ("digit-5", "digit-7")
+    assert data.report.split_counts == {"train": 8, "test": 4}
+    assert_labels_match(data, truth)
+
+
+def test_manifest_without_split_column_splits_stratified_by_seed(tmp_path, digits):
+    _, images, _ = digits
+    rows, truth = [], {}
+    for c, ix in pick(digits, (1, 2, 3, 4), 10).items():
+        for i in ix:
+            save_png(tmp_path / "site" / f"{i}.png", images[i])
+            rows.append([f"{i}.png", f"d{c}", f"patient-{i}"])
+            truth[images[i].tobytes()] = f"d{c}"
+    manifest = write_csv(tmp_path / "site" / "m.csv", rows, header=(" Path", "LABEL ", "patient"))
+    first = load_site_dataset(manifest, seed=1, test_fraction=0.25)
+    assert set(first.report.class_counts["test"].values()) <= {2, 3}  # 10 of 40 over 4 balanced classes
+    assert first.report.split_counts == {"train": 30, "test": 10}
+    assert_labels_match(first, truth)
+    assert "manifest column(s) ['patient'] ignored" in first.report.notes
+    same = load_site_dataset(manifest, seed=1, test_fraction=0.25)
+    other = load_site_dataset(manifest, seed=2, test_fraction=0.25)
+    assert same.splits.test.fingerprint() == first.splits.test.fingerprint()
+    assert other.splits.test.fingerprint() != first.splits.test.fingerprint()
+
+
+def test_npz_is_delegated_and_mapped_onto_the_federation_label_names(tmp_path, digits):
+    _, images, target = digits
+    keep = np.isin(target, (0, 1))
+    x, y = images[keep][:40], (target[keep][:40] == 1).astype(np.int64)
+    named = tmp_path / "named.npz"
+    np.savez(
+        named,
+        train_images=x[:30],
+        train_labels=y[:30],
+        test_images=x[30:],
+        test_labels=y[30:],
+        label_names=np.array(["zero", "one"]),
+    )
+    data = load_site_dataset(named, label_names=("one", "zero"))
+    assert data.report.format == "npz" and data.splits.train.label_names == ("one", "zero")
+    np.testing.assert_array_equal(data.splits.train.labels, 1 - y[:30])
+    np.testing.assert_array_equal(data.splits.test.images, x[30:])
+    with pytest.raises(DataError, match=r"1 label\(s\) not in the federation's label_names: 'zero'.*allowed: \['one'"):
+        load_site_dataset(named, label_names=("one", "two"))
+
+    bare = tmp_path / "bare.npz"
+    np.savez(bare, train_images=x[:30], train_labels=y[:30], test_images=x[30:], test_labels=y[30:])
+    data = load_site_dataset(bare, label_names=("a", "b", "c"))
+    np.testing.assert_array_equal(data.splits.train.labels, y[:30])
+    assert any("indices into label_names" in note for note in data.report.notes)
+    assert not any(note.startswith("class(es) with no") for note in data.report.notes)  # no per-split note
+    assert "declared class(es) with no images at this site: ['c']" in data.report.notes
+    with pytest.raises(DataError, match=r"label 1 is outside the federation's 1 classes \['a'\]"):
+        load_site_dataset(bare, label_names=("a",))
+
+
+# --- DICOM --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_dicom_rescale_window_and_monochrome1_match_a_numpy_oracle(tmp_path, digits, photometric):
+    raw, _, _ = digits
+    stored = raw[7] * STORED_SCALE + STORED_OFFSET
+    path = write_dicom(
+        tmp_path / "a.dcm", stored, photometric=photometric, rescale=(SLOPE, INTERCEPT), window=(CENTER, WIDTH)
+    )
+    expected = linear_window(stored * SLOPE + INTERCEPT, CENTER, WIDTH)
+    if photometric == "MONOCHROME1":
+        expected = 255 - expected
+    image = load_dicom_file(path)
+    assert image.dtype == np.uint8 and image.shape == (8, 8)
+    np.testing.assert_array_equal(image, expected)
+    assert 0 < np.count_nonzero(expected == 0) < 64 and np.count_nonzero(expected == 255) > 0  # both clips used
+
+
+def test_dicom_first_window_value_override_and_min_max_fallback(tmp_path, digits):
+    raw, _, _ = digits
+    stored = raw[11] * STORED_SCALE + STORED_OFFSET
+    modality = stored * SLOPE + INTERCEPT
+    multi = write_dicom(
+        tmp_path / "multi.dcm", stored, rescale=(SLOPE, INTERCEPT), window=([CENTER, 500.0], [WIDTH, 20.0])
+    )
+    np.testing.assert_array_equal(load_dicom_file(multi), linear_window(modality, CENTER, WIDTH))
+    np.testing.assert_array_equal(load_dicom_file(multi, window=(0.0, 300.0)), linear_window(modality, 0.0, 300.0))
+
+    bare = write_dicom(tmp_path / "bare.dcm", stored, rescale=(SLOPE, INTERCEPT))
+    low, high = modality.min(), modality.max()
+    np.testing.assert_array_equal(load_dicom_file(bare), np.round((modality - low) / (high - low) * 255))
+
+    exact = write_dicom(tmp_path / "exact.dcm", stored, window=(2000.0, 3000.0), voi_function="LINEAR_EXACT")
+    expected = np.round(np.clip((stored - 2000.0) / 3000.0 + 0.5, 0, 1) * 255)
+    np.testing.assert_array_equal(load_dicom_file(exact), expected)
+
+    with pytest.raises(ConfigError, match=r"`window` must be \(center, width\).*got \(0, 0.5\)"):
+        load_dicom_file(bare, window=(0, 0.5))
+
+
+def test_dicom_rgb_is_returned_as_hwc(tmp_path, digits):
+    _, images, _ = digits
+    rgb = np.stack([images[0], images[1], 255 - images[2]], axis=-1)
+    path = write_dicom(tmp_path / "rgb.dcm", rgb, photometric="RGB")
+    np.testing.assert_array_equal(load_dicom_file(path), rgb)
+
+
+def test_dicom_bad_files_are_data_errors_naming_the_path(tmp_path, digits):
+    raw, _, _ = digits
+    stored = raw[:2] * STORED_SCALE
+    multi = write_dicom(tmp_path / "multi.dcm", stored, frames=2)
+    with pytest.raises(DataError, match=r"multi.dcm is multi-frame \(2 frames\).*fix: export single frames"):
+        load_dicom_file(multi)
+    empty = write_dicom(tmp_path / "nopix.dcm", stored[0], pixels=False)
+    with pytest.raises(DataError, match=r"nopix.dcm has no pixel data"):
+        load_dicom_file(empty)
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"not a dicom file at all")
+    with pytest.raises(DataError, match=r"cannot read DICOM file .*junk.dcm: InvalidDicomError"):
+        load_dicom_file(junk)
+    with pytest.raises(DataError, match=r"DICOM file .*absent.dcm does not exist"):
+        load_dicom_file(tmp_path / "absent.dcm")
+
+
+def test_dicom_class_folder_loads_with_dicom_format(tmp_path, digits):
+    raw, _, _ = digits
+    truth = {}
+    for c, ix in pick(digits, (0, 6), 8).items():
+        for k, i in enumerate(ix):
+            stored = raw[i] * STORED_SCALE + STORED_OFFSET
+            photometric = ("MONOCHROME2", "MONOCHROME1")[k % 2]
+            # nested series folder and, for one file, no extension (as PACS exports name them)
+            name = f"series1/{i}" if k == 0 else f"{i}.dcm"
+            write_dicom(
+                tmp_path / "site" / f"class{c}" / name,
+                stored,
+                photometric=photometric,
+                rescale=(SLOPE, INTERCEPT),
+                window=(CENTER, WIDTH),
+            )
+            expected = linear_window(stored * SLOPE + INTERCEPT, CENTER, WIDTH)
+            truth[(255 - expected if k % 2 else expected).tobytes()] = f"class{c}"
+    data = load_site_dataset(tmp_path / "site")
+    assert data.report.format == "dicom"
+    assert data.report.split_counts == {"train": 12, "test": 4}
+    assert_labels_match(data, truth)
+    assert any("16 DICOM file(s) decoded" in note for note in data.report.notes)
+
+
+def test_manifest_mixing_dicom_and_png_converts_grey_to_rgb(tmp_path, digits):
+    raw, images, _ = digits
+    rows = []
+    for k in range(12):
+        if k % 3 == 0:
+            save_png(tmp_path / f"{k}.png", np.stack([images[k]] * 2 + [images[k] // 2], axis=-1))
+            rows.append([f"{k}.png", "colour", ("train", "test")[k % 2]])
+        else:
+            write_dicom(tmp_path / f"{k}.dcm", raw[k] * STORED_SCALE, window=(CENTER, WIDTH))
+            rows.append([f"{k}.dcm", "grey", ("train", "test")[k % 2]])
+    data = load_site_dataset(write_csv(tmp_path / "m.csv", rows, header=("path", "label", "split")))
+    assert data.report.format == "csv" and data.report.image_shape == (8, 8, 3)
+    assert not any("stratified" in note for note in data.report.notes)
+    assert "8 grey image(s) converted to RGB to match 4 colour image(s)" in data.report.notes
+    grey = data.splits.train.images[data.splits.train.labels == data.splits.train.label_names.index("grey")]
+    assert np.all(grey[..., 0] == grey[..., 2])
+
+
+def test_breastmnist_written_as_dicom_with_a_manifest(tmp_path, breastmnist_path):
+    with np.load(breastmnist_path) as npz:
+        parts = {s: (npz[f"{s}_images"][:60], npz[f"{s}_labels"].reshape(-1)[:60]) for s in ("train", "test")}
+    names = ("malignant", "benign")  # MedMNIST BreastMNIST: 0 malignant, 1 normal/benign
+    rows, expected = [], {}
+    for split, (images, labels) in parts.items():
+        for i, (image, label) in enumerate(zip(images, labels)):
+            stored = image.astype(np.int64) * 16 + 8  # 12-bit-like range, no window: min-max applies
+            write_dicom(tmp_path / split / f"{i}.dcm", stored, rescale=(2.0, -500.0))
+            values = stored * 2.0 - 500.0
+            oracle = np.round((values - values.min()) / max(values.max() - values.min(), 1e-12) * 255)
+            expected[oracle.astype(np.uint8).tobytes()] = names[label]
+            rows.append([f"{split}/{i}.dcm", names[label], split])
+    manifest = write_csv(tmp_path / "manifest.csv", rows, header=("path", "label", "split"))
+    data = load_site_dataset(manifest, label_names=names)
+    assert data.report.format == "dicom" and data.report.image_shape == (28, 28)
+    assert data.report.split_counts == {"train": 60, "test": 60}
+    for ds in (data.splits.train, data.splits.test):
+        for image, label in zip(ds.images, ds.labels):
+            assert expected[image.tobytes()] == names[label]
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+
+
+def test_empty_folder_and_folders_without_classes_or_images(tmp_path, digits):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"image folder .*empty is empty; expected .*<class name>/<image>"):
+        load_site_dataset(tmp_path / "empty")
+    _, images, _ = digits
+    save_png(tmp_path / "loose" / "a.png", images[0])
+    with pytest.raises(DataError, match=r"has no class sub-folders \(it holds 1 file\(s\) directly, e.g. a.png\)"):
+        load_site_dataset(tmp_path / "loose")
+    (tmp_path / "hollow" / "cats").mkdir(parents=True)
+    (tmp_path / "hollow" / "cats" / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match=r"class folder\(s\) \['cats'\] but no image or DICOM files"):
+        load_site_dataset(tmp_path / "hollow")
+
+
+def test_manifest_structure_errors(tmp_path, digits):
+    _, images, _ = digits
+    save_png(tmp_path / "a.png", images[0])
+    (tmp_path / "empty.csv").write_text("\n\n")
+    with pytest.raises(DataError, match=r"CSV manifest .*empty.csv is empty; expected a header row path,label"):
+        load_site_dataset(tmp_path / "empty.csv")
+    with pytest.raises(DataError, match=r"header.csv has a header row but no data rows"):
+        load_site_dataset(write_csv(tmp_path / "header.csv", []))
+    cols = write_csv(tmp_path / "cols.csv", [["a.png", "x"]], header=("file", "Label"))
+    with pytest.raises(DataError, match=r"missing column\(s\) 'path'; found columns \['file', 'Label'\]"):
+        load_site_dataset(cols)
+    split = write_csv(
+        tmp_path / "split.csv",
+        [["a.png", "x", "train"], ["a.png", "x", "validation"]],
+        header=("path", "label", "split"),
+    )
+    with pytest.raises(DataError, match=r"line 3: split 'validation' is not one of 'train', 'test' or 'val'"):
+        load_site_dataset(split)
+    twice = write_csv(tmp_path / "twice.csv", [["a.png", "x"], ["./a.png", "y"]])
+    with pytest.raises(DataError, match=r"lists ./a.png twice \(lines 2 and 3\)"):
+        load_site_dataset(twice)
+    ragged = write_csv(tmp_path / "ragged.csv", [["a,b.png", "x"]], header=None)
+    ragged.write_text("path,label\na,b.png,x\n")
+    with pytest.raises(DataError, match=r"line 2 has 3 field\(s\) but the header has 2"):
+        load_site_dataset(ragged)
+
+
+def test_unknown_labels_name_the_label_rows_and_allowed_names(tmp_path, digits):
+    _, images, _ = digits
+    rows = []
+    for i in range(6):
+        save_png(tmp_path / f"{i}.png", images[i])
+        rows.append([f"{i}.png", ("benign", "Malignant", "cyst")[i % 3]])
+    manifest = write_csv(tmp_path / "m.csv", rows)
+    with pytest.raises(
+        DataError,
+        match=r"2 label\(s\) not in the federation's label_names: 'Malignant' \(line 3, line 6, differs only in "
+        r"case from 'malignant'\); 'cyst' \(line 4, line 7\); allowed: \['benign', 'malignant'\]",
+    ):
+        load_site_dataset(manifest, label_names=("benign", "malignant"), bad_files="skip")
+    make_class_folder(tmp_path / "site", digits, classes=(0, 1), per_class=2)
+    with pytest.raises(DataError, match=r"'1' \(1/.*png, 1/.*png\); allowed: \['0', '2'\]"):
+        load_site_dataset(tmp_path / "site", label_names=("0", "2"))
+
+
+def test_missing_and_corrupt_files_are_errors_or_recorded_skips(tmp_path, digits, caplog):
+    raw, images, _ = digits
+    rows = []
+    for i in range(10):
+        save_png(tmp_path / f"{i}.png", images[i])
+        rows.append([f"{i}.png", str(i % 2), ("train", "test")[i % 2]])
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    whole = write_dicom(tmp_path / "whole.dcm", raw[0] * STORED_SCALE).read_bytes()
+    (tmp_path / "broken.dcm").write_bytes(whole[:-40])  # pixel data cut short
+    rows += [["broken.png", "0", "train"], ["broken.dcm", "1", "test"], ["gone.png", "0", "train"]]
+    manifest = write_csv(tmp_path / "m.csv", rows, header=("path", "label", "split"))
+    with pytest.raises(DataError, match=r"1 listed file\(s\) do not exist: .*gone.png \(line 14\); paths are relative"):
+        load_site_dataset(manifest)
+    (tmp_path / "gone.png").write_bytes(images[0].tobytes())  # exists now, but is not a PNG
+    with pytest.raises(
+        DataError,
+        match=r"3 file\(s\) cannot be read: cannot decode image file .*broken.png.*\| "
+        r"cannot decode the pixels of DICOM file .*broken.dcm.*may be truncated.*\| .*gone.png.*"
+        r"pass bad_files='skip'",
+    ):
+        load_site_dataset(manifest)
+    (tmp_path / "gone.png").unlink()
+    with caplog.at_level(logging.WARNING, logger="fedtl.client.loaders"):
+        data = load_site_dataset(manifest, bad_files="skip")
+    assert data.report.split_counts == {"train": 5, "test": 5}
+    skipped = {Path(s.path).name: s.reason for s in data.report.skipped}
+    assert set(skipped) == {"broken.png", "broken.dcm", "gone.png"}
+    assert skipped["gone.png"] == "file does not exist"
+    assert "cannot decode image file" in skipped["broken.png"]
+    assert "skipped 3 missing or unreadable file(s)" in caplog.text and "broken.png" in caplog.text
+    assert "skipped 3 file(s):" in data.report.summary()
+
+
+def test_skipping_that_empties_a_split_and_a_source_without_test_images(tmp_path, digits):
+    _, images, _ = digits
+    for i in range(4):
+        save_png(tmp_path / f"{i}.png", images[i])
+    (tmp_path / "bad.png").write_bytes(b"garbage")
+    rows = [[f"{i}.png", "a", "train"] for i in range(4)]
+    skip = write_csv(tmp_path / "skip.csv", rows + [["bad.png", "a", "test"]], header=("path", "label", "split"))
+    with pytest.raises(DataError, match=r"all 1 test image\(s\) were skipped .*leaving the test split empty"):
+        load_site_dataset(skip, bad_files="skip")
+    only = write_csv(tmp_path / "only.csv", rows, header=("path", "label", "split"))
+    with pytest.raises(DataError, match=r"no images in the test split; a site needs both train and test images"):
+        load_site_dataset(only)
+    everything = write_csv(tmp_path / "all.csv", [["bad.png", "a"], ["nope.png", "a"]])
+    with pytest.raises(DataError, match=r"all 2 listed file\(s\) were skipped as missing or unreadable"):
+        load_site_dataset(everything, bad_files="skip")
+
+
+def test_mixed_sizes_list_the_odd_files_even_when_skipping(tmp_path, digits):
+    truth = make_class_folder(tmp_path / "site", digits, classes=(0, 1), per_class=4)
+    assert truth
+    big = np.zeros((10, 12), dtype=np.uint8)
+    save_png(tmp_path / "site" / "1" / "big.png", big)
+    with pytest.raises(
+        DataError,
+        match=r"images must all have the same size; most are 8x8 \(width x height\) but 1 differ: "
+        r".*big.png \(12x10\); fix: resize them to 8x8",
+    ):
+        load_site_dataset(tmp_path / "site", bad_files="skip")
+
+
+def test_config_errors(tmp_path, digits):
+    make_class_folder(tmp_path / "site", digits, classes=(0, 1), per_class=2)
+    with pytest.raises(ConfigError, match=r"`bad_files` must be one of \['error', 'skip'\], got 'ignore'"):
+        load_site_dataset(tmp_path / "site", bad_files="ignore")
+    with pytest.raises(ConfigError, match=r"`label_names` must be non-empty and unique.*duplicates: \['a'\]"):
+        load_site_dataset(tmp_path / "site", label_names=("a", "a"))
+    with pytest.raises(ConfigError, match=r"`label_names` must be a sequence of non-empty class-name strings"):
+        load_site_dataset(tmp_path / "site", label_names="ab")
+    with pytest.raises(ConfigError, match=r"`test_fraction` must be a number in \(0, 1\)"):
+        load_site_dataset(tmp_path / "site", test_fraction=1.5)
+
+
+def test_unsupported_sources(tmp_path, digits):
+    raw, _, _ = digits
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match=r"'.*notes.txt' is a file of an unsupported type; accepted: a directory"):
+        load_site_dataset(tmp_path / "notes.txt")
+    with pytest.raises(DataError, match=r"'.*nowhere' does not exist"):
+        load_site_dataset(tmp_path / "nowhere")
+    single = write_dicom(tmp_path / "one.dcm", raw[0])
+    with pytest.raises(DataError, match=r"is a single DICOM file, which carries no class label"):
+        load_site_dataset(single)
+
+
+def test_loading_never_modifies_the_source(tmp_path, digits):
+    raw, images, _ = digits
+    make_class_folder(tmp_path / "folder", digits, classes=(0, 1), per_class=3)
+    (tmp_path / "folder" / "1" / "bad.png").write_bytes(b"garbage")
+    rows = []
+    for i in range(6):
+        write_dicom(tmp_path / "dicom" / f"{i}.dcm", raw[i] * STORED_SCALE, photometric="MONOCHROME1")
+        rows.append([f"{i}.dcm", "x" if i else "y"])  # one 'y' image: too few to stratify
+    manifest = write_csv(tmp_path / "dicom" / "m.csv", rows + [["gone.dcm", "x"]])
+    before = snapshot(tmp_path)
+    folder = load_site_dataset(tmp_path / "folder", bad_files="skip")
+    with pytest.warns(UserWarning, match="too small for a stratified") as caught:
+        dicom = load_site_dataset(manifest, bad_files="skip")
+    assert {w.filename for w in caught} == {__file__}  # the warning points at the caller
+    assert any("using a plain seeded split" in note for note in dicom.report.notes)
+    assert snapshot(tmp_path) == before
+    assert len(folder.report.skipped) == 1 and dicom.report.format == "dicom"
+    summary = dicom.report.summary()
+    assert summary.startswith(f"source: {manifest} (dicom)")
+    assert "images: 4 train, 2 test; 8x8 grey" in summary and "gone.dcm: file does not exist" in summary
