@@ -200,6 +200,9 @@ def load_site_data(site: Site, label_names: tuple[str, ...]) -> tuple[ImageDatas
         )
     policy = site.policy
     assert policy is not None  # a real site always has one (resolve_site)
+    if policy.data == "digits":  # sklearn's bundled digits: to try a site out before pointing it at real data
+        splits = load_dataset("digits", seed=0, test_fraction=policy.test_fraction)
+        return splits.train, splits.test  # type: ignore[return-value]
     loaded = load_site_dataset(
         policy.data,
         label_names=policy.label_names or label_names,

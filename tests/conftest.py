@@ -28,3 +28,12 @@ def _isolated_fedtl_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("fedtl-home")
     monkeypatch.setenv("FEDTL_HOME", str(home))
     return home
+
+
+@pytest.fixture
+def flower_identity(monkeypatch):
+    """Messages are stamped with the identity of the process that creates them, as in a Flower app process."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)

@@ -1,22 +1,22 @@
 """Server-side aggregation: FedAvg against np.average, FedAdam/FedProx wiring, and reply screening."""
 
+import re
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
+from fedtl.server.checkpoint import Checkpoint, load_checkpoint, restore_strategy_state, save_checkpoint, strategy_state
 from fedtl.server.report import RunRecorder
 from fedtl.server.strategy import make_strategy
 from fedtl.shared import constants as k
 from fedtl.shared.config import RunConfig
+from fedtl.shared.errors import ConfigError, FederationError
 
 
 @pytest.fixture(autouse=True)
-def _serverapp_identity(monkeypatch):
-    """Messages are stamped with the identity of the process that creates them, as in a ServerApp."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
+def _serverapp_identity(flower_identity):
+    """Every test here builds Messages as a ServerApp would."""
 
 
 SHAPES = {"center": (4,), "layers.0.weight": (3, 4), "layers.0.bias": (3,)}
@@ -111,3 +111,108 @@ def test_round_line_records_per_site_metrics_and_max_epsilon(tmp_path):
     assert line["epsilon-max"] == 1.5
     assert set(line["sites"]) == {"a", "b"}
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
+
+
+def _near(global_arrays: dict[str, np.ndarray], rng, scale: float = 0.01) -> dict[str, np.ndarray]:
+    """A plausible update: the global head plus a small step (the frozen centre untouched)."""
+    return {
+        name: (v if name == "center" else v + scale * rng.normal(size=v.shape)).astype(np.float32)
+        for name, v in global_arrays.items()
+    }
+
+
+def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(v) for name, v in arrays.items()})
+
+
+def test_implausible_updates_and_a_changed_centre_are_rejected(tmp_path):
+    rng = np.random.default_rng(3)
+    global_arrays = _random_arrays(rng)
+    recorder = RunRecorder(
+        run_dir=tmp_path, expected_arrays={n: (s, "float32") for n, s in SHAPES.items()}, frozen_arrays=("center",)
+    )
+    strategy = make_strategy(RunConfig(), recorder)
+    recorder.set_global_arrays(_record(global_arrays))
+    honest = [_near(global_arrays, rng) for _ in range(4)]
+    huge = _near(global_arrays, rng, scale=10.0)  # ~1000x the others' step
+    moved_centre = dict(_near(global_arrays, rng), center=global_arrays["center"] + 1)
+    replies = [_reply(a, 10, site=f"h{i}") for i, a in enumerate(honest)]
+    replies += [_reply(huge, 10, site="huge"), _reply(moved_centre, 10, site="centre")]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    reasons = {r["site"]: r["reason"] for r in recorder.rejected}
+    assert set(reasons) == {"huge", "centre"}
+    assert re.match(
+        r"implausible update: the head moved by L2 norm [\d.]+ > limit [\d.]+ \(10x the round median\)", reasons["huge"]
+    )
+    assert reasons["centre"] == "head tensor `center` is fixed by the server for the whole run, but the site changed it"
+    expected = np.mean([a["layers.0.weight"] for a in honest], axis=0)
+    np.testing.assert_allclose(arrays["layers.0.weight"].numpy(), expected, rtol=1e-5)
+
+
+def test_an_explicit_update_norm_limit_applies_with_any_number_of_sites(tmp_path):
+    rng = np.random.default_rng(4)
+    global_arrays = _random_arrays(rng)
+    recorder = RunRecorder(
+        run_dir=tmp_path, expected_arrays={n: (s, "float32") for n, s in SHAPES.items()}, max_update_norm=1.0
+    )
+    strategy = make_strategy(RunConfig(), recorder)
+    recorder.set_global_arrays(_record(global_arrays))
+    far = _near(global_arrays, rng, scale=1.0)
+    strategy.aggregate_train(1, [_reply(_near(global_arrays, rng), 10, site="ok"), _reply(far, 10, site="far")])
+    assert [r["site"] for r in recorder.rejected] == ["far"]
+    assert "> limit 1 (max-update-norm)" in recorder.rejected[0]["reason"]
+
+
+def test_refusals_are_logged_by_site_name_and_too_few_updates_stop_the_run(tmp_path):
+    rng = np.random.default_rng(5)
+    recorder = RunRecorder(run_dir=tmp_path, expected_arrays={n: (s, "float32") for n, s in SHAPES.items()})
+    strategy = make_strategy(RunConfig(min_available_nodes=2, min_train_sites=2), recorder)
+    refusal = Message(
+        content=RecordDict(
+            {k.SITE: ConfigRecord({k.SITE_NAME: "bank-2", k.REFUSED: "site bank-2 refuses round 1: budget"})}
+        ),
+        reply_to=Message(content=RecordDict(), dst_node_id=3, message_type=MessageType.TRAIN),
+    )
+    with pytest.raises(
+        FederationError,
+        match=r"round 1: 1 accepted update\(s\) < min-train-sites 2; rejected or refused: .*bank-2.* "
+        r"continue it with resume = ",
+    ):
+        strategy.aggregate_train(1, [_reply(_random_arrays(rng), 10, site="bank-1"), refusal])
+    assert recorder.rejected == [
+        {"round": 1, "site": "bank-2", "reason": "refused by the site: site bank-2 refuses round 1: budget"}
+    ]
+
+
+def test_checkpoint_round_trips_the_head_fedadam_state_and_records(tmp_path):
+    rng = np.random.default_rng(6)
+    recorder = RunRecorder(run_dir=tmp_path, expected_arrays={n: (s, "float32") for n, s in SHAPES.items()})
+    strategy = make_strategy(RunConfig(strategy="fedadam"), recorder)
+    start = _random_arrays(rng)
+    strategy.configure_train(1, _record(start), ConfigRecord(), _NoGrid())
+    arrays, _ = strategy.aggregate_train(1, [_reply(_near(start, rng), 10, site="a")])
+    recorder.finish_round(1, {"accuracy": 0.25})
+    saved = Checkpoint(1, {n: a.numpy() for n, a in arrays.items()}, strategy_state(strategy), recorder.state())
+    save_checkpoint(tmp_path, saved)
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.server_round == 1 and loaded.records == recorder.state()
+    for name, value in saved.arrays.items():
+        np.testing.assert_array_equal(loaded.arrays[name], value)
+    assert set(loaded.strategy_state) == {"m_t", "v_t"}
+    fresh = make_strategy(RunConfig(strategy="fedadam"), RunRecorder(run_dir=tmp_path, expected_arrays={}))
+    restore_strategy_state(fresh, loaded.strategy_state)
+    for part in ("m_t", "v_t"):
+        for name, value in getattr(strategy, part).items():
+            np.testing.assert_array_equal(getattr(fresh, part)[name], value)
+    with pytest.raises(ConfigError, match="has no checkpoint.safetensors"):
+        load_checkpoint(tmp_path / "elsewhere")
+
+
+class _NoGrid:
+    """A Grid with no nodes connected... but one: enough for configure_train to build its message."""
+
+    def get_node_ids(self):
+        return [7]
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)

@@ -184,6 +184,22 @@ def test_supernode_keys_bad_names(tmp_path, names, match):
     assert not any(tmp_path.iterdir())
 
 
+def _command(binary: Path, *switches: str, **options: object) -> list[str]:
+    """`binary --switch --option-name value ...` from keyword arguments (underscores become dashes)."""
+    args = [str(binary), *switches]
+    for name, value in options.items():
+        args += [f"--{name.replace('_', '-')}", str(value)]
+    return args
+
+
+def _start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Start a Flower process in its own session (so `_stop` can end it and its children), output to `log`."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+        )
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -213,11 +229,11 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=15)
 
 
-def test_real_superlink_serves_tls_that_the_ca_verifies(tmp_path, certs):
-    """Start flower-superlink with the certificates: TLS verifies with the CA, a key registers, its SuperNode joins."""
-    superlink, flwr = VENV_BIN / "flower-superlink", VENV_BIN / "flwr"
-    if not (superlink.exists() and flwr.exists()):
-        pytest.skip(f"flower-superlink/flwr not installed beside {sys.executable}")
+def test_real_superlink_tls_and_supernode_auth(tmp_path, certs):
+    """A real flower-superlink on these files: TLS verifies with the CA only; auth refuses, then admits, a SuperNode."""
+    superlink, supernode, flwr = (VENV_BIN / name for name in ("flower-superlink", "flower-supernode", "flwr"))
+    if not (superlink.exists() and supernode.exists() and flwr.exists()):
+        pytest.skip(f"flower-superlink/flower-supernode/flwr not installed beside {sys.executable}")
     port = _free_port()
     env = {
         **os.environ,
@@ -228,24 +244,20 @@ def test_real_superlink_serves_tls_that_the_ca_verifies(tmp_path, certs):
         "FLWR_TELEMETRY_ENABLED": "0",
     }
     log = tmp_path / "superlink.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                str(superlink),
-                "--ssl-ca-certfile", str(certs.ca_cert),
-                "--ssl-certfile", str(certs.server_cert),
-                "--ssl-keyfile", str(certs.server_key),
-                "--enable-supernode-auth",
-                "--isolation", "process",  # no ServerApp runner: nothing outlives the SuperLink
-                "--host", "127.0.0.1",
-                "--port", str(port),
-            ],  # fmt: skip
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-        )
+    proc = _start(
+        _command(
+            superlink,
+            "--enable-supernode-auth",
+            ssl_ca_certfile=certs.ca_cert,
+            ssl_certfile=certs.server_cert,
+            ssl_keyfile=certs.server_key,
+            isolation="process",  # no ServerApp runner: nothing outlives the SuperLink
+            host="127.0.0.1",
+            port=port,
+        ),
+        log,
+        env,
+    )
     try:
         _wait_for_port(port, proc, log)
 
@@ -262,13 +274,30 @@ def test_real_superlink_serves_tls_that_the_ca_verifies(tmp_path, certs):
             with pytest.raises(ssl.SSLCertVerificationError):
                 ssl.create_default_context().wrap_socket(raw, server_hostname="localhost")
 
-        # 3. The flwr CLI, given the CA through config.toml, registers a SuperNode public key over TLS.
+        # 3. With authentication on, a SuperNode whose key was never registered is turned away.
+        private_path, public_path = generate_supernode_keys(tmp_path / "keys", ["site-0"])["site-0"]
+        supernode_args = _command(
+            supernode,
+            superlink=f"127.0.0.1:{port}",
+            root_certificates=certs.ca_cert,
+            auth_supernode_private_key=private_path,
+            isolation="process",  # no ClientApp runner
+            max_retries=3,
+        )
+        refused_log = tmp_path / "supernode-refused.log"
+        refused = _start([*supernode_args, "--port", str(_free_port())], refused_log, env)
+        try:
+            assert refused.wait(timeout=60) != 0, refused_log.read_text()
+        finally:
+            _stop(refused)
+        assert "Failed to activate SuperNode" in refused_log.read_text(), refused_log.read_text()
+
+        # 4. The flwr CLI, given the CA through config.toml, registers the public key over TLS.
         (tmp_path / "flwr-home").mkdir(exist_ok=True)
         (tmp_path / "flwr-home" / "config.toml").write_text(
             f'[superlink]\ndefault = "tls"\n\n[superlink.tls]\naddress = "127.0.0.1:{port}"\n'
             f'root-certificates = "{certs.ca_cert}"\n'
         )
-        private_path, public_path = generate_supernode_keys(tmp_path / "keys", ["site-0"])["site-0"]
         done = subprocess.run(
             [str(flwr), "supernode", "register", str(public_path), "tls", "--format", "json"],
             env=env,
@@ -279,25 +308,9 @@ def test_real_superlink_serves_tls_that_the_ca_verifies(tmp_path, certs):
         assert done.returncode == 0, done.stdout + done.stderr
         assert '"success": true' in done.stdout, done.stdout
 
-        # 4. A SuperNode holding the matching private key connects over TLS and is let in.
+        # 5. Now the SuperNode holding the matching private key connects over TLS and is let in.
         node_log = tmp_path / "supernode.log"
-        with node_log.open("wb") as out:
-            node = subprocess.Popen(
-                [
-                    str(VENV_BIN / "flower-supernode"),
-                    "--superlink", f"127.0.0.1:{port}",
-                    "--root-certificates", str(certs.ca_cert),
-                    "--auth-supernode-private-key", str(private_path),
-                    "--isolation", "process",  # no ClientApp runner
-                    "--port", str(_free_port()),
-                    "--max-retries", "0",
-                ],  # fmt: skip
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,
-            )
+        node = _start([*supernode_args, "--port", str(_free_port())], node_log, env)
         try:
             end = time.monotonic() + 60
             while "SuperNode ID:" not in node_log.read_text() and node.poll() is None and time.monotonic() < end:

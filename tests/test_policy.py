@@ -1,0 +1,159 @@
+"""A site's own policy (client/policy.py) and what a site operator runs (client/admin.py, `fedtl site`)."""
+
+import json
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+from fedtl.client.admin import init_policy, ledger_report, status_report
+from fedtl.client.client_app import query
+from fedtl.client.policy import PolicyRefusal, load_policy
+from fedtl.client.rounds import train_round
+from fedtl.client.site import site_from_policy
+from fedtl.shared import constants as k
+from fedtl.shared.backbones import backbone_state_dict, build_backbone, fingerprint_state_dict
+from fedtl.shared.errors import ConfigError
+from fedtl.shared.heads import build_head, head_arrays
+from fedtl.shared.protocol import RoundSettings, encode
+from fedtl.simulations.cli import main
+
+TINY = fingerprint_state_dict(backbone_state_dict(build_backbone("tiny")))
+DIGITS = [str(i) for i in range(10)]
+
+
+@pytest.fixture
+def policy_path(tmp_path):
+    path = init_policy(
+        tmp_path / "site.toml", site_name="hospital-a", data="digits", backbones=["tiny"], label_names=[]
+    )
+    return path
+
+
+def _settings(**changes) -> RoundSettings:
+    values = dict(
+        run_id="run-a",
+        num_rounds=2,
+        backbone_name="tiny",
+        backbone_fingerprint=TINY,
+        image_size=32,
+        head="linear",
+        head_hidden=16,
+        num_classes=10,
+        label_names=json.dumps(DIGITS),
+        local_epochs=1,
+        batch_size=32,
+        learning_rate=1.0,
+        max_grad_norm=1.0,
+        noise_multiplier=-1.0,
+        target_epsilon=4.0,
+        target_delta=1e-5,
+        accountant="rdp",
+        non_private=False,
+        seed=0,
+        feature_batch_size=64,
+        device="cpu",
+    )
+    values.update(changes)
+    return RoundSettings(**values)
+
+
+def test_the_template_is_a_valid_policy_with_safe_defaults(policy_path, tmp_path):
+    policy = load_policy(policy_path)
+    assert (policy.site_name, policy.data, policy.max_epsilon, policy.delta) == ("hospital-a", "digits", 8.0, 1e-5)
+    assert policy.allowed_backbones == (TINY,)
+    assert policy.state_dir == tmp_path / "state" and policy.cache_dir == tmp_path / "state" / "cache"
+    assert not policy.allow_non_private and not policy.release_evaluation_metrics
+    assert policy.min_noise_multiplier == 0.5
+    text = policy_path.read_text()
+    assert "# tiny" in text and "nothing the federation server sends can loosen it" in text
+    with pytest.raises(ConfigError, match="exists; refusing to overwrite a site policy"):
+        init_policy(policy_path, site_name="x", data="digits", backbones=["tiny"], label_names=[])
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            ("max-epsilon = 8.0", "max-epsilon = 8.0\nmax-epsilon-x = 1"),
+            r"unknown key `privacy.max-epsilon-x`; did you mean `privacy.max-epsilon`",
+        ),
+        (("[storage]", "[storag]"), r"unknown section `storag`; did you mean `storage`"),
+        (("max-epsilon = 8.0", "max-epsilon = -1.0"), r"`privacy.max-epsilon` must be a finite number > 0, got -1.0"),
+        (("max-epsilon = 8.0", 'max-epsilon = "8"'), r"`privacy.max-epsilon` must be float, got '8'"),
+        (("max-epsilon = 8.0", "# max-epsilon = 8.0"), r"lacks `privacy.max-epsilon`"),
+        (("delta = 1e-5", "delta = 2.0"), r"`privacy.delta` must be in \(0, 1\), got 2.0"),
+        ((f'"{TINY}"', '"abc"'), r"`backbones.allowed` entry 'abc' is not a SHA-256 fingerprint"),
+        ((f'"{TINY}",', ""), r"`backbones.allowed` is empty, so this site would refuse every federation"),
+        (('bad-files = "error"', 'bad-files = "ignore"'), r"`site.bad-files` must be one of error, skip, got 'ignore'"),
+    ],
+)
+def test_policy_errors_name_the_key_and_the_fix(policy_path, edit, message):
+    old, new = edit
+    text = policy_path.read_text()
+    assert old in text
+    policy_path.write_text(text.replace(old, new, 1))
+    with pytest.raises(ConfigError, match=message):
+        load_policy(policy_path)
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        (dict(target_epsilon=20.0), r"the run asks target-epsilon 20 but the policy allows at most max-epsilon 8"),
+        (dict(num_rounds=500), r"the run plans 500 rounds > the policy's max-rounds-per-run 50"),
+        (dict(non_private=True), r"NON-PRIVATE .* allow-non-private = false"),
+        (dict(target_delta=1e-3), r"target-delta 0.001 > the policy's delta 1e-05"),
+        (dict(noise_multiplier=0.3), r"fixes noise-multiplier 0.3 < the policy's min-noise-multiplier 0.5"),
+        (dict(backbone_fingerprint="f" * 64), r"refuses backbone tiny with fingerprint f{64}: it is not in"),
+    ],
+)
+def test_nothing_the_server_sends_can_loosen_the_policy(policy_path, changes, reason):
+    policy = load_policy(policy_path)
+    policy.check_settings(_settings(), action="round 1")  # the defaults are within the policy
+    with pytest.raises(PolicyRefusal, match=rf"site hospital-a refuses round 1: .*{reason}|{reason}"):
+        policy.check_settings(_settings(**changes), action="round 1")
+
+
+def test_a_policy_with_label_names_refuses_other_classes(policy_path):
+    policy_path.write_text(policy_path.read_text().replace("label-names = []", f"label-names = {json.dumps(DIGITS)}"))
+    policy = load_policy(policy_path)
+    swapped = json.dumps(["1", "0"] + DIGITS[2:])
+    with pytest.raises(
+        PolicyRefusal, match=r"the run trains classes \['1', '0', .* but the policy declares \['0', '1'"
+    ):
+        policy.check_settings(_settings(label_names=swapped), action="round 1")
+
+
+def _query(action: str, policy_path, **changes) -> Message:
+    config = ConfigRecord({**encode(_settings(**changes)), k.ACTION: action})
+    msg = Message(content=RecordDict({k.CONFIG: config}), dst_node_id=5, message_type=MessageType.QUERY)
+    context = Context(run_id=1, node_id=5, node_config={"policy": str(policy_path)}, state=RecordDict(), run_config={})
+    return query(msg, context)
+
+
+def test_the_clientapp_answers_a_request_beyond_the_policy_with_a_refusal_record(policy_path, flower_identity):
+    reply = _query(k.ACTION_HAS_BACKBONE, policy_path, target_epsilon=20.0)
+    site = reply.content.config_records[k.SITE]
+    assert site[k.SITE_NAME] == "hospital-a" and site[k.REFUSAL_TYPE] == "PolicyRefusal"
+    assert "the run asks target-epsilon 20 but the policy allows at most max-epsilon 8" in site[k.REFUSED]
+    ok = _query(k.ACTION_HAS_BACKBONE, policy_path).content.config_records[k.SITE]
+    assert k.REFUSED not in ok and ok[k.HAS_BACKBONE] is False and ok[k.RELEASES_EVALUATION] is False
+
+
+def test_the_lifetime_budget_holds_across_runs_and_the_operator_sees_it(policy_path, capsys):
+    policy = load_policy(policy_path)
+    site = site_from_policy(policy)
+    state = backbone_state_dict(build_backbone("tiny"))
+    site.backbones.install("tiny", TINY, state)
+    head = head_arrays(build_head("linear", 32, 10, hidden=16))
+    first = train_round(site, _settings(run_id="run-a", num_rounds=1, target_epsilon=5.0), head, server_round=1)
+    assert 4.5 < first.epsilon <= 5.0
+    # A second run asking for the policy's whole 8 gets only what is left of it: its noise is planned so.
+    second = train_round(site, _settings(run_id="run-b", num_rounds=1, target_epsilon=8.0), head, server_round=1)
+    assert first.epsilon < second.epsilon <= 8.0 * (1 + 1e-6)
+    assert main(["site", "ledger", "--policy", str(policy_path)]) == 0
+    out = capsys.readouterr().out
+    assert "run-a" in out and "run-b" in out and f"total epsilon {second.epsilon:.3f} of max-epsilon 8" in out
+    assert f"spent epsilon {second.epsilon:.3f} of 8 at delta 1e-05" in status_report(policy)
+    assert "tiny" in status_report(policy) and "cached" in status_report(policy)
+    assert ledger_report(policy).count("\n") == 4  # title, header, 2 runs, total
