@@ -13,6 +13,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message
 
 from fedtl.shared import constants as k
+from fedtl.shared.files import atomic_write_bytes
 from fedtl.shared.protocol import jsonable
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,16 @@ class RunRecorder:
     _round: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     _global: dict[str, np.ndarray] = field(default_factory=dict)
+    node_names: dict[int, str] = field(default_factory=dict)  # node id -> site name, from the set-up queries
+    _sent: dict[str, int] = field(default_factory=dict)  # message id -> destination node, this round
+    _sent_messages: list[Message] = field(default_factory=list)
+
+    def expect_replies(self, messages: list[Message]) -> None:
+        """Remember this round's training messages, to name the sites that never answer.
+
+        Flower's Grid sets each message's id when it sends it, so they are read at screening time.
+        """
+        self._sent_messages = list(messages)
 
     def set_global_arrays(self, arrays: ArrayRecord) -> None:
         """Remember the global head sent this round: updates are measured against it."""
@@ -66,6 +77,9 @@ class RunRecorder:
         self.site_delta = {k_: float(v) for k_, v in state.get("site-delta", {}).items()}
         self.rejected = list(state.get("rejected", []))
         self.history = list(state.get("history", []))
+        # Rounds that finished after the checkpoint was written (a crash between the two) are redone.
+        text = "".join(json.dumps(jsonable(line), sort_keys=True) + "\n" for line in self.history)
+        atomic_write_bytes(self.metrics_path, text.encode())
 
     @property
     def metrics_path(self) -> Path:
@@ -74,19 +88,25 @@ class RunRecorder:
 
     def screen_train(self, server_round: int, replies: list[Message]) -> list[Message]:
         """Return the acceptable training replies and record each site's metrics; log the rest."""
+        sent = getattr(self, "_sent_messages", [])
+        self._sent = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+        answered = {self._node_of(m) for m in replies}
+        for node_id in sorted({m.metadata.dst_node_id for m in sent} - answered):
+            self.reject(server_round, self._name_of(node_id), "no reply within round-timeout")
+        self._sent_messages = []
         candidates = []
         sites = self._round.setdefault("sites", {})
         for name, msg in self._answered(server_round, replies):
             problem = self._check_train_reply(msg)
             if problem:
-                self._reject(server_round, name, problem)
+                self.reject(server_round, name, problem)
             else:
                 candidates.append((name, msg, self._update_norm(msg)))
         limit = self._norm_limit([norm for _, _, norm in candidates])
         kept = []
         for name, msg, norm in candidates:
             if norm > limit:
-                self._reject(
+                self.reject(
                     server_round,
                     name,
                     f"implausible update: the head moved by L2 norm {norm:.4g} > limit {limit:.4g} "
@@ -133,11 +153,11 @@ class RunRecorder:
         sites = self._round.setdefault("sites", {})
         for name, msg in self._answered(server_round, replies):
             if len(msg.content.metric_records) != 1:
-                self._reject(server_round, name, "evaluation reply without exactly one MetricRecord")
+                self.reject(server_round, name, "evaluation reply without exactly one MetricRecord")
                 continue
             metrics = dict(next(iter(msg.content.metric_records.values())))
             if k.NUM_EXAMPLES not in metrics:
-                self._reject(server_round, name, f"evaluation reply lacks `{k.NUM_EXAMPLES}`")
+                self.reject(server_round, name, f"evaluation reply lacks `{k.NUM_EXAMPLES}`")
                 continue
             sites.setdefault(name, {})["evaluate"] = metrics
             kept.append(msg)
@@ -167,14 +187,21 @@ class RunRecorder:
         """Return (site name, reply) of the replies without an error; record the errors as rejections."""
         answered = []
         for msg in replies:
-            name = reply_site_name(msg)
+            name = reply_site_name(msg) if not msg.has_error() else self._name_of(self._node_of(msg))
             if msg.has_error():
-                self._reject(server_round, name, f"site error: {short_reason(msg.error.reason)}")
+                self.reject(server_round, name, f"site error: {short_reason(msg.error.reason)}")
             elif refusal(msg) is not None:
-                self._reject(server_round, name, f"refused by the site: {refusal(msg)}")
+                self.reject(server_round, name, f"refused by the site: {refusal(msg)}")
             else:
                 answered.append((name, msg))
         return answered
+
+    def _node_of(self, msg: Message) -> int:
+        """Return the node a reply answers for (the SuperLink answers for a node that went offline)."""
+        return self._sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+
+    def _name_of(self, node_id: int) -> str:
+        return self.node_names.get(node_id, f"node-{node_id}")
 
     def _check_train_reply(self, msg: Message) -> str | None:
         content = msg.content
@@ -202,7 +229,8 @@ class RunRecorder:
             return f"`{k.NUM_EXAMPLES}` must be > 0, got {metrics[k.NUM_EXAMPLES]}"
         return None
 
-    def _reject(self, server_round: int, site: str, reason: str) -> None:
+    def reject(self, server_round: int, site: str, reason: str) -> None:
+        """Log and record a reply (or a missing one) that is not aggregated."""
         log.warning("round %d: reply from %s rejected, not aggregated: %s", server_round, site, reason)
         self.rejected.append({"round": server_round, "site": site, "reason": reason})
         self._round.setdefault("rejected", []).append({"site": site, "reason": reason})

@@ -155,6 +155,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_dir: Path | None = None) -
         non_private=cfg.non_private,
         frozen_arrays=("center",) if "center" in initial else (),
         max_update_norm=cfg.max_update_norm,
+        node_names=dict(setup.names),
     )
     done = 0
     if checkpoint is not None:
@@ -219,6 +220,8 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_dir: Path | None = None) -
         head_bytes=head_bytes,
         majority=majority_rate(splits.test.labels) if splits is not None and splits.test is not None else math.nan,
     )
+    summary["refused-sites"] = sorted(setup.refused.values())
+    summary["resumed-after-round"] = done
     summary["seconds"] = time.time() - t_start
     _write_json(run_dir / "summary.json", summary)
     log.info("run %s finished in %.1f s; model at %s", run_id, summary["seconds"], summary["model"])
@@ -353,6 +356,7 @@ class SiteSetup:
     bytes_sent: dict[str, int]  # site name -> bytes of backbone weights sent (0: cached at the site)
     refused: dict[int, str]  # node id -> "site: reason" for sites that refused the run
     no_evaluation: frozenset[int]  # node ids whose policy keeps evaluation metrics local
+    names: dict[int, str]  # node id -> site name
 
 
 def distribute_backbone(
@@ -411,7 +415,7 @@ def distribute_backbone(
             nbytes,
             " (cached at site)" if nbytes == 0 else "",
         )
-    return SiteSetup(sent, refused, frozenset(no_evaluation))
+    return SiteSetup(sent, refused, frozenset(no_evaluation), names)
 
 
 def _refused_setup(reply: Message, node_id: int, refused: dict[int, str], what: str) -> bool:
@@ -503,6 +507,17 @@ def _label_names(cfg: RunConfig, splits: DataSplits | None) -> tuple[str, ...]:
     return tuple(splits.train.label_names)
 
 
+RESUME_OVERRIDABLE = (
+    "round-timeout",
+    "min-available-nodes",
+    "min-train-sites",
+    "max-update-norm",
+    "federated-evaluation",
+    "device",
+    "feature-batch-size",
+)
+
+
 def _resume(cfg: RunConfig) -> tuple[RunConfig, str, Path, Checkpoint]:
     """Return the stored config, run id, folder and checkpoint of the run `cfg.resume` names.
 
@@ -514,16 +529,24 @@ def _resume(cfg: RunConfig) -> tuple[RunConfig, str, Path, Checkpoint]:
         stored = json.loads((run_dir / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot resume {run_dir}: its config.json is missing or unreadable ({exc})") from exc
-    resumed = RunConfig.from_mapping(stored["config"]).replace(resume=str(run_dir), round_timeout=cfg.round_timeout)
+    stored_cfg = RunConfig.from_mapping(stored["config"])
+    given, defaults = cfg.to_mapping(), RunConfig().to_mapping()
+    # Operational keys come from the resuming run's config (a site is gone for good, a slower network);
+    # everything that shapes the model or the privacy plan stays as the run started.
+    overrides = {key.replace("-", "_"): given[key] for key in RESUME_OVERRIDABLE}
+    resumed = stored_cfg.replace(resume=str(run_dir), **overrides)
     ignored = sorted(
         key
-        for key, value in cfg.to_mapping().items()
-        if key not in ("resume", "round-timeout")
-        and value != RunConfig().to_mapping()[key]
-        and value != resumed.to_mapping()[key]
+        for key, value in given.items()
+        if key not in RESUME_OVERRIDABLE and key != "resume" and value not in (defaults[key], stored["config"][key])
     )
     if ignored:
-        log.warning("resuming %s with its stored config; ignoring the new values of %s", run_dir.name, ignored)
+        log.warning(
+            "resuming %s with its stored config; ignoring new values of %s (only %s may change on resume)",
+            run_dir.name,
+            ignored,
+            ", ".join(RESUME_OVERRIDABLE),
+        )
     checkpoint = load_checkpoint(run_dir)
     if checkpoint.server_round >= resumed.num_rounds:
         raise ConfigError(f"run {run_dir.name} already finished all {resumed.num_rounds} rounds; nothing to resume")

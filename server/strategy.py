@@ -44,7 +44,9 @@ class RecordingMixin:
         """Send the round to every sampled site that did not refuse the run."""
         self.recorder.set_global_arrays(arrays)
         messages = super().configure_train(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]
-        return [m for m in messages if m.metadata.dst_node_id not in self.excluded_nodes]
+        messages = [m for m in messages if m.metadata.dst_node_id not in self.excluded_nodes]
+        self.recorder.expect_replies(messages)
+        return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):  # type: ignore[no-untyped-def]
         """Ask for evaluation only the sites whose policy releases evaluation metrics."""

@@ -52,7 +52,8 @@ def generate_certificates(
     Args:
         out_dir: folder to write `ca.crt`, `ca.key`, `server.pem` and `server.key` to (created if absent).
         hosts: names and addresses clients dial the SuperLink by; IP literals become IP subjectAltNames,
-            everything else DNS subjectAltNames. The first one is the certificate's common name.
+            everything else DNS subjectAltNames. The first one is the certificate's common name. Keep
+            127.0.0.1: the SuperLink's own ServerApp runner (flower-superexec) dials 127.0.0.1:<port> with the CA.
         days: validity of both certificates, in days from now.
         overwrite: replace existing files instead of refusing.
 
@@ -201,8 +202,11 @@ def _subject_alt_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
             continue
         except ValueError:
             pass
-        if any(c.isspace() or c in "/:@" for c in text):
-            raise ConfigError(f"host {host!r} is neither an IP address nor a DNS name; drop the scheme, port or path")
+        if not text.isascii() or any(c.isspace() or c in "/:@" for c in text):
+            raise ConfigError(
+                f"host {host!r} is neither an IP address nor an ASCII DNS name; drop the scheme, port or path "
+                "(write internationalized names in their xn-- form)"
+            )
         sans.append(x509.DNSName(text))
     return sans
 

@@ -106,11 +106,13 @@ def add_site_commands(sub: argparse._SubParsersAction) -> None:
         cmd.add_argument("--policy", required=True, help="the site policy file")
     start = site_sub.add_parser("start", help="run this site's SuperNode (outbound connection to the SuperLink only)")
     start.add_argument("--policy", required=True, help="the site policy file")
-    start.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink's Fleet API (default port 9092)")
+    start.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink (one port for all APIs)")
     start.add_argument("--root-certificates", help="CA certificate (PEM) that signed the SuperLink's certificate")
-    start.add_argument("--auth-key", help="private key (PEM) registered with `flwr supernode register`")
+    start.add_argument(
+        "--auth-key", help="OpenSSH private key whose public key was registered with `flwr supernode register`"
+    )
     start.add_argument("--insecure", action="store_true", help="no TLS (loopback experiments only)")
-    start.add_argument("--clientappio-port", type=int, default=9094, help="local ClientAppIo port (default 9094)")
+    start.add_argument("--port", type=int, default=9094, help="local port of the ClientApp runtime API (default 9094)")
 
 
 def run_site_command(args: argparse.Namespace) -> int:
@@ -148,7 +150,7 @@ def run_site_command(args: argparse.Namespace) -> int:
 def supernode_command(args: argparse.Namespace, policy_path: str) -> list[str]:
     """Return the `flower-supernode` command line of a site: its policy in the node config, TLS unless --insecure."""
     command = ["flower-supernode", "--superlink", args.superlink, "--node-config", f"policy='{policy_path}'"]
-    command += ["--clientappio-api-address", f"127.0.0.1:{args.clientappio_port}"]
+    command += ["--port", str(args.port)]  # the local ClientApp runtime API (127.0.0.1)
     if args.insecure:
         command.append("--insecure")
     elif args.root_certificates:

@@ -121,7 +121,7 @@ def test_overwrite_replaces_the_ca(certs):
         ({"hosts": ()}, r"`hosts` is empty"),
         ({"hosts": "localhost"}, r"single string 'localhost'; wrap it in a list"),
         ({"hosts": ("localhost", " ")}, r"host ' ' is blank"),
-        ({"hosts": ("https://example.org:443",)}, r"neither an IP address nor a DNS name; drop the scheme"),
+        ({"hosts": ("https://example.org:443",)}, r"neither an IP address nor an ASCII DNS name; drop the scheme"),
         ({"days": 0}, r"`days` must be an integer >= 1, got 0"),
     ],
 )

@@ -1,0 +1,201 @@
+"""A real Flower deployment on loopback for tests: SuperLink (TLS + SuperNode auth), SuperNodes, `flwr run`.
+
+Every process is started in its own session and stopped by PID, together with every process it
+started (collected from /proc before anything is killed, so nothing is orphaned unseen).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedtl.shared.certs import generate_certificates, generate_supernode_keys
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CONNECTION = "fedtl-loopback"
+
+
+def free_port() -> int:
+    """Return a TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    """Return every live descendant of `pid` (from /proc), children before grandchildren."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Send `sig` to `proc` and every process it started, by PID; reap `proc`."""
+    pids = [proc.pid] + descendants(proc.pid)
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+    deadline = time.time() + 30
+    while survivors := [pid for pid in pids if _alive(pid)]:
+        assert time.time() < deadline, f"processes {survivors} survived SIGKILL"
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    """Return True while `pid` runs (a zombie waiting to be reaped has stopped running)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@dataclass
+class Loopback:
+    """One SuperLink with TLS and SuperNode authentication, and the SuperNodes of named sites."""
+
+    root: Path
+    port: int = field(default_factory=free_port)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.certs = generate_certificates(self.root / "certs")
+        self.flwr_home = self.root / "flwr-home"
+        self.flwr_home.mkdir(exist_ok=True)
+        (self.flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.certs.ca_cert}"\n'
+        )
+        self.env = {
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the SuperLink starts flower-superexec by name
+            "FLWR_HOME": str(self.flwr_home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "OMP_NUM_THREADS": "1",
+        }
+        self.env.pop("FEDTL_SIMULATED_SITES", None)  # real sites only
+
+    def _start(self, name: str, command: list[str]) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "ab")
+        proc = subprocess.Popen(
+            command, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True
+        )
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        """Return what process `name` wrote so far."""
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+    def start_superlink(self) -> None:
+        """Start the SuperLink (TLS, SuperNode auth) and wait until it accepts connections."""
+        self._start(
+            "superlink",
+            [
+                str(BIN / "flower-superlink"),
+                "--ssl-ca-certfile", str(self.certs.ca_cert),
+                "--ssl-certfile", str(self.certs.server_cert),
+                "--ssl-keyfile", str(self.certs.server_key),
+                "--enable-supernode-auth",
+                "--port", str(self.port),
+            ],
+        )  # fmt: skip
+        deadline = time.time() + 60
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            except OSError:
+                assert self.procs["superlink"].poll() is None, self.log("superlink")
+                assert time.time() < deadline, "SuperLink did not listen within 60 s:\n" + self.log("superlink")
+                time.sleep(0.3)
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """Run the `flwr` CLI against this SuperLink."""
+        return subprocess.run(
+            [str(BIN / "flwr"), *args], env=self.env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT
+        )
+
+    def start_site(self, name: str, policy: Path) -> None:
+        """Register a key pair for site `name` with the SuperLink, then start its SuperNode on the policy."""
+        ((key, pub),) = generate_supernode_keys(self.root / "keys", [name]).values()
+        done = self.flwr("supernode", "register", str(pub), CONNECTION)
+        assert done.returncode == 0, done.stdout + done.stderr
+        self._start(
+            name,
+            [
+                str(BIN / "fedtl"), "site", "start",
+                "--policy", str(policy),
+                "--superlink", f"127.0.0.1:{self.port}",
+                "--root-certificates", str(self.certs.ca_cert),
+                "--auth-key", str(key),
+                "--port", str(free_port()),
+            ],
+        )  # fmt: skip
+
+    def online_nodes(self) -> int:
+        """Return how many SuperNodes the SuperLink sees online."""
+        out = self.flwr("supernode", "ls", CONNECTION, "--format", "json")
+        nodes = json.loads(out.stdout).get("nodes", []) if out.returncode == 0 else []
+        return sum(1 for n in nodes if str(n.get("status", "")).lower() == "online")
+
+    def run(self, run_config: str) -> int:
+        """Submit the app in the repository as a run; return its run id."""
+        out = self.flwr("run", str(REPO_ROOT), CONNECTION, "--format", "json", "--run-config", run_config, timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return int(json.loads(out.stdout)["run-id"])
+
+    def status(self, run_id: int) -> str:
+        """Return the run's status as `flwr ls` reports it (e.g. 'finished:completed')."""
+        out = self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json")
+        assert out.returncode == 0, out.stdout + out.stderr
+        (run,) = json.loads(out.stdout)["runs"]
+        return str(run["status"])
+
+    def run_log(self, run_id: int) -> str:
+        """Return the tail of the run's ServerApp log (for failure messages)."""
+        out = self.flwr("log", str(run_id), CONNECTION, "--show")
+        return (out.stdout + out.stderr)[-6000:]
+
+    def wait(self, run_id: int, timeout: float) -> str:
+        """Wait until the run has finished; return its final status."""
+        deadline = time.time() + timeout
+        while not (status := self.status(run_id)).startswith("finished"):
+            assert time.time() < deadline, f"run {run_id} still {status} after {timeout:.0f} s"
+            time.sleep(2)
+        return status
+
+    def stop(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Stop process `name` and everything it started, by PID."""
+        kill_tree(self.procs.pop(name), sig)
+
+    def close(self) -> None:
+        """Stop every process this deployment started: the sites first, then the SuperLink."""
+        for name in [n for n in self.procs if n != "superlink"] + ["superlink"]:
+            if name in self.procs:
+                self.stop(name)
