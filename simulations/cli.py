@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
 
     add_site_commands(sub)
+    add_deployment_commands(sub)
 
     pred = sub.add_parser("predict", help="label images with an adapted model file")
     pred.add_argument("model", help="model.safetensors written by a run")
@@ -113,6 +114,59 @@ def add_site_commands(sub: argparse._SubParsersAction) -> None:
     )
     start.add_argument("--insecure", action="store_true", help="no TLS (loopback experiments only)")
     start.add_argument("--port", type=int, default=9094, help="local port of the ClientApp runtime API (default 9094)")
+
+
+def add_deployment_commands(sub: argparse._SubParsersAction) -> None:
+    """Add `fedtl certs` (private CA, SuperLink certificate, SuperNode keys) and `fedtl server start`."""
+    certs = sub.add_parser("certs", help="write a private CA, the SuperLink's TLS certificate and SuperNode keys")
+    certs.add_argument("--out", required=True, help="folder for ca.crt, server.pem/.key and supernode-<site>.key/.pub")
+    certs.add_argument(
+        "--host",
+        action="append",
+        default=None,
+        help="name or address sites dial the SuperLink by (repeatable; localhost and 127.0.0.1 are always added)",
+    )
+    certs.add_argument("--sites", default="", help="comma-separated site names: one SuperNode key pair each")
+    certs.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    certs.add_argument("--force", action="store_true", help="overwrite existing files")
+    server = sub.add_parser("server", help="the federation server's commands")
+    server_sub = server.add_subparsers(dest="server_command", required=True)
+    start = server_sub.add_parser("start", help="run the SuperLink with TLS and SuperNode authentication")
+    start.add_argument("--certs", required=True, help="folder written by `fedtl certs`")
+    start.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    start.add_argument("--port", type=int, default=8000, help="port of every SuperLink API (default 8000)")
+
+
+def run_certs_command(args: argparse.Namespace) -> int:
+    """Write the TLS material of a federation and print what goes where."""
+    from fedtl.shared.certs import generate_certificates, generate_supernode_keys
+
+    hosts = list(dict.fromkeys([*(args.host or []), "localhost", "127.0.0.1"]))
+    out = Path(args.out).expanduser().resolve()
+    paths = generate_certificates(out, hosts=hosts, days=args.days, overwrite=args.force)
+    print(f"CA certificate {paths.ca_cert}: give it to every site (and to `flwr` in config.toml)")
+    print(f"CA key {paths.ca_key}: keep it offline; it signs the server certificate")
+    print(f"server certificate {paths.server_cert} and key {paths.server_key}: for the SuperLink only")
+    sites = [n.strip() for n in args.sites.split(",") if n.strip()]
+    keys = generate_supernode_keys(out, sites, overwrite=args.force) if sites else {}
+    for name, (key, pub) in keys.items():
+        print(
+            f"site {name}: private key {key} (send to that site only), public key {pub}: flwr supernode register {pub}"
+        )
+    return 0
+
+
+def superlink_command(args: argparse.Namespace) -> list[str]:
+    """Return the `flower-superlink` command line: TLS with the federation's certificates, SuperNode auth on."""
+    certs = Path(args.certs).expanduser().resolve()
+    files = {"--ssl-ca-certfile": "ca.crt", "--ssl-certfile": "server.pem", "--ssl-keyfile": "server.key"}
+    missing = [name for name in files.values() if not (certs / name).is_file()]
+    if missing:
+        raise FedtlError(f"{certs} lacks {', '.join(missing)}; write them with `fedtl certs --out {certs}`")
+    command = ["flower-superlink"]
+    for flag, name in files.items():
+        command += [flag, str(certs / name)]
+    return command + ["--enable-supernode-auth", "--host", args.host, "--port", str(args.port)]
 
 
 def run_site_command(args: argparse.Namespace) -> int:
@@ -243,6 +297,12 @@ def main(argv: list[str] | None = None) -> int:
             print_summary(summary)
         elif args.command == "site":
             return run_site_command(args)
+        elif args.command == "certs":
+            return run_certs_command(args)
+        elif args.command == "server":
+            command = superlink_command(args)
+            print("exec:", " ".join(command), flush=True)
+            os.execvp(command[0], command)
         elif args.command == "predict":
             from fedtl.server.predict import predict_images
 

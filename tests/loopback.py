@@ -117,11 +117,9 @@ class Loopback:
         self._start(
             "superlink",
             [
-                str(BIN / "flower-superlink"),
-                "--ssl-ca-certfile", str(self.certs.ca_cert),
-                "--ssl-certfile", str(self.certs.server_cert),
-                "--ssl-keyfile", str(self.certs.server_key),
-                "--enable-supernode-auth",
+                str(BIN / "fedtl"), "server", "start",  # flower-superlink with TLS and SuperNode auth
+                "--certs", str(self.certs.ca_cert.parent),
+                "--host", "127.0.0.1",
                 "--port", str(self.port),
             ],
         )  # fmt: skip

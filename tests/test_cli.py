@@ -59,3 +59,56 @@ def test_simulate_prints_the_final_table_and_labels_a_non_private_run(tmp_path, 
     assert "FEDTL_SIMULATED_SITES" not in os.environ  # the opt-in does not outlive the simulation
     (run_dir,) = tmp_path.iterdir()
     assert "NON-PRIVATE BASELINE" in (run_dir / "model.md").read_text()
+
+
+def test_certs_writes_the_ca_server_certificate_and_site_keys(tmp_path, capsys):
+    assert main(["certs", "--out", str(tmp_path / "certs"), "--host", "fl.example.org", "--sites", "a,b"]) == 0
+    names = sorted(p.name for p in (tmp_path / "certs").iterdir())
+    assert names == sorted(
+        ["ca.crt", "ca.key", "server.pem", "server.key"] + [f"supernode-{s}.{e}" for s in "ab" for e in ("key", "pub")]
+    )
+    assert "flwr supernode register" in capsys.readouterr().out
+    assert main(["certs", "--out", str(tmp_path / "certs")]) == 2  # never overwritten silently
+    assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_server_and_site_start_build_tls_command_lines(tmp_path, capsys):
+    from fedtl.simulations.cli import superlink_command, supernode_command
+
+    args = build_parser().parse_args(["server", "start", "--certs", str(tmp_path)])
+    assert main(["server", "start", "--certs", str(tmp_path)]) == 2
+    assert "lacks ca.crt, server.pem, server.key; write them with `fedtl certs" in capsys.readouterr().err
+    main(["certs", "--out", str(tmp_path)])
+    command = superlink_command(args)
+    assert command[0] == "flower-superlink" and "--enable-supernode-auth" in command and "--insecure" not in command
+    assert command[command.index("--ssl-ca-certfile") + 1] == str(tmp_path / "ca.crt")
+    policy = tmp_path / "site.toml"
+    assert main(["site", "init", str(policy), "--name", "s", "--data", "digits", "--backbone", "tiny"]) == 0
+    site = ["site", "start", "--policy", str(policy), "--superlink", "fl.example.org:8000"]
+    assert main(site) == 2
+    assert "needs --root-certificates CA.pem (TLS), or --insecure" in capsys.readouterr().err
+    node = supernode_command(build_parser().parse_args([*site, "--root-certificates", "ca.crt"]), str(policy))
+    assert node[node.index("--node-config") + 1] == f"policy='{policy}'"
+    assert "--root-certificates" in node and "--insecure" not in node
+
+
+def test_site_init_check_status_and_ledger(tmp_path, capsys):
+    from PIL import Image
+
+    for label in ("cat", "dog"):
+        for i in range(4):
+            (tmp_path / "data" / label).mkdir(parents=True, exist_ok=True)
+            Image.new("L", (8, 8), color=40 * i).save(tmp_path / "data" / label / f"{i}.png")
+    (tmp_path / "data" / "dog" / "broken.png").write_bytes(b"not a png")
+    policy = tmp_path / "site" / "policy.toml"
+    init = ["site", "init", str(policy), "--name", "vet-1", "--data", str(tmp_path / "data"), "--backbone", "tiny"]
+    assert main(init) == 0
+    assert main(["site", "check", "--policy", str(policy)]) == 2
+    assert "broken.png" in capsys.readouterr().err
+    policy.write_text(policy.read_text().replace('bad-files = "error"', 'bad-files = "skip"'))
+    assert main(["site", "check", "--policy", str(policy)]) == 0
+    assert "broken.png" in capsys.readouterr().out
+    assert main(["site", "status", "--policy", str(policy)]) == 0
+    assert "spent epsilon 0.000 of 8 at delta 1e-05; left 8.000" in capsys.readouterr().out
+    assert main(["site", "ledger", "--policy", str(policy)]) == 0
+    assert "no charges yet" in capsys.readouterr().out
