@@ -251,25 +251,37 @@ def policy_template(
     labels = json.dumps(label_names)
     return f"""\
 # fedtl site policy. This file belongs to the site: nothing the federation server sends can loosen it.
-# Point your SuperNode at it:  flower-supernode ... --node-config "policy='/absolute/path/to/this.toml'"
-# Relative paths below are relative to this file's folder.
+# Point your SuperNode at it:  fedtl site start --policy /absolute/path/to/this.toml ...
+# (or flower-supernode ... --node-config "policy='/absolute/path/to/this.toml'").
+# Relative paths below are relative to this file's folder. Check it with: fedtl site check --policy <this file>
 
 [site]
-name = "{site_name}"          # how this site appears in the server's logs and reports
-data = "{data}"               # image folder (one sub-folder per class), CSV manifest (path,label[,split]),
-                              # MedMNIST .npz, or DICOM files listed in a CSV manifest
-label-names = {labels}        # class names in the federation's order; [] = the data's own (sorted) names
-bad-files = "error"           # "skip": leave unreadable or corrupt files out (reported by name and count)
-test-fraction = 0.2           # local test split, when the data has none
+# How this site appears in the server's logs and reports.
+name = "{site_name}"
+# Image folder (one sub-folder per class), CSV manifest (path,label[,split]; DICOM or image files),
+# or MedMNIST .npz.
+data = "{data}"
+# Class names in the federation's order; [] = take the federation's (the run must match the data).
+label-names = {labels}
+# "skip": leave unreadable or corrupt files out (reported by name and count); "error": refuse to train.
+bad-files = "error"
+# Share of the data kept as the local test split, when the data has no split of its own.
+test-fraction = 0.2
 
 [privacy]
-max-epsilon = 8.0             # lifetime budget of this site, over every run, at `delta`; refused beyond it
-delta = 1e-5                  # well below 1 / (number of records)
-min-noise-multiplier = 0.5    # never release a DP-SGD step or statistic with less noise than this
+# Lifetime budget of this site, over every run, at `delta`; work beyond it is refused.
+max-epsilon = 8.0
+# Keep it well below 1 / (number of records).
+delta = 1e-5
+# Never release a DP-SGD step or a statistic with less noise than this.
+min-noise-multiplier = 0.5
 max-rounds-per-run = 50
-accountant = "rdp"            # "rdp" (Opacus RDP) or "prv" (tighter, slower)
-allow-non-private = false     # never take part in a non-private baseline run
-release-evaluation-metrics = false  # evaluation metrics are NOT covered by epsilon; keep them local
+# "rdp" (Opacus' RDP accountant) or "prv" (tighter, slower).
+accountant = "rdp"
+# Never take part in a non-private baseline run.
+allow-non-private = false
+# Evaluation metrics are NOT covered by epsilon: false keeps them at the site.
+release-evaluation-metrics = false
 
 [backbones]
 # SHA-256 fingerprints of the backbone weights this site accepts; anything else is refused before use.
@@ -278,6 +290,8 @@ allowed = [
 ]
 
 [storage]
-state-dir = "{state_dir}"     # the privacy ledger lives here: back it up, never delete it
-# cache-dir = "..."           # verified backbones and cached features (default: <state-dir>/cache)
+# The privacy ledger lives here: back it up, never delete it.
+state-dir = "{state_dir}"
+# Verified backbones and cached features (default: <state-dir>/cache).
+# cache-dir = "/var/cache/fedtl"
 """
