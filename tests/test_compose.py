@@ -1,5 +1,6 @@
 """docker-compose.yml: the SuperLink, the ServerApp executor and three sites, validated without an engine."""
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,11 +16,18 @@ ROOT = Path(__file__).resolve().parents[1]
 SITES = ("site-1", "site-2", "site-3")
 
 
+def _docker_compose(*args: str) -> subprocess.CompletedProcess:
+    # A clean environment: Debian's docker-compose is a system-Python program, and variables other
+    # tests' libraries leave behind (Ray exports PYTHONPATH) would point it at this venv's packages.
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")}
+    return subprocess.run(["docker-compose", *args], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+
+
 @pytest.fixture(scope="module")
 def compose() -> dict:
     """The compose file as docker-compose resolves it when the tool is installed, else as YAML."""
     if shutil.which("docker-compose"):
-        done = subprocess.run(["docker-compose", "config"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        done = _docker_compose("config")
         assert done.returncode == 0, done.stderr
         return yaml.safe_load(done.stdout)
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -30,7 +38,7 @@ def test_docker_compose_config_validates_it():
         pytest.skip(
             "docker-compose is not installed (Debian: apt-get install -y docker-compose); YAML checks still ran"
         )
-    done = subprocess.run(["docker-compose", "config", "-q"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    done = _docker_compose("config", "-q")
     assert done.returncode == 0, done.stderr
 
 
