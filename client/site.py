@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -15,13 +16,13 @@ import torch
 from safetensors.torch import load_file, save
 
 from fedtl.client.ledger import PrivacyLedger
-from fedtl.client.loaders import load_site_dataset
+from fedtl.client.loaders import load_site_dataset, source_stamp
 from fedtl.client.policy import SitePolicy, load_policy
 from fedtl.shared import constants as k
 from fedtl.shared.backbones import build_backbone, fingerprint_state_dict, resolve_preprocessing
 from fedtl.shared.data import ImageDataset, load_dataset, site_split
 from fedtl.shared.errors import BackboneError, ConfigError, DataError, FingerprintMismatchError
-from fedtl.shared.features import FeatureCache, cached_features
+from fedtl.shared.features import FeatureCache, cached_features, feature_cache_key
 from fedtl.shared.files import atomic_write_bytes
 from fedtl.shared.protocol import RoundSettings, SimulationSettings
 
@@ -224,6 +225,23 @@ def load_site_features(site: Site, settings: RoundSettings, *, progress: bool | 
         DataError: the site's label names differ from the federation's (names or order).
     """
     expected = json.loads(settings.label_names)
+    if not site.backbones.has(settings.backbone_fingerprint):
+        raise BackboneError(
+            f"backbone `{settings.backbone_name}` {settings.backbone_fingerprint[:12]} is not in site {site.name}'s "
+            f"cache {site.backbones.root}; the server sends it before round 1"
+        )
+    pre = resolve_preprocessing(settings.backbone_name, settings.image_size)
+    index = _data_index(site, expected)
+    if index is not None and index.is_file():  # the data was decoded and validated before, unchanged since
+        recorded = json.loads(index.read_text())
+        found = [
+            site.feature_cache.load(feature_cache_key(settings.backbone_fingerprint, recorded[split], pre))
+            for split in ("train", "test")
+        ]
+        if all(f is not None for f in found):
+            (train_x, train_y), (test_x, test_y) = found  # type: ignore[misc]
+            log.info("site %s: features of unchanged data from cache (data not decoded)", site.name)
+            return SiteFeatures(train_x, train_y, test_x, test_y, tuple(expected), 2)
     train, test = load_site_data(site, tuple(expected))
     if list(train.label_names) != expected:
         raise DataError(
@@ -231,26 +249,22 @@ def load_site_features(site: Site, settings: RoundSettings, *, progress: bool | 
             f"but the federation trains a {settings.num_classes}-class head on {expected}; every site needs the "
             "same label names in the same order (rename the class folders or set label_names in the .npz)"
         )
-    if not site.backbones.has(settings.backbone_fingerprint):
-        raise BackboneError(
-            f"backbone `{settings.backbone_name}` {settings.backbone_fingerprint[:12]} is not in site {site.name}'s "
-            f"cache {site.backbones.root}; the server sends it before round 1"
-        )
-    pre = resolve_preprocessing(settings.backbone_name, settings.image_size)
     if progress is None:  # a real site's log shows extraction progress; simulated sites stay quiet
         progress = site.simulation is None
     # Built at most once, and only on a cache miss.
     load = functools.cache(lambda: site.backbones.load(settings.backbone_name, settings.backbone_fingerprint))
     hits = 0
     out = []
-    for split in (train, test):
+    fingerprints = {}
+    for name, split in (("train", train), ("test", test)):
+        fingerprints[name] = split.fingerprint()
         feats, labels, hit = cached_features(
             site.feature_cache,
             load_backbone=load,
             backbone_fingerprint=settings.backbone_fingerprint,
             images=split.images,
             labels=split.labels,
-            data_fingerprint=split.fingerprint(),
+            data_fingerprint=fingerprints[name],
             preprocessing=pre,
             batch_size=settings.feature_batch_size,
             device=settings.device,
@@ -258,7 +272,27 @@ def load_site_features(site: Site, settings: RoundSettings, *, progress: bool | 
         )
         hits += int(hit)
         out.append((feats, labels))
+    if index is not None:
+        atomic_write_bytes(index, json.dumps(fingerprints).encode())
     log.info(
         "site %s: features for %d train / %d test examples (%d of 2 from cache)", site.name, len(train), len(test), hits
     )
     return SiteFeatures(out[0][0], out[0][1], out[1][0], out[1][1], tuple(train.label_names), hits)
+
+
+def _data_index(site: Site, label_names: list[str]) -> Path | None:
+    """Return where a real site records the fingerprints of its decoded, validated data (None: not indexed).
+
+    Keyed by the files' names, sizes and modification times plus the loading settings, so unchanged data
+    is not decoded again at every message; any change means one full load and validation.
+    """
+    policy = site.policy
+    if policy is None or policy.data == "digits":
+        return None
+    stamp = source_stamp(policy.data)
+    if stamp is None:
+        return None
+    settings = json.dumps(
+        [stamp, list(policy.label_names or label_names), policy.bad_files, policy.test_fraction], sort_keys=True
+    )
+    return site.cache_dir / "data-index" / f"{hashlib.sha256(settings.encode()).hexdigest()}.json"

@@ -177,3 +177,43 @@ def test_training_leaves_the_backbone_untouched(tmp_path, tiny_state):
     assert torch.equal(
         next(iter(tiny_state.values())), next(iter(backbone_state_dict(build_backbone("tiny")).values()))
     )
+
+
+def test_a_real_site_decodes_its_data_once_and_again_only_after_a_change(tmp_path, tiny_state):
+    import os
+
+    from PIL import Image
+
+    from fedtl.client.admin import init_policy
+    from fedtl.client.policy import load_policy
+    from fedtl.client.site import load_site_features, site_from_policy
+
+    rng = np.random.default_rng(0)
+    files = []
+    for label in ("0", "1"):
+        for i in range(6):
+            path = tmp_path / "data" / label / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(path)
+            files.append(path)
+    policy = init_policy(
+        tmp_path / "site.toml", site_name="lab-a", data=str(tmp_path / "data"), backbones=["tiny"], label_names=[]
+    )
+    site = site_from_policy(load_policy(policy))
+    fingerprint = site.backbones.install("tiny", fingerprint_state_dict(tiny_state), tiny_state).stem
+    settings = _settings(fingerprint, num_classes=2, label_names='["0", "1"]')
+    first = load_site_features(site, settings, progress=False)
+    assert first.cache_hits == 0
+    # Same size and modification time: the site trusts its index and does not decode the images again...
+    victim = files[0]
+    stat = victim.stat()
+    victim.write_bytes(b"x" * stat.st_size)
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    again = load_site_features(site, settings, progress=False)
+    assert again.cache_hits == 2
+    np.testing.assert_array_equal(again.train_features, first.train_features)
+    np.testing.assert_array_equal(again.test_labels, first.test_labels)
+    # ...but any change of a file's size or time means a full load, with validation.
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    with pytest.raises(DataError, match=r"cannot be read.*0\.png"):
+        load_site_features(site, settings, progress=False)
