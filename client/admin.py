@@ -9,9 +9,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from fedtl.client.loaders import load_site_dataset
 from fedtl.client.policy import SitePolicy, load_policy, policy_template
-from fedtl.client.site import site_from_policy
+from fedtl.client.site import load_policy_data, site_from_policy
 from fedtl.shared.backbones import backbone_state_dict, build_backbone, fingerprint_state_dict
 from fedtl.shared.errors import ConfigError
 
@@ -103,14 +102,7 @@ def check_data(policy: SitePolicy) -> str:
     """
     if policy.data == "digits":
         return "sklearn's bundled digits (a try-out data set): 10 classes, 8x8 grey images"
-    loaded = load_site_dataset(
-        policy.data,
-        label_names=policy.label_names or None,
-        bad_files=policy.bad_files,
-        seed=0,
-        test_fraction=policy.test_fraction,
-    )
-    return loaded.report.summary()
+    return load_policy_data(policy).report.summary()
 
 
 def _eps(value: float) -> str:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from fedtl.client.ledger import PrivacyLedger
-from fedtl.client.loaders import load_site_dataset, source_stamp
+from fedtl.client.loaders import SiteData, load_site_dataset, source_stamp
 from fedtl.client.policy import SitePolicy, load_policy
 from fedtl.shared import constants as k
 from fedtl.shared.backbones import build_backbone, fingerprint_state_dict, resolve_preprocessing
@@ -204,17 +204,21 @@ def load_site_data(site: Site, label_names: tuple[str, ...]) -> tuple[ImageDatas
     if policy.data == "digits":  # sklearn's bundled digits: to try a site out before pointing it at real data
         splits = load_dataset("digits", seed=0, test_fraction=policy.test_fraction)
         return splits.train, splits.test  # type: ignore[return-value]
-    loaded = load_site_dataset(
+    splits = load_policy_data(policy, label_names).splits
+    if splits.test is None or len(splits.test) == 0:
+        raise DataError(f"site data {policy.data} has no local test split; give it test rows or a test/ folder")
+    return splits.train, splits.test
+
+
+def load_policy_data(policy: SitePolicy, label_names: tuple[str, ...] | None = None) -> SiteData:
+    """Load and validate the data a policy names, in the policy's class order (else `label_names`)."""
+    return load_site_dataset(
         policy.data,
-        label_names=policy.label_names or label_names,
+        label_names=policy.label_names or label_names or None,
         bad_files=policy.bad_files,
         seed=0,
         test_fraction=policy.test_fraction,
     )
-    splits = loaded.splits
-    if splits.test is None or len(splits.test) == 0:
-        raise DataError(f"site data {policy.data} has no local test split; give it test rows or a test/ folder")
-    return splits.train, splits.test
 
 
 def load_site_features(site: Site, settings: RoundSettings, *, progress: bool | None = None) -> SiteFeatures:

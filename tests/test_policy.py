@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from builders import round_settings
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fedtl.client.admin import init_policy, ledger_report, status_report
@@ -30,31 +31,7 @@ def policy_path(tmp_path):
 
 
 def _settings(**changes) -> RoundSettings:
-    values = dict(
-        run_id="run-a",
-        num_rounds=2,
-        backbone_name="tiny",
-        backbone_fingerprint=TINY,
-        image_size=32,
-        head="linear",
-        head_hidden=16,
-        num_classes=10,
-        label_names=json.dumps(DIGITS),
-        local_epochs=1,
-        batch_size=32,
-        learning_rate=1.0,
-        max_grad_norm=1.0,
-        noise_multiplier=-1.0,
-        target_epsilon=4.0,
-        target_delta=1e-5,
-        accountant="rdp",
-        non_private=False,
-        seed=0,
-        feature_batch_size=64,
-        device="cpu",
-    )
-    values.update(changes)
-    return RoundSettings(**values)
+    return round_settings(TINY, **changes)
 
 
 def test_the_template_is_a_valid_policy_with_safe_defaults(policy_path, tmp_path):

@@ -5,13 +5,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from builders import round_settings
 
 from fedtl.client.rounds import feature_sum_round, train_round
 from fedtl.client.site import BackboneStore, Site, resolve_site
 from fedtl.shared.backbones import backbone_state_dict, build_backbone, fingerprint_state_dict
 from fedtl.shared.errors import BackboneError, ConfigError, DataError, FingerprintMismatchError, PrivacyBudgetError
 from fedtl.shared.heads import build_head, head_arrays
-from fedtl.shared.protocol import RoundSettings, SimulationSettings
+from fedtl.shared.protocol import SimulationSettings
 
 
 @pytest.fixture(autouse=True)
@@ -37,32 +38,7 @@ def _site(tmp_path) -> Site:
     return resolve_site({"partition-id": 0, "num-partitions": 4}, sim)
 
 
-def _settings(fingerprint: str, **changes) -> RoundSettings:
-    values = dict(
-        run_id="run-a",
-        num_rounds=2,
-        backbone_name="tiny",
-        backbone_fingerprint=fingerprint,
-        image_size=32,
-        head="linear",
-        head_hidden=16,
-        num_classes=10,
-        label_names=json.dumps([str(i) for i in range(10)]),
-        local_epochs=1,
-        batch_size=32,
-        learning_rate=1.0,
-        max_grad_norm=1.0,
-        noise_multiplier=-1.0,
-        target_epsilon=4.0,
-        target_delta=1e-5,
-        accountant="rdp",
-        non_private=False,
-        seed=0,
-        feature_batch_size=64,
-        device="cpu",
-    )
-    values.update(changes)
-    return RoundSettings(**values)
+_settings = round_settings
 
 
 def test_install_refuses_weights_that_do_not_match_the_announced_fingerprint(tmp_path, tiny_state):
