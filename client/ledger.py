@@ -41,6 +41,7 @@ DP_SGD = "dp-sgd"
 FEATURE_SUM = "feature-sum"
 TORN = "torn"  # a pessimistic stand-in for a record cut short by a crash
 KINDS = (DP_SGD, FEATURE_SUM, TORN)
+LEGACY_NAME = "history.jsonl"  # fedtl 0.1's name for the same records (without checksums)
 
 # Accounting fields first: a record cut short still carries them when they were written whole.
 _FIELD_ORDER = ("noise_multiplier", "sample_rate", "steps", "kind", "run_id", "server_round", "delta", "time", "note")
@@ -164,6 +165,7 @@ class PrivacyLedger:
         delta: float | None = None,
         accountant: str = "rdp",
         what: str = "this release",
+        budget_name: str = "its budget",
     ) -> float:
         """Append `charge` durably, before the release it pays for, unless it takes epsilon past `max_epsilon`.
 
@@ -176,6 +178,7 @@ class PrivacyLedger:
             delta: the delta of that check (default: the charge's own).
             accountant: "rdp" or "prv".
             what: names the release in the refusal message.
+            budget_name: names `max_epsilon` there (e.g. "the run's target-epsilon").
 
         Returns:
             The site's cumulative epsilon at `delta` including this charge (nan when `max_epsilon` is inf:
@@ -191,6 +194,10 @@ class PrivacyLedger:
             if torn is not None:
                 self._repair(torn)
                 charges.append(torn[0])
+            elif charges and not self._ends_with_newline():
+                self._append("\n")  # a crash lost only the last newline: the record itself is whole
+            if math.isnan(max_epsilon):
+                raise PrivacyBudgetError(f"refusing {what}: the budget to check it against is NaN")
             if not math.isfinite(max_epsilon):  # nothing to check: keep the append cheap
                 self._append(charge.to_line())
                 return math.nan
@@ -200,10 +207,10 @@ class PrivacyLedger:
             if projected > max_epsilon * (1 + 1e-6):
                 spent = compute_epsilon(history, delta=delta, accountant=accountant)
                 raise PrivacyBudgetError(
-                    f"refusing {what}: the site's cumulative epsilon would reach {projected:.3f} > its budget "
+                    f"refusing {what}: the site's cumulative epsilon would reach {projected:.3f} > {budget_name} "
                     f"{max_epsilon:g} (delta {delta:g}); spent so far {spent:.3f}, "
                     f"left {max(max_epsilon - spent, 0):.3f} "
-                    f"(ledger {self.path}). Ask for fewer rounds or more noise, or raise the site's policy budget"
+                    f"(ledger {self.path}). Ask for fewer rounds or more noise"
                 )
             self._append(charge.to_line())
         return projected
@@ -220,6 +227,11 @@ class PrivacyLedger:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+    def _ends_with_newline(self) -> bool:
+        with open(self.path, "rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            return fh.read(1) == b"\n"
 
     def _repair(self, torn: tuple[PrivacyCharge, int]) -> None:
         """Cut the torn bytes off and append them as an explicit TORN record (caller holds the lock)."""
@@ -245,6 +257,12 @@ class PrivacyLedger:
 
     def _read(self) -> tuple[list[PrivacyCharge], tuple[PrivacyCharge, int] | None]:
         """Return the complete charges and, when the last record is torn, its stand-in and byte offset."""
+        legacy = self.path.with_name(LEGACY_NAME)
+        if legacy.is_file() and legacy != self.path:
+            raise DataError(
+                f"{legacy} is the privacy history of an earlier fedtl version; its spend must count. Append its "
+                f"lines to {self.path} (or rename it, if {self.path.name} does not exist yet), then delete it"
+            )
         if not self.path.is_file():
             return [], None
         data = self.path.read_bytes()
@@ -302,7 +320,7 @@ def _parse(raw: bytes) -> PrivacyCharge:
     record = json.loads(raw)
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-    crc = record.pop("crc32", None)
+    crc = record.pop("crc32", None)  # records from fedtl 0.1 carry none; `fedtl site ledger` counts them
     if crc is not None and crc != _crc(record):
         raise ValueError("checksum mismatch: the record was changed after it was written")
     names = {f.name for f in fields(PrivacyCharge)}

@@ -203,19 +203,19 @@ def load_site_dataset(
 
 
 def source_stamp(source: str | Path) -> str | None:
-    """Return a cheap fingerprint of what `source` reads: names, sizes and modification times of its files.
+    """Return a cheap fingerprint of what `source` reads: names, sizes, inodes and change times of its files.
 
-    It lets a site find its cached features without decoding every image again at every message. A
-    file changed in place without a change of size or modification time goes unnoticed (touch it, or
-    clear the site's cache). Returns None when the source cannot be stamped (it is then loaded, and its
+    It lets a site find its cached features without decoding every image again at every message; the
+    change time (ctime) moves with any write, rename or permission change and
+    cannot be set back by copy tools. Returns None when the source cannot be stamped (it is then loaded, and its
     errors reported, in full).
     """
     path = Path(source).expanduser()
     digest = hashlib.sha256(b"fedtl.source-stamp.v1\0")
 
     def add(file: Path, name: str) -> None:
-        st = file.stat()
-        digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        st = file.stat()  # ctime changes with any write, rename or chmod and cannot be set back by tools
+        digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\n".encode())
 
     try:
         if path.is_dir():

@@ -113,7 +113,9 @@ class SitePolicy:
                 f"the run plans {settings.num_rounds} rounds > the policy's max-rounds-per-run "
                 f"{self.max_rounds_per_run}"
             )
-        if 0 <= settings.noise_multiplier < self.min_noise_multiplier and not settings.non_private:
+        if settings.noise_multiplier == 0 and not settings.non_private and not self.allow_non_private:
+            problems.append("the run fixes noise-multiplier 0 (no noise) and the policy sets allow-non-private = false")
+        elif 0 <= settings.noise_multiplier < self.min_noise_multiplier and not settings.non_private:
             problems.append(
                 f"the run fixes noise-multiplier {settings.noise_multiplier:g} < the policy's min-noise-multiplier "
                 f"{self.min_noise_multiplier:g}"
@@ -140,11 +142,16 @@ class SitePolicy:
             )
 
     def check_noise(self, noise_multiplier: float, *, what: str) -> None:
-        """Refuse a release whose noise is below the policy's minimum.
+        """Refuse a release whose noise is below the policy's minimum, or without noise unless allowed.
 
         Raises:
-            PolicyRefusal: `noise_multiplier` < `min-noise-multiplier`.
+            PolicyRefusal: `noise_multiplier` < `min-noise-multiplier`, or 0 without `allow-non-private`.
         """
+        if noise_multiplier == 0 and not self.allow_non_private:
+            raise PolicyRefusal(
+                f"site {self.site_name} refuses {what}: noise-multiplier 0 releases it without noise, and the "
+                "policy sets allow-non-private = false"
+            )
         if noise_multiplier < self.min_noise_multiplier:
             raise PolicyRefusal(
                 f"site {self.site_name} refuses {what}: noise-multiplier {noise_multiplier:g} < the policy's "

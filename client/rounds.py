@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import logging
 import math
 import warnings
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
-from fedtl.client.ledger import FEATURE_SUM, PrivacyCharge, new_charge
+from fedtl.client.ledger import DP_SGD, FEATURE_SUM, PrivacyCharge, new_charge
+from fedtl.client.policy import PolicyRefusal
 from fedtl.client.site import Site, load_site_features
 from fedtl.client.training import TrainResult, evaluate_head, steps_per_epoch, train_head
 from fedtl.shared import constants as k
+from fedtl.shared.files import atomic_write_bytes
 from fedtl.shared.heads import build_head, load_head_arrays, normalize_features
 from fedtl.shared.metrics import majority_rate
 from fedtl.shared.privacy import find_noise_multiplier
@@ -97,6 +103,19 @@ def train_round(
         PrivacyBudgetError: the round would take the site past target-epsilon.
         ReplyError: the global head tensors do not fit the announced head.
     """
+    policy = site.policy
+    if policy is not None:
+        check_round(site, settings, server_round)
+    replay = ReplyReplay(site, settings.run_id)
+    replayed = replay.load(server_round, global_arrays)
+    if replayed is not None:  # the same round of the same global head, already trained and paid for
+        log.info(
+            "site %s round %d: re-sending the update it already computed (nothing new released)",
+            site.name,
+            server_round,
+        )
+        epsilon = site.ledger.epsilon(delta=settings.target_delta, accountant=site_accountant(site, settings))
+        return TrainReport(result=replayed, epsilon=epsilon, delta=settings.target_delta)
     feats = load_site_features(site, settings)
     head = build_head(settings.head, feats.train_features.shape[1], settings.num_classes, hidden=settings.head_hidden)
     load_head_arrays(head, global_arrays, source="the server's global head")
@@ -107,6 +126,8 @@ def train_round(
         log.warning("site %s: NON-PRIVATE round %d (baseline mode): no clipping, no noise", site.name, server_round)
     else:
         noise = plan_noise_multiplier(site, settings, sample_rate=sample_rate, steps_per_round=steps)
+        if policy is not None:  # also a noise fixed by an earlier round, before the policy was tightened
+            policy.check_noise(noise, what=f"round {server_round}")
     # Write-ahead: the round is paid for before it runs. Non-private rounds are recorded with
     # noise 0, so the site's epsilon honestly becomes infinite.
     charge(
@@ -135,6 +156,7 @@ def train_round(
         global_arrays=global_arrays,
         proximal_mu=proximal_mu,
     )
+    replay.save(server_round, global_arrays, result)
     epsilon = site.ledger.epsilon(delta=settings.target_delta, accountant=site_accountant(site, settings))
     log.info(
         "site %s round %d: loss %.4f, sigma %s, cumulative epsilon %.3f",
@@ -145,6 +167,86 @@ def train_round(
         epsilon,
     )
     return TrainReport(result=result, epsilon=epsilon, delta=settings.target_delta)
+
+
+def check_round(site: Site, settings: RoundSettings, server_round: int) -> None:
+    """Refuse a round the run did not announce, or one past the policy's rounds per run.
+
+    Raises:
+        PolicyRefusal: `server_round` exceeds the run's `num-rounds`, or the run already trained the policy's
+            `max-rounds-per-run` rounds at this site.
+    """
+    assert site.policy is not None
+    if server_round > settings.num_rounds:
+        raise PolicyRefusal(
+            f"site {site.name} refuses round {server_round}: run {settings.run_id} announced "
+            f"{settings.num_rounds} rounds"
+        )
+    done = {c.server_round for c in site.ledger.charges() if c.run_id == settings.run_id and c.kind == DP_SGD}
+    if server_round not in done and len(done) >= site.policy.max_rounds_per_run:
+        raise PolicyRefusal(
+            f"site {site.name} refuses round {server_round}: run {settings.run_id} already trained {len(done)} rounds "
+            f"here, the policy's max-rounds-per-run"
+        )
+
+
+class ReplyReplay:
+    """The last update a site computed in a run, kept so that a redone round re-sends it instead of retraining.
+
+    When a stopped run resumes, the server repeats its interrupted round with the same global head.
+    Sending the update already computed for it releases nothing new, while training again would release
+    a second noisy update of the same data and cost budget again. Only an identical request (same run,
+    round and global head bytes) is answered from here.
+    """
+
+    def __init__(self, site: Site, run_id: str) -> None:
+        name = hashlib.sha256(run_id.encode()).hexdigest()[:32]
+        self.path = site.state_dir / "replies" / f"{name}.npz"
+
+    @staticmethod
+    def _key(server_round: int, global_arrays: dict[str, np.ndarray]) -> str:
+        digest = hashlib.sha256(f"round {server_round}".encode())
+        for name in sorted(global_arrays):
+            value = np.ascontiguousarray(global_arrays[name])
+            digest.update(f"{name}:{value.dtype.str}:{value.shape}".encode())
+            digest.update(value.tobytes())
+        return digest.hexdigest()
+
+    def load(self, server_round: int, global_arrays: dict[str, np.ndarray]) -> TrainResult | None:
+        """Return the update computed for exactly this request, or None."""
+        if not self.path.is_file():
+            return None
+        try:
+            with np.load(self.path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                if meta["key"] != self._key(server_round, global_arrays):
+                    return None
+                arrays = OrderedDict((name, data[f"arrays/{name}"]) for name in meta["names"])
+        except (OSError, ValueError, KeyError):
+            return None
+        return TrainResult(
+            arrays=arrays,
+            num_examples=meta["num_examples"],
+            train_loss=meta["train_loss"],
+            steps=meta["steps"],
+            sample_rate=meta["sample_rate"],
+            noise_multiplier=meta["noise_multiplier"],
+        )
+
+    def save(self, server_round: int, global_arrays: dict[str, np.ndarray], result: TrainResult) -> None:
+        """Keep `result` as the answer to this request (replacing the run's previous round)."""
+        meta = {
+            "key": self._key(server_round, global_arrays),
+            "names": list(result.arrays),
+            "num_examples": result.num_examples,
+            "train_loss": result.train_loss,
+            "steps": result.steps,
+            "sample_rate": result.sample_rate,
+            "noise_multiplier": result.noise_multiplier,
+        }
+        buffer = io.BytesIO()
+        np.savez(buffer, meta=np.array(json.dumps(meta)), **{f"arrays/{n}": v for n, v in result.arrays.items()})
+        atomic_write_bytes(self.path, buffer.getvalue())
 
 
 def feature_sum_round(site: Site, settings: RoundSettings, *, noise_multiplier: float) -> tuple[np.ndarray, int]:
@@ -200,21 +302,32 @@ def charge(site: Site, settings: RoundSettings, release: PrivacyCharge, *, what:
 
     The run's target-epsilon is at most the policy's max-epsilon (larger requests are refused by
     `SitePolicy.check_settings`) and its delta at most the policy's, so staying within the run's
-    target at its delta keeps the site within its lifetime budget too.
+    target at its delta keeps the site within its lifetime budget too (epsilon only falls as delta
+    grows). A release without noise is charged only where the policy allows non-private work.
 
     Returns:
         The site's cumulative epsilon including `release`.
 
     Raises:
         PrivacyBudgetError: the release would take the site past its budget (the message has the numbers).
+        PolicyRefusal: a release without noise at a site whose policy forbids it.
     """
-    budget = math.inf if release.noise_multiplier == 0 else settings.target_epsilon
+    policy = site.policy
+    if release.noise_multiplier == 0:
+        if policy is not None and not policy.allow_non_private:  # a last guard; check_settings refuses first
+            raise PolicyRefusal(f"site {site.name} refuses {what}: no noise, and allow-non-private = false")
+        budget, budget_name = math.inf, ""
+    elif policy is not None and policy.max_epsilon < settings.target_epsilon:  # refused earlier; belt and braces
+        budget, budget_name = policy.max_epsilon, "the policy's max-epsilon"
+    else:
+        budget, budget_name = settings.target_epsilon, "the run's target-epsilon"
     projected = site.ledger.charge(
         release,
         max_epsilon=budget,
         delta=settings.target_delta,
         accountant=site_accountant(site, settings),
         what=f"{what} at site {site.name}",
+        budget_name=budget_name,
     )
     if math.isfinite(budget) and projected >= 0.9 * budget:
         log.warning(

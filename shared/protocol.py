@@ -60,7 +60,7 @@ def decode(cls: type[T], values: Mapping[str, Any], *, what: str = "message conf
     """Return `cls` built from a kebab-case mapping; extra keys (e.g. Flower's) are ignored.
 
     Raises:
-        ReplyError: a key is missing or its value has the wrong type.
+        ReplyError: a key is missing, its value has the wrong type, or a float is NaN or infinite.
     """
     kwargs = {}
     for f in fields(cls):  # type: ignore[arg-type]
@@ -73,6 +73,8 @@ def decode(cls: type[T], values: Mapping[str, Any], *, what: str = "message conf
         expected = {"int": int, "float": (int, float), "str": str, "bool": bool}[str(f.type)]
         if not isinstance(value, expected) or (str(f.type) in ("int", "float") and isinstance(value, bool)):
             raise ReplyError(f"malformed {what}: `{key}` should be {f.type}, got {value!r}")
+        if str(f.type) == "float" and not math.isfinite(value):
+            raise ReplyError(f"malformed {what}: `{key}` must be a finite number, got {value!r}")
         kwargs[f.name] = float(value) if str(f.type) == "float" else value
     return cls(**kwargs)
 

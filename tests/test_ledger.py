@@ -260,3 +260,20 @@ def test_spend_by_run(tmp_path):
     assert a.epsilon_alone == pytest.approx(oracle_epsilon([(4.0, 1.0, 1), (1.0, 0.1, 10)], 1e-5), rel=1e-9)
     assert b.epsilon_alone == pytest.approx(oracle_epsilon([(1.0, 0.1, 10)], 1e-5), rel=1e-9)
     assert b.epsilon_after == pytest.approx(ledger.epsilon(delta=1e-5), rel=1e-12)
+
+
+def test_a_crash_that_lost_only_the_final_newline_is_mended_on_the_next_charge(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    ledger = PrivacyLedger(path)
+    ledger.charge(_charge("a", 1, 1.0))
+    path.write_bytes(path.read_bytes() + _charge("a", 2, 1.0).to_line().rstrip("\n").encode())  # whole, no newline
+    assert [c.server_round for c in ledger.charges()] == [1, 2]  # a whole record is not torn
+    ledger.charge(_charge("a", 3, 1.0))
+    assert [c.server_round for c in PrivacyLedger(path).charges()] == [1, 2, 3]
+    assert path.read_text().count("\n") == 3
+
+
+def test_a_ledger_of_the_earlier_version_must_be_imported_not_ignored(tmp_path):
+    (tmp_path / "history.jsonl").write_text('{"run_id": "old"}\n')
+    with pytest.raises(DataError, match=r"history.jsonl is the privacy history of an earlier fedtl version"):
+        PrivacyLedger(tmp_path / "ledger.jsonl").charges()

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 from builders import round_settings
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
@@ -134,3 +135,54 @@ def test_the_lifetime_budget_holds_across_runs_and_the_operator_sees_it(policy_p
     assert f"spent epsilon {second.epsilon:.3f} of 8 at delta 1e-05" in status_report(policy)
     assert "tiny" in status_report(policy) and "cached" in status_report(policy)
     assert ledger_report(policy).count("\n") == 4  # title, header, 2 runs, total
+
+
+def test_non_finite_numbers_from_the_server_are_malformed(flower_identity):
+    from fedtl.shared.errors import ReplyError
+    from fedtl.shared.protocol import decode
+
+    values = encode(_settings())
+    values["target-epsilon"] = float("nan")
+    with pytest.raises(ReplyError, match=r"`target-epsilon` must be a finite number, got nan"):
+        decode(RoundSettings, values)
+
+
+def _real_site(policy_path):
+    site = site_from_policy(load_policy(policy_path))
+    site.backbones.install("tiny", TINY, backbone_state_dict(build_backbone("tiny")))
+    return site
+
+
+def test_no_noise_rounds_beyond_the_plan_and_beyond_the_policy_are_refused(policy_path):
+    from fedtl.client.rounds import feature_sum_round
+
+    policy_path.write_text(policy_path.read_text().replace("min-noise-multiplier = 0.5", "min-noise-multiplier = 0.0"))
+    policy = load_policy(policy_path)
+    with pytest.raises(PolicyRefusal, match=r"fixes noise-multiplier 0 \(no noise\) and the policy sets allow-non"):
+        policy.check_settings(_settings(noise_multiplier=0.0), action="round 1")
+    site = _real_site(policy_path)
+    with pytest.raises(PolicyRefusal, match=r"noise-multiplier 0 releases it without noise"):
+        feature_sum_round(site, _settings(), noise_multiplier=0.0)
+    head = head_arrays(build_head("linear", 32, 10, hidden=16))
+    with pytest.raises(PolicyRefusal, match=r"refuses round 3: run run-a announced 2 rounds"):
+        train_round(site, _settings(), head, server_round=3)
+    policy_path.write_text(policy_path.read_text().replace("max-rounds-per-run = 50", "max-rounds-per-run = 1"))
+    site = _real_site(policy_path)
+    train_round(site, _settings(num_rounds=1, noise_multiplier=1.0), head, server_round=1)
+    # A server that re-announces the same run with more rounds still meets the ledger's count.
+    with pytest.raises(PolicyRefusal, match=r"already trained 1 rounds here, the policy's max-rounds-per-run"):
+        train_round(site, _settings(num_rounds=2, noise_multiplier=1.0), head, server_round=2)
+    assert len(site.ledger.charges()) == 1  # refusals charge nothing
+
+
+def test_a_redone_round_resends_its_update_instead_of_paying_again(policy_path):
+    site = _real_site(policy_path)
+    head = head_arrays(build_head("linear", 32, 10, hidden=16))
+    first = train_round(site, _settings(), head, server_round=1)
+    again = train_round(site, _settings(), head, server_round=1)  # a resumed server repeats round 1
+    assert len(site.ledger.charges()) == 1 and again.epsilon == first.epsilon
+    for name, value in first.result.arrays.items():
+        np.testing.assert_array_equal(again.result.arrays[name], value)
+    other = {name: value + 0.01 for name, value in head.items()}  # another global head: new work, new charge
+    train_round(site, _settings(), other, server_round=1)
+    assert len(site.ledger.charges()) == 2
