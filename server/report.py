@@ -187,7 +187,9 @@ class RunRecorder:
         """Return (site name, reply) of the replies without an error; record the errors as rejections."""
         answered = []
         for msg in replies:
-            name = reply_site_name(msg) if not msg.has_error() else self._name_of(self._node_of(msg))
+            node = self._node_of(msg)
+            # Named as the site introduced itself at set-up; a reply cannot take another site's name.
+            name = self.node_names.get(node) or (reply_site_name(msg) if not msg.has_error() else f"node-{node}")
             if msg.has_error():
                 self.reject(server_round, name, f"site error: {short_reason(msg.error.reason)}")
             elif refusal(msg) is not None:
@@ -205,9 +207,12 @@ class RunRecorder:
 
     def _check_train_reply(self, msg: Message) -> str | None:
         content = msg.content
-        if len(content.array_records) != 1 or len(content.metric_records) != 1:
-            return "training reply must hold exactly one ArrayRecord and one MetricRecord"
-        arrays = next(iter(content.array_records.values()))
+        if list(content.array_records) != [k.ARRAYS] or list(content.metric_records) != [k.METRICS]:
+            return (
+                f"training reply must hold exactly the ArrayRecord `{k.ARRAYS}` and the MetricRecord `{k.METRICS}`, "
+                f"got {list(content.array_records)} and {list(content.metric_records)}"
+            )
+        arrays = content.array_records[k.ARRAYS]
         if set(arrays.keys()) != set(self.expected_arrays):
             return (
                 f"head tensors {sorted(arrays.keys())} differ from the expected {sorted(self.expected_arrays)}; "
@@ -221,10 +226,15 @@ class RunRecorder:
                 return f"head tensor `{name}` contains NaN or Inf"
             if name in self.frozen_arrays and self._global and not np.array_equal(arr.numpy(), self._global[name]):
                 return f"head tensor `{name}` is fixed by the server for the whole run, but the site changed it"
-        metrics = next(iter(content.metric_records.values()))
-        for key in (k.NUM_EXAMPLES, k.EPSILON, k.DELTA):
-            if key not in metrics:
-                return f"training reply lacks metric `{key}`"
+        metrics = content.metric_records[k.METRICS]
+        expected = set(k.TRAIN_REPLY_METRICS) | ({k.TRAIN_LOSS} if self.non_private else set())
+        if set(metrics) != expected:
+            return f"training reply metrics {sorted(metrics)} differ from the expected {sorted(expected)}"
+        for key, value in metrics.items():
+            if isinstance(value, (list, bool)) or not isinstance(value, (int, float)):
+                return f"metric `{key}` must be one number, got {value!r}"
+            if math.isnan(value) or (key != k.EPSILON and not math.isfinite(value)):
+                return f"metric `{key}` must be a finite number, got {value}"
         if not float(metrics[k.NUM_EXAMPLES]) > 0:
             return f"`{k.NUM_EXAMPLES}` must be > 0, got {metrics[k.NUM_EXAMPLES]}"
         return None

@@ -146,12 +146,15 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_dir: Path | None = None) -
     head = build_head(cfg.head, backbone.feature_dim, len(label_names), hidden=cfg.head_hidden, seed=cfg.seed)
     initial = head_arrays(head)
     if checkpoint is not None:
-        initial = checkpoint.arrays
+        # Sites train float32 heads; FedAdam's server step computes in float64.
+        initial = {name: value.astype(np.float32) for name, value in checkpoint.arrays.items()}
     elif cfg.feature_centering:
-        initial["center"] = estimate_feature_center(grid, node_ids, config, cfg, timeout=cfg.round_timeout)
+        initial["center"] = estimate_feature_center(
+            grid, node_ids, config, cfg, dim=backbone.feature_dim, timeout=cfg.round_timeout
+        )
     recorder = RunRecorder(
         run_dir=run_dir,
-        expected_arrays={name: (tuple(v.shape), str(v.dtype)) for name, v in initial.items()},
+        expected_arrays={name: (tuple(v.shape), "float32") for name, v in initial.items()},
         non_private=cfg.non_private,
         frozen_arrays=("center",) if "center" in initial else (),
         max_update_norm=cfg.max_update_norm,
@@ -385,11 +388,16 @@ def distribute_backbone(
     for node_id in node_ids:
         if node_id not in replies:
             refused[node_id] = f"node-{node_id}: no answer to the backbone query within {timeout:.0f} s"
-    for node_id, reply in replies.items():
+    for node_id, reply in sorted(replies.items()):
         if _refused_setup(reply, node_id, refused, "the backbone query"):
             continue
         site = reply.content.config_records[k.SITE]
-        names[node_id] = str(site[k.SITE_NAME])
+        name = str(site[k.SITE_NAME])
+        if name in names.values():
+            log.warning("node %d also calls itself %s; left out of this run (site names must be unique)", node_id, name)
+            refused[node_id] = f"node-{node_id}: claims the name {name} of another site"
+            continue
+        names[node_id] = name
         if not bool(site.get(k.RELEASES_EVALUATION, True)):
             no_evaluation.add(node_id)
         if bool(site[k.HAS_BACKBONE]):
@@ -419,8 +427,13 @@ def distribute_backbone(
 
 
 def _refused_setup(reply: Message, node_id: int, refused: dict[int, str], what: str) -> bool:
-    """Record and log a set-up reply that is an error or a refusal; return True when it is one."""
+    """Record and log a set-up reply that is an error, a refusal or malformed; return True when it is one."""
     reason = short_reason(reply.error.reason) if reply.has_error() else refusal(reply)
+    if reason is None:
+        site = reply.content.config_records.get(k.SITE)
+        needed = (k.SITE_NAME, k.HAS_BACKBONE, k.BYTES_RECEIVED)
+        if site is None or any(key not in site for key in needed):
+            reason = f"malformed set-up reply: it needs a `{k.SITE}` ConfigRecord with {', '.join(needed)}"
     if reason is None:
         return False
     name = reply_site_name(reply)
@@ -430,7 +443,7 @@ def _refused_setup(reply: Message, node_id: int, refused: dict[int, str], what: 
 
 
 def estimate_feature_center(
-    grid: Grid, node_ids: list[int], config: ConfigRecord, cfg: RunConfig, *, timeout: float
+    grid: Grid, node_ids: list[int], config: ConfigRecord, cfg: RunConfig, *, dim: int, timeout: float
 ) -> np.ndarray:
     """Return the mean L2-normalised feature over all sites, from their Gaussian-noised sums.
 
@@ -450,17 +463,44 @@ def estimate_feature_center(
         if reason is not None:
             log.warning("site %s did not release its feature sum: %s", reply_site_name(reply), reason)
             continue
+        problem = _check_feature_sum(reply, dim, sigma=0.0 if cfg.non_private else cfg.centering_noise_multiplier)
+        if problem:
+            log.warning("site %s sent an unusable feature sum, ignored: %s", reply_site_name(reply), problem)
+            continue
         arr = reply.content.array_records[k.ARRAYS][k.FEATURE_SUM].numpy().astype(np.float64)  # (D,)
         n = int(reply.content.metric_records[k.METRICS][k.NUM_EXAMPLES])
-        if not np.all(np.isfinite(arr)) or n <= 0:
-            log.warning("site node-%d sent an unusable feature sum (n=%d); ignored", node_id, n)
-            continue
         total = arr if total is None else total + arr
         count += n
     if total is None:
         raise RuntimeError("no site released a feature sum; check the sites' logs, or run with feature-centering=false")
     log.info("feature mean estimated from %d examples at %d sites", count, len(replies))
     return (total / count).astype(np.float32)
+
+
+def _check_feature_sum(reply: Message, dim: int, *, sigma: float) -> str | None:
+    """Return what is wrong with a feature-sum reply, or None.
+
+    A sum of n unit vectors has norm at most n; the Gaussian noise adds about sigma * sqrt(D), so a norm
+    beyond n + sigma * (sqrt(D) + 10) is implausible (the noise norm exceeds its mean by 10 sigma with
+    probability far below 1e-20).
+    """
+    arrays = reply.content.array_records.get(k.ARRAYS)
+    metrics = reply.content.metric_records.get(k.METRICS)
+    if arrays is None or k.FEATURE_SUM not in arrays or metrics is None or k.NUM_EXAMPLES not in metrics:
+        return f"it needs `{k.ARRAYS}`/`{k.FEATURE_SUM}` and `{k.METRICS}`/`{k.NUM_EXAMPLES}`"
+    arr = arrays[k.FEATURE_SUM].numpy()
+    n = metrics[k.NUM_EXAMPLES]
+    if tuple(arr.shape) != (dim,):
+        return f"feature sum has shape {tuple(arr.shape)}, expected ({dim},)"
+    if isinstance(n, (list, bool)) or not n > 0:
+        return f"`{k.NUM_EXAMPLES}` must be a count > 0, got {n!r}"
+    if not np.all(np.isfinite(arr)):
+        return "feature sum contains NaN or Inf"
+    limit = float(n) + sigma * (math.sqrt(dim) + 10.0) + 1e-3
+    norm = float(np.linalg.norm(arr.astype(np.float64)))
+    if norm > limit:
+        return f"feature sum norm {norm:.4g} > {limit:.4g}, impossible for {n} unit vectors plus the noise"
+    return None
 
 
 def _query(grid: Grid, node_ids: list[int], content: RecordDict, timeout: float) -> dict[int, Message]:
@@ -535,6 +575,11 @@ def _resume(cfg: RunConfig) -> tuple[RunConfig, str, Path, Checkpoint]:
     # everything that shapes the model or the privacy plan stays as the run started.
     overrides = {key.replace("-", "_"): given[key] for key in RESUME_OVERRIDABLE}
     resumed = stored_cfg.replace(resume=str(run_dir), **overrides)
+    for key in RESUME_OVERRIDABLE:
+        if given[key] != stored["config"][key]:
+            log.warning(
+                "resuming %s: %s = %r (the run started with %r)", run_dir.name, key, given[key], stored["config"][key]
+            )
     ignored = sorted(
         key
         for key, value in given.items()

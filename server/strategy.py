@@ -23,6 +23,21 @@ def aggregate_site_metrics(records: list[RecordDict], weighted_by_key: str) -> M
     return MetricRecord(weighted_site_metrics([dict(next(iter(r.metric_records.values()))) for r in records]))
 
 
+class AcceptedSites:
+    """A Grid seen through a filter: Flower's strategies sample only among the sites that accepted the run."""
+
+    def __init__(self, grid: Grid, excluded: frozenset[int]) -> None:
+        self._grid = grid
+        self._excluded = excluded
+
+    def get_node_ids(self):  # type: ignore[no-untyped-def]
+        """Return the connected nodes, less those left out of the run."""
+        return [n for n in self._grid.get_node_ids() if n not in self._excluded]
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self._grid, name)
+
+
 class RecordingMixin:
     """Screen replies before aggregation, record per-site metrics, and keep a run resumable.
 
@@ -43,16 +58,15 @@ class RecordingMixin:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):  # type: ignore[no-untyped-def]
         """Send the round to every sampled site that did not refuse the run."""
         self.recorder.set_global_arrays(arrays)
-        messages = super().configure_train(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]
-        messages = [m for m in messages if m.metadata.dst_node_id not in self.excluded_nodes]
+        grid = AcceptedSites(grid, self.excluded_nodes)
+        messages = list(super().configure_train(server_round + self.round_offset, arrays, config, grid))  # type: ignore[misc]
         self.recorder.expect_replies(messages)
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):  # type: ignore[no-untyped-def]
         """Ask for evaluation only the sites whose policy releases evaluation metrics."""
-        skip = self.excluded_nodes | self.no_evaluate_nodes
-        messages = super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]
-        return [m for m in messages if m.metadata.dst_node_id not in skip]
+        grid = AcceptedSites(grid, self.excluded_nodes | self.no_evaluate_nodes)
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # type: ignore[no-untyped-def]
         """Drop malformed replies, record per-site training metrics, then aggregate the rest.

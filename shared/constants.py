@@ -73,3 +73,6 @@ MACRO_F1 = "macro-f1"
 AUROC = "auroc"
 LOSS = "loss"
 MAJORITY_RATE = "majority-rate"  # accuracy of always predicting the most frequent class
+
+# The metrics of every training reply (plus TRAIN_LOSS in the non-private baseline only).
+TRAIN_REPLY_METRICS = (NUM_EXAMPLES, EPSILON, DELTA, ROUND_EPSILON_STEPS, SAMPLE_RATE, NOISE_MULTIPLIER)

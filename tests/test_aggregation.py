@@ -27,7 +27,15 @@ def _reply(arrays: dict[str, np.ndarray], num_examples: int, *, site: str, epsil
         {
             k.ARRAYS: ArrayRecord({name: Array(v) for name, v in arrays.items()}),
             k.METRICS: MetricRecord(
-                {k.NUM_EXAMPLES: num_examples, k.EPSILON: epsilon, k.DELTA: 1e-5, k.TRAIN_LOSS: 0.5, **extra}
+                {
+                    k.NUM_EXAMPLES: num_examples,
+                    k.EPSILON: epsilon,
+                    k.DELTA: 1e-5,
+                    k.ROUND_EPSILON_STEPS: 10,
+                    k.SAMPLE_RATE: 0.1,
+                    k.NOISE_MULTIPLIER: 1.0,
+                    **extra,
+                }
             ),
             k.SITE: ConfigRecord({k.SITE_NAME: site}),
         }
@@ -209,10 +217,65 @@ def test_checkpoint_round_trips_the_head_fedadam_state_and_records(tmp_path):
 
 
 class _NoGrid:
-    """A Grid with no nodes connected... but one: enough for configure_train to build its message."""
+    """A stand-in Grid with a few connected nodes: enough for configure_train to build its messages."""
+
+    def __init__(self, nodes=(7,)):
+        self.nodes = list(nodes)
 
     def get_node_ids(self):
-        return [7]
+        return self.nodes
 
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
         return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+
+def test_replies_with_other_records_or_metric_keys_are_rejected_before_flower_sees_them(tmp_path):
+    rng = np.random.default_rng(7)
+    strategy, recorder = _strategy(tmp_path)
+    renamed = _reply(_random_arrays(rng), 10, site="renamed")
+    renamed.content["weights"] = renamed.content.array_records[k.ARRAYS]
+    del renamed.content[k.ARRAYS]
+    replies = [
+        _reply(_random_arrays(rng), 10, site="ok"),
+        _reply(_random_arrays(rng), 10, site="extra", **{k.TRAIN_LOSS: 0.1}),  # the loss only leaves non-private runs
+        _reply(_random_arrays(rng), 10, site="nan-eps", epsilon=float("nan")),
+        renamed,
+    ]
+    strategy.aggregate_train(1, replies)
+    reasons = {r["site"]: r["reason"] for r in recorder.rejected}
+    assert set(reasons) == {"extra", "nan-eps", "renamed"}
+    assert "metrics" in reasons["extra"] and "differ from the expected" in reasons["extra"]
+    assert reasons["nan-eps"] == "metric `epsilon` must be a finite number, got nan"
+    assert "exactly the ArrayRecord `arrays`" in reasons["renamed"]
+
+
+def test_implausible_feature_sums_are_refused(flower_identity):
+    from fedtl.server.server_app import _check_feature_sum
+
+    def reply(total, n):
+        content = RecordDict(
+            {
+                k.ARRAYS: ArrayRecord({k.FEATURE_SUM: Array(np.asarray(total, np.float32))}),
+                k.METRICS: MetricRecord({k.NUM_EXAMPLES: n}),
+            }
+        )
+        return Message(content=content, reply_to=Message(content=RecordDict(), dst_node_id=2, message_type="query"))
+
+    rng = np.random.default_rng(8)
+    unit = rng.normal(size=(50, 16))
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    honest = unit.sum(axis=0) + rng.normal(0, 4.0, 16)
+    assert _check_feature_sum(reply(honest, 50), 16, sigma=4.0) is None
+    assert "shape (1,), expected (16,)" in _check_feature_sum(reply([1.0], 50), 16, sigma=4.0)
+    assert "impossible for 50 unit vectors" in _check_feature_sum(reply(honest * 100, 50), 16, sigma=4.0)
+    assert "a count > 0" in _check_feature_sum(reply(honest, 0), 16, sigma=4.0)
+
+
+def test_sites_left_out_of_a_run_are_never_sampled(tmp_path):
+    recorder = RunRecorder(run_dir=tmp_path, expected_arrays={n: (s, "float32") for n, s in SHAPES.items()})
+    strategy = make_strategy(RunConfig(fraction_train=0.5), recorder)
+    strategy.excluded_nodes = frozenset({7, 8})
+    grid = _NoGrid(nodes=[5, 6, 7, 8])
+    for _ in range(10):
+        messages = strategy.configure_train(1, _record(_random_arrays(np.random.default_rng(0))), ConfigRecord(), grid)
+        assert len(messages) == 1 and messages[0].metadata.dst_node_id in (5, 6)
