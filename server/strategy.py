@@ -65,8 +65,11 @@ class RecordingMixin:
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):  # type: ignore[no-untyped-def]
         """Ask for evaluation only the sites whose policy releases evaluation metrics."""
-        grid = AcceptedSites(grid, self.excluded_nodes | self.no_evaluate_nodes)
-        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]
+        # Sampled among the sites that accepted the run, then the ones keeping metrics local are left out
+        # (sampling among those that release metrics alone would wait for min-train-sites of them).
+        grid = AcceptedSites(grid, self.excluded_nodes)
+        messages = super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]
+        return [m for m in messages if m.metadata.dst_node_id not in self.no_evaluate_nodes]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # type: ignore[no-untyped-def]
         """Drop malformed replies, record per-site training metrics, then aggregate the rest.
