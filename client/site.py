@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import load_file, save
 
 from fedtl.client.ledger import PrivacyLedger
-from fedtl.client.loaders import SiteData, load_site_dataset, source_stamp
 from fedtl.client.policy import SitePolicy, load_policy
 from fedtl.shared import constants as k
 from fedtl.shared.backbones import build_backbone, fingerprint_state_dict, resolve_preprocessing
@@ -24,6 +23,7 @@ from fedtl.shared.data import ImageDataset, load_dataset, site_split
 from fedtl.shared.errors import BackboneError, ConfigError, DataError, FingerprintMismatchError
 from fedtl.shared.features import FeatureCache, cached_features, feature_cache_key
 from fedtl.shared.files import atomic_write_bytes
+from fedtl.shared.loaders import SiteData, load_site_dataset, source_stamp
 from fedtl.shared.protocol import RoundSettings, SimulationSettings
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,6 @@ import json
 import math
 import numbers
 import warnings
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +42,8 @@ NPZ_LAYOUT = (
 )
 ACCEPTED_SOURCES = (
     f"'{DIGITS}' (sklearn's bundled 8x8 digits), a path to {NPZ_LAYOUT}, "
-    "or a directory of images with one sub-folder per class (optionally split into train/ and test/)"
+    "a directory of images with one sub-folder per class (optionally split into train/ and test/), "
+    "or a CSV manifest path,label[,split]; folders and manifests may list DICOM files"
 )
 ACCEPTED_PARTITIONS = "'iid' or 'dirichlet:<alpha>' with alpha > 0 (e.g. 'dirichlet:0.5')"
 # Dirichlet draws tried before giving up; each draw only computes partition sizes, so this is cheap.
@@ -259,11 +259,12 @@ def _image_to_array(image: Image.Image, path: Path) -> np.ndarray:
 
 
 def load_dataset(source: str | Path, *, seed: int = 0, test_fraction: float = 0.2) -> DataSplits:
-    """Load 'digits', a MedMNIST-style .npz file, or an image-folder directory as train/test splits.
+    """Load 'digits', a MedMNIST-style .npz file, an image folder or a CSV manifest as train/test splits.
 
     Args:
-        source: "digits" (checked before any path of that name), a path to a .npz file, or a directory
-            with one sub-folder per class (or train/ and test/ folders of that layout).
+        source: "digits" (checked before any path of that name), a path to a .npz file, a directory with
+            one sub-folder per class (or train/ and test/ folders of that layout), or a CSV manifest
+            (path,label[,split]); folders and manifests may hold DICOM files (see shared.loaders).
         seed: seeds the stratified train/test split of "digits" and of directories without train/test.
         test_fraction: share of images held out as test where the source has no test split, in (0, 1).
 
@@ -281,11 +282,14 @@ def load_dataset(source: str | Path, *, seed: int = 0, test_fraction: float = 0.
     if not isinstance(source, (str, Path)):
         raise DataError(f"data source must be a string or path, got {source!r}; accepted: {ACCEPTED_SOURCES}")
     path = Path(source).expanduser()
-    if path.is_dir():
-        return _load_image_folder(path, seed=seed, test_fraction=test_fraction)
+    if path.is_dir() or (path.is_file() and path.suffix.lower() == ".csv"):
+        # Image folders, CSV manifests and DICOM: the same loader and validation a real site uses.
+        from fedtl.shared.loaders import load_site_dataset  # it builds on this module
+
+        return load_site_dataset(path, seed=seed, test_fraction=test_fraction).splits
     if path.is_file() and path.suffix.lower() == ".npz":
         return _load_npz(path)
-    reason = "is a file but not a .npz" if path.is_file() else "does not exist"
+    reason = "is a file but not a .npz or .csv" if path.is_file() else "does not exist"
     raise DataError(f"data source {str(source)!r} {reason}; accepted: {ACCEPTED_SOURCES}")
 
 
@@ -450,102 +454,6 @@ def _npz_label_names(raw: np.ndarray, path: Path) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise DataError(f"{path}: 'label_names' has duplicates: {names!r}; fix: give each class one unique name")
     return names
-
-
-def _load_image_folder(root: Path, *, seed: int, test_fraction: float) -> DataSplits:
-    """An image-folder tree: root/train/<class>/ and root/test/<class>/, or root/<class>/ split by `seed`."""
-    subdirs = _visible_subdirs(root)
-    if sorted(d.name.lower() for d in subdirs) == ["test", "train"]:
-        by_name = {d.name.lower(): d for d in subdirs}
-        train = _read_class_folders(by_name["train"])
-        test = _read_class_folders(by_name["test"])
-        if train.label_names != test.label_names:
-            only_train = sorted(set(train.label_names) - set(test.label_names))
-            only_test = sorted(set(test.label_names) - set(train.label_names))
-            raise DataError(
-                f"{root}: class folders of train/ {list(train.label_names)} and test/ {list(test.label_names)} "
-                f"differ (only in train: {only_train}, only in test: {only_test}); "
-                "fix: give test/ the same class sub-folders as train/"
-            )
-        if train.images.shape[1:3] != test.images.shape[1:3]:
-            raise DataError(
-                f"{root}: train/ images are {train.images.shape[2]}x{train.images.shape[1]} but test/ images "
-                f"are {test.images.shape[2]}x{test.images.shape[1]} (width x height); fix: resize them to match"
-            )
-        if train.images.ndim != test.images.ndim:  # one split had a colour image: both become RGB
-            train, test = _to_rgb_dataset(train), _to_rgb_dataset(test)
-        return DataSplits(train=train, test=test)
-    return _split_dataset(_read_class_folders(root), seed=seed, test_fraction=test_fraction)
-
-
-def _visible_subdirs(folder: Path) -> list[Path]:
-    """Sub-folders not starting with '.', sorted by name."""
-    return sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
-
-
-def _image_files(folder: Path) -> list[Path]:
-    """Image files directly in `folder` (by extension, case-insensitive), sorted by name."""
-    return sorted(
-        (
-            p
-            for p in folder.iterdir()
-            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
-        ),
-        key=lambda p: p.name,
-    )
-
-
-def _read_class_folders(root: Path) -> ImageDataset:
-    """Decode root/<class>/<image> into one dataset; sorted folder names are the label names."""
-    class_dirs = _visible_subdirs(root)
-    if not class_dirs:
-        loose = len(_image_files(root))
-        raise DataError(
-            f"image folder {root} has no class sub-folders (it holds {loose} image file(s) directly); "
-            f"expected layout {root}/<class name>/<image>{IMAGE_EXTENSIONS[0]}, one sub-folder per class; "
-            "fix: move the images into one sub-folder per class"
-        )
-    files: list[Path] = []
-    labels: list[int] = []
-    for label, class_dir in enumerate(class_dirs):
-        class_files = _image_files(class_dir)
-        if not class_files:
-            raise DataError(
-                f"class folder {class_dir} holds no image files (accepted extensions: "
-                f"{', '.join(IMAGE_EXTENSIONS)}; nested folders are not searched); "
-                "fix: add images or remove the folder"
-            )
-        files.extend(class_files)
-        labels.extend([label] * len(class_files))
-    arrays = [load_image_file(f) for f in files]
-
-    sizes = [(a.shape[1], a.shape[0]) for a in arrays]  # (width, height) as PIL reports them
-    majority = Counter(sizes).most_common(1)[0][0]
-    odd = [(f, s) for f, s in zip(files, sizes) if s != majority]
-    if odd:
-        listed = ", ".join(f"{f} ({w}x{h})" for f, (w, h) in odd[:MAX_LISTED_FILES])
-        more = f" and {len(odd) - MAX_LISTED_FILES} more" if len(odd) > MAX_LISTED_FILES else ""
-        raise DataError(
-            f"image folder {root}: images must all have the same size; most are {majority[0]}x{majority[1]} "
-            f"(width x height) but {len(odd)} differ: {listed}{more}; "
-            f"fix: resize them to {majority[0]}x{majority[1]} (e.g. PIL Image.resize) or remove them"
-        )
-    if any(a.ndim == 3 for a in arrays):  # one colour image makes the whole set RGB, as PIL's L -> RGB
-        arrays = [a if a.ndim == 3 else np.repeat(a[..., None], 3, axis=-1) for a in arrays]
-    return ImageDataset(
-        images=np.stack(arrays),
-        labels=np.asarray(labels, dtype=np.int64),
-        label_names=tuple(d.name for d in class_dirs),
-        source=str(root),
-    )
-
-
-def _to_rgb_dataset(dataset: ImageDataset) -> ImageDataset:
-    """The same dataset with grey (N,H,W) images replicated to (N,H,W,3)."""
-    if dataset.images.ndim == 4:
-        return dataset
-    images = np.repeat(dataset.images[..., None], 3, axis=-1)
-    return ImageDataset(images, dataset.labels, dataset.label_names, dataset.source)
 
 
 def parse_partition(scheme: str) -> tuple[str, float | None]:

@@ -1,4 +1,4 @@
-"""Tests of fedtl.client.loaders: image folders, CSV manifests, DICOM and .npz sites, and their validation."""
+"""Tests of fedtl.shared.loaders: image folders, CSV manifests, DICOM and .npz sites, and their validation."""
 
 import hashlib
 import logging
@@ -9,8 +9,8 @@ import pytest
 from site_files import save_png, write_csv, write_dicom
 from sklearn.datasets import load_digits
 
-from fedtl.client.loaders import LoadReport, SiteData, load_dicom_file, load_site_dataset
 from fedtl.shared.errors import ConfigError, DataError
+from fedtl.shared.loaders import LoadReport, SiteData, load_dicom_file, load_site_dataset
 
 # Stored 16-bit values and the modality/VOI settings of the DICOM oracle tests.
 STORED_SCALE, STORED_OFFSET = 250, 100  # digits 0..16 -> stored 100..4100
@@ -394,7 +394,7 @@ def test_missing_and_corrupt_files_are_errors_or_recorded_skips(tmp_path, digits
     ):
         load_site_dataset(manifest)
     (tmp_path / "gone.png").unlink()
-    with caplog.at_level(logging.WARNING, logger="fedtl.client.loaders"):
+    with caplog.at_level(logging.WARNING, logger="fedtl.shared.loaders"):
         data = load_site_dataset(manifest, bad_files="skip")
     assert data.report.split_counts == {"train": 5, "test": 5}
     skipped = {Path(s.path).name: s.reason for s in data.report.skipped}

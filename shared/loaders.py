@@ -469,6 +469,15 @@ def _load_entries(
         unknown = [label for label in found if label not in declared]
         _check_known_labels(source, [(label, _carriers(entries, label)) for label in unknown], declared)
     label_names = declared if declared is not None else tuple(found)
+    if declared is None and container == "folder":
+        # Without declared classes, a folder name alone would make a class no image shows.
+        labelled = {e.label for e in entries}
+        empty = [name for name in found if name not in labelled]
+        if empty:
+            raise DataError(
+                f"image folder {source}: class folder(s) {empty} hold no image files; fix: add images, remove "
+                "the folder(s), or declare the classes (label-names) to train them with no examples here"
+            )
     index = {name: k for k, name in enumerate(label_names)}
 
     skipped: list[SkippedFile] = []
