@@ -59,6 +59,9 @@ def ledger_report(policy: SitePolicy) -> str:
         )
     total = ledger.epsilon(delta=policy.delta, accountant=policy.accountant)
     lines.append(f"total epsilon {_eps(total)} of max-epsilon {policy.max_epsilon:g}")
+    unchecked = ledger.unchecked_records()
+    if unchecked:
+        lines.append(f"WARNING: {unchecked} record(s) carry no checksum (fedtl 0.1): damage to them goes undetected")
     return "\n".join(lines)
 
 

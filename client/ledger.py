@@ -110,6 +110,14 @@ class PrivacyLedger:
             charges, torn = self._read()
         return charges + ([torn[0]] if torn else [])
 
+    def unchecked_records(self) -> int:
+        """Return how many records carry no checksum (written by fedtl 0.1): their integrity is not checked."""
+        if not self.path.is_file():
+            return 0
+        with self._locked(fcntl.LOCK_SH):
+            lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        return sum(1 for line in lines if line.strip() and '"crc32"' not in line)
+
     def history(self) -> list[PrivacyStep]:
         """Return the accountant history of every charge."""
         return [c.step for c in self.charges()]

@@ -277,3 +277,15 @@ def test_a_ledger_of_the_earlier_version_must_be_imported_not_ignored(tmp_path):
     (tmp_path / "history.jsonl").write_text('{"run_id": "old"}\n')
     with pytest.raises(DataError, match=r"history.jsonl is the privacy history of an earlier fedtl version"):
         PrivacyLedger(tmp_path / "ledger.jsonl").charges()
+
+
+def test_records_without_a_checksum_are_read_and_counted(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    ledger = PrivacyLedger(path)
+    ledger.charge(_charge("a", 1, 1.0))
+    old = json.loads(_charge("a", 2, 1.0).to_line())
+    del old["crc32"]  # as fedtl 0.1 wrote them
+    with open(path, "a") as fh:
+        fh.write(json.dumps(old) + "\n")
+    assert [c.server_round for c in ledger.charges()] == [1, 2]
+    assert ledger.unchecked_records() == 1
