@@ -39,7 +39,7 @@ def load_model_backbone(model: AdaptedModel, *, weights_file: str | Path | None 
         except (OSError, SafetensorError) as exc:
             raise BackboneError(
                 f"--backbone-weights {weights_file} is not a readable safetensors file ({exc}); pass a file "
-                "from a site cache, <site-dir>/cache/backbones/<fingerprint>.safetensors"
+                "from a site cache, <cache-dir>/backbones/<fingerprint>.safetensors"
             ) from exc
         backbone = build_backbone(model.backbone_name, state)
     else:
