@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from datetime import datetime, timezone
 from pathlib import Path
@@ -111,8 +110,3 @@ def check_data(policy: SitePolicy) -> str:
 def _eps(value: float) -> str:
     return "inf" if not math.isfinite(value) else f"{value:.3f}"
 
-
-def policy_summary(policy: SitePolicy) -> str:
-    """Return the policy as JSON (for logs and support tickets)."""
-    fields = {k: (str(v) if isinstance(v, Path) else v) for k, v in policy.__dict__.items()}
-    return json.dumps(fields, indent=2, default=list)

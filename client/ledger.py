@@ -82,7 +82,6 @@ class RunSpend:
     steps: int
     epsilon_alone: float  # the run's charges on their own
     epsilon_after: float  # cumulative, after this run (runs in ledger order)
-    first_time: float
     last_time: float
 
 
@@ -147,7 +146,7 @@ class PrivacyLedger:
         out = []
         for i, run_id in enumerate(order):
             mine = [c for c in charges if c.run_id == run_id]
-            upto = {r for r in order[: i + 1]}
+            upto = set(order[: i + 1])
             out.append(
                 RunSpend(
                     run_id=run_id,
@@ -157,7 +156,6 @@ class PrivacyLedger:
                     epsilon_after=compute_epsilon(
                         [c.step for c in charges if c.run_id in upto], delta=delta, accountant=accountant
                     ),
-                    first_time=min(c.time for c in mine),
                     last_time=max(c.time for c in mine),
                 )
             )

@@ -50,7 +50,6 @@ ACCEPTED_PARTITIONS = "'iid' or 'dirichlet:<alpha>' with alpha > 0 (e.g. 'dirich
 MAX_DIRICHLET_ATTEMPTS = 10_000
 # Inferred class counts above this mean the labels are not class indices (ids, regression targets...).
 MAX_INFERRED_CLASSES = 100_000
-MAX_LISTED_FILES = 5
 
 
 @dataclass(frozen=True, eq=False, repr=False)
