@@ -102,11 +102,8 @@ def check_data(policy: SitePolicy) -> str:
     Raises:
         DataError: the data cannot be used (the message names the files and the fix).
     """
-    if policy.data == "digits":
-        return "sklearn's bundled digits (a try-out data set): 10 classes, 8x8 grey images"
     return load_policy_data(policy).report.summary()
 
 
 def _eps(value: float) -> str:
     return "inf" if not math.isfinite(value) else f"{value:.3f}"
-

@@ -201,9 +201,6 @@ def load_site_data(site: Site, label_names: tuple[str, ...]) -> tuple[ImageDatas
         )
     policy = site.policy
     assert policy is not None  # a real site always has one (resolve_site)
-    if policy.data == "digits":  # sklearn's bundled digits: to try a site out before pointing it at real data
-        splits = load_dataset("digits", seed=0, test_fraction=policy.test_fraction)
-        return splits.train, splits.test  # type: ignore[return-value]
     splits = load_policy_data(policy, label_names).splits
     if splits.test is None or len(splits.test) == 0:
         raise DataError(f"site data {policy.data} has no local test split; give it test rows or a test/ folder")
@@ -291,7 +288,7 @@ def _data_index(site: Site, label_names: list[str]) -> Path | None:
     is not decoded again at every message; any change means one full load and validation.
     """
     policy = site.policy
-    if policy is None or policy.data == "digits":
+    if policy is None:
         return None
     stamp = source_stamp(policy.data)
     if stamp is None:

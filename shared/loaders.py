@@ -29,6 +29,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut
 
 from fedtl.shared.data import (
+    DIGITS,
     IMAGE_EXTENSIONS,
     DataSplits,
     ImageDataset,
@@ -52,7 +53,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SITE_FORMATS = ("folder", "csv", "dicom", "npz")
+SITE_FORMATS = ("folder", "csv", "dicom", "npz", "digits")
 BAD_FILES_MODES = ("error", "skip")
 DICOM_EXTENSION = ".dcm"
 CSV_EXTENSION = ".csv"
@@ -69,7 +70,7 @@ VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
 ACCEPTED_SITE_SOURCES = (
     "a directory with one sub-folder per class (root/<class>/<file>, or root/train/<class>/... and "
     "root/test/<class>/...), a .csv manifest with columns path,label (optional split), "
-    "or a MedMNIST-style .npz file"
+    "a MedMNIST-style .npz file, or 'digits' (sklearn's bundled digits, to try a site out)"
 )
 MANIFEST_LAYOUT = (
     "a header row path,label (optional split with values train, test or val) and one row per image; "
@@ -180,6 +181,8 @@ def load_site_dataset(
         )
     check_split_settings(seed=seed, test_fraction=test_fraction)
     declared = _check_label_names(label_names)
+    if isinstance(source, str) and source.strip().lower() == DIGITS:
+        return _load_dataset_site(source, "digits", declared, seed=seed, test_fraction=test_fraction)
     if not isinstance(source, (str, Path)):
         raise DataError(f"site data source must be a path, got {source!r}; accepted: {ACCEPTED_SITE_SOURCES}")
     path = Path(source).expanduser()
@@ -190,7 +193,7 @@ def load_site_dataset(
         entries, found, notes = _manifest_entries(path)
         container = "csv"
     elif path.is_file() and path.suffix.lower() == NPZ_EXTENSION:
-        return _load_npz_site(path, declared, seed=seed, test_fraction=test_fraction)
+        return _load_dataset_site(path, "npz", declared, seed=seed, test_fraction=test_fraction)
     elif path.is_file() and (path.suffix.lower() == DICOM_EXTENSION or _has_dicom_marker(path)):
         raise DataError(
             f"site data source {path} is a single DICOM file, which carries no class label; fix: list the "
@@ -210,6 +213,8 @@ def source_stamp(source: str | Path) -> str | None:
     cannot be set back by copy tools. Returns None when the source cannot be stamped (it is then loaded, and its
     errors reported, in full).
     """
+    if isinstance(source, str) and source.strip().lower() == DIGITS:
+        return None  # built in, not files
     path = Path(source).expanduser()
     digest = hashlib.sha256(b"fedtl.source-stamp.v1\0")
 
@@ -671,15 +676,21 @@ def _listing(items: list[str], *, limit: int = MAX_LISTED, sep: str = ", ") -> s
 # --- .npz ---------------------------------------------------------------------------------------------
 
 
-def _load_npz_site(path: Path, declared: tuple[str, ...] | None, *, seed: int, test_fraction: float) -> SiteData:
-    """A MedMNIST-style .npz via shared.data.load_dataset, its classes mapped onto the federation's names."""
+def _load_dataset_site(
+    source: str | Path, fmt: str, declared: tuple[str, ...] | None, *, seed: int, test_fraction: float
+) -> SiteData:
+    """A MedMNIST-style .npz or 'digits' via shared.data.load_dataset, its classes mapped onto the federation's."""
+    path = source if fmt == "digits" else Path(source)
     splits = load_dataset(path, seed=seed, test_fraction=test_fraction)
     if splits.test is None:
         raise DataError(f"{path}: 'test_images' is empty; a site needs test images; fix: add a test split")
     notes = []
     if declared is not None:
-        with np.load(path, allow_pickle=False) as npz:
-            named = "label_names" in npz.files
+        if fmt == "digits":
+            named = True  # its classes are named "0".."9"
+        else:
+            with np.load(path, allow_pickle=False) as npz:
+                named = "label_names" in npz.files
         own = splits.train.label_names
         if named:
             used = sorted(set(splits.train.labels.tolist()) | set(splits.test.labels.tolist()))
@@ -700,7 +711,7 @@ def _load_npz_site(path: Path, declared: tuple[str, ...] | None, *, seed: int, t
             train=ImageDataset(splits.train.images, mapping[splits.train.labels], declared, splits.train.source),
             test=ImageDataset(splits.test.images, mapping[splits.test.labels], declared, splits.test.source),
         )
-    return SiteData(splits, _report(path, "npz", splits, (), notes))
+    return SiteData(splits, _report(Path(path), fmt, splits, (), notes))
 
 
 # --- DICOM --------------------------------------------------------------------------------------------
