@@ -13,12 +13,14 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from fedtl.client.ledger import DP_SGD, FEATURE_SUM, PrivacyCharge, new_charge
 from fedtl.client.policy import PolicyRefusal
 from fedtl.client.site import Site, load_site_features
 from fedtl.client.training import TrainResult, evaluate_head, steps_per_epoch, train_head
 from fedtl.shared import constants as k
+from fedtl.shared.backbones import fingerprint_state_dict
 from fedtl.shared.files import atomic_write_bytes
 from fedtl.shared.heads import build_head, load_head_arrays, normalize_features
 from fedtl.shared.metrics import majority_rate
@@ -205,12 +207,8 @@ class ReplyReplay:
 
     @staticmethod
     def _key(server_round: int, global_arrays: dict[str, np.ndarray]) -> str:
-        digest = hashlib.sha256(f"round {server_round}".encode())
-        for name in sorted(global_arrays):
-            value = np.ascontiguousarray(global_arrays[name])
-            digest.update(f"{name}:{value.dtype.str}:{value.shape}".encode())
-            digest.update(value.tobytes())
-        return digest.hexdigest()
+        tensors = {name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in global_arrays.items()}
+        return f"round {server_round}/{fingerprint_state_dict(tensors)}"
 
     def load(self, server_round: int, global_arrays: dict[str, np.ndarray]) -> TrainResult | None:
         """Return the update computed for exactly this request, or None."""
