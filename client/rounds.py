@@ -132,7 +132,7 @@ def train_round(
             policy.check_noise(noise, what=f"round {server_round}")
     # Write-ahead: the round is paid for before it runs. Non-private rounds are recorded with
     # noise 0, so the site's epsilon honestly becomes infinite.
-    charge(
+    epsilon = charge(
         site,
         settings,
         new_charge(
@@ -159,7 +159,6 @@ def train_round(
         proximal_mu=proximal_mu,
     )
     replay.save(server_round, global_arrays, result)
-    epsilon = site.ledger.epsilon(delta=settings.target_delta, accountant=site_accountant(site, settings))
     log.info(
         "site %s round %d: loss %.4f, sigma %s, cumulative epsilon %.3f",
         site.name,
@@ -304,7 +303,7 @@ def charge(site: Site, settings: RoundSettings, release: PrivacyCharge, *, what:
     grows). A release without noise is charged only where the policy allows non-private work.
 
     Returns:
-        The site's cumulative epsilon including `release`.
+        The site's cumulative epsilon including `release`, as computed for the budget check.
 
     Raises:
         PrivacyBudgetError: the release would take the site past its budget (the message has the numbers).
@@ -331,4 +330,5 @@ def charge(site: Site, settings: RoundSettings, release: PrivacyCharge, *, what:
         log.warning(
             "site %s: %s brings epsilon to %.3f of %.3g (budget nearly spent)", site.name, what, projected, budget
         )
-    return projected
+    # With no budget to check the ledger computes nothing; a release without noise makes epsilon infinite.
+    return projected if math.isfinite(budget) else math.inf
