@@ -46,8 +46,7 @@ class RunRecorder:
     history: list[dict[str, Any]] = field(default_factory=list)
     _global: dict[str, np.ndarray] = field(default_factory=dict)
     node_names: dict[int, str] = field(default_factory=dict)  # node id -> site name, from the set-up queries
-    _sent: dict[str, int] = field(default_factory=dict)  # message id -> destination node, this round
-    _sent_messages: list[Message] = field(default_factory=list)
+    _sent_messages: list[Message] = field(default_factory=list)  # this round's training messages
 
     def expect_replies(self, messages: list[Message]) -> None:
         """Remember this round's training messages, to name the sites that never answer.
@@ -78,7 +77,7 @@ class RunRecorder:
         self.rejected = list(state.get("rejected", []))
         self.history = list(state.get("history", []))
         # Rounds that finished after the checkpoint was written (a crash between the two) are redone.
-        text = "".join(json.dumps(jsonable(line), sort_keys=True) + "\n" for line in self.history)
+        text = "".join(_metrics_line(line) for line in self.history)
         atomic_write_bytes(self.metrics_path, text.encode())
 
     @property
@@ -88,15 +87,15 @@ class RunRecorder:
 
     def screen_train(self, server_round: int, replies: list[Message]) -> list[Message]:
         """Return the acceptable training replies and record each site's metrics; log the rest."""
-        sent = getattr(self, "_sent_messages", [])
-        self._sent = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
-        answered = {self._node_of(m) for m in replies}
+        sent = self._sent_messages
+        destinations = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+        answered = {_node_of(m, destinations) for m in replies}
         for node_id in sorted({m.metadata.dst_node_id for m in sent} - answered):
             self.reject(server_round, self._name_of(node_id), "no reply within round-timeout")
         self._sent_messages = []
         candidates = []
         sites = self._round.setdefault("sites", {})
-        for name, msg in self._answered(server_round, replies):
+        for name, msg in self._answered(server_round, replies, destinations):
             problem = self._check_train_reply(msg)
             if problem:
                 self.reject(server_round, name, problem)
@@ -179,15 +178,17 @@ class RunRecorder:
         self.history.append(line)
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(jsonable(line), sort_keys=True) + "\n")
+            fh.write(_metrics_line(line))
         self._round = {}
         return line
 
-    def _answered(self, server_round: int, replies: list[Message]) -> list[tuple[str, Message]]:
+    def _answered(
+        self, server_round: int, replies: list[Message], destinations: dict[str, int] | None = None
+    ) -> list[tuple[str, Message]]:
         """Return (site name, reply) of the replies without an error; record the errors as rejections."""
         answered = []
         for msg in replies:
-            node = self._node_of(msg)
+            node = _node_of(msg, destinations or {})
             # Named as the site introduced itself at set-up; a reply cannot take another site's name.
             name = self.node_names.get(node) or (reply_site_name(msg) if not msg.has_error() else f"node-{node}")
             if msg.has_error():
@@ -197,10 +198,6 @@ class RunRecorder:
             else:
                 answered.append((name, msg))
         return answered
-
-    def _node_of(self, msg: Message) -> int:
-        """Return the node a reply answers for (the SuperLink answers for a node that went offline)."""
-        return self._sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
 
     def _name_of(self, node_id: int) -> str:
         return self.node_names.get(node_id, f"node-{node_id}")
@@ -252,6 +249,24 @@ def refusal(msg: Message) -> str | None:
         return None
     site = msg.content.config_records[k.SITE]
     return str(site[k.REFUSED]) if k.REFUSED in site else None
+
+
+def _metrics_line(line: dict[str, Any]) -> str:
+    """Return one round's line of metrics.jsonl."""
+    return json.dumps(jsonable(line), sort_keys=True) + "\n"
+
+
+def _node_of(msg: Message, destinations: dict[str, int]) -> int:
+    """Return the node a reply answers for (the SuperLink answers for a node that went offline).
+
+    `destinations` maps the ids of the messages sent to their destination nodes.
+    """
+    return destinations.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+
+
+def failure_reason(msg: Message) -> str | None:
+    """Return why a reply carries no result (the site's error, or its refusal), or None for a usable reply."""
+    return short_reason(msg.error.reason) if msg.has_error() else refusal(msg)
 
 
 def short_reason(reason: str) -> str:

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtl.server.checkpoint import Checkpoint, load_checkpoint, restore_strategy_state, save_checkpoint, strategy_state
 from fedtl.server.model_file import AdaptedModel, save_model
-from fedtl.server.report import RunRecorder, refusal, reply_site_name, short_reason
+from fedtl.server.report import RunRecorder, failure_reason, reply_site_name
 from fedtl.server.strategy import make_strategy
 from fedtl.shared import constants as k
 from fedtl.shared.backbones import (
@@ -169,10 +169,13 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_dir: Path | None = None) -
         if cfg.central_evaluation and splits is not None and splits.test is not None
         else None
     )
-    strategy = make_strategy(cfg, recorder)
-    strategy.round_offset = done  # type: ignore[attr-defined]
-    strategy.excluded_nodes = frozenset(setup.refused)  # type: ignore[attr-defined]
-    strategy.no_evaluate_nodes = frozenset(setup.no_evaluation)  # type: ignore[attr-defined]
+    strategy = make_strategy(
+        cfg,
+        recorder,
+        round_offset=done,
+        excluded_nodes=frozenset(setup.refused),
+        no_evaluate_nodes=setup.no_evaluation,
+    )
     if checkpoint is not None:
         restore_strategy_state(strategy, checkpoint.strategy_state)
 
@@ -428,7 +431,7 @@ def distribute_backbone(
 
 def _refused_setup(reply: Message, node_id: int, refused: dict[int, str], what: str) -> bool:
     """Record and log a set-up reply that is an error, a refusal or malformed; return True when it is one."""
-    reason = short_reason(reply.error.reason) if reply.has_error() else refusal(reply)
+    reason = failure_reason(reply)
     if reason is None:
         site = reply.content.config_records.get(k.SITE)
         needed = (k.SITE_NAME, k.HAS_BACKBONE, k.BYTES_RECEIVED)
@@ -459,7 +462,7 @@ def estimate_feature_center(
     replies = _query(grid, node_ids, RecordDict({k.CONFIG: ask}), timeout)
     total, count = None, 0
     for node_id, reply in replies.items():
-        reason = short_reason(reply.error.reason) if reply.has_error() else refusal(reply)
+        reason = failure_reason(reply)
         if reason is not None:
             log.warning("site %s did not release its feature sum: %s", reply_site_name(reply), reason)
             continue

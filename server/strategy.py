@@ -109,12 +109,20 @@ class FedtlFedAdam(RecordingMixin, FedAdam):
     """FedAdam (Reddi et al. 2021, "Adaptive Federated Optimization") on the head tensors."""
 
 
-def make_strategy(cfg: RunConfig, recorder: RunRecorder) -> FedAvg:
+def make_strategy(
+    cfg: RunConfig,
+    recorder: RunRecorder,
+    *,
+    round_offset: int = 0,
+    excluded_nodes: frozenset[int] = frozenset(),
+    no_evaluate_nodes: frozenset[int] = frozenset(),
+) -> FedAvg:
     """Return the configured strategy, training `fraction-train` of the connected sites each round.
 
     The run starts once `min-available-nodes` sites are connected (`wait_for_nodes`); after that a
     round goes ahead with as few as `min-train-sites` connected sites, so a site that drops out does
-    not stall the federation.
+    not stall the federation. `round_offset` is the rounds a resumed run already did;
+    `excluded_nodes` refused the run at set-up; `no_evaluate_nodes` keep evaluation metrics local.
     """
     fraction_evaluate = 1.0 if cfg.federated_evaluation else 0.0
     common = dict(
@@ -138,4 +146,7 @@ def make_strategy(cfg: RunConfig, recorder: RunRecorder) -> FedAvg:
         strategy = FedtlFedAdam(**common, eta=cfg.server_learning_rate)
     strategy.recorder = recorder  # type: ignore[attr-defined]
     strategy.min_train_sites = cfg.min_train_sites  # type: ignore[attr-defined]
+    strategy.round_offset = round_offset  # type: ignore[attr-defined]
+    strategy.excluded_nodes = excluded_nodes  # type: ignore[attr-defined]
+    strategy.no_evaluate_nodes = no_evaluate_nodes  # type: ignore[attr-defined]
     return strategy

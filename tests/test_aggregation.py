@@ -273,8 +273,7 @@ def test_implausible_feature_sums_are_refused(flower_identity):
 
 def test_sites_left_out_of_a_run_are_never_sampled(tmp_path):
     recorder = RunRecorder(run_dir=tmp_path, expected_arrays={n: (s, "float32") for n, s in SHAPES.items()})
-    strategy = make_strategy(RunConfig(fraction_train=0.5), recorder)
-    strategy.excluded_nodes = frozenset({7, 8})
+    strategy = make_strategy(RunConfig(fraction_train=0.5), recorder, excluded_nodes=frozenset({7, 8}))
     grid = _NoGrid(nodes=[5, 6, 7, 8])
     for _ in range(10):
         messages = strategy.configure_train(1, _record(_random_arrays(np.random.default_rng(0))), ConfigRecord(), grid)
