@@ -17,6 +17,8 @@ from fedtl.shared.errors import ConfigError
 HEADS = ("linear", "mlp")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 ACCOUNTANTS = ("rdp", "prv")
+CLIENT_DP_MODES = ("off", "server", "client")  # Flower's DifferentialPrivacy{Server,Client}SideFixedClipping
+PERSONALIZATIONS = ("none", "fedper", "finetune")
 DEVICES = ("auto", "cpu", "cuda")
 AUTO = "auto"
 
@@ -71,6 +73,18 @@ class RunConfig:
     device: str = AUTO
     round_timeout: float = 3600.0
     resume: str = ""  # a stopped run's folder: continue it from its last checkpoint
+    # Client-level DP (McMahan et al. 2018) on top of the sites' sample-level DP: clip each site's update,
+    # add Gaussian noise to their average; its epsilon is per site (user), reported apart from theirs.
+    client_dp: str = "off"
+    client_noise_multiplier: float = 1.0  # noise std in units of client-clipping-norm / sampled sites
+    client_clipping_norm: float = 1.0
+    client_dp_delta: float = 1e-5
+    # Personalised heads: fedper keeps the head's last layer at each site (mlp head); finetune adapts the
+    # final shared head locally (DP-SGD, charged) after the last round; both are scored per site.
+    personalization: str = "none"
+    finetune_epochs: int = 2
+    permuted_label_sites: str = ""  # simulation only: comma-separated site numbers whose labels are permuted
+    ray_address: str = ""  # simulation only: an existing Ray cluster (HOST:PORT or "auto"); "" starts one
 
     def __post_init__(self) -> None:
         _check_positive_int(
@@ -82,7 +96,19 @@ class RunConfig:
             "feature_batch_size",
             "min_available_nodes",
             "min_train_sites",
+            "finetune_epochs",
         )
+        _check_choice(self, "client_dp", CLIENT_DP_MODES)
+        _check_choice(self, "personalization", PERSONALIZATIONS)
+        _check_range(self, "client_noise_multiplier", low=0.0)
+        _check_range(self, "client_clipping_norm", low=0.0, low_open=True)
+        _check_range(self, "client_dp_delta", low=0.0, high=1.0, low_open=True, high_open=True)
+        if self.personalization == "fedper" and self.head != "mlp":
+            raise ConfigError(
+                '`personalization = "fedper"` keeps the head\'s last layer at each site and shares the others, '
+                f'so it needs head = "mlp", got head = {self.head!r}'
+            )
+        self.permuted_label_site_ids  # raises ConfigError naming the value
         _check_choice(self, "head", HEADS)
         _check_choice(self, "strategy", STRATEGIES)
         _check_choice(self, "accountant", ACCOUNTANTS)
@@ -151,6 +177,20 @@ class RunConfig:
     def label_name_list(self) -> tuple[str, ...]:
         """Return `label-names` as a tuple (empty: take the server data's)."""
         return tuple(n.strip() for n in self.label_names.split(",") if n.strip())
+
+    @property
+    def permuted_label_site_ids(self) -> tuple[int, ...]:
+        """Return `permuted-label-sites` as site numbers (simulation only)."""
+        ids = []
+        for part in self.permuted_label_sites.split(","):
+            if not part.strip():
+                continue
+            if not part.strip().isdigit():
+                raise ConfigError(
+                    f"`permuted-label-sites` must list site numbers like \"0,3\", got {self.permuted_label_sites!r}"
+                )
+            ids.append(int(part))
+        return tuple(sorted(set(ids)))
 
     @property
     def is_private(self) -> bool:
