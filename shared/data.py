@@ -15,6 +15,7 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 
 from fedtl.shared.errors import ConfigError, DataError
+from fedtl.shared.partitioners import NATURAL, parse_partition, partition_indices, validate_groups
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -23,8 +24,6 @@ __all__ = [
     "check_split_settings",
     "load_dataset",
     "load_image_file",
-    "parse_partition",
-    "partition_indices",
     "site_split",
     "split_dataset",
     "validate_labels",
@@ -35,31 +34,31 @@ DIGITS = "digits"
 NPZ_IMAGE_KEYS = ("train_images", "val_images", "test_images")
 NPZ_LABEL_KEYS = ("train_labels", "val_labels", "test_labels")
 NPZ_LABEL_NAMES_KEY = "label_names"
+NPZ_SITE_KEYS = {"train": "train_sites", "val": "val_sites", "test": "test_sites"}
 NPZ_LAYOUT = (
     "a MedMNIST-style .npz with keys train_images, train_labels, val_images, val_labels, test_images, "
-    "test_labels (images uint8 (N,H,W) or (N,H,W,3), labels (N,) or (N,1); the val pair may be left out) "
-    "and optionally label_names (K strings)"
+    "test_labels (images uint8 (N,H,W) or (N,H,W,3), labels (N,) or (N,1); the val pair may be left out), "
+    "optionally label_names (K strings) and train_sites/val_sites/test_sites (one site id per image, for the "
+    "'natural' partition)"
 )
 ACCEPTED_SOURCES = (
     f"'{DIGITS}' (sklearn's bundled 8x8 digits), a path to {NPZ_LAYOUT}, "
     "a directory of images with one sub-folder per class (optionally split into train/ and test/), "
-    "or a CSV manifest path,label[,split]; folders and manifests may list DICOM files"
+    "or a CSV manifest path,label[,split][,site]; folders and manifests may list DICOM files"
 )
-ACCEPTED_PARTITIONS = "'iid' or 'dirichlet:<alpha>' with alpha > 0 (e.g. 'dirichlet:0.5')"
-# Dirichlet draws tried before giving up; each draw only computes partition sizes, so this is cheap.
-MAX_DIRICHLET_ATTEMPTS = 10_000
 # Inferred class counts above this mean the labels are not class indices (ids, regression targets...).
 MAX_INFERRED_CLASSES = 100_000
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class ImageDataset:
-    """Images with integer class labels, validated at construction."""
+    """Images with integer class labels (and optionally the site id of each image), validated at construction."""
 
     images: np.ndarray  # uint8, (N, H, W) grey or (N, H, W, 3) RGB
     labels: np.ndarray  # int64, (N,)
     label_names: tuple[str, ...]
     source: str  # human-readable origin, used in error messages
+    groups: np.ndarray | None = None  # (N,) str or int64 site ids: the 'natural' partition's sites
 
     def __post_init__(self) -> None:
         images, labels = self.images, self.labels
@@ -98,19 +97,22 @@ class ImageDataset:
             )
         object.__setattr__(self, "label_names", names)
         object.__setattr__(self, "labels", validate_labels(labels, len(names), source=self.source))
+        if self.groups is not None:
+            object.__setattr__(self, "groups", validate_groups(self.groups, images.shape[0], source=self.source))
 
     def __len__(self) -> int:
         """Number of images."""
         return int(self.images.shape[0])
 
     def __repr__(self) -> str:
+        sites = "" if self.groups is None else f", sites={np.unique(self.groups).size}"
         return (
             f"ImageDataset(n={len(self)}, image_shape={self.images.shape[1:]}, "
-            f"classes={len(self.label_names)}, source={self.source!r})"
+            f"classes={len(self.label_names)}{sites}, source={self.source!r})"
         )
 
     def subset(self, indices: np.ndarray) -> ImageDataset:
-        """The images at `indices` (integer positions or a boolean mask), in that order."""
+        """The images at `indices` (integer positions or a boolean mask), in that order, with their site ids."""
         indices = np.asarray(indices)
         if indices.size == 0:
             indices = indices.astype(np.intp)  # np.asarray([]) is float64
@@ -119,10 +121,15 @@ class ImageDataset:
             labels=self.labels[indices],
             label_names=self.label_names,
             source=self.source,
+            groups=None if self.groups is None else self.groups[indices],
         )
 
     def fingerprint(self) -> str:
-        """SHA-256 hex over dtype, shape and bytes of images and labels, and the label names (not `source`)."""
+        """SHA-256 hex over dtype, shape and bytes of images and labels, and the label names (not `source`).
+
+        Site ids (`groups`) are left out: they change neither features nor labels, and this fingerprint keys
+        the feature cache and names a test set in reports, which should not move when a site column is added.
+        """
         digest = hashlib.sha256(b"fedtl.ImageDataset.v1\0")
         for name, array in (("images", self.images), ("labels", self.labels)):
             array = np.ascontiguousarray(array)
@@ -263,7 +270,7 @@ def load_dataset(source: str | Path, *, seed: int = 0, test_fraction: float = 0.
     Args:
         source: "digits" (checked before any path of that name), a path to a .npz file, a directory with
             one sub-folder per class (or train/ and test/ folders of that layout), or a CSV manifest
-            (path,label[,split]); folders and manifests may hold DICOM files (see shared.loaders).
+            (path,label[,split][,site]); folders and manifests may hold DICOM files (see shared.loaders).
         seed: seeds the stratified train/test split of "digits" and of directories without train/test.
         test_fraction: share of images held out as test where the source has no test split, in (0, 1).
 
@@ -338,8 +345,8 @@ def _split_dataset(dataset: ImageDataset, *, seed: int, test_fraction: float) ->
     train = dataset.subset(train_idx)
     test = dataset.subset(test_idx)
     return DataSplits(
-        train=ImageDataset(train.images, train.labels, train.label_names, f"{dataset.source} (train)"),
-        test=ImageDataset(test.images, test.labels, test.label_names, f"{dataset.source} (test)"),
+        train=ImageDataset(train.images, train.labels, train.label_names, f"{dataset.source} (train)", train.groups),
+        test=ImageDataset(test.images, test.labels, test.label_names, f"{dataset.source} (test)", test.groups),
     )
 
 
@@ -371,6 +378,7 @@ def _load_npz(path: Path) -> DataSplits:
                 )
             arrays = {key: npz[key] for key in found if key in NPZ_IMAGE_KEYS + NPZ_LABEL_KEYS}
             raw_names = npz[NPZ_LABEL_NAMES_KEY] if NPZ_LABEL_NAMES_KEY in found else None
+            raw_sites = {split: npz[key] for split, key in NPZ_SITE_KEYS.items() if key in found}
     except DataError:
         raise
     except Exception as exc:  # zipfile.BadZipFile, OSError, ValueError (object arrays need pickle)
@@ -413,14 +421,38 @@ def _load_npz(path: Path) -> DataSplits:
         labels[split] = validate_labels(labels[split], len(label_names), source=f"{path} key '{split}_labels'")
 
     train_splits = [s for s in splits if s != "test"]
+    sites = _npz_sites(raw_sites, {split: images[split].shape[0] for split in splits}, path)
     train = ImageDataset(
         images=np.concatenate([images[s] for s in train_splits]),
         labels=np.concatenate([labels[s] for s in train_splits]),
         label_names=label_names,
         source=f"{path} ({'+'.join(train_splits)})",
+        groups=np.concatenate([sites[s] for s in train_splits]) if "train" in sites else None,
     )
-    test = ImageDataset(images["test"], labels["test"], label_names, f"{path} (test)")
+    test = ImageDataset(images["test"], labels["test"], label_names, f"{path} (test)", sites.get("test"))
     return DataSplits(train=train, test=test if len(test) else None)
+
+
+def _npz_sites(raw: dict[str, np.ndarray], sizes: dict[str, int], path: Path) -> dict[str, np.ndarray]:
+    """The optional site ids of an .npz per split; the training pool's splits carry them all or none."""
+    unused = sorted(NPZ_SITE_KEYS[split] for split in raw if split not in sizes)
+    if unused:
+        raise DataError(f"{path}: {unused} given without the matching images; fix: remove it or add the split")
+    pool = [split for split in ("train", "val") if split in sizes]
+    given = [split for split in pool if split in raw]
+    if given and len(given) != len(pool):
+        missing = [NPZ_SITE_KEYS[split] for split in pool if split not in raw]
+        raise DataError(
+            f"{path}: has {[NPZ_SITE_KEYS[s] for s in given]} but not {missing}; the train and val images form one "
+            "pool, so site ids must cover both or neither; fix: save the missing key"
+        )
+    sites = {
+        split: validate_groups(raw[split], sizes[split], source=f"{path} key '{NPZ_SITE_KEYS[split]}'") for split in raw
+    }
+    kinds = {("text" if a.dtype.kind == "U" else "integer") for a in sites.values()}
+    if len(kinds) > 1:
+        raise DataError(f"{path}: site ids mix text and integer keys; fix: store every *_sites key with one dtype")
+    return sites
 
 
 def _npz_images(array: np.ndarray, path: Path, key: str) -> np.ndarray:
@@ -455,105 +487,6 @@ def _npz_label_names(raw: np.ndarray, path: Path) -> tuple[str, ...]:
     return names
 
 
-def parse_partition(scheme: str) -> tuple[str, float | None]:
-    """Parse a partition spec: 'iid' -> ('iid', None); 'dirichlet:0.5' -> ('dirichlet', 0.5)."""
-    if not isinstance(scheme, str):
-        raise ConfigError(f"partition scheme must be a string, got {scheme!r}; accepted: {ACCEPTED_PARTITIONS}")
-    text = scheme.strip().lower()
-    if text == "iid":
-        return "iid", None
-    name, sep, value = text.partition(":")
-    if name.strip() == "dirichlet" and sep:
-        try:
-            alpha = float(value)
-        except ValueError:
-            raise ConfigError(
-                f"partition scheme {scheme!r}: dirichlet alpha {value.strip()!r} is not a number; "
-                f"accepted: {ACCEPTED_PARTITIONS}"
-            ) from None
-        if not (math.isfinite(alpha) and alpha > 0):
-            raise ConfigError(
-                f"partition scheme {scheme!r}: dirichlet alpha must be a finite number > 0, got {alpha}; "
-                "smaller alpha = more label skew (0.1 strong, 1.0 mild, 100 near-iid)"
-            )
-        return "dirichlet", alpha
-    raise ConfigError(f"unknown partition scheme {scheme!r}; accepted: {ACCEPTED_PARTITIONS}")
-
-
-def partition_indices(
-    labels: np.ndarray, num_partitions: int, *, scheme: str = "iid", seed: int = 0
-) -> list[np.ndarray]:
-    """Split sample positions into `num_partitions` disjoint, sorted index arrays that cover every sample once.
-
-    Args:
-        labels: class index per sample, (N,) or (N,1).
-        num_partitions: number of simulated sites, in [1, N].
-        scheme: "iid" (seeded shuffle, near-equal sizes) or "dirichlet:<alpha>" (label skew).
-        seed: the same seed gives the same partitions.
-
-    Raises:
-        ConfigError: bad scheme, num_partitions out of range, or a Dirichlet setting so extreme that
-            no draw gives every partition min(10, N // num_partitions) samples.
-    """
-    kind, alpha = parse_partition(scheme)
-    _check_seed(seed)
-    labels = _as_integer_labels(labels, source="partition labels")
-    n = labels.size
-    if (
-        isinstance(num_partitions, bool)
-        or not isinstance(num_partitions, numbers.Integral)
-        or not (1 <= num_partitions <= n)
-    ):
-        raise ConfigError(
-            f"`num_partitions` must be an integer in [1, {n}] (the number of samples), got {num_partitions!r}; "
-            "fix: use fewer sites or more data"
-        )
-    num_partitions = int(num_partitions)
-    rng = np.random.default_rng(seed)
-    if kind == "iid":
-        return [np.sort(part) for part in np.array_split(rng.permutation(n), num_partitions)]
-    assert alpha is not None
-    return _dirichlet_partition(labels, num_partitions, alpha, rng)
-
-
-def _dirichlet_partition(
-    labels: np.ndarray, num_partitions: int, alpha: float, rng: np.random.Generator
-) -> list[np.ndarray]:
-    """Label-skewed partitions: each class's samples split over partitions by proportions ~ Dir(alpha).
-
-    The per-class Dirichlet split of Yurochkin et al. 2019 / Wang et al. 2020 (FedMA) that the FL literature
-    uses for the label skew studied by Hsu et al. 2019, "Measuring the effects of non-identical data
-    distribution"; as in those codes, draws are repeated until every partition has min(10, N // P) samples.
-    alpha -> 0: each class on one site; alpha -> inf: iid.
-    """
-    n = labels.size
-    min_size = min(10, n // num_partitions)
-    classes = np.unique(labels)
-    class_indices = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
-    counts = np.array([ix.size for ix in class_indices], dtype=np.int64)  # (K,)
-    concentration = np.full(num_partitions, alpha)
-    for _ in range(MAX_DIRICHLET_ATTEMPTS):
-        proportions = rng.dirichlet(concentration, size=classes.size)  # (K, P)
-        if not np.all(np.isfinite(proportions)):
-            continue
-        cuts = (np.cumsum(proportions, axis=1)[:, :-1] * counts[:, None]).astype(np.int64)  # (K, P-1)
-        bounds = np.concatenate([np.zeros((classes.size, 1), np.int64), cuts, counts[:, None]], axis=1)
-        bounds = np.minimum(bounds, counts[:, None])  # (K, P+1), guards cumsum rounding above 1
-        sizes = np.diff(bounds, axis=1).sum(axis=0)  # (P,)
-        if sizes.min() >= min_size:
-            parts: list[list[np.ndarray]] = [[] for _ in range(num_partitions)]
-            for k, ix in enumerate(class_indices):
-                for p, chunk in enumerate(np.split(ix, bounds[k, 1:-1])):
-                    parts[p].append(chunk)
-            return [np.sort(np.concatenate(chunks)) for chunks in parts]
-    raise ConfigError(
-        f"partition scheme 'dirichlet:{alpha}' with num_partitions={num_partitions} over {n} samples of "
-        f"{classes.size} classes left some partition with fewer than {min_size} samples in all "
-        f"{MAX_DIRICHLET_ATTEMPTS} draws: alpha/num_partitions is too extreme; fix: raise alpha "
-        "(e.g. 0.1 or more) or use fewer partitions"
-    )
-
-
 def site_split(
     dataset: ImageDataset,
     partition_id: int,
@@ -562,16 +495,25 @@ def site_split(
     scheme: str = "iid",
     seed: int = 0,
     local_test_fraction: float = 0.2,
+    permute_labels: bool = False,
 ) -> tuple[ImageDataset, ImageDataset]:
     """The (train, test) data of simulated site `partition_id`: its partition, split by a seeded local split.
 
-    The local split is stratified when every class present has >= 2 samples (and sklearn can place each
-    class on both sides), else a plain seeded split; both parts get at least one sample. Its seed is
-    derived from (seed, partition_id) so sites do not share a shuffle.
+    The partition comes from shared.partitioners.partition_indices (memoized, so every site and message
+    reuses one partitioning; 'natural' uses the dataset's site ids). The local split is stratified when
+    every class present has >= 2 samples (and sklearn can place each class on both sides), else a plain
+    seeded split; both parts get at least one sample. Its seed is derived from (seed, partition_id) so
+    sites do not share a shuffle.
+
+    permute_labels: relabel both parts by the fixed derangement label -> (label + 1) % num_classes. A
+        negative-transfer probe: the site's images are honest but its label semantics differ from the
+        federation's (a site coding classes differently), so its updates pull the shared head away.
 
     Raises:
         ConfigError: partition_id out of [0, num_partitions), a bad scheme/num_partitions, a
-            local_test_fraction outside (0, 1), or a partition of fewer than 2 samples.
+            local_test_fraction outside (0, 1), a partition of fewer than 2 samples, or permute_labels
+            with a single class.
+        DataError: scheme 'natural' on data without site ids.
     """
     _check_fraction("local_test_fraction", local_test_fraction)
     if isinstance(num_partitions, bool) or not isinstance(num_partitions, numbers.Integral) or num_partitions < 1:
@@ -585,15 +527,42 @@ def site_split(
             f"`partition_id` must be an integer in [0, {num_partitions}) for num_partitions={num_partitions}, "
             f"got {partition_id!r}; fix: number sites 0..{num_partitions - 1}"
         )
-    part = partition_indices(dataset.labels, num_partitions, scheme=scheme, seed=seed)[int(partition_id)]
-    if part.size < 2:
+    num_classes = len(dataset.label_names)
+    if permute_labels and num_classes < 2:
         raise ConfigError(
-            f"partition {partition_id} of {num_partitions} over {dataset.source} has {part.size} sample(s), "
+            f"`permute_labels` needs at least 2 classes to permute, but {dataset.source} has {num_classes}; "
+            "fix: do not mark sites as permuted for single-class data"
+        )
+    natural = parse_partition(scheme).kind == NATURAL
+    if natural and dataset.groups is None:
+        raise DataError(
+            f"partition scheme 'natural' needs the site of every image, but {dataset.source} has no site ids; "
+            "fix: add a 'site' column to the CSV manifest (path,label[,split],site) or 'train_sites' (and "
+            "'val_sites') arrays to the .npz, or choose another scheme"
+        )
+    parts = partition_indices(dataset.labels, num_partitions, scheme=scheme, seed=seed, groups=dataset.groups)
+    part = parts[int(partition_id)]
+    if part.size < 2:
+        site = f" (site id {dataset.groups[part[0]].item()!r})" if natural and part.size else ""
+        raise ConfigError(
+            f"partition {partition_id}{site} of {num_partitions} over {dataset.source} has {part.size} sample(s), "
             "too few for a local train/test split; fix: use fewer partitions"
+            + (" or merge that site's images into another site" if natural else "")
         )
     local_seed = int(np.random.SeedSequence([seed, int(partition_id)]).generate_state(1)[0])
     train_idx, test_idx, _ = _split_indices(dataset.labels[part], local_test_fraction, local_seed)
-    return dataset.subset(part[train_idx]), dataset.subset(part[test_idx])
+    train, test = dataset.subset(part[train_idx]), dataset.subset(part[test_idx])
+    if permute_labels:
+        train, test = (_permute_labels(split, num_classes) for split in (train, test))
+    return train, test
+
+
+def _permute_labels(dataset: ImageDataset, num_classes: int) -> ImageDataset:
+    """`dataset` with every label moved to (label + 1) % num_classes: no label keeps its class."""
+    labels = (dataset.labels + 1) % num_classes
+    return ImageDataset(
+        dataset.images, labels, dataset.label_names, f"{dataset.source} (permuted labels)", dataset.groups
+    )
 
 
 def _check_fraction(name: str, value: float) -> None:

@@ -60,6 +60,7 @@ CSV_EXTENSION = ".csv"
 NPZ_EXTENSION = ".npz"
 MANIFEST_COLUMNS = ("path", "label")
 SPLIT_COLUMN = "split"
+SITE_COLUMN = "site"  # optional: the image's site id, for the 'natural' partition of simulated federations
 # Manifest split values; a site's validation rows join its training pool, as MedMNIST's val split does.
 SPLIT_VALUES = {"train": "train", "val": "train", "test": "test"}
 SPLITS = ("train", "test")
@@ -69,12 +70,13 @@ GREY_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
 VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
 ACCEPTED_SITE_SOURCES = (
     "a directory with one sub-folder per class (root/<class>/<file>, or root/train/<class>/... and "
-    "root/test/<class>/...), a .csv manifest with columns path,label (optional split), "
+    "root/test/<class>/...), a .csv manifest with columns path,label (optional split and site), "
     "a MedMNIST-style .npz file, or 'digits' (sklearn's bundled digits, to try a site out)"
 )
 MANIFEST_LAYOUT = (
-    "a header row path,label (optional split with values train, test or val) and one row per image; "
-    "paths relative to the manifest's folder or absolute; labels are class names"
+    "a header row path,label (optional split with values train, test or val, and optional site naming the "
+    "image's site) and one row per image; paths relative to the manifest's folder or absolute; labels are "
+    "class names"
 )
 
 
@@ -133,12 +135,13 @@ class SiteData:
 
 @dataclass(frozen=True)
 class _Entry:
-    """One image to read: its file, class name, split ("train"/"test", None = split by seed) and origin."""
+    """One image to read: its file, class name, split ("train"/"test", None = split by seed), origin and site."""
 
     path: Path
     label: str
     split: str | None
     origin: str  # where it was listed, for messages: "line 4" or the file's path under the root
+    site: str | None = None  # the manifest's site column, when it has one
 
 
 def load_site_dataset(
@@ -153,7 +156,7 @@ def load_site_dataset(
 
     Format, from `source`: a directory is an image folder (root/<class>/<file>, searched recursively, or
     root/train/<class>/... + root/test/<class>/... with an optional root/val/ merged into train); a .csv
-    file is a manifest (columns path,label and optional split); a .npz file goes to shared.data.load_dataset.
+    file is a manifest (columns path,label, optional split and site); a .npz goes to shared.data.load_dataset.
     Files ending in .dcm, or without an image extension but with the DICOM 'DICM' marker, are decoded with
     load_dicom_file; the report's format is "dicom" when every image read was DICOM.
 
@@ -358,16 +361,18 @@ def _manifest_entries(path: Path) -> tuple[list[_Entry], list[str], list[str]]:
         raise DataError(f"CSV manifest {path} is empty; expected {MANIFEST_LAYOUT}; fix: write the header and rows")
     columns = [cell.strip().lower() for cell in header]
     missing = [c for c in MANIFEST_COLUMNS if c not in columns]
-    repeated = sorted(c for c, n in Counter(columns).items() if n > 1 and c in (*MANIFEST_COLUMNS, SPLIT_COLUMN))
+    known = (*MANIFEST_COLUMNS, SPLIT_COLUMN, SITE_COLUMN)
+    repeated = sorted(c for c, n in Counter(columns).items() if n > 1 and c in known)
     if missing or repeated:
         problem = f"missing column(s) {', '.join(repr(c) for c in missing)}" if missing else ""
         problem += ("; " if missing and repeated else "") + (f"repeated column(s) {repeated}" if repeated else "")
         raise DataError(
             f"CSV manifest {path}: {problem}; found columns {[cell.strip() for cell in header]} in the header row; "
-            f"expected {MANIFEST_LAYOUT}; fix: rename the header cells to path,label[,split]"
+            f"expected {MANIFEST_LAYOUT}; fix: rename the header cells to path,label[,split][,site]"
         )
     i_path, i_label = columns.index("path"), columns.index("label")
     i_split = columns.index(SPLIT_COLUMN) if SPLIT_COLUMN in columns else None
+    i_site = columns.index(SITE_COLUMN) if SITE_COLUMN in columns else None
     entries: list[_Entry] = []
     seen: dict[Path, int] = {}
     for row in reader:
@@ -392,6 +397,14 @@ def _manifest_entries(path: Path) -> tuple[list[_Entry], list[str], list[str]]:
                     "(val rows join train); fix: correct the value, or drop the split column to split by seed"
                 )
             split = SPLIT_VALUES[raw.lower()]
+        site = None
+        if i_site is not None:
+            site = row[i_site].strip()
+            if not site:
+                raise DataError(
+                    f"CSV manifest {path} line {line} has an empty site: {row!r}; fix: name the image's site, or "
+                    "drop the site column"
+                )
         file = Path(name).expanduser()
         file = file if file.is_absolute() else path.parent / file
         key = file.resolve()
@@ -401,14 +414,14 @@ def _manifest_entries(path: Path) -> tuple[list[_Entry], list[str], list[str]]:
                 "is counted twice and may leak from train into test; fix: list each image once"
             )
         seen[key] = line
-        entries.append(_Entry(file, label, split, f"line {line}"))
+        entries.append(_Entry(file, label, split, f"line {line}", site))
     if not entries:
         raise DataError(
             f"CSV manifest {path} has a header row but no data rows; expected {MANIFEST_LAYOUT}; "
             "fix: add one row per image"
         )
     notes = []
-    extra = [cell.strip() for cell, c in zip(header, columns) if c not in (*MANIFEST_COLUMNS, SPLIT_COLUMN)]
+    extra = [cell.strip() for cell, c in zip(header, columns) if c not in known]
     if extra:
         notes.append(f"manifest column(s) {extra} ignored")
     return entries, sorted({e.label for e in entries}), notes
@@ -552,6 +565,7 @@ def _load_entries(
         labels=np.array([index[e.label] for e in kept], dtype=np.int64),
         label_names=label_names,
         source=str(source),
+        groups=np.array([e.site for e in kept], dtype=str) if kept[0].site is not None else None,
     )
     splits = _split_site(source, dataset, kept, entries, skipped, notes, seed, test_fraction)
     fmt = "dicom" if windows and sum(windows.values()) == len(arrays) else container
@@ -633,7 +647,7 @@ def _split_site(
                 f"some rows/folders as {split}, or drop the split column / train-test folders to split by seed"
             )
         part = dataset.subset(np.flatnonzero(mask))
-        parts[split] = ImageDataset(part.images, part.labels, part.label_names, f"{source} ({split})")
+        parts[split] = ImageDataset(part.images, part.labels, part.label_names, f"{source} ({split})", part.groups)
     return DataSplits(train=parts["train"], test=parts["test"])
 
 
@@ -708,8 +722,12 @@ def _load_dataset_site(
             mapping = np.arange(len(own), dtype=np.int64)
             notes.append("labels read as indices into label_names (the .npz has no 'label_names' key)")
         splits = DataSplits(
-            train=ImageDataset(splits.train.images, mapping[splits.train.labels], declared, splits.train.source),
-            test=ImageDataset(splits.test.images, mapping[splits.test.labels], declared, splits.test.source),
+            train=ImageDataset(
+                splits.train.images, mapping[splits.train.labels], declared, splits.train.source, splits.train.groups
+            ),
+            test=ImageDataset(
+                splits.test.images, mapping[splits.test.labels], declared, splits.test.source, splits.test.groups
+            ),
         )
     return SiteData(splits, _report(Path(path), fmt, splits, (), notes))
 

@@ -18,12 +18,11 @@ from fedtl.shared.data import (
     ImageDataset,
     load_dataset,
     load_image_file,
-    parse_partition,
-    partition_indices,
     site_split,
     validate_labels,
 )
 from fedtl.shared.errors import ConfigError, DataError
+from fedtl.shared.partitioners import partition_indices
 
 # --- helpers ---------------------------------------------------------------------------------------------
 
@@ -279,6 +278,24 @@ def test_npz_without_val_pair_and_bad_files(tmp_path):
         load_dataset(str(_write_npz(tmp_path / "float.npz", **arrays)))
 
 
+def test_npz_site_arrays_fill_groups_and_must_cover_the_pool(tmp_path):
+    arrays = _medmnist_like(np.random.default_rng(5))
+    sites = {split: np.array([f"{split}-{i % 2}" for i in range(12)]) for split in ("train", "val", "test")}
+    path = _write_npz(tmp_path / "sites.npz", **arrays, **{f"{k}_sites": v for k, v in sites.items()})
+    splits = load_dataset(str(path))
+    np.testing.assert_array_equal(splits.train.groups, np.concatenate([sites["train"], sites["val"]]))
+    np.testing.assert_array_equal(splits.test.groups, sites["test"])
+    train, _ = site_split(splits.train, 3, 4, scheme="natural")  # sorted ids: train-0, train-1, val-0, val-1
+    assert set(train.groups.tolist()) == {"val-1"}
+    assert load_dataset(str(_write_npz(tmp_path / "plain.npz", **arrays))).train.groups is None
+    partial = _write_npz(tmp_path / "partial.npz", **arrays, train_sites=sites["train"])
+    with pytest.raises(DataError, match=r"has \['train_sites'\] but not \['val_sites'\]; .*fix: save the missing key"):
+        load_dataset(str(partial))
+    short = _write_npz(tmp_path / "short.npz", **arrays, train_sites=sites["train"][:5], val_sites=sites["val"])
+    with pytest.raises(DataError, match=r"short\.npz key 'train_sites': site ids \(`groups`\) must have shape \(12,\)"):
+        load_dataset(str(short))
+
+
 # --- image folders ---------------------------------------------------------------------------------------
 
 
@@ -381,31 +398,7 @@ def test_load_image_file_modes_and_errors(tmp_path):
         load_image_file(tmp_path / "gone.png")
 
 
-# --- partitions ------------------------------------------------------------------------------------------
-
-
-def test_parse_partition():
-    assert parse_partition("iid") == ("iid", None)
-    assert parse_partition("dirichlet:0.5") == ("dirichlet", 0.5)
-    assert parse_partition(" Dirichlet:2 ") == ("dirichlet", 2.0)
-
-
-@pytest.mark.parametrize(
-    ("scheme", "message"),
-    [
-        ("dirichlet:-1", r"'dirichlet:-1': dirichlet alpha must be a finite number > 0, got -1\.0"),
-        ("dirichlet:0", r"dirichlet alpha must be a finite number > 0, got 0\.0"),
-        ("dirichlet:inf", r"dirichlet alpha must be a finite number > 0, got inf"),
-        ("dirichlet:x", r"'dirichlet:x': dirichlet alpha 'x' is not a number; accepted: 'iid' or 'dirichlet:<alpha>'"),
-        ("zipf", r"unknown partition scheme 'zipf'; accepted: 'iid' or 'dirichlet:<alpha>'"),
-        ("dirichlet", r"unknown partition scheme 'dirichlet'; accepted"),
-    ],
-)
-def test_parse_partition_rejects_bad_specs(scheme, message):
-    with pytest.raises(ConfigError, match=message):
-        parse_partition(scheme)
-    with pytest.raises(ConfigError, match=message):
-        partition_indices(np.zeros(10, np.int64), 2, scheme=scheme)
+# --- site_split ------------------------------------------------------------------------------------------
 
 
 def _assert_disjoint_cover(parts: list[np.ndarray], n: int) -> None:
@@ -414,64 +407,7 @@ def _assert_disjoint_cover(parts: list[np.ndarray], n: int) -> None:
     np.testing.assert_array_equal(np.sort(everything), np.arange(n))
 
 
-@pytest.mark.parametrize("scheme", ["iid", "dirichlet:0.5", "dirichlet:0.05"])
-def test_partitions_are_disjoint_cover_and_seeded(scheme):
-    labels = load_digits().target
-    parts = partition_indices(labels, 7, scheme=scheme, seed=11)
-    assert len(parts) == 7
-    _assert_disjoint_cover(parts, labels.size)
-    assert min(p.size for p in parts) >= 10
-    same = partition_indices(labels, 7, scheme=scheme, seed=11)
-    assert all(np.array_equal(a, b) for a, b in zip(parts, same))
-    other = partition_indices(labels, 7, scheme=scheme, seed=12)
-    assert not all(np.array_equal(a, b) for a, b in zip(parts, other))
-
-
-def test_iid_partition_sizes_are_balanced_and_class_mix_is_global():
-    labels = load_digits().target
-    parts = partition_indices(labels, 10, scheme="iid", seed=0)
-    sizes = [p.size for p in parts]
-    assert max(sizes) - min(sizes) <= 1
-    global_share = np.bincount(labels) / labels.size
-    for p in parts:
-        assert np.abs(np.bincount(labels[p], minlength=10) / p.size - global_share).max() < 0.1
-
-
-def test_dirichlet_small_alpha_gives_one_class_per_site():
-    labels = np.repeat(np.arange(4), 60)
-    shares = []
-    for seed in range(5):
-        parts = partition_indices(labels, 4, scheme="dirichlet:0.01", seed=seed)
-        _assert_disjoint_cover(parts, labels.size)
-        shares += [np.bincount(labels[p]).max() / p.size for p in parts]
-    assert np.mean(shares) > 0.9
-
-
-def test_dirichlet_large_alpha_is_near_iid():
-    labels = np.repeat(np.arange(5), 400)
-    parts = partition_indices(labels, 4, scheme="dirichlet:1000", seed=0)
-    for p in parts:
-        assert np.abs(np.bincount(labels[p], minlength=5) / p.size - 0.2).max() < 0.05
-
-
-def test_dirichlet_too_extreme_is_a_config_error():
-    labels = np.repeat(np.arange(2), 100)
-    with pytest.raises(ConfigError, match=r"num_partitions=20 over 200 samples of 2 classes .* too extreme"):
-        partition_indices(labels, 20, scheme="dirichlet:0.001", seed=0)
-
-
-def test_num_partitions_out_of_range():
-    labels = np.zeros(5, np.int64)
-    for bad in (0, 6):
-        with pytest.raises(ConfigError, match=rf"`num_partitions` must be an integer in \[1, 5\].*got {bad}"):
-            partition_indices(labels, bad)
-    assert [p.size for p in partition_indices(labels, 5)] == [1] * 5
-
-
-# --- site_split ------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("scheme", ["iid", "dirichlet:0.3"])
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet:0.3", "quantity:0.5", "classes:2"])
 def test_site_split_sizes_add_up_and_sites_are_disjoint(scheme):
     labels = np.repeat(np.arange(4), 50)
     dataset = _id_dataset(labels)
@@ -506,6 +442,54 @@ def test_site_split_bad_arguments():
         site_split(dataset, 0, 4, local_test_fraction=1.0)
     with pytest.raises(ConfigError, match=r"partition 0 of 20 over ids has 1 sample\(s\)"):
         site_split(dataset, 0, 20)
+
+
+def test_permuted_labels_are_the_fixed_derangement_on_both_splits():
+    labels = np.repeat(np.arange(3), 30)
+    dataset = _id_dataset(labels)
+    plain = site_split(dataset, 1, 3, scheme="dirichlet:1", seed=4)
+    permuted = site_split(dataset, 1, 3, scheme="dirichlet:1", seed=4, permute_labels=True)
+    for honest, moved in zip(plain, permuted):
+        np.testing.assert_array_equal(_ids(moved), _ids(honest))  # same images, same split
+        np.testing.assert_array_equal(moved.labels, [{0: 1, 1: 2, 2: 0}[y] for y in labels[_ids(honest)]])
+        assert not np.any(moved.labels == honest.labels)
+        assert moved.label_names == honest.label_names
+    single = _id_dataset(np.zeros(10, np.int64))
+    with pytest.raises(ConfigError, match=r"`permute_labels` needs at least 2 classes to permute, but ids has 1"):
+        site_split(single, 0, 2, permute_labels=True)
+
+
+def test_natural_site_split_follows_the_site_ids():
+    labels = np.tile(np.arange(2), 30)
+    groups = np.repeat(np.array(["b", "a", "c"]), 20)
+    dataset = _id_dataset(labels)
+    with_sites = ImageDataset(dataset.images, dataset.labels, dataset.label_names, "ids", groups=groups)
+    for site, name in enumerate(["a", "b", "c"]):  # partitions in sorted site-id order
+        train, test = site_split(with_sites, site, 3, scheme="natural", seed=0)
+        ids = np.concatenate([_ids(train), _ids(test)])
+        np.testing.assert_array_equal(np.sort(ids), np.flatnonzero(groups == name))
+        assert set(train.groups.tolist()) == {name} == set(test.groups.tolist())
+    with pytest.raises(DataError, match=r"'natural' needs the site of every image, but ids has no site ids; fix:"):
+        site_split(dataset, 0, 3, scheme="natural")
+    with pytest.raises(ConfigError, match=r"the data has 3 site id\(s\) but num_partitions=2"):
+        site_split(with_sites, 0, 2, scheme="natural")
+    lonely = np.array(["a"] * 59 + ["z"])
+    one = ImageDataset(dataset.images, dataset.labels, dataset.label_names, "ids", groups=lonely)
+    with pytest.raises(ConfigError, match=r"partition 1 \(site id 'z'\) of 2 over ids has 1 sample\(s\)"):
+        site_split(one, 1, 2, scheme="natural")
+
+
+def test_groups_are_validated_carried_by_subset_and_left_out_of_the_fingerprint():
+    dataset = _id_dataset(np.tile(np.arange(2), 5))
+    groups = np.array(list("aabbccddee"))
+    with_sites = ImageDataset(dataset.images, dataset.labels, dataset.label_names, "ids", groups=groups)
+    assert with_sites.fingerprint() == dataset.fingerprint()
+    np.testing.assert_array_equal(with_sites.subset(np.array([9, 2])).groups, ["e", "b"])
+    assert dataset.subset(np.array([1])).groups is None
+    with pytest.raises(
+        DataError, match=r"ids: site ids \(`groups`\) must have shape \(10,\), one per image, got \(3,\)"
+    ):
+        ImageDataset(dataset.images, dataset.labels, dataset.label_names, "ids", groups=groups[:3])
 
 
 def test_load_dataset_reads_a_csv_manifest_of_dicom_files_like_a_site(tmp_path):

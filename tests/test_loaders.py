@@ -149,6 +149,38 @@ def test_manifest_without_split_column_splits_stratified_by_seed(tmp_path, digit
     assert other.splits.test.fingerprint() != first.splits.test.fingerprint()
 
 
+def test_manifest_site_column_fills_site_ids_through_both_splits(tmp_path, digits):
+    from fedtl.shared.data import load_dataset, site_split
+
+    _, images, _ = digits
+    rows, site_of = [], {}
+    for c, ix in pick(digits, (0, 1), 12).items():
+        for k, i in enumerate(ix):
+            save_png(tmp_path / "site" / f"{i}.png", images[i])
+            site = ("north", "south", "east")[k % 3]
+            rows.append([f"{i}.png", f"d{c}", "test" if k % 4 == 0 else "train", f" {site} "])
+            site_of[images[i].tobytes()] = site
+    manifest = write_csv(tmp_path / "site" / "m.csv", rows, header=("path", "label", "split", "Site"))
+    data = load_site_dataset(manifest)
+    assert not any("ignored" in note for note in data.report.notes)
+    for ds in (data.splits.train, data.splits.test):
+        assert ds.groups.tolist() == [site_of[image.tobytes()] for image in ds.images]
+    pool = load_dataset(manifest).train  # the simulation's path to the same manifest
+    for site, name in enumerate(["east", "north", "south"]):
+        train, test = site_split(pool, site, 3, scheme="natural")
+        assert {site_of[image.tobytes()] for image in np.concatenate([train.images, test.images])} == {name}
+    blank = write_csv(
+        tmp_path / "site" / "blank.csv", [rows[0], [*rows[1][:3], " "]], header=("path", "label", "split", "site")
+    )
+    with pytest.raises(DataError, match=r"blank\.csv line 3 has an empty site: .*fix: name the image's site"):
+        load_site_dataset(blank)
+    twice = write_csv(
+        tmp_path / "site" / "twice.csv", [[*rows[0], "x"]], header=("path", "label", "split", "site", "SITE")
+    )
+    with pytest.raises(DataError, match=r"repeated column\(s\) \['site'\]"):
+        load_site_dataset(twice)
+
+
 def test_npz_is_delegated_and_mapped_onto_the_federation_label_names(tmp_path, digits):
     _, images, target = digits
     keep = np.isin(target, (0, 1))
