@@ -40,6 +40,8 @@ class AdaptedModel:
     run_id: str
     strategy: str = "fedavg"
     metrics: dict[str, Any] = field(default_factory=dict)
+    # Client-level DP of the aggregation (server/client_dp.py): a different guarantee from `privacy`.
+    client_dp: dict[str, Any] = field(default_factory=dict)
 
     def build_head(self) -> Head:
         """Return the head module with this model's weights loaded."""
@@ -127,6 +129,16 @@ def model_card(model: AdaptedModel) -> str:
         lines.append(
             f"| {site} | {'inf (non-private)' if not math.isfinite(eps) else f'{eps:.3f}'} | {spend.get('delta')} |"
         )
+    if model.client_dp:
+        eps, dp = float(model.client_dp.get("client-epsilon", math.inf)), model.client_dp
+        lines += [
+            "",
+            f"## Client-level DP ({dp.get('client-dp')}-side clipping, per site as a whole)",
+            "",
+            f"- epsilon {eps:.3f} at delta {dp.get('client-delta')}, noise multiplier "
+            f"{dp.get('client-noise-multiplier')}, clipping norm {dp.get('client-clipping-norm')}, "
+            f"{dp.get('client-sampled-sites')} sites sampled per round over {dp.get('client-dp-rounds')} rounds",
+        ]
     if model.metrics:
         lines += ["", "## Final metrics", ""]
         lines += [

@@ -46,6 +46,10 @@ class RunRecorder:
     history: list[dict[str, Any]] = field(default_factory=list)
     _global: dict[str, np.ndarray] = field(default_factory=dict)
     node_names: dict[int, str] = field(default_factory=dict)  # node id -> site name, from the set-up queries
+    # Client-level DP (server/client_dp.py): its report keys, written in every round line and the summary, and
+    # the sample rate of every noised round (its accountant's history, kept for resumed runs). Empty when off.
+    client_dp: dict[str, Any] = field(default_factory=dict)
+    client_dp_sample_rates: list[float] = field(default_factory=list)
     _sent_messages: list[Message] = field(default_factory=list)  # this round's training messages
 
     def expect_replies(self, messages: list[Message]) -> None:
@@ -67,6 +71,8 @@ class RunRecorder:
                 "site-delta": self.site_delta,
                 "rejected": self.rejected,
                 "history": self.history,
+                "client-dp": self.client_dp,
+                "client-dp-sample-rates": self.client_dp_sample_rates,
             }
         )
 
@@ -76,6 +82,8 @@ class RunRecorder:
         self.site_delta = {k_: float(v) for k_, v in state.get("site-delta", {}).items()}
         self.rejected = list(state.get("rejected", []))
         self.history = list(state.get("history", []))
+        self.client_dp = dict(state.get("client-dp", {}))
+        self.client_dp_sample_rates = [float(q) for q in state.get("client-dp-sample-rates", [])]
         # Rounds that finished after the checkpoint was written (a crash between the two) are redone.
         text = "".join(_metrics_line(line) for line in self.history)
         atomic_write_bytes(self.metrics_path, text.encode())
@@ -142,6 +150,11 @@ class RunRecorder:
     def _norm_limit(self, norms: list[float]) -> float:
         if self.max_update_norm > 0:
             return self.max_update_norm
+        if self.client_dp:
+            # Under client-level DP clipping bounds every site's influence; a limit relative to the other
+            # sites' updates would make one site's rejection depend on another's data, breaking the C / m
+            # sensitivity the noise is calibrated to.
+            return math.inf
         if len(norms) >= 3:
             return RELATIVE_NORM_LIMIT * float(np.median(norms))
         return math.inf
@@ -173,6 +186,7 @@ class RunRecorder:
         if self.site_epsilon:
             line["epsilon-per-site"] = dict(sorted(self.site_epsilon.items()))
             line["epsilon-max"] = max(self.site_epsilon.values())
+        line.update(self.client_dp)  # client-level DP keys, apart from the sites' sample-level epsilon
         if central is not None:
             line["central"] = central
         self.history.append(line)

@@ -1,4 +1,4 @@
-"""Privacy maths: cumulative epsilon of a DP-SGD history and the noise that meets a budget.
+"""Privacy maths: cumulative epsilon of a DP-SGD history, the noise that meets a budget, client-level DP.
 
 Pure functions over (noise_multiplier, sample_rate, steps) histories, computed with Opacus'
 accountants (RDP: Mironov 2017, "Renyi Differential Privacy"; Mironov et al. 2019 for the sampled
@@ -8,8 +8,9 @@ Gaussian mechanism; PRV: Gopi et al. 2021, "Numerical Composition of Differentia
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 
@@ -122,3 +123,35 @@ def _make_accountant(name: str) -> RDPAccountant | PRVAccountant:
     if name == "prv":
         return PRVAccountant()
     raise ConfigError(f"`accountant` must be one of rdp, prv; got {name!r}")
+
+
+def client_noise_stdv(*, noise_multiplier: float, clipping_norm: float, num_sampled_clients: int) -> float:
+    """Return the std of the Gaussian noise on the mean of `num_sampled_clients` clipped site updates.
+
+    DP-FedAvg (McMahan et al. 2018, "Learning Differentially Private Recurrent Language Models"):
+    each site's update is clipped to L2 norm `clipping_norm`, so one site moves the mean over a fixed
+    denominator of m sites by at most C / m; the noise is `noise_multiplier` times that sensitivity,
+    z * C / m (Flower's `compute_stdv`).
+    """
+    if num_sampled_clients < 1:
+        raise ConfigError(f"`num-sampled-clients` must be >= 1, got {num_sampled_clients}")
+    if not clipping_norm > 0:
+        raise ConfigError(f"`client-clipping-norm` must be > 0, got {clipping_norm}")
+    if not noise_multiplier >= 0:
+        raise ConfigError(f"`client-noise-multiplier` must be >= 0, got {noise_multiplier}")
+    return noise_multiplier * clipping_norm / num_sampled_clients
+
+
+def client_level_epsilon(*, noise_multiplier: float, sample_rates: Sequence[float], delta: float) -> float:
+    """Return the client-level (per site) epsilon at `delta` of noised aggregates, one per entry of `sample_rates`.
+
+    Each round is one sampled Gaussian mechanism on a site's clipped update: noise multiplier z
+    relative to the sensitivity C / m, each site taking part with probability q = m / N, that round's
+    entry of `sample_rates` (Mironov et al. 2019, the RDP bound of Opacus' accountant). Flower samples
+    exactly m of the N sites without replacement, not Poisson: the Poisson bound is the usual
+    approximation (as in McMahan et al. 2018), not a proof for that sampler. Returns 0.0 for no
+    rounds and inf when z = 0.
+    """
+    rounds = Counter(sample_rates)
+    history = [PrivacyStep(noise_multiplier, q, n) for q, n in sorted(rounds.items())]
+    return compute_epsilon(history, delta=delta, accountant="rdp")
