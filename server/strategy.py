@@ -7,9 +7,9 @@ from typing import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
-from fedtl.server.report import RunRecorder, weighted_site_metrics
+from fedtl.server.report import RunRecorder, reply_site_name, weighted_site_metrics
 from fedtl.shared import constants as k
 from fedtl.shared.config import RunConfig
 from fedtl.shared.errors import FederationError
@@ -71,6 +71,16 @@ class RecordingMixin:
         messages = super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]
         return [m for m in messages if m.metadata.dst_node_id not in self.no_evaluate_nodes]
 
+    @staticmethod
+    def _in_site_order(replies: Iterable[Message]) -> list[Message]:
+        """Return the replies sorted by the site name they carry (then node id), not by arrival.
+
+        Flower's engine returns replies in completion order and float sums depend on the order of their
+        terms, so sorting makes the aggregate (and the recorded metrics) the same whatever order the
+        sites finished in, and the same under every executor.
+        """
+        return sorted(replies, key=lambda msg: (reply_site_name(msg), msg.metadata.src_node_id))
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # type: ignore[no-untyped-def]
         """Drop malformed replies, record per-site training metrics, then aggregate the rest.
 
@@ -78,7 +88,7 @@ class RecordingMixin:
             FederationError: fewer than `min_train_sites` updates were accepted this round.
         """
         server_round += self.round_offset
-        kept = self.recorder.screen_train(server_round, list(replies))
+        kept = self.recorder.screen_train(server_round, self._in_site_order(replies))
         if len(kept) < self.min_train_sites:
             rejected = [r for r in self.recorder.rejected if r["round"] == server_round]
             raise FederationError(
@@ -91,7 +101,7 @@ class RecordingMixin:
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):  # type: ignore[no-untyped-def]
         """Record per-site evaluation metrics, then aggregate them."""
         server_round += self.round_offset
-        kept = self.recorder.screen_evaluate(server_round, list(replies))
+        kept = self.recorder.screen_evaluate(server_round, self._in_site_order(replies))
         if not kept:
             return None
         return super().aggregate_evaluate(server_round, kept)  # type: ignore[misc]
@@ -116,13 +126,16 @@ def make_strategy(
     round_offset: int = 0,
     excluded_nodes: frozenset[int] = frozenset(),
     no_evaluate_nodes: frozenset[int] = frozenset(),
-) -> FedAvg:
+    num_sites: int | None = None,
+) -> Strategy:
     """Return the configured strategy, training `fraction-train` of the connected sites each round.
 
     The run starts once `min-available-nodes` sites are connected (`wait_for_nodes`); after that a
     round goes ahead with as few as `min-train-sites` connected sites, so a site that drops out does
     not stall the federation. `round_offset` is the rounds a resumed run already did;
     `excluded_nodes` refused the run at set-up; `no_evaluate_nodes` keep evaluation metrics local.
+    With `client-dp` on, the strategy is wrapped in Flower's client-level DP wrapper (server/client_dp.py),
+    which needs `num_sites`, the sites taking part.
     """
     fraction_evaluate = 1.0 if cfg.federated_evaluation else 0.0
     common = dict(
@@ -149,4 +162,7 @@ def make_strategy(
     strategy.round_offset = round_offset  # type: ignore[attr-defined]
     strategy.excluded_nodes = excluded_nodes  # type: ignore[attr-defined]
     strategy.no_evaluate_nodes = no_evaluate_nodes  # type: ignore[attr-defined]
-    return strategy
+    # Imported here: client_dp builds its wrapped strategies on RecordingMixin, defined in this module.
+    from fedtl.server.client_dp import wrap_client_dp
+
+    return wrap_client_dp(strategy, cfg, num_sites=num_sites)
