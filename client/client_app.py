@@ -15,11 +15,12 @@ import functools
 import logging
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
 
 from fedtl.client.policy import PolicyRefusal
-from fedtl.client.rounds import evaluate_round, feature_sum_round, site_accountant, train_round
+from fedtl.client.rounds import evaluate_round, feature_sum_round, finetune_round, site_accountant, train_round
 from fedtl.client.site import Site, resolve_site
 from fedtl.shared import constants as k
 from fedtl.shared.errors import (
@@ -33,7 +34,27 @@ from fedtl.shared.protocol import RoundSettings, SimulationSettings, decode
 
 log = logging.getLogger(__name__)
 
-app = ClientApp()
+
+def client_dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:  # type: ignore[no-untyped-def]
+    """Clip the head update of a training reply as Flower's `fixedclipping_mod` does, when the server asks.
+
+    Flower's client-side DP wrapper (client-dp = "client") sends the clipping norm in the round config;
+    other messages, and training under client-dp = "off" or "server", pass through untouched, and so
+    does a refusal, which carries no update (Flower's mod would turn it into an error).
+    """
+    config = msg.content.config_records.get(k.CONFIG)
+    if msg.metadata.message_type != MessageType.TRAIN or config is None or k.CLIPPING_NORM not in config:
+        return call_next(msg, context)
+    reply = call_next(msg, context)
+    if reply.has_error() or k.ARRAYS not in reply.content.array_records:
+        return reply
+    sent, trained = msg.content.array_records.get(k.ARRAYS), reply.content.array_records[k.ARRAYS]
+    if sent is not None and all(np.array_equal(trained[n].numpy(), a.numpy()) for n, a in sent.items() if n in trained):
+        return reply  # a zero update needs no clipping (Flower's mod would divide by its zero norm)
+    return fixedclipping_mod(msg, context, lambda _msg, _context: reply)
+
+
+app = ClientApp(mods=[client_dp_clipping_mod])
 
 
 def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -148,13 +169,15 @@ def evaluate(msg: Message, site: Site) -> RecordDict:
 @app.query()
 @_refusable
 def query(msg: Message, site: Site) -> RecordDict:
-    """Answer the server's set-up questions: is the backbone cached, install it, release the feature sum."""
+    """Answer the server's set-up questions (is the backbone cached, install it, release the feature sum)
+    and, after the last round, its request to finetune the final head locally."""
     config = _config(msg)
     action = str(config.get(k.ACTION, ""))
     handlers = {
         k.ACTION_HAS_BACKBONE: _has_backbone,
         k.ACTION_INSTALL_BACKBONE: _install_backbone,
         k.ACTION_FEATURE_SUM: _feature_sum,
+        k.ACTION_FINETUNE: _finetune,
     }
     if action not in handlers:
         raise ReplyError(f"unknown query action {action!r}; expected one of {', '.join(handlers)}")
@@ -205,3 +228,29 @@ def _feature_sum(msg: Message, config: ConfigRecord, site: Site) -> RecordDict:
             k.SITE: _site_record(site, settings),
         }
     )
+
+
+def _finetune(msg: Message, config: ConfigRecord, site: Site) -> RecordDict:
+    """Finetune the final head locally (charged) and report both heads' test scores; the finetuned head stays here.
+
+    PRIVACY SHORTCUT: like federated evaluation, the scores come from the site's private test examples
+    without noise and are not covered by its epsilon; a site whose policy keeps evaluation metrics local
+    refuses the request.
+    """
+    settings = decode(RoundSettings, config)
+    if site.policy is not None and not site.policy.release_evaluation_metrics:
+        raise PolicyRefusal(
+            f"site {site.name} keeps its evaluation metrics local (policy release-evaluation-metrics = false), "
+            "so it does not report finetuned scores"
+        )
+    report = finetune_round(site, settings, _global_arrays(msg))
+    metrics = MetricRecord(
+        {
+            k.NUM_EXAMPLES: report.num_examples,
+            k.SHARED_ACCURACY: report.shared[k.ACCURACY],
+            k.PERSONALIZED_ACCURACY: report.personalized[k.ACCURACY],
+            k.EPSILON: report.epsilon,
+            k.DELTA: report.delta,
+        }
+    )
+    return RecordDict({k.METRICS: metrics, k.SITE: _site_record(site, settings)})

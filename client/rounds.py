@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -22,7 +23,7 @@ from fedtl.client.training import TrainResult, evaluate_head, steps_per_epoch, t
 from fedtl.shared import constants as k
 from fedtl.shared.backbones import fingerprint_state_dict
 from fedtl.shared.files import atomic_write_bytes
-from fedtl.shared.heads import build_head, load_head_arrays, normalize_features
+from fedtl.shared.heads import build_head, head_arrays, load_head_arrays, normalize_features, personal_array_names
 from fedtl.shared.metrics import majority_rate
 from fedtl.shared.privacy import find_noise_multiplier
 from fedtl.shared.protocol import RoundSettings
@@ -44,12 +45,21 @@ def site_accountant(site: Site, settings: RoundSettings) -> str:
     return site.policy.accountant if site.policy is not None else settings.accountant
 
 
-def plan_noise_multiplier(site: Site, settings: RoundSettings, *, sample_rate: float, steps_per_round: int) -> float:
+def planned_steps(settings: RoundSettings, *, steps_per_epoch: int) -> int:
+    """Return the DP-SGD steps a run takes at a site: every round, plus the finetune phase when there is one."""
+    epochs = settings.local_epochs * settings.num_rounds
+    if settings.personalization == k.FINETUNE:
+        epochs += settings.finetune_epochs
+    return steps_per_epoch * epochs
+
+
+def plan_noise_multiplier(site: Site, settings: RoundSettings, *, sample_rate: float, steps_per_epoch: int) -> float:
     """Return this run's noise multiplier: the one given, or the one meeting target-epsilon over the run.
 
-    The derived noise leaves room for every earlier run in the site's ledger, is never below the
-    policy's `min-noise-multiplier`, and is fixed at the first round of a run (later rounds read it
-    back from the ledger), so all rounds of a run agree.
+    The derived noise leaves room for every earlier run in the site's ledger and for every step the
+    run plans (`planned_steps`, the finetune phase included), is never below the policy's
+    `min-noise-multiplier`, and is fixed at the first round of a run (later rounds and the finetune
+    phase read it back from the ledger), so all releases of a run agree.
 
     Raises:
         PrivacyBudgetError: earlier runs already spent the target epsilon.
@@ -66,7 +76,7 @@ def plan_noise_multiplier(site: Site, settings: RoundSettings, *, sample_rate: f
         target_epsilon=settings.target_epsilon,
         target_delta=settings.target_delta,
         sample_rate=sample_rate,
-        steps=steps_per_round * settings.num_rounds,
+        steps=planned_steps(settings, steps_per_epoch=steps_per_epoch),
         history=ledger.history_outside_training(settings.run_id),
         accountant=site_accountant(site, settings),
     )
@@ -119,17 +129,13 @@ def train_round(
         epsilon = site.ledger.epsilon(delta=settings.target_delta, accountant=site_accountant(site, settings))
         return TrainReport(result=replayed, epsilon=epsilon, delta=settings.target_delta)
     feats = load_site_features(site, settings)
+    personal = PersonalHead(site, settings)
+    start = personal.merge(global_arrays) if settings.personalization == k.FEDPER else global_arrays
     head = build_head(settings.head, feats.train_features.shape[1], settings.num_classes, hidden=settings.head_hidden)
-    load_head_arrays(head, global_arrays, source="the server's global head")
+    load_head_arrays(head, start, source="the server's global head")
     sample_rate, per_epoch = steps_per_epoch(len(feats.train_labels), settings.batch_size)
     steps = per_epoch * settings.local_epochs
-    if settings.non_private:
-        noise = None
-        log.warning("site %s: NON-PRIVATE round %d (baseline mode): no clipping, no noise", site.name, server_round)
-    else:
-        noise = plan_noise_multiplier(site, settings, sample_rate=sample_rate, steps_per_round=steps)
-        if policy is not None:  # also a noise fixed by an earlier round, before the policy was tightened
-            policy.check_noise(noise, what=f"round {server_round}")
+    noise = _round_noise(site, settings, sample_rate=sample_rate, per_epoch=per_epoch, what=f"round {server_round}")
     # Write-ahead: the round is paid for before it runs. Non-private rounds are recorded with
     # noise 0, so the site's epsilon honestly becomes infinite.
     epsilon = charge(
@@ -155,9 +161,11 @@ def train_round(
         max_grad_norm=settings.max_grad_norm,
         noise_multiplier=noise,
         seed=round_seed(site, settings, server_round),
-        global_arrays=global_arrays,
+        global_arrays=start,
         proximal_mu=proximal_mu,
     )
+    if settings.personalization == k.FEDPER:  # the personal layer stays here; only the shared ones travel
+        result = personal.keep(result)
     replay.save(server_round, global_arrays, result)
     log.info(
         "site %s round %d: loss %.4f, sigma %s, cumulative epsilon %.3f",
@@ -168,6 +176,131 @@ def train_round(
         epsilon,
     )
     return TrainReport(result=result, epsilon=epsilon, delta=settings.target_delta)
+
+
+def _round_noise(site: Site, settings: RoundSettings, *, sample_rate: float, per_epoch: int, what: str) -> float | None:
+    """Return the noise of a DP-SGD release of this run (None in the non-private baseline), checked by the policy."""
+    if settings.non_private:
+        log.warning("site %s: NON-PRIVATE %s (baseline mode): no clipping, no noise", site.name, what)
+        return None
+    noise = plan_noise_multiplier(site, settings, sample_rate=sample_rate, steps_per_epoch=per_epoch)
+    if site.policy is not None:  # also a noise fixed by an earlier round, before the policy was tightened
+        site.policy.check_noise(noise, what=what)
+    return noise
+
+
+class PersonalHead:
+    """The head layers a site keeps for itself in a run (FedPer's last layer, or its finetuned head).
+
+    Flower starts a fresh ClientApp process per message, so they live in the site's state folder.
+    """
+
+    def __init__(self, site: Site, settings: RoundSettings) -> None:
+        name = hashlib.sha256(settings.run_id.encode()).hexdigest()[:32]
+        self.path = site.state_dir / "personal" / f"{name}.npz"
+        self.settings = settings
+
+    def load(self) -> dict[str, np.ndarray] | None:
+        """Return the arrays kept in this run, or None before the site first trained."""
+        if not self.path.is_file():
+            return None
+        with np.load(self.path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+
+    def save(self, arrays: dict[str, np.ndarray]) -> None:
+        """Keep `arrays` (written atomically, replacing the previous ones)."""
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        atomic_write_bytes(self.path, buffer.getvalue())
+
+    def merge(self, shared: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Return the whole FedPer head: the server's shared layers plus this site's last layer.
+
+        Before its first round a site starts its last layer from the run's seeded initialisation,
+        the same one the server would have sent.
+        """
+        settings = self.settings
+        names = personal_array_names(settings.head)
+        kept = self.load()
+        if kept is None:
+            dim = next(v.shape[-1] for n, v in shared.items() if n == "layers.0.weight")
+            initial = head_arrays(
+                build_head(settings.head, dim, settings.num_classes, hidden=settings.head_hidden, seed=settings.seed)
+            )
+            kept = {name: initial[name] for name in names}
+        return {**shared, **{name: kept[name] for name in names}}
+
+    def keep(self, result: TrainResult) -> TrainResult:
+        """Store the trained personal layer and return `result` with only the shared tensors."""
+        names = set(personal_array_names(self.settings.head))
+        self.save({name: v for name, v in result.arrays.items() if name in names})
+        shared = OrderedDict((name, v) for name, v in result.arrays.items() if name not in names)
+        return dataclasses.replace(result, arrays=shared)
+
+
+@dataclass(frozen=True)
+class FinetuneReport:
+    """A site's finetune phase: the shared head's and its finetuned head's scores on its local test split."""
+
+    shared: dict[str, float]
+    personalized: dict[str, float]
+    num_examples: int  # of the local test split
+    epsilon: float  # cumulative, finetune included
+    delta: float
+
+
+def finetune_round(site: Site, settings: RoundSettings, global_arrays: dict[str, np.ndarray]) -> FinetuneReport:
+    """Finetune the final shared head on the site's data (DP-SGD, charged) and score both on its test split.
+
+    Fine-tuning a federated model locally is the simplest personalisation baseline (Wang et al. 2019,
+    "Federated Evaluation of On-device Personalization"); the finetuned head stays at the site. Its
+    steps are part of the run's noise plan (`planned_steps`), so the run still meets target-epsilon.
+
+    Raises:
+        PrivacyBudgetError: the finetune steps would take the site past its budget.
+    """
+    what = f"the finetune phase of run {settings.run_id}"
+    feats = load_site_features(site, settings)
+    head = build_head(settings.head, feats.train_features.shape[1], settings.num_classes, hidden=settings.head_hidden)
+    load_head_arrays(head, global_arrays, source="the server's final head")
+    shared = evaluate_head(head, feats.test_features, feats.test_labels)
+    sample_rate, per_epoch = steps_per_epoch(len(feats.train_labels), settings.batch_size)
+    noise = _round_noise(site, settings, sample_rate=sample_rate, per_epoch=per_epoch, what=what)
+    server_round = settings.num_rounds + 1  # after the run's last round
+    epsilon = charge(
+        site,
+        settings,
+        new_charge(
+            run_id=settings.run_id,
+            server_round=server_round,
+            noise_multiplier=noise or 0.0,
+            sample_rate=sample_rate,
+            steps=per_epoch * settings.finetune_epochs,
+            delta=settings.target_delta,
+        ),
+        what=what,
+    )
+    result = train_head(
+        head,
+        feats.train_features,
+        feats.train_labels,
+        epochs=settings.finetune_epochs,
+        batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        max_grad_norm=settings.max_grad_norm,
+        noise_multiplier=noise,
+        seed=round_seed(site, settings, server_round),
+    )
+    PersonalHead(site, settings).save(dict(result.arrays))
+    personalized = evaluate_head(head, feats.test_features, feats.test_labels)
+    log.info(
+        "site %s finetune: accuracy %.4f (shared) -> %.4f (finetuned), cumulative epsilon %.3f",
+        site.name,
+        shared[k.ACCURACY],
+        personalized[k.ACCURACY],
+        epsilon,
+    )
+    return FinetuneReport(shared, personalized, len(feats.test_labels), epsilon, settings.target_delta)
 
 
 def check_round(site: Site, settings: RoundSettings, server_round: int) -> None:
@@ -287,6 +420,8 @@ def evaluate_round(
 ) -> tuple[dict[str, float], int]:
     """Return the global head's metrics on the site's local test split, and that split's size."""
     feats = load_site_features(site, settings)
+    if settings.personalization == k.FEDPER:  # the site's own model: shared layers + its personal last layer
+        global_arrays = PersonalHead(site, settings).merge(global_arrays)
     head = build_head(settings.head, feats.test_features.shape[1], settings.num_classes, hidden=settings.head_hidden)
     load_head_arrays(head, global_arrays, source="the server's global head")
     scores = evaluate_head(head, feats.test_features, feats.test_labels)

@@ -190,7 +190,8 @@ def load_site_data(site: Site, label_names: tuple[str, ...]) -> tuple[ImageDatas
     """
     if site.simulation is not None:
         sim = site.simulation
-        splits = load_dataset(sim.data, seed=sim.seed, test_fraction=sim.test_fraction)
+        splits = _shared_dataset(sim.data, sim.seed, sim.test_fraction, _file_stamp(sim.data))
+        permuted = {int(p) for p in sim.permuted_label_sites.split(",") if p.strip()}
         return site_split(
             splits.train,
             site.partition_id,
@@ -198,6 +199,7 @@ def load_site_data(site: Site, label_names: tuple[str, ...]) -> tuple[ImageDatas
             scheme=sim.partition,
             seed=sim.seed,
             local_test_fraction=sim.local_test_fraction,
+            permute_labels=site.partition_id in permuted,
         )
     policy = site.policy
     assert policy is not None  # a real site always has one (resolve_site)
@@ -205,6 +207,24 @@ def load_site_data(site: Site, label_names: tuple[str, ...]) -> tuple[ImageDatas
     if splits.test is None or len(splits.test) == 0:
         raise DataError(f"site data {policy.data} has no local test split; give it test rows or a test/ folder")
     return splits.train, splits.test
+
+
+@functools.lru_cache(maxsize=2)
+def _shared_dataset(data: str, seed: int, test_fraction: float, stamp: tuple[int, int] | None):
+    """Return the lab's shared dataset, decoded once per process (simulated sites all slice the same one).
+
+    Simulation only: a thousand simulated sites would otherwise decode the same file a thousand times a
+    round. `stamp` (the file's size and mtime) is part of the key, so an edited file is read again.
+    """
+    return load_dataset(data, seed=seed, test_fraction=test_fraction)
+
+
+def _file_stamp(data: str) -> tuple[int, int] | None:
+    path = Path(data).expanduser()
+    if not path.exists():
+        return None
+    info = path.stat()
+    return info.st_size, info.st_mtime_ns
 
 
 def load_policy_data(policy: SitePolicy, label_names: tuple[str, ...] | None = None) -> SiteData:

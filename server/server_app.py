@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtl.server.checkpoint import Checkpoint, load_checkpoint, restore_strategy_state, save_checkpoint, strategy_state
 from fedtl.server.model_file import AdaptedModel, save_model
-from fedtl.server.report import RunRecorder, failure_reason, reply_site_name
+from fedtl.server.report import RunRecorder, failure_reason, reply_site_name, weighted_site_metrics
 from fedtl.server.strategy import make_strategy
 from fedtl.shared import constants as k
 from fedtl.shared.backbones import (
@@ -37,7 +37,7 @@ from fedtl.shared.data import DataSplits, load_dataset
 from fedtl.shared.errors import ConfigError, FederationError
 from fedtl.shared.features import FeatureCache, cached_features
 from fedtl.shared.files import atomic_write_bytes
-from fedtl.shared.heads import build_head, head_arrays, load_head_arrays, predict_proba
+from fedtl.shared.heads import build_head, head_arrays, load_head_arrays, personal_array_names, predict_proba
 from fedtl.shared.metrics import classification_metrics, majority_rate
 from fedtl.shared.protocol import RoundSettings, SimulationSettings, encode, jsonable
 
@@ -118,7 +118,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_dir: Path | None = None) -
         )
     backbone = load_server_backbone(cfg)
     splits = load_dataset(cfg.data, seed=cfg.seed, test_fraction=cfg.test_fraction) if cfg.data else None
-    label_names = _label_names(cfg, splits)
+    label_names = federation_label_names(cfg, splits)
     if checkpoint is None:
         _write_json(
             run_dir / "config.json",
@@ -152,6 +152,9 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_dir: Path | None = None) -
         initial["center"] = estimate_feature_center(
             grid, node_ids, config, cfg, dim=backbone.feature_dim, timeout=cfg.round_timeout
         )
+    if cfg.personalization == k.FEDPER and checkpoint is None:  # FedPer: the last layer never leaves a site
+        for name in personal_array_names(cfg.head):
+            del initial[name]
     recorder = RunRecorder(
         run_dir=run_dir,
         expected_arrays={name: (tuple(v.shape), "float32") for name, v in initial.items()},
@@ -166,15 +169,18 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_dir: Path | None = None) -
         done = checkpoint.server_round
     central = (
         CentralEvaluation(cfg, backbone, splits.test, label_names)
-        if cfg.central_evaluation and splits is not None and splits.test is not None
+        if cfg.central_evaluation and splits is not None and splits.test is not None and cfg.personalization != k.FEDPER
         else None
     )
+    if cfg.personalization == k.FEDPER:
+        log.info("fedper: each site keeps its own last layer, so there is no one model to evaluate centrally")
     strategy = make_strategy(
         cfg,
         recorder,
         round_offset=done,
         excluded_nodes=frozenset(setup.refused),
         no_evaluate_nodes=setup.no_evaluation,
+        num_sites=len(node_ids),
     )
     if checkpoint is not None:
         restore_strategy_state(strategy, checkpoint.strategy_state)
@@ -214,6 +220,13 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_dir: Path | None = None) -
             f"run {run_id}: no site returned a usable update in {cfg.num_rounds} rounds; "
             f"rejected replies: {recorder.rejected[:5]}"
         )
+    personalized: dict[str, dict[str, float]] = {}
+    if cfg.personalization == k.FINETUNE:
+        personalized = finetune_sites(
+            grid, node_ids, set(setup.no_evaluation), config, result.arrays, recorder, cfg.round_timeout
+        )
+    elif cfg.personalization == k.FEDPER:
+        personalized = fedper_sites(recorder)
     summary = export_run(
         cfg,
         backbone,
@@ -226,12 +239,69 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_dir: Path | None = None) -
         head_bytes=head_bytes,
         majority=majority_rate(splits.test.labels) if splits is not None and splits.test is not None else math.nan,
     )
+    if personalized:
+        summary["personalization"] = {
+            "method": cfg.personalization,
+            "sites": personalized,
+            **weighted_site_metrics(list(personalized.values())),
+        }
     summary["refused-sites"] = sorted(setup.refused.values())
     summary["resumed-after-round"] = done
     summary["seconds"] = time.time() - t_start
     _write_json(run_dir / "summary.json", summary)
     log.info("run %s finished in %.1f s; model at %s", run_id, summary["seconds"], summary["model"])
     return summary
+
+
+def finetune_sites(
+    grid: Grid,
+    node_ids: list[int],
+    no_evaluation: set[int],
+    config: ConfigRecord,
+    arrays: ArrayRecord,
+    recorder: RunRecorder,
+    timeout: float,
+) -> dict[str, dict[str, float]]:
+    """Ask every site to finetune the final head locally; return each site's shared and finetuned test scores.
+
+    The finetune steps are part of every site's noise plan and charged to its ledger; the sites'
+    cumulative epsilon in the run's records includes them.
+    """
+    ask = ConfigRecord({**dict(config), k.ACTION: k.ACTION_FINETUNE})
+    targets = [n for n in node_ids if n not in no_evaluation]
+    replies = _query(grid, targets, RecordDict({k.CONFIG: ask, k.ARRAYS: arrays}), timeout)
+    out: dict[str, dict[str, float]] = {}
+    expected = {k.NUM_EXAMPLES, k.SHARED_ACCURACY, k.PERSONALIZED_ACCURACY, k.EPSILON, k.DELTA}
+    for node_id in targets:
+        reply = replies.get(node_id)
+        name = recorder.node_names.get(node_id, f"node-{node_id}")
+        reason = "no reply" if reply is None else failure_reason(reply)
+        metrics = None if reason else dict(reply.content.metric_records.get(k.METRICS, {}))  # type: ignore[union-attr]
+        if metrics is not None and (set(metrics) != expected or not all(math.isfinite(v) for v in metrics.values())):
+            reason = f"finetune reply metrics {sorted(metrics)} differ from {sorted(expected)} or are not finite"
+        if reason or metrics is None:
+            log.warning("site %s: no finetune result: %s", name, reason)
+            continue
+        recorder.site_epsilon[name] = float(metrics.pop(k.EPSILON))
+        recorder.site_delta[name] = float(metrics.pop(k.DELTA))
+        out[name] = {key: float(v) for key, v in metrics.items()}
+        log.info(
+            "site %s: accuracy %.4f shared -> %.4f finetuned",
+            name,
+            out[name][k.SHARED_ACCURACY],
+            out[name][k.PERSONALIZED_ACCURACY],
+        )
+    return dict(sorted(out.items()))
+
+
+def fedper_sites(recorder: RunRecorder) -> dict[str, dict[str, float]]:
+    """Return each FedPer site's last-round test scores of its own model (shared layers + its last layer)."""
+    last = recorder.history[-1].get("sites", {}) if recorder.history else {}
+    return {
+        name: {k.NUM_EXAMPLES: float(s["evaluate"][k.NUM_EXAMPLES]), k.PERSONALIZED_ACCURACY: s["evaluate"][k.ACCURACY]}
+        for name, s in sorted(last.items())
+        if "evaluate" in s
+    }
 
 
 def round_config(
@@ -260,6 +330,8 @@ def round_config(
         seed=cfg.seed,
         feature_batch_size=cfg.feature_batch_size,
         device=cfg.device,
+        personalization=cfg.personalization,
+        finetune_epochs=cfg.finetune_epochs,
     )
     # Simulated sites read their slice of `data` from these; real sites ignore them (node config wins).
     simulation = SimulationSettings(
@@ -268,6 +340,7 @@ def round_config(
         seed=cfg.seed,
         test_fraction=cfg.test_fraction,
         local_test_fraction=cfg.local_test_fraction,
+        permuted_label_sites=cfg.permuted_label_sites,
         site_root=str((run_dir / "sites").resolve()),
         cache_root=str(fedtl_home() / "sim-sites"),
     )
@@ -312,12 +385,17 @@ def export_run(
         run_id=run_id,
         strategy=cfg.strategy,
         metrics=final_metrics,
+        client_dp=dict(recorder.client_dp),
     )
-    model_path = save_model(run_dir / "model.safetensors", model)
+    if cfg.personalization == k.FEDPER:  # no single model: every site holds its own last layer
+        model_path = None
+        log.info("fedper: no model file (the shared layers alone cannot classify); each site keeps its last layer")
+    else:
+        model_path = save_model(run_dir / "model.safetensors", model)
     summary = {
         "run-id": run_id,
         "run-dir": str(run_dir),
-        "model": str(model_path),
+        "model": str(model_path) if model_path is not None else "",
         "non-private": cfg.non_private,
         "num-rounds": cfg.num_rounds,
         "sites": list(model.sites),
@@ -333,6 +411,7 @@ def export_run(
         "final": final_metrics,
         "final-per-site": {site: s.get("evaluate", {}) for site, s in last.get("sites", {}).items()},
         "rejected-replies": recorder.rejected,
+        **recorder.client_dp,  # client-level DP (client-epsilon, ...), apart from the sites' epsilon-per-site
     }
     return summary
 
@@ -461,7 +540,8 @@ def estimate_feature_center(
     )
     replies = _query(grid, node_ids, RecordDict({k.CONFIG: ask}), timeout)
     total, count = None, 0
-    for node_id, reply in replies.items():
+    # In site order, so the float sum does not depend on the order replies arrived in.
+    for reply in sorted(replies.values(), key=lambda m: (reply_site_name(m), m.metadata.src_node_id)):
         reason = failure_reason(reply)
         if reason is not None:
             log.warning("site %s did not release its feature sum: %s", reply_site_name(reply), reason)
@@ -537,7 +617,7 @@ class CentralEvaluation:
         return classification_metrics(self.labels, predict_proba(self.head, self.features))
 
 
-def _label_names(cfg: RunConfig, splits: DataSplits | None) -> tuple[str, ...]:
+def federation_label_names(cfg: RunConfig, splits: DataSplits | None) -> tuple[str, ...]:
     """Return the federation's classes: `label-names` when set (checked against the server's data), else the data's."""
     declared = cfg.label_name_list
     if splits is None:

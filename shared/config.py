@@ -11,8 +11,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from fedtl.shared.data import parse_partition
 from fedtl.shared.errors import ConfigError
+from fedtl.shared.partitioners import parse_partition
 
 HEADS = ("linear", "mlp")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
@@ -108,6 +108,11 @@ class RunConfig:
                 '`personalization = "fedper"` keeps the head\'s last layer at each site and shares the others, '
                 f'so it needs head = "mlp", got head = {self.head!r}'
             )
+        if self.client_dp != "off" and self.strategy == "fedadam":
+            raise ConfigError(
+                f'`client-dp = "{self.client_dp}"` needs a strategy whose server step is a mean (fedavg, fedprox): '
+                "FedAdam's adaptive step does not match the noise calibrated to clipping-norm / sampled sites"
+            )
         self.permuted_label_site_ids  # raises ConfigError naming the value
         _check_choice(self, "head", HEADS)
         _check_choice(self, "strategy", STRATEGIES)
@@ -187,7 +192,7 @@ class RunConfig:
                 continue
             if not part.strip().isdigit():
                 raise ConfigError(
-                    f"`permuted-label-sites` must list site numbers like \"0,3\", got {self.permuted_label_sites!r}"
+                    f'`permuted-label-sites` must list site numbers like "0,3", got {self.permuted_label_sites!r}'
                 )
             ids.append(int(part))
         return tuple(sorted(set(ids)))

@@ -15,6 +15,11 @@ REFUSAL_TYPE = "refusal-type"
 RELEASES_EVALUATION = "releases-evaluation"  # the site's policy lets it report evaluation metrics
 ACTION_INSTALL_BACKBONE = "install-backbone"
 ACTION_FEATURE_SUM = "feature-sum"
+ACTION_FINETUNE = "finetune"  # after the last round: finetune the final head locally, score both (personalization)
+
+# Personalisation methods (run config `personalization`).
+FEDPER = "fedper"
+FINETUNE = "finetune"
 
 # Config keys sent by the server.
 SERVER_ROUND = "server-round"
@@ -72,7 +77,21 @@ BALANCED_ACCURACY = "balanced-accuracy"
 MACRO_F1 = "macro-f1"
 AUROC = "auroc"
 LOSS = "loss"
+SHARED_ACCURACY = "shared-accuracy"  # finetune phase: the final shared head on the site's test split
+PERSONALIZED_ACCURACY = "personalized-accuracy"  # ... and the site's finetuned head
 MAJORITY_RATE = "majority-rate"  # accuracy of always predicting the most frequent class
 
 # The metrics of every training reply (plus TRAIN_LOSS in the non-private baseline only).
 TRAIN_REPLY_METRICS = (NUM_EXAMPLES, EPSILON, DELTA, ROUND_EPSILON_STEPS, SAMPLE_RATE, NOISE_MULTIPLIER)
+
+# Client-level DP (McMahan et al. 2018) of the aggregated head, reported apart from the sites' sample-level epsilon.
+CLIPPING_NORM = "clipping_norm"  # Flower's key (snake_case): its client-side DP wrapper sends the clipping norm
+CLIENT_DP = "client-dp"  # "server" or "client": where each site's update is clipped
+CLIENT_EPSILON = "client-epsilon"  # cumulative, per site (user-level), at CLIENT_DELTA
+CLIENT_DELTA = "client-delta"
+CLIENT_NOISE_MULTIPLIER = "client-noise-multiplier"
+CLIENT_CLIPPING_NORM = "client-clipping-norm"
+CLIENT_NOISE_STDV = "client-noise-stdv"  # std of the noise added to every coordinate of the mean update
+CLIENT_SAMPLED_SITES = "client-sampled-sites"  # m: the fixed denominator of the mean
+CLIENT_SAMPLE_RATE = "client-sample-rate"  # sampled sites / sites of the latest accounted round (m / N planned)
+CLIENT_DP_ROUNDS = "client-dp-rounds"  # noised aggregates accounted so far

@@ -51,6 +51,17 @@ def build_head(kind: str, in_features: int, num_classes: int, *, hidden: int = 1
     return head
 
 
+def personal_array_names(kind: str) -> tuple[str, ...]:
+    """Return the head tensors FedPer keeps at each site: the last layer of an mlp head.
+
+    FedPer (Arivazhagan et al. 2019, "Federated Learning with Personalization Layers") shares the
+    lower layers and keeps the classifier local, so each site's own label distribution shapes it.
+    """
+    if kind != "mlp":
+        raise ValueError(f"personal layers need an mlp head (a linear head is one layer), got head {kind!r}")
+    return ("layers.2.weight", "layers.2.bias")
+
+
 def normalize_features(features: np.ndarray) -> np.ndarray:
     """Return features (N, D) scaled to unit L2 norm per example, as the head's first step does."""
     return F.normalize(torch.as_tensor(features, dtype=torch.float32), dim=1).numpy()

@@ -36,6 +36,8 @@ class RoundSettings:
     seed: int
     feature_batch_size: int
     device: str
+    personalization: str  # none | fedper (the head's last layer stays at the site) | finetune (after the run)
+    finetune_epochs: int  # local DP-SGD epochs of the finetune phase (planned into the run's noise)
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class SimulationSettings:
     seed: int
     test_fraction: float
     local_test_fraction: float
+    permuted_label_sites: str  # comma-separated site numbers whose labels are permuted (negative-transfer studies)
     site_root: str  # per-run state of simulated sites (privacy history)
     cache_root: str  # backbones and features, kept across runs
 

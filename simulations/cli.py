@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--head", choices=("linear", "mlp"))
     sim.add_argument("--strategy", choices=("fedavg", "fedprox", "fedadam"))
     sim.add_argument("--data", help="'digits', a MedMNIST .npz, or an image folder (one sub-folder per class)")
-    sim.add_argument("--partition", help="iid or dirichlet:ALPHA")
+    sim.add_argument(
+        "--partition", help="iid, dirichlet:ALPHA (label skew), quantity:ALPHA, classes:K, natural (site column)"
+    )
     sim.add_argument("--seed", type=int)
     sim.add_argument("--out", help="folder for runs (default runs/)")
     sim.add_argument("--non-private", action="store_true", help="baseline without DP (labelled NON-PRIVATE everywhere)")
@@ -67,6 +69,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sim.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+    sim.add_argument(
+        "--executor",
+        choices=("flower", "inprocess"),
+        default="flower",
+        help="flower: Flower's simulation engine (default); inprocess: the same apps in this process, no Ray",
+    )
+
+    sweep = sub.add_parser(
+        "sweep",
+        help="run a grid of federations (epsilon x sites x partition x seed x method) with baselines, plots, report",
+        description="Run every cell of a TOML sweep spec plus the baselines, and write results.csv, rounds.csv, "
+        "site_rounds.csv, sites.csv, plots and report.md. See fedtl.simulations.sweep for the spec format.",
+    )
+    sweep.add_argument("spec", help="the sweep spec (TOML)")
+    sweep.add_argument("--out", help="output folder (default sweeps/<name>-<time>)")
+    sweep.add_argument("--executor", choices=("flower", "inprocess"), help="override the spec's executor")
 
     add_site_commands(sub)
     add_deployment_commands(sub)
@@ -264,7 +282,41 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"epsilon max {_fmt_eps(summary['epsilon-max']).strip()} at delta {summary['delta']:g} "
         f"(cumulative per site); time {summary['seconds']:.1f} s"
     )
-    print(f"model: {summary['model']}")
+    personal = summary.get("personalization")
+    if personal:
+        print(f"personalisation ({personal['method']}), local test splits:")
+        for site, scores in personal["sites"].items():
+            shared = scores.get("shared-accuracy")
+            print(f"  {site:<10} shared {_fmt(shared)}  personalised {_fmt(scores.get('personalized-accuracy'))}")
+    print(f"model: {summary['model'] or '- (fedper: every site keeps its own last layer)'}")
+
+
+def run_sweep_command(args: argparse.Namespace) -> int:
+    """Run `fedtl sweep SPEC`: every run, the baselines, the tables, plots and report; print what was found."""
+    import dataclasses
+    from datetime import datetime
+
+    from fedtl.simulations.sweep import parse_spec, run_sweep, sweep_negative_transfer
+
+    path = Path(args.spec)
+    if not path.is_file():
+        raise FedtlError(f"sweep spec {path} does not exist; see `fedtl sweep --help` for its format")
+    text = path.read_text()
+    spec = parse_spec(text, source=str(path))
+    if args.executor:
+        spec = dataclasses.replace(spec, executor=args.executor)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else Path("sweeps") / f"{spec.name}-{stamp}"
+    print(f"sweep {spec.name}: {spec.num_runs} federated runs plus baselines ({spec.executor} executor) -> {out}")
+    t0 = time.time()
+    report = run_sweep(spec, out, spec_text=text)
+    print(f"done in {time.time() - t0:.0f} s: {out / 'results.csv'}, report {report}")
+    lines = sweep_negative_transfer(out)
+    for line in lines:
+        print(line)
+    if not lines:
+        print("no negative transfer: every site gained from the federation (or matched its local-only model)")
+    return 0
 
 
 def _fmt(value: Any, width: int = 9) -> str:
@@ -292,9 +344,21 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = config_from_args(args)
             t0 = time.time()
-            summary = simulate(cfg, num_sites=args.sites, verbose=args.verbose)
+            if args.executor == "inprocess":
+                from fedtl.simulations.inprocess import run_inprocess
+
+                summary = run_inprocess(cfg, num_sites=args.sites)
+            else:
+                summary = simulate(cfg, num_sites=args.sites, verbose=args.verbose)
             summary["seconds"] = time.time() - t0
             print_summary(summary)
+            if cfg.data and not cfg.resume:
+                from fedtl.simulations.partition_report import write_partition_report
+
+                print(f"\nexamples per class at each site (partition {cfg.partition}, seed {cfg.seed}):")
+                print(write_partition_report(cfg, args.sites, summary))
+        elif args.command == "sweep":
+            return run_sweep_command(args)
         elif args.command == "site":
             return run_site_command(args)
         elif args.command == "certs":

@@ -29,6 +29,8 @@ def round_settings(fingerprint: str, **changes) -> RoundSettings:
         seed=0,
         feature_batch_size=64,
         device="cpu",
+        personalization="none",
+        finetune_epochs=2,
     )
     values.update(changes)
     return RoundSettings(**values)

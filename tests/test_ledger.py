@@ -168,7 +168,8 @@ def test_a_crash_between_charge_and_training_keeps_the_charge(tmp_path):
         from fedtl.shared.heads import build_head, head_arrays
         from fedtl.shared.protocol import RoundSettings, SimulationSettings
         sim = SimulationSettings(data="digits", partition="iid", seed=0, test_fraction=0.2,
-            local_test_fraction=0.2, site_root={str(tmp_path / "state")!r}, cache_root={str(tmp_path / "cache")!r})
+            local_test_fraction=0.2, permuted_label_sites="",
+            site_root={str(tmp_path / "state")!r}, cache_root={str(tmp_path / "cache")!r})
         site = resolve_site({{"partition-id": 0, "num-partitions": 1}}, sim)
         state = backbone_state_dict(build_backbone("tiny"))
         fp = site.backbones.install("tiny", fingerprint_state_dict(state), state).stem
@@ -176,7 +177,8 @@ def test_a_crash_between_charge_and_training_keeps_the_charge(tmp_path):
             image_size=32, head="linear", head_hidden=8, num_classes=10,
             label_names=json.dumps([str(i) for i in range(10)]), local_epochs=5000, batch_size=16,
             learning_rate=1.0, max_grad_norm=1.0, noise_multiplier=1.0, target_epsilon=1e6, target_delta=1e-5,
-            accountant="rdp", non_private=False, seed=0, feature_batch_size=64, device="cpu")
+            accountant="rdp", non_private=False, seed=0, feature_batch_size=64, device="cpu",
+            personalization="none", finetune_epochs=1)
         train_round(site, settings, head_arrays(build_head("linear", 32, 10)), server_round=1)
         print("TRAINING FINISHED", flush=True)
         """

@@ -32,6 +32,7 @@ def _site(tmp_path) -> Site:
         seed=0,
         test_fraction=0.2,
         local_test_fraction=0.2,
+        permuted_label_sites="",
         site_root=str(tmp_path / "state"),
         cache_root=str(tmp_path / "cache"),
     )
