@@ -1,13 +1,17 @@
 """The one place that starts Flower's simulation engine; swap it here when the API changes.
 
 `flwr.simulation.run_simulation` is deprecated (since Flower 1.28) but runs the SAME ServerApp logic
-and ClientApp that deployment uses, on Ray, and re-raises ServerApp errors to the caller.
+and ClientApp that deployment uses, on Ray, and re-raises ServerApp errors to the caller. The sites run
+on a private Ray started for the run, or on an existing Ray cluster (`ray-address`) when one machine is
+too small.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import socket
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,10 +22,55 @@ from flwr.serverapp import Grid, ServerApp
 from fedtl.client.client_app import app as client_app
 from fedtl.client.site import SIMULATION_ENV
 from fedtl.server.server_app import run_federation
+from fedtl.shared.backbones import WEIGHTS_DIR_ENV
 from fedtl.shared.config import RunConfig
 from fedtl.shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+RAY_ADDRESS_AUTO = "auto"  # Ray's own discovery: $RAY_ADDRESS, else the cluster the last `ray start` made here
+RAY_ADDRESS_ENV = "RAY_ADDRESS"  # Ray reads it when ray.init gets no address or "auto"
+# Variables the sites read, forwarded to the workers of an existing cluster: they were started by
+# `ray start` on each node and do not inherit this driver's environment (a private Ray's workers do).
+FORWARDED_ENV = (
+    "FEDTL_HOME",
+    WEIGHTS_DIR_ENV,
+    "OMP_NUM_THREADS",
+    "FLWR_LOG_LEVEL",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO",
+)
+GCS_PROBE_SECONDS = 5.0  # ray.init retries an unreachable GCS address for many minutes: probe it first
+_HOST_PORT = re.compile(r"(?P<host>[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]{1,5})")
+
+
+def parse_ray_address(address: str) -> tuple[str, int] | None:
+    """Return (host, port) of a `ray-address` HOST:PORT, None for "" or "auto"; raise ConfigError otherwise."""
+    if address in ("", RAY_ADDRESS_AUTO):
+        return None
+    fix = (
+        "give the GCS address of the cluster's head node as HOST:PORT (the --port of `ray start --head`, "
+        'e.g. ray-address = "10.0.0.5:6379"), "auto" for the cluster started on this machine, or "" for a '
+        "private Ray"
+    )
+    if address.startswith("ray://"):
+        raise ConfigError(
+            f"`ray-address` = {address!r} is a Ray Client address, which fedtl does not use: run `fedtl simulate` "
+            f"on a node of the cluster and {fix}"
+        )
+    match = _HOST_PORT.fullmatch(address)
+    if match is None:
+        raise ConfigError(f'`ray-address` must be HOST:PORT, "auto" or "", got {address!r}: {fix}')
+    port = int(match["port"])
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"`ray-address` port must be in 1..65535, got {port} in {address!r}: {fix}")
+    return match["host"].strip("[]"), port
+
+
+def build_worker_env() -> dict[str, str]:
+    """Return the environment the sites need in the Ray workers of an existing cluster."""
+    env = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+    env[SIMULATION_ENV] = "1"
+    return env
 
 
 def simulate(
@@ -35,7 +84,9 @@ def simulate(
     """Run a federation of `num_sites` simulated sites on Flower's simulation engine.
 
     Args:
-        cfg: the run configuration; `min-available-nodes` is raised to `num_sites` so every site joins.
+        cfg: the run configuration; `min-available-nodes` is raised to `num_sites` so every site joins;
+            `ray-address` picks the Ray that runs the sites: "" a private one started here (and stopped
+            after), "HOST:PORT" or "auto" an existing cluster, which this run joins and leaves running.
         num_sites: number of simulated SuperNodes (sites).
         run_dir: results folder; a fresh `out/<run-id>/` when None.
         client_cpus: CPUs Ray reserves per ClientApp (sites run in parallel up to cores / client_cpus).
@@ -45,10 +96,13 @@ def simulate(
         The run summary written to `summary.json`.
 
     Raises:
+        ConfigError: `sites` < 1, a malformed or unreachable `ray-address`, or a cluster with no node that
+            has `client_cpus` CPUs.
         Exception: whatever the ServerApp raised (Flower re-raises it here); Ray is shut down first.
     """
     if num_sites < 1:
         raise ConfigError(f"`sites` must be >= 1, got {num_sites}")
+    gcs = parse_ray_address(cfg.ray_address)
     cfg = cfg.replace(min_available_nodes=num_sites)
     outcome: dict[str, Any] = {}
     server_app = ServerApp()
@@ -57,21 +111,38 @@ def simulate(
     def _main(grid: Grid, context: Context) -> None:
         outcome["summary"] = run_federation(grid, cfg, run_dir=run_dir)
 
-    cpus = os.cpu_count() or 1
-    backend_config = {
-        "client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": verbose},
-    }
     # Each Ray actor would otherwise start one torch thread per core and oversubscribe the CPU.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, int(client_cpus))))
     # Keep Ray's current behaviour (no GPUs asked for: leave CUDA_VISIBLE_DEVICES alone) without its warning.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    client_resources = {"num_cpus": client_cpus, "num_gpus": 0.0}
+    if cfg.ray_address:
+        # Flower's RayBackend skips ray.init when Ray is already initialised, so joining here is how
+        # the workers get a runtime_env (its own ray.init passes one, so init_args cannot).
+        backend_config: dict[str, Any] = {"client_resources": client_resources, "init_args": {}}
+    else:
+        if os.environ.get(RAY_ADDRESS_ENV):
+            log.warning(
+                "%s=%s is set but `ray-address` is empty: starting a private Ray anyway; set "
+                "ray-address = %r to run the sites on that cluster",
+                RAY_ADDRESS_ENV,
+                os.environ[RAY_ADDRESS_ENV],
+                os.environ[RAY_ADDRESS_ENV],
+            )
+        init_args = {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": verbose}
+        # "local" starts a new Ray even where $RAY_ADDRESS names a cluster (ray.init would join it and
+        # then reject num_cpus).
+        backend_config = {"client_resources": client_resources, "init_args": {"address": "local", **init_args}}
     from flwr.simulation import run_simulation
 
     # Opt this machine's sites into simulation (Ray workers inherit the environment at start-up).
     previous = os.environ.get(SIMULATION_ENV)
     os.environ[SIMULATION_ENV] = "1"
+    joined = False  # leave only a cluster this call joined, never a Ray the caller had initialised
     try:
+        if cfg.ray_address:
+            join_ray_cluster(cfg.ray_address, gcs=gcs, client_cpus=client_cpus, verbose=verbose)
+            joined = True
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             run_simulation(
@@ -85,6 +156,82 @@ def simulate(
             os.environ.pop(SIMULATION_ENV, None)
         else:
             os.environ[SIMULATION_ENV] = previous
+        if joined:
+            leave_ray_cluster()
     if "summary" not in outcome:
         raise RuntimeError("the simulated federation ended without a summary; see the log above")
     return outcome["summary"]
+
+
+def join_ray_cluster(address: str, *, gcs: tuple[str, int] | None, client_cpus: float, verbose: bool) -> None:
+    """Connect this process to the existing Ray cluster at `address`, its workers set up for simulated sites.
+
+    Args:
+        address: `ray-address`, HOST:PORT or "auto" (checked by `parse_ray_address`).
+        gcs: (host, port) parsed from a HOST:PORT address, probed before Ray is asked; None for "auto".
+        client_cpus: CPUs each site needs; some node of the cluster must have that many.
+        verbose: forward the workers' output to this terminal.
+
+    Raises:
+        ConfigError: nothing listens at `address`, Ray cannot join it, or no node has `client_cpus` CPUs.
+    """
+    import ray
+
+    if ray.is_initialized():
+        raise ConfigError(
+            f"`ray-address` = {address!r} asks to join a cluster, but Ray is already initialised in this process: "
+            "call ray.shutdown() first"
+        )
+    start_head = (
+        "start one there with `ray start --head --port PORT` (and `ray start --address HOST:PORT` on each worker)"
+    )
+    if gcs is not None:
+        try:
+            socket.create_connection(gcs, timeout=GCS_PROBE_SECONDS).close()
+        except OSError as exc:
+            raise ConfigError(
+                f"`ray-address` = {address!r}: no Ray head answers there ({exc}); {start_head}, or set "
+                'ray-address = "" for a private Ray'
+            ) from exc
+    elif os.environ.get(RAY_ADDRESS_ENV):
+        log.info(
+            "ray-address %r: Ray takes the cluster from %s=%s", address, RAY_ADDRESS_ENV, os.environ[RAY_ADDRESS_ENV]
+        )
+    try:
+        # num_cpus/num_gpus belong to the nodes (`ray start --num-cpus`): ray.init rejects them with an address.
+        ray.init(
+            address=address,
+            runtime_env={"env_vars": build_worker_env()},
+            log_to_driver=verbose,
+            logging_level=logging.INFO if verbose else logging.WARNING,
+        )
+    except ConnectionError as exc:
+        raise ConfigError(f"`ray-address` = {address!r}: Ray could not join a cluster ({exc}); {start_head}") from exc
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    cpus = [node["Resources"].get("CPU", 0.0) for node in nodes]
+    # Flower sizes its actor pool per node, as here (flwr ray_actor.pool_size_from_resources).
+    slots = sum(int(c / client_cpus) for c in cpus)
+    if slots == 0:
+        ray.shutdown()
+        raise ConfigError(
+            f"the Ray cluster at {address!r} has no node with `client_cpus` = {client_cpus} CPUs (nodes' CPUs: "
+            f"{cpus}): start nodes with `ray start --num-cpus N` (N >= {client_cpus}) or lower client_cpus"
+        )
+    log.info(
+        "joined the Ray cluster at %s (GCS %s): %d nodes, %g CPUs, up to %d sites at once",
+        address,
+        ray.get_runtime_context().gcs_address,
+        len(nodes),
+        sum(cpus),
+        slots,
+    )
+
+
+def leave_ray_cluster() -> None:
+    """Disconnect this process from the Ray cluster it joined; the cluster's nodes keep running."""
+    import ray
+
+    # Flower's RayBackend.terminate already called ray.shutdown(), which for a joined cluster only
+    # disconnects this driver; this covers runs that failed before the backend existed.
+    if ray.is_initialized():
+        ray.shutdown()
