@@ -18,7 +18,7 @@ import torch
 
 from fedtl.client.ledger import DP_SGD, FEATURE_SUM, PrivacyCharge, new_charge
 from fedtl.client.policy import PolicyRefusal
-from fedtl.client.site import Site, load_site_features
+from fedtl.client.site import Site, SiteFeatures, load_site_features
 from fedtl.client.training import TrainResult, evaluate_head, steps_per_epoch, train_head
 from fedtl.shared import constants as k
 from fedtl.shared.backbones import fingerprint_state_dict
@@ -133,34 +133,14 @@ def train_round(
     start = personal.merge(global_arrays) if settings.personalization == k.FEDPER else global_arrays
     head = build_head(settings.head, feats.train_features.shape[1], settings.num_classes, hidden=settings.head_hidden)
     load_head_arrays(head, start, source="the server's global head")
-    sample_rate, per_epoch = steps_per_epoch(len(feats.train_labels), settings.batch_size)
-    steps = per_epoch * settings.local_epochs
-    noise = _round_noise(site, settings, sample_rate=sample_rate, per_epoch=per_epoch, what=f"round {server_round}")
-    # Write-ahead: the round is paid for before it runs. Non-private rounds are recorded with
-    # noise 0, so the site's epsilon honestly becomes infinite.
-    epsilon = charge(
+    noise, epsilon, result = charged_training(
         site,
         settings,
-        new_charge(
-            run_id=settings.run_id,
-            server_round=server_round,
-            noise_multiplier=noise or 0.0,
-            sample_rate=sample_rate,
-            steps=steps,
-            delta=settings.target_delta,
-        ),
-        what=f"round {server_round} of run {settings.run_id}",
-    )
-    result = train_head(
         head,
-        feats.train_features,
-        feats.train_labels,
+        feats,
+        server_round=server_round,
         epochs=settings.local_epochs,
-        batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate,
-        max_grad_norm=settings.max_grad_norm,
-        noise_multiplier=noise,
-        seed=round_seed(site, settings, server_round),
+        what=f"round {server_round} of run {settings.run_id}",
         global_arrays=start,
         proximal_mu=proximal_mu,
     )
@@ -176,6 +156,54 @@ def train_round(
         epsilon,
     )
     return TrainReport(result=result, epsilon=epsilon, delta=settings.target_delta)
+
+
+def charged_training(
+    site: Site,
+    settings: RoundSettings,
+    head: torch.nn.Module,
+    feats: SiteFeatures,
+    *,
+    server_round: int,
+    epochs: int,
+    what: str,
+    global_arrays: dict[str, np.ndarray] | None = None,
+    proximal_mu: float = 0.0,
+) -> tuple[float | None, float, TrainResult]:
+    """Plan the noise, charge `epochs` of DP-SGD to the ledger, then train `head`; return (noise, epsilon, result).
+
+    Write-ahead: the release is paid for before it runs. Non-private training is recorded with noise 0,
+    so the site's epsilon honestly becomes infinite.
+    """
+    sample_rate, per_epoch = steps_per_epoch(len(feats.train_labels), settings.batch_size)
+    noise = _round_noise(site, settings, sample_rate=sample_rate, per_epoch=per_epoch, what=what)
+    epsilon = charge(
+        site,
+        settings,
+        new_charge(
+            run_id=settings.run_id,
+            server_round=server_round,
+            noise_multiplier=noise or 0.0,
+            sample_rate=sample_rate,
+            steps=per_epoch * epochs,
+            delta=settings.target_delta,
+        ),
+        what=what,
+    )
+    result = train_head(
+        head,
+        feats.train_features,
+        feats.train_labels,
+        epochs=epochs,
+        batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        max_grad_norm=settings.max_grad_norm,
+        noise_multiplier=noise,
+        seed=round_seed(site, settings, server_round),
+        global_arrays=global_arrays,
+        proximal_mu=proximal_mu,
+    )
+    return noise, epsilon, result
 
 
 def _round_noise(site: Site, settings: RoundSettings, *, sample_rate: float, per_epoch: int, what: str) -> float | None:
@@ -259,37 +287,18 @@ def finetune_round(site: Site, settings: RoundSettings, global_arrays: dict[str,
     Raises:
         PrivacyBudgetError: the finetune steps would take the site past its budget.
     """
-    what = f"the finetune phase of run {settings.run_id}"
     feats = load_site_features(site, settings)
     head = build_head(settings.head, feats.train_features.shape[1], settings.num_classes, hidden=settings.head_hidden)
     load_head_arrays(head, global_arrays, source="the server's final head")
     shared = evaluate_head(head, feats.test_features, feats.test_labels)
-    sample_rate, per_epoch = steps_per_epoch(len(feats.train_labels), settings.batch_size)
-    noise = _round_noise(site, settings, sample_rate=sample_rate, per_epoch=per_epoch, what=what)
-    server_round = settings.num_rounds + 1  # after the run's last round
-    epsilon = charge(
+    _, epsilon, result = charged_training(
         site,
         settings,
-        new_charge(
-            run_id=settings.run_id,
-            server_round=server_round,
-            noise_multiplier=noise or 0.0,
-            sample_rate=sample_rate,
-            steps=per_epoch * settings.finetune_epochs,
-            delta=settings.target_delta,
-        ),
-        what=what,
-    )
-    result = train_head(
         head,
-        feats.train_features,
-        feats.train_labels,
+        feats,
+        server_round=settings.num_rounds + 1,  # after the run's last round
         epochs=settings.finetune_epochs,
-        batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate,
-        max_grad_norm=settings.max_grad_norm,
-        noise_multiplier=noise,
-        seed=round_seed(site, settings, server_round),
+        what=f"the finetune phase of run {settings.run_id}",
     )
     PersonalHead(site, settings).save(dict(result.arrays))
     personalized = evaluate_head(head, feats.test_features, feats.test_labels)

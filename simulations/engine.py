@@ -16,15 +16,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context
-from flwr.serverapp import Grid, ServerApp
-
 from fedtl.client.client_app import app as client_app
 from fedtl.client.site import SIMULATION_ENV
-from fedtl.server.server_app import run_federation
 from fedtl.shared.backbones import WEIGHTS_DIR_ENV
 from fedtl.shared.config import RunConfig
 from fedtl.shared.errors import ConfigError
+from fedtl.simulations.federation import FederationApp, simulated_config, simulated_sites
 
 log = logging.getLogger(__name__)
 
@@ -100,16 +97,9 @@ def simulate(
             has `client_cpus` CPUs.
         Exception: whatever the ServerApp raised (Flower re-raises it here); Ray is shut down first.
     """
-    if num_sites < 1:
-        raise ConfigError(f"`sites` must be >= 1, got {num_sites}")
+    cfg = simulated_config(cfg, num_sites)
     gcs = parse_ray_address(cfg.ray_address)
-    cfg = cfg.replace(min_available_nodes=num_sites)
-    outcome: dict[str, Any] = {}
-    server_app = ServerApp()
-
-    @server_app.main()
-    def _main(grid: Grid, context: Context) -> None:
-        outcome["summary"] = run_federation(grid, cfg, run_dir=run_dir)
+    federation = FederationApp(cfg, run_dir)
 
     # Each Ray actor would otherwise start one torch thread per core and oversubscribe the CPU.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, int(client_cpus))))
@@ -135,32 +125,25 @@ def simulate(
         backend_config = {"client_resources": client_resources, "init_args": {"address": "local", **init_args}}
     from flwr.simulation import run_simulation
 
-    # Opt this machine's sites into simulation (Ray workers inherit the environment at start-up).
-    previous = os.environ.get(SIMULATION_ENV)
-    os.environ[SIMULATION_ENV] = "1"
     joined = False  # leave only a cluster this call joined, never a Ray the caller had initialised
-    try:
-        if cfg.ray_address:
-            join_ray_cluster(cfg.ray_address, gcs=gcs, client_cpus=client_cpus, verbose=verbose)
-            joined = True
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            run_simulation(
-                server_app=server_app,
-                client_app=client_app,
-                num_supernodes=num_sites,
-                backend_config=backend_config,
-            )
-    finally:
-        if previous is None:
-            os.environ.pop(SIMULATION_ENV, None)
-        else:
-            os.environ[SIMULATION_ENV] = previous
-        if joined:
-            leave_ray_cluster()
-    if "summary" not in outcome:
-        raise RuntimeError("the simulated federation ended without a summary; see the log above")
-    return outcome["summary"]
+    # Opt this machine's sites into simulation (Ray workers inherit the environment at start-up).
+    with simulated_sites():
+        try:
+            if cfg.ray_address:
+                join_ray_cluster(cfg.ray_address, gcs=gcs, client_cpus=client_cpus, verbose=verbose)
+                joined = True
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=DeprecationWarning)
+                run_simulation(
+                    server_app=federation.server_app(),
+                    client_app=client_app,
+                    num_supernodes=num_sites,
+                    backend_config=backend_config,
+                )
+        finally:
+            if joined:
+                leave_ray_cluster()
+    return federation.summary()
 
 
 def join_ray_cluster(address: str, *, gcs: tuple[str, int] | None, client_cpus: float, verbose: bool) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -30,17 +29,16 @@ from flwr.clientapp.client_app import ClientAppException
 from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, ErrorCode
 from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
 from flwr.server.utils.validator import validate_message
-from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp import Grid
 from flwr.supercore.date import now
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedtl.client.client_app import app as fedtl_client_app
-from fedtl.client.site import SIMULATION_ENV
-from fedtl.server.server_app import run_federation
 from fedtl.shared import constants as k
 from fedtl.shared.config import RunConfig
 from fedtl.shared.errors import ConfigError
+from fedtl.simulations.federation import FederationApp, simulated_config, simulated_sites
 
 log = logging.getLogger(__name__)
 
@@ -205,15 +203,8 @@ def run_inprocess(
     Raises:
         Exception: whatever the ServerApp raised.
     """
-    if num_sites < 1:
-        raise ConfigError(f"`sites` must be >= 1, got {num_sites}")
-    cfg = cfg.replace(min_available_nodes=num_sites)
-    outcome: dict[str, Any] = {}
-    server_app = ServerApp()
-
-    @server_app.main()
-    def _main(grid: Grid, context: Context) -> None:
-        outcome["summary"] = run_federation(grid, cfg, run_dir=run_dir)
+    cfg = simulated_config(cfg, num_sites)
+    federation = FederationApp(cfg, run_dir)
 
     run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
     run.primary_task_id = 1
@@ -221,25 +212,9 @@ def run_inprocess(
     grid = InProcessGrid(client_app, num_nodes=num_sites, run_config=dict(cfg.to_mapping()))
     grid.set_run(run)
     server_context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    with _environment(SIMULATION_ENV, "1"), _task_identity(run.run_id), _site_log_level(verbose):
-        server_app(grid, server_context)
-    if "summary" not in outcome:
-        raise RuntimeError("the in-process federation ended without a summary; see the log above")
-    return outcome["summary"]
-
-
-@contextlib.contextmanager
-def _environment(name: str, value: str) -> Iterator[None]:
-    """Set an environment variable for the duration, then restore (or remove) it."""
-    previous = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = previous
+    with simulated_sites(), _task_identity(run.run_id), _site_log_level(verbose):
+        federation.server_app()(grid, server_context)
+    return federation.summary()
 
 
 @contextlib.contextmanager

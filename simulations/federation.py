@@ -1,0 +1,72 @@
+"""What every executor of a simulated federation shares: the ServerApp around `run_federation`, the opt-in."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedtl.client.site import SIMULATION_ENV
+from fedtl.server.server_app import run_federation
+from fedtl.shared.config import RunConfig
+from fedtl.shared.errors import ConfigError
+
+
+@dataclass
+class FederationApp:
+    """A ServerApp whose main runs one federation of `cfg` and keeps its summary."""
+
+    cfg: RunConfig
+    run_dir: Path | None = None
+    outcome: dict[str, Any] = field(default_factory=dict)
+
+    def server_app(self) -> ServerApp:
+        """Return the ServerApp (Flower calls its main with the Grid of whichever executor runs it)."""
+        app = ServerApp()
+
+        @app.main()
+        def _main(grid: Grid, context: Context) -> None:
+            self.outcome["summary"] = run_federation(grid, self.cfg, run_dir=self.run_dir)
+
+        return app
+
+    def summary(self) -> dict[str, Any]:
+        """Return the run's summary.
+
+        Raises:
+            RuntimeError: the ServerApp ended without one (the executor swallowed its error).
+        """
+        if "summary" not in self.outcome:
+            raise RuntimeError("the simulated federation ended without a summary; see the log above")
+        return self.outcome["summary"]
+
+
+def simulated_config(cfg: RunConfig, num_sites: int) -> RunConfig:
+    """Return `cfg` for `num_sites` simulated sites: every one of them must join before the run starts.
+
+    Raises:
+        ConfigError: `num_sites` < 1.
+    """
+    if num_sites < 1:
+        raise ConfigError(f"`sites` must be >= 1, got {num_sites}")
+    return cfg.replace(min_available_nodes=num_sites)
+
+
+@contextlib.contextmanager
+def simulated_sites() -> Iterator[None]:
+    """Opt this process's sites into simulation for the duration (FEDTL_SIMULATED_SITES=1), then restore it."""
+    previous = os.environ.get(SIMULATION_ENV)
+    os.environ[SIMULATION_ENV] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(SIMULATION_ENV, None)
+        else:
+            os.environ[SIMULATION_ENV] = previous
