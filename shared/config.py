@@ -19,6 +19,8 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam")
 ACCOUNTANTS = ("rdp", "prv")
 CLIENT_DP_MODES = ("off", "server", "client")  # Flower's DifferentialPrivacy{Server,Client}SideFixedClipping
 PERSONALIZATIONS = ("none", "fedper", "finetune")
+HEAD_SOLVERS = ("dp-sgd", "closed-form")
+CLOSED_FORMS = ("ridge", "lda")
 DEVICES = ("auto", "cpu", "cuda")
 AUTO = "auto"
 
@@ -85,6 +87,18 @@ class RunConfig:
     finetune_epochs: int = 2
     permuted_label_sites: str = ""  # simulation only: comma-separated site numbers whose labels are permuted
     ray_address: str = ""  # simulation only: an existing Ray cluster (HOST:PORT or "auto"); "" starts one
+    # How each site's head is fitted: DP-SGD rounds, or one noised release of sufficient statistics
+    # solved in closed form by the server (ridge regression or LDA on the sites' summed statistics).
+    head_solver: str = "dp-sgd"
+    closed_form: str = "ridge"
+    closed_form_ridge: float = 1.0  # ridge penalty lambda (also regularises LDA's covariance)
+    projection_dim: int = 0  # closed form: public seeded random projection of features to this many dims; 0 = none
+    # Deeper fine-tuning under DP: the last `trainable-blocks` backbone blocks train with the head, and/or
+    # LoRA adapters of rank `lora-rank` (peft) on the backbone; 0 and 0 = head only (cached features).
+    trainable_blocks: int = 0
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    audit_canaries: int = 0  # simulation only: canaries inserted into site-0's data for a one-run privacy audit
 
     def __post_init__(self) -> None:
         _check_positive_int(
@@ -100,6 +114,13 @@ class RunConfig:
         )
         _check_choice(self, "client_dp", CLIENT_DP_MODES)
         _check_choice(self, "personalization", PERSONALIZATIONS)
+        _check_choice(self, "head_solver", HEAD_SOLVERS)
+        _check_choice(self, "closed_form", CLOSED_FORMS)
+        _check_range(self, "closed_form_ridge", low=0.0, low_open=True)
+        _check_range(self, "lora_alpha", low=0.0, low_open=True)
+        for name in ("projection_dim", "trainable_blocks", "lora_rank", "audit_canaries"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"`{_kebab(name)}` must be >= 0, got {getattr(self, name)}")
         _check_range(self, "client_noise_multiplier", low=0.0)
         _check_range(self, "client_clipping_norm", low=0.0, low_open=True)
         _check_range(self, "client_dp_delta", low=0.0, high=1.0, low_open=True, high_open=True)
