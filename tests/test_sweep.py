@@ -3,6 +3,7 @@
 import csv
 
 import pytest
+from conftest import REPO_ROOT
 from PIL import Image
 
 from fedtl.shared.errors import ConfigError
@@ -120,3 +121,9 @@ def test_alphas_expand_to_dirichlet_partitions():
     spec = parse_spec("epsilons = [1.0]\nalphas = [0.1, 1]\nseeds=[0,1]\nsites=[2,4]")
     assert spec.partitions == ("dirichlet:0.1", "dirichlet:1")
     assert spec.num_runs == 2 * 2 * 2 * (1 + 1)  # partitions x seeds x sites x (1 epsilon + non-private)
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "simulations" / "specs").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_specs_are_valid(path):
+    spec = parse_spec(path.read_text(), source=str(path))
+    assert spec.num_runs > 0
