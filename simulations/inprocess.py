@@ -230,12 +230,17 @@ def _task_identity(run_id: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _site_log_level(verbose: bool) -> Iterator[None]:
-    """Keep the sites' INFO lines out of the log unless `verbose` (Flower's engine leaves them in Ray)."""
+    """Keep the sites' log lines out of this terminal unless `verbose`, as Flower's engine does (they stay in Ray).
+
+    Only their errors get through: the server already logs what matters run-wide (a non-private run,
+    a refusal, a rejected reply, naming the site), and a sweep of many runs would repeat every site's
+    per-round warnings thousands of times.
+    """
     loggers = [logging.getLogger(name) for name in SITE_LOGGERS]
     levels = [lg.level for lg in loggers]
     if not verbose:
         for lg in loggers:
-            lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+            lg.setLevel(max(lg.getEffectiveLevel(), logging.ERROR))
     try:
         yield
     finally:
