@@ -32,6 +32,12 @@ from fedtl.shared.backbones import (
     get_backbone_spec,
     resolve_preprocessing,
 )
+from fedtl.shared.centering import (
+    CENTERING_BUDGET_SHARE,
+    MAX_CENTER_NOISE_NORM,
+    center_noise_norm,
+    centering_noise_multiplier,
+)
 from fedtl.shared.config import AUTO, RunConfig, fedtl_home
 from fedtl.shared.data import DataSplits, load_dataset
 from fedtl.shared.errors import ConfigError, FederationError
@@ -535,9 +541,16 @@ def estimate_feature_center(
     Raises:
         RuntimeError: no site returned a sum.
     """
-    ask = ConfigRecord(
-        {**dict(config), k.ACTION: k.ACTION_FEATURE_SUM, k.CENTERING_NOISE_MULTIPLIER: cfg.centering_noise_multiplier}
-    )
+    sigma = 0.0 if cfg.non_private else run_centering_noise(cfg)
+    if sigma is None:
+        log.warning(
+            "feature centring off: no noise makes the centre release cost %.0f%% of target-epsilon %g or less; "
+            "nothing is released",
+            100 * CENTERING_BUDGET_SHARE,
+            cfg.target_epsilon,
+        )
+        return np.zeros(dim, dtype=np.float32)
+    ask = ConfigRecord({**dict(config), k.ACTION: k.ACTION_FEATURE_SUM, k.CENTERING_NOISE_MULTIPLIER: sigma})
     replies = _query(grid, node_ids, RecordDict({k.CONFIG: ask}), timeout)
     total, count = None, 0
     # In site order, so the float sum does not depend on the order replies arrived in.
@@ -546,7 +559,7 @@ def estimate_feature_center(
         if reason is not None:
             log.warning("site %s did not release its feature sum: %s", reply_site_name(reply), reason)
             continue
-        problem = _check_feature_sum(reply, dim, sigma=0.0 if cfg.non_private else cfg.centering_noise_multiplier)
+        problem = _check_feature_sum(reply, dim, sigma=sigma)
         if problem:
             log.warning("site %s sent an unusable feature sum, ignored: %s", reply_site_name(reply), problem)
             continue
@@ -556,8 +569,39 @@ def estimate_feature_center(
         count += n
     if total is None:
         raise RuntimeError("no site released a feature sum; check the sites' logs, or run with feature-centering=false")
-    log.info("feature mean estimated from %d examples at %d sites", count, len(replies))
+    released = len(replies)
+    noise = center_noise_norm(noise_multiplier=sigma, dim=dim, num_sites=released, count=count)
+    if noise > MAX_CENTER_NOISE_NORM:
+        log.warning(
+            "feature centring off: the noise expected in the mean (norm %.2f, sigma %.2f over %d examples) exceeds "
+            "%.2f, so the estimate would hurt; the release stays charged (raise the budget or pool more examples)",
+            noise,
+            sigma,
+            count,
+            MAX_CENTER_NOISE_NORM,
+        )
+        return np.zeros(dim, dtype=np.float32)
+    log.info("feature mean estimated from %d examples at %d sites (noise norm %.3f)", count, released, noise)
     return (total / count).astype(np.float32)
+
+
+def run_centering_noise(cfg: RunConfig) -> float | None:
+    """Return the noise multiplier of the run's feature-centre release, None: no release (fedtl.shared.centering)."""
+    sigma = centering_noise_multiplier(
+        requested=cfg.centering_noise_multiplier,
+        target_epsilon=cfg.target_epsilon,
+        target_delta=cfg.target_delta,
+        accountant=cfg.accountant,
+    )
+    if sigma != cfg.centering_noise_multiplier:
+        log.info(
+            "feature-centre release: noise %.2f instead of %.2f, so it spends at most %.0f%% of target-epsilon %g",
+            sigma,
+            cfg.centering_noise_multiplier,
+            100 * CENTERING_BUDGET_SHARE,
+            cfg.target_epsilon,
+        )
+    return sigma
 
 
 def _check_feature_sum(reply: Message, dim: int, *, sigma: float) -> str | None:

@@ -31,8 +31,10 @@ from fedtl.server.server_app import (
     federation_label_names,
     load_server_backbone,
     round_config,
+    run_centering_noise,
 )
 from fedtl.shared import constants as k
+from fedtl.shared.centering import MAX_CENTER_NOISE_NORM, center_noise_norm
 from fedtl.shared.config import AUTO, RunConfig
 from fedtl.shared.data import load_dataset
 from fedtl.shared.heads import Head, build_head, head_arrays, load_head_arrays, normalize_features
@@ -190,10 +192,14 @@ def train_baseline_head(
         center = unit.mean(axis=0)
         noise = None
     else:
-        if cfg.feature_centering:
-            sigma = cfg.centering_noise_multiplier
+        sigma = run_centering_noise(cfg.replace(target_epsilon=target_epsilon)) if cfg.feature_centering else None
+        center = np.zeros(unit.shape[1])
+        if sigma is not None:  # the sites' release: same noise rule, same "too noisy: no centre" rule
             center = (unit.sum(axis=0) + rng.normal(0.0, sigma, size=unit.shape[1])) / len(unit)
             history.append(PrivacyStep(sigma, 1.0, 1))
+            noise_norm = center_noise_norm(noise_multiplier=sigma, dim=unit.shape[1], num_sites=1, count=len(unit))
+            if noise_norm > MAX_CENTER_NOISE_NORM:
+                center = np.zeros_like(center)
         if cfg.noise_multiplier == AUTO:
             noise = find_noise_multiplier(
                 target_epsilon=target_epsilon,
