@@ -47,9 +47,13 @@ def run_one(args: argparse.Namespace) -> dict:
         "peak_rss_mib": peak_kib / 1024,
         "accuracy": final.get("central-accuracy"),
         "epsilon_max": summary.get("epsilon-max"),
-        "client_dp": summary.get("client-dp"),
+        "client_epsilon": summary.get("client-epsilon"),
         "rejected": len(summary.get("rejected-replies", [])),
     }
+
+
+def _num(value: object) -> str:
+    return f"{float(value):.3f}" if isinstance(value, (int, float, str)) and value != "" else "-"
 
 
 def child(sites: int, config: dict, env: dict) -> dict:
@@ -84,7 +88,8 @@ def main() -> None:
     out = Path(home) / "runs"
     print(f"machine: {os.cpu_count()} cores; FEDTL_HOME={home}; data {args.data}; backbone {args.backbone}")
     print(
-        f"{'sites':>6} {'rounds':>6} {'train/round':>11} {'wall s':>8} {'s/round':>8} {'peak MiB':>9} {'accuracy':>9}"
+        f"{'sites':>6} {'rounds':>6} {'train/round':>11} {'wall s':>8} {'s/round':>8} {'peak MiB':>9} {'accuracy':>9} "
+        f"{'eps max':>8} {'client eps':>10} {'rejected':>8}"
     )
     for cell in args.grid.split(","):
         sites, rounds = (int(x) for x in cell.lower().split("x"))
@@ -107,7 +112,8 @@ def main() -> None:
         acc = figures["accuracy"]
         print(
             f"{sites:>6} {rounds:>6} {per_round:>11} {figures['seconds']:>8.1f} {figures['seconds'] / rounds:>8.2f} "
-            f"{figures['peak_rss_mib']:>9.0f} {acc if acc is None else round(acc, 4)!s:>9}",
+            f"{figures['peak_rss_mib']:>9.0f} {acc if acc is None else round(acc, 4)!s:>9} "
+            f"{_num(figures['epsilon_max']):>8} {_num(figures['client_epsilon']):>10} {figures['rejected']:>8}",
             flush=True,
         )
     if args.sweep_rate:
