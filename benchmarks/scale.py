@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--fraction-train", type=float, default=0.1, help="sites sampled per round (default 0.1)")
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--client-dp", default="off", help="off | server | client (client-level DP)")
+    parser.add_argument("--home", help="FEDTL_HOME to reuse (warm feature caches); default: a new one")
     parser.add_argument("--sweep-rate", action="store_true", help="also measure sweep runs per minute")
     parser.add_argument("--sweep-runs", type=int, default=3)
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
@@ -83,7 +84,7 @@ def main() -> None:
         print(json.dumps(run_one(args)))
         return
 
-    home = tempfile.mkdtemp(prefix="fedtl-scale-")
+    home = args.home or tempfile.mkdtemp(prefix="fedtl-scale-")
     env = {**os.environ, "FEDTL_HOME": home, "OMP_NUM_THREADS": "1"}
     out = Path(home) / "runs"
     print(f"machine: {os.cpu_count()} cores; FEDTL_HOME={home}; data {args.data}; backbone {args.backbone}")
