@@ -21,7 +21,7 @@ from fedtl.client.site import SIMULATION_ENV
 from fedtl.shared.backbones import WEIGHTS_DIR_ENV
 from fedtl.shared.config import RunConfig
 from fedtl.shared.errors import ConfigError
-from fedtl.simulations.federation import FederationApp, simulated_config, simulated_sites
+from fedtl.simulations.federation import AppFactory, FederationApp, simulated_config, simulated_sites
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ def simulate(
     run_dir: Path | None = None,
     client_cpus: float = 1.0,
     verbose: bool = False,
+    app: AppFactory = FederationApp,
 ) -> dict[str, Any]:
     """Run a federation of `num_sites` simulated sites on Flower's simulation engine.
 
@@ -88,6 +89,7 @@ def simulate(
         run_dir: results folder; a fresh `out/<run-id>/` when None.
         client_cpus: CPUs Ray reserves per ClientApp (sites run in parallel up to cores / client_cpus).
         verbose: forward the sites' (Ray workers') output to this terminal.
+        app: builds the server side from (cfg, run_dir): a federation by default, any FederationApp subclass.
 
     Returns:
         The run summary written to `summary.json`.
@@ -99,7 +101,7 @@ def simulate(
     """
     cfg = simulated_config(cfg, num_sites)
     gcs = parse_ray_address(cfg.ray_address)
-    federation = FederationApp(cfg, run_dir)
+    federation = app(cfg, run_dir)
 
     # Each Ray actor would otherwise start one torch thread per core and oversubscribe the CPU.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, int(client_cpus))))

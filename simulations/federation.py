@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +20,20 @@ from fedtl.shared.errors import ConfigError
 
 @dataclass
 class FederationApp:
-    """A ServerApp whose main runs one federation of `cfg` and keeps its summary."""
+    """A ServerApp whose main runs one federation of `cfg` and keeps its summary.
+
+    Subclasses run other server logic on the same simulated sites (e.g. the backbone ranking) by
+    overriding `run`; every executor takes a factory of such apps.
+    """
 
     cfg: RunConfig
     run_dir: Path | None = None
     outcome: dict[str, Any] = field(default_factory=dict)
+    what = "federation"
+
+    def run(self, grid: Grid) -> dict[str, Any]:
+        """Run the server logic on `grid` and return its summary."""
+        return run_federation(grid, self.cfg, run_dir=self.run_dir)
 
     def server_app(self) -> ServerApp:
         """Return the ServerApp (Flower calls its main with the Grid of whichever executor runs it)."""
@@ -32,7 +41,7 @@ class FederationApp:
 
         @app.main()
         def _main(grid: Grid, context: Context) -> None:
-            self.outcome["summary"] = run_federation(grid, self.cfg, run_dir=self.run_dir)
+            self.outcome["summary"] = self.run(grid)
 
         return app
 
@@ -43,8 +52,11 @@ class FederationApp:
             RuntimeError: the ServerApp ended without one (the executor swallowed its error).
         """
         if "summary" not in self.outcome:
-            raise RuntimeError("the simulated federation ended without a summary; see the log above")
+            raise RuntimeError(f"the simulated {self.what} ended without a summary; see the log above")
         return self.outcome["summary"]
+
+
+AppFactory = Callable[[RunConfig, "Path | None"], FederationApp]
 
 
 def simulated_config(cfg: RunConfig, num_sites: int) -> RunConfig:

@@ -38,7 +38,7 @@ from fedtl.client.client_app import app as fedtl_client_app
 from fedtl.shared import constants as k
 from fedtl.shared.config import RunConfig
 from fedtl.shared.errors import ConfigError
-from fedtl.simulations.federation import FederationApp, simulated_config, simulated_sites
+from fedtl.simulations.federation import AppFactory, FederationApp, simulated_config, simulated_sites
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +184,7 @@ def run_inprocess(
     run_dir: Path | None = None,
     client_app: ClientApp = fedtl_client_app,
     verbose: bool = False,
+    app: AppFactory = FederationApp,
 ) -> dict[str, Any]:
     """Run a federation of `num_sites` simulated sites in this process, without Ray.
 
@@ -195,7 +196,8 @@ def run_inprocess(
         num_sites: number of simulated SuperNodes (sites).
         run_dir: results folder; a fresh `out/<run-id>/` when None.
         client_app: the ClientApp every site runs (fedtl's own by default).
-        verbose: show the sites' INFO logs (off: only their warnings and errors, as a sweep wants).
+        verbose: show the sites' logs (off: only their errors, as Flower's engine and a sweep want).
+        app: builds the server side from (cfg, run_dir): a federation by default, any FederationApp subclass.
 
     Returns:
         The run summary written to `summary.json`.
@@ -204,7 +206,7 @@ def run_inprocess(
         Exception: whatever the ServerApp raised.
     """
     cfg = simulated_config(cfg, num_sites)
-    federation = FederationApp(cfg, run_dir)
+    federation = app(cfg, run_dir)
 
     run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
     run.primary_task_id = 1
