@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--client-dp", default="off", help="off | server | client (client-level DP)")
     parser.add_argument("--home", help="FEDTL_HOME to reuse (warm feature caches); default: a new one")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="any run-config key")
     parser.add_argument("--sweep-rate", action="store_true", help="also measure sweep runs per minute")
     parser.add_argument("--sweep-runs", type=int, default=3)
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
@@ -108,6 +109,9 @@ def main() -> None:
             "out": str(out),
             "target-epsilon": 8.0,
         }
+        for item in args.set:
+            key, _, value = item.partition("=")
+            config[key] = json.loads(value)
         figures = child(sites, config, env)
         per_round = max(1, int(sites * args.fraction_train))
         acc = figures["accuracy"]
