@@ -19,7 +19,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
+from fedtl.client.closed_form_site import answer_stats_query
 from fedtl.client.policy import PolicyRefusal
+from fedtl.client.ranking import answer_rank_query
 from fedtl.client.rounds import evaluate_round, feature_sum_round, finetune_round, site_accountant, train_round
 from fedtl.client.site import Site, resolve_site
 from fedtl.shared import constants as k
@@ -178,6 +180,8 @@ def query(msg: Message, site: Site) -> RecordDict:
         k.ACTION_INSTALL_BACKBONE: _install_backbone,
         k.ACTION_FEATURE_SUM: _feature_sum,
         k.ACTION_FINETUNE: _finetune,
+        k.ACTION_RANK: answer_rank_query,  # non-DP scalars, refused unless release-evaluation-metrics
+        k.ACTION_SUFFICIENT_STATS: answer_stats_query,  # closed-form head: one noised release, charged
     }
     if action not in handlers:
         raise ReplyError(f"unknown query action {action!r}; expected one of {', '.join(handlers)}")

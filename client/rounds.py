@@ -11,17 +11,20 @@ import math
 import warnings
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from fedtl.client.deep_training import evaluate_deep_round, load_deep_round, train_deep
 from fedtl.client.ledger import DP_SGD, FEATURE_SUM, PrivacyCharge, new_charge
 from fedtl.client.policy import PolicyRefusal
 from fedtl.client.site import Site, SiteFeatures, load_site_features
 from fedtl.client.training import TrainResult, evaluate_head, steps_per_epoch, train_head
 from fedtl.shared import constants as k
 from fedtl.shared.backbones import fingerprint_state_dict
+from fedtl.shared.deep import Adaptation
 from fedtl.shared.files import atomic_write_bytes
 from fedtl.shared.heads import build_head, head_arrays, load_head_arrays, normalize_features, personal_array_names
 from fedtl.shared.metrics import majority_rate
@@ -128,11 +131,18 @@ def train_round(
         )
         epsilon = site.ledger.epsilon(delta=settings.target_delta, accountant=site_accountant(site, settings))
         return TrainReport(result=replayed, epsilon=epsilon, delta=settings.target_delta)
-    feats = load_site_features(site, settings)
-    personal = PersonalHead(site, settings)
-    start = personal.merge(global_arrays) if settings.personalization == k.FEDPER else global_arrays
-    head = build_head(settings.head, feats.train_features.shape[1], settings.num_classes, hidden=settings.head_hidden)
-    load_head_arrays(head, start, source="the server's global head")
+    deep = Adaptation.of(settings).enabled
+    if deep:  # the last blocks (or their LoRA adapters) train with the head, on activations cached at the cut
+        head, feats = load_deep_round(site, settings, global_arrays)
+        start = global_arrays
+    else:
+        feats = load_site_features(site, settings)
+        personal = PersonalHead(site, settings)
+        start = personal.merge(global_arrays) if settings.personalization == k.FEDPER else global_arrays
+        head = build_head(
+            settings.head, feats.train_features.shape[1], settings.num_classes, hidden=settings.head_hidden
+        )
+        load_head_arrays(head, start, source="the server's global head")
     noise, epsilon, result = charged_training(
         site,
         settings,
@@ -143,6 +153,7 @@ def train_round(
         what=f"round {server_round} of run {settings.run_id}",
         global_arrays=start,
         proximal_mu=proximal_mu,
+        train=train_deep if deep else train_head,
     )
     if settings.personalization == k.FEDPER:  # the personal layer stays here; only the shared ones travel
         result = personal.keep(result)
@@ -169,6 +180,7 @@ def charged_training(
     what: str,
     global_arrays: dict[str, np.ndarray] | None = None,
     proximal_mu: float = 0.0,
+    train: Callable[..., TrainResult] = train_head,  # or train_deep: same signature, same accounting
 ) -> tuple[float | None, float, TrainResult]:
     """Plan the noise, charge `epochs` of DP-SGD to the ledger, then train `head`; return (noise, epsilon, result).
 
@@ -190,7 +202,7 @@ def charged_training(
         ),
         what=what,
     )
-    result = train_head(
+    result = train(
         head,
         feats.train_features,
         feats.train_labels,
@@ -428,6 +440,8 @@ def evaluate_round(
     site: Site, settings: RoundSettings, global_arrays: dict[str, np.ndarray]
 ) -> tuple[dict[str, float], int]:
     """Return the global head's metrics on the site's local test split, and that split's size."""
+    if Adaptation.of(settings).enabled:  # deeper fine-tuning: the global model runs from the cached activations
+        return evaluate_deep_round(site, settings, global_arrays)
     feats = load_site_features(site, settings)
     if settings.personalization == k.FEDPER:  # the site's own model: shared layers + its personal last layer
         global_arrays = PersonalHead(site, settings).merge(global_arrays)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
+from fedtl.client.canaries import CANARY_SITE, add_canaries, refuse_canaries, requested_canaries
 from fedtl.client.ledger import PrivacyLedger
 from fedtl.client.policy import SitePolicy, load_policy
 from fedtl.shared import constants as k
@@ -41,6 +43,7 @@ class Site:
     simulation: SimulationSettings | None = None
     partition_id: int = 0
     num_partitions: int = 1
+    audit_canaries: int = 0  # canaries the server asked for: simulated site 0 adds them, a real site refuses
 
     @property
     def ledger(self) -> PrivacyLedger:
@@ -87,7 +90,9 @@ def resolve_site(node_config: Mapping[str, Any], simulation: SimulationSettings 
         ConfigError: the node config names no policy, or the policy file is missing or invalid.
     """
     if k.POLICY in node_config:
-        return site_from_policy(load_policy(str(node_config[k.POLICY])))
+        site = site_from_policy(load_policy(str(node_config[k.POLICY])))
+        # Kept so the site can refuse a canary request by name when it next touches its data (client/canaries).
+        return dataclasses.replace(site, audit_canaries=requested_canaries(simulation))
     if k.PARTITION_ID in node_config and simulation is not None and simulation_enabled():
         if k.NUM_PARTITIONS not in node_config:
             raise ConfigError(f"node config has `partition-id` but no `num-partitions` (got {sorted(node_config)})")
@@ -102,6 +107,7 @@ def resolve_site(node_config: Mapping[str, Any], simulation: SimulationSettings 
             simulation=simulation,
             partition_id=pid,
             num_partitions=num,
+            audit_canaries=requested_canaries(simulation),
         )
     hint = (
         f" (`partition-id` alone makes a simulated site only where {SIMULATION_ENV}=1 is set)"
@@ -185,14 +191,17 @@ class SiteFeatures:
 def load_site_data(site: Site, label_names: tuple[str, ...]) -> tuple[ImageDataset, ImageDataset]:
     """Return the site's (train, local test) data, validated against the federation's `label_names`.
 
+    Simulated site 0 of a run with `audit-canaries` also holds that run's included canaries (client/canaries).
+
     Raises:
         DataError: the data is unreadable, empty, or holds labels outside `label_names`.
+        PolicyRefusal: a real site was asked for audit canaries.
     """
     if site.simulation is not None:
         sim = site.simulation
         splits = _shared_dataset(sim.data, sim.seed, sim.test_fraction, _file_stamp(sim.data))
         permuted = {int(p) for p in sim.permuted_label_sites.split(",") if p.strip()}
-        return site_split(
+        train, test = site_split(
             splits.train,
             site.partition_id,
             site.num_partitions,
@@ -201,8 +210,12 @@ def load_site_data(site: Site, label_names: tuple[str, ...]) -> tuple[ImageDatas
             local_test_fraction=sim.local_test_fraction,
             permute_labels=site.partition_id in permuted,
         )
+        if site.audit_canaries and site.partition_id == CANARY_SITE:  # a one-run privacy audit (client/canaries)
+            train = add_canaries(train, splits.test, count=site.audit_canaries, seed=sim.seed)
+        return train, test
     policy = site.policy
     assert policy is not None  # a real site always has one (resolve_site)
+    refuse_canaries(site.name, site.audit_canaries)
     splits = load_policy_data(policy, label_names).splits
     if splits.test is None or len(splits.test) == 0:
         raise DataError(f"site data {policy.data} has no local test split; give it test rows or a test/ folder")
@@ -244,8 +257,11 @@ def load_site_features(site: Site, settings: RoundSettings, *, progress: bool | 
     Raises:
         BackboneError: the announced backbone is not in the site cache (the server must send it first).
         DataError: the site's label names differ from the federation's (names or order).
+        PolicyRefusal: a real site was asked for audit canaries.
     """
     expected = json.loads(settings.label_names)
+    if site.policy is not None:  # before the data index below can answer from cache
+        refuse_canaries(site.name, site.audit_canaries)
     if not site.backbones.has(settings.backbone_fingerprint):
         raise BackboneError(
             f"backbone `{settings.backbone_name}` {settings.backbone_fingerprint[:12]} is not in site {site.name}'s "

@@ -11,8 +11,10 @@ from typing import Any
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save
+from torch import nn
 
 from fedtl.shared.backbones import Preprocessing
+from fedtl.shared.deep import Adaptation, build_adapted_backbone, split_wire_arrays
 from fedtl.shared.errors import ModelFileError
 from fedtl.shared.files import atomic_write_bytes
 from fedtl.shared.heads import Head, build_head, load_head_arrays
@@ -42,12 +44,37 @@ class AdaptedModel:
     metrics: dict[str, Any] = field(default_factory=dict)
     # Client-level DP of the aggregation (server/client_dp.py): a different guarantee from `privacy`.
     client_dp: dict[str, Any] = field(default_factory=dict)
+    # Deeper fine-tuning (shared/deep.py): how the backbone was adapted, and the names of the backbone tensors
+    # that changed (stored as `backbone.<name>` beside the head's); empty for a head on the frozen backbone.
+    trainable_blocks: int = 0
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    changed_tensors: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        stored = sorted(split_wire_arrays(self.arrays)[1])
+        if stored != sorted(self.changed_tensors):
+            raise ModelFileError(
+                f"the model's changed-tensors list {sorted(self.changed_tensors)[:5]} differs from its stored "
+                f"backbone tensors {stored[:5]}; the file was written incompletely or edited"
+            )
+
+    @property
+    def adaptation(self) -> Adaptation:
+        """Return how the backbone was adapted (head only when nothing changed in it)."""
+        return Adaptation.of(self)
 
     def build_head(self) -> Head:
         """Return the head module with this model's weights loaded."""
         head = build_head(self.head, self.feature_dim, len(self.label_names), hidden=self.head_hidden)
-        load_head_arrays(head, self.arrays, source="the model file")
+        load_head_arrays(head, split_wire_arrays(self.arrays)[0], source="the model file")
         return head
+
+    def adapt_backbone(self, backbone: nn.Module) -> nn.Module:
+        """Return the pretrained `backbone` (fingerprint already checked) with the changed tensors applied."""
+        if not self.adaptation.enabled:
+            return backbone
+        return build_adapted_backbone(self.backbone_name, backbone, self.adaptation, split_wire_arrays(self.arrays)[1])
 
     def metadata(self) -> dict[str, Any]:
         """Return every field except the tensors, JSON-able."""
@@ -55,6 +82,7 @@ class AdaptedModel:
         meta["preprocessing"] = self.preprocessing.to_dict()
         meta["label_names"] = list(self.label_names)
         meta["sites"] = list(self.sites)
+        meta["changed_tensors"] = list(self.changed_tensors)
         return meta
 
 
@@ -98,6 +126,7 @@ def load_model(path: str | Path) -> AdaptedModel:
             preprocessing=Preprocessing.from_dict(meta.pop("preprocessing")),
             label_names=tuple(meta.pop("label_names")),
             sites=tuple(meta.pop("sites")),
+            changed_tensors=tuple(meta.pop("changed_tensors", ())),
             **meta,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -110,7 +139,10 @@ def model_card(model: AdaptedModel) -> str:
     if model.non_private:
         lines += ["**NON-PRIVATE BASELINE: trained without differential privacy. Do not release.**", ""]
     lines += [
-        f"- Backbone: `{model.backbone_name}` (frozen), fingerprint `{model.backbone_fingerprint}`",
+        f"- Backbone: `{model.backbone_name}` "
+        + ("(frozen)" if not model.adaptation.enabled else f"(pretrained; fine-tuned: {model.adaptation.describe()})")
+        + f", fingerprint `{model.backbone_fingerprint}`"
+        + (" (of the pretrained weights)" if model.adaptation.enabled else ""),
         f"- Preprocessing: {model.preprocessing.image_size}x{model.preprocessing.image_size} px, "
         f"mean {list(model.preprocessing.mean)}, std {list(model.preprocessing.std)}",
         f"- Head: {model.head}"
@@ -129,6 +161,21 @@ def model_card(model: AdaptedModel) -> str:
         lines.append(
             f"| {site} | {'inf (non-private)' if not math.isfinite(eps) else f'{eps:.3f}'} | {spend.get('delta')} |"
         )
+    if model.adaptation.enabled:
+        lines += [
+            "",
+            f"## Changed backbone tensors ({len(model.changed_tensors)}, stored as `backbone.<name>`)",
+            "",
+            "Trained under the same DP-SGD as the head. "
+            + (
+                "LoRA adapters (peft): base weights and BatchNorms unchanged."
+                if model.lora_rank > 0
+                else "The trainable blocks' BatchNorms became GroupNorms (per-example statistics) "
+                "initialised from the pretrained affine weights."
+            ),
+            "",
+            *[f"- `{name}`" for name in model.changed_tensors],
+        ]
     if model.client_dp:
         eps, dp = float(model.client_dp.get("client-epsilon", math.inf)), model.client_dp
         lines += [
@@ -151,7 +198,8 @@ def model_card(model: AdaptedModel) -> str:
         "",
         f"`fedtl predict {model.run_id}/model.safetensors IMAGE...` (needs the backbone with the fingerprint above).",
         "",
-        "Only the head was trained. The backbone's ImageNet weights are public; the guarantee above covers each",
+        ("Only the head was trained. " if not model.adaptation.enabled else "")
+        + "The backbone's ImageNet weights are public; the guarantee above covers each",
         "site's training examples, not who took part, and not data the backbone itself was trained on.",
     ]
     return "\n".join(lines) + "\n"

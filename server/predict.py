@@ -69,7 +69,8 @@ def predict_images(
     """
     model = load_model(model_path)
     images = [load_image_file(p) for p in image_paths]  # validate every file before any compute
-    backbone = load_model_backbone(model, weights_file=weights_file)
+    # Deeper fine-tuning: the changed tensors go into the pretrained backbone after its fingerprint check.
+    backbone = model.adapt_backbone(load_model_backbone(model, weights_file=weights_file))
     head = model.build_head()
     out = []
     for path, image in zip(image_paths, images):

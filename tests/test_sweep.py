@@ -103,13 +103,13 @@ def test_negative_transfer_is_flagged_for_the_site_with_permuted_labels(sweep):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ('epsilon = [1.0]\nepsilons=[1.0]', r"unknown key `epsilon`; did you mean `epsilons`\?"),
+        ("epsilon = [1.0]\nepsilons=[1.0]", r"unknown key `epsilon`; did you mean `epsilons`\?"),
         ("epsilons = []", r"`epsilons` must be a non-empty list"),
         ('epsilons = [1.0]\nmethods = ["fedsgd"]', r"unknown method 'fedsgd'"),
-        ('epsilons = [1.0]\n[config]\nseed = 3', r"\[config\] sets `seed`, which the sweep grid sets per run"),
+        ("epsilons = [1.0]\n[config]\nseed = 3", r"\[config\] sets `seed`, which the sweep grid sets per run"),
         ('epsilons = [1.0]\npartitions = ["zipf:2"]', r"zipf"),
-        ('epsilons = [1.0]\n[config]\nnum-round = 3', r"unknown config key `num-round`"),
-        ('epsilons = [-1.0]', r"every epsilon must be a finite number > 0"),
+        ("epsilons = [1.0]\n[config]\nnum-round = 3", r"unknown config key `num-round`"),
+        ("epsilons = [-1.0]", r"every epsilon must be a finite number > 0"),
     ],
 )
 def test_bad_specs_name_the_problem(text, message):

@@ -1,0 +1,196 @@
+"""The server's side of the one-shot closed-form head: ask every site once, sum the releases, solve, record."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from typing import Callable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
+
+from fedtl.server.report import RunRecorder, failure_reason, reply_site_name
+from fedtl.shared import constants as k
+from fedtl.shared.backbones import get_backbone_spec
+from fedtl.shared.closed_form import (
+    SENSITIVITY,
+    SufficientStats,
+    check_projection_dim,
+    check_release,
+    random_projection,
+    solve_head,
+    sum_stats,
+)
+from fedtl.shared.config import RunConfig
+from fedtl.shared.errors import FederationError
+
+log = logging.getLogger(__name__)
+
+
+def closed_form_config(cfg: RunConfig) -> RunConfig:
+    """Return the config of a closed-form run: one round (one release, one solve), projection-dim checked.
+
+    Called before any site is asked anything, so a projection the backbone cannot take costs no release.
+
+    Raises:
+        ConfigError: projection-dim is not below the backbone's feature dimension.
+    """
+    if cfg.projection_dim:
+        check_projection_dim(get_backbone_spec(cfg.backbone).feature_dim, cfg.projection_dim)
+    return cfg.replace(num_rounds=1)
+
+
+def fit_closed_form_head(
+    grid: Grid,
+    node_ids: list[int],
+    config: ConfigRecord,
+    cfg: RunConfig,
+    *,
+    feature_dim: int,
+    num_classes: int,
+    center: np.ndarray | None = None,
+    recorder: RunRecorder | None = None,
+    timeout: float = 3600.0,
+) -> "OrderedDict[str, np.ndarray]":
+    """Ask every site for its noised sufficient statistics once, sum them in site order, and solve the head.
+
+    Each site charges its release to its own ledger before making it (`fedtl.client.closed_form_site`); the
+    server only validates, adds and solves, which is post-processing. A reply that is a refusal, an error, or
+    fails `check_release` (names, shapes, finite values, symmetry, a plausible norm) is logged and left out.
+
+    Args:
+        grid: Flower's Grid.
+        node_ids: the sites taking part (those that accepted the run at set-up).
+        config: the round config every site receives.
+        cfg: the run configuration (closed-form, closed-form-ridge, projection-dim, seed).
+        feature_dim: D, the backbone's feature dimension.
+        num_classes: C.
+        center: the federation's feature centre (D,), sent to the sites; None: no centre.
+        recorder: when given, each accepted site's cumulative epsilon and delta go into it.
+        timeout: seconds to wait for the replies.
+
+    Returns:
+        The tensors of a "linear" head (`layers.0.weight` (C, D), `layers.0.bias` (C,), `center` (D,)).
+
+    Raises:
+        FederationError: fewer sites than min-train-sites (at least one) released usable statistics.
+    """
+    projection = random_projection(feature_dim, cfg.projection_dim, seed=cfg.seed)
+    dim = feature_dim if projection is None else cfg.projection_dim
+    ask = ConfigRecord({**dict(config), k.ACTION: k.ACTION_SUFFICIENT_STATS, k.PROJECTION_DIM: cfg.projection_dim})
+    content = RecordDict({k.CONFIG: ask})
+    if center is not None:
+        content[k.ARRAYS] = ArrayRecord({"center": Array(np.asarray(center, dtype=np.float32))})
+    messages = [Message(content=content, dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
+    replies = grid.send_and_receive(messages, timeout=timeout)
+    parts: list[SufficientStats] = []
+    examples = 0
+    # In site order, so the float sum does not depend on the order replies arrived in.
+    for reply in sorted(replies, key=lambda m: (reply_site_name(m), m.metadata.src_node_id)):
+        name = reply_site_name(reply)
+        problem = failure_reason(reply) or _reply_problem(reply, dim=dim, num_classes=num_classes)
+        if problem:
+            log.warning("site %s: no usable sufficient statistics, left out: %s", name, problem)
+            continue
+        arrays = {key: a.numpy().astype(np.float64) for key, a in reply.content.array_records[k.ARRAYS].items()}
+        metrics = reply.content.metric_records[k.METRICS]
+        noise = float(metrics[k.NOISE_MULTIPLIER])
+        parts.append(
+            SufficientStats(
+                gram=arrays[k.GRAM],
+                class_sums=arrays[k.CLASS_SUMS],
+                class_counts=arrays[k.CLASS_COUNTS],
+                noise_std=noise * SENSITIVITY,
+            )
+        )
+        examples += int(metrics[k.NUM_EXAMPLES])
+        if recorder is not None:
+            recorder.site_epsilon[name] = float(metrics[k.EPSILON])
+            recorder.site_delta[name] = float(metrics[k.DELTA])
+        log.info("site %s released sufficient statistics: sigma %.3f, epsilon %.3f", name, noise, metrics[k.EPSILON])
+    if len(parts) < max(cfg.min_train_sites, 1):
+        raise FederationError(
+            f"only {len(parts)} of {len(node_ids)} sites released usable sufficient statistics "
+            f"(min-train-sites {cfg.min_train_sites}); see the warnings above for each site's reason"
+        )
+    total = sum_stats(parts)
+    log.info(
+        "closed-form %s head from %d sites, %d examples, %d dims, noise std %.3f per entry, ridge %g",
+        cfg.closed_form,
+        len(parts),
+        examples,
+        dim,
+        total.noise_std,
+        cfg.closed_form_ridge,
+    )
+    return solve_head(
+        total,
+        method=cfg.closed_form,
+        ridge=cfg.closed_form_ridge,
+        feature_dim=feature_dim,
+        center=center,
+        projection=projection,
+    )
+
+
+def _reply_problem(reply: Message, *, dim: int, num_classes: int) -> str | None:
+    """Return what is wrong with a stats reply's records, or None."""
+    content = reply.content
+    needed = (k.NUM_EXAMPLES, k.EPSILON, k.DELTA, k.NOISE_MULTIPLIER)
+    if k.ARRAYS not in content.array_records or k.METRICS not in content.metric_records:
+        return f"the reply needs the ArrayRecord `{k.ARRAYS}` and the MetricRecord `{k.METRICS}`"
+    metrics = content.metric_records[k.METRICS]
+    if any(key not in metrics or isinstance(metrics[key], list) for key in needed):
+        return f"the reply's metrics {sorted(metrics)} need one number for each of {', '.join(needed)}"
+    if math.isnan(float(metrics[k.EPSILON])):
+        return "`epsilon` is NaN"
+    arrays = {key: a.numpy() for key, a in content.array_records[k.ARRAYS].items()}
+    return check_release(
+        arrays,
+        dim=dim,
+        num_classes=num_classes,
+        num_examples=float(metrics[k.NUM_EXAMPLES]),
+        noise_multiplier=float(metrics[k.NOISE_MULTIPLIER]),
+    )
+
+
+def run_closed_form(
+    grid: Grid,
+    node_ids: list[int],
+    config: ConfigRecord,
+    cfg: RunConfig,
+    *,
+    recorder: RunRecorder,
+    central: Callable[[ArrayRecord], dict[str, float]] | None,
+    feature_dim: int,
+    num_classes: int,
+    center: np.ndarray | None = None,
+) -> Result:
+    """Fit the closed-form head in one round, record that round (central scores, per-site epsilon), return it.
+
+    Stands in for `strategy.start` in `run_federation` when head-solver = "closed-form": no DP-SGD rounds, and
+    the result carries the solved head for the usual export.
+    """
+    arrays = fit_closed_form_head(
+        grid,
+        node_ids,
+        config,
+        cfg,
+        feature_dim=feature_dim,
+        num_classes=num_classes,
+        center=center,
+        recorder=recorder,
+        timeout=cfg.round_timeout,
+    )
+    record = ArrayRecord({name: Array(v) for name, v in arrays.items()})
+    scores = central(record) if central is not None else None
+    recorder.finish_round(1, scores)
+    released = MetricRecord({k.EPSILON: max(recorder.site_epsilon.values(), default=0.0)})
+    return Result(
+        arrays=record,
+        train_metrics_clientapp={1: released},
+        evaluate_metrics_serverapp={1: MetricRecord(scores)} if scores else {},
+    )
