@@ -311,6 +311,7 @@ def test_a_federation_sends_only_trainable_tensors_and_exports_a_usable_model(ad
     monkeypatch.setattr(report.RunRecorder, "screen_train", spy)
     cfg = RunConfig(
         backbone="tiny",
+        image_size=16,  # digits are 8x8: 16 px keeps every activation map small and the test fast
         num_rounds=2,
         local_epochs=1,
         out=str(tmp_path / "runs"),
@@ -356,7 +357,7 @@ def test_a_federation_sends_only_trainable_tensors_and_exports_a_usable_model(ad
         {n: model.arrays[k.BACKBONE_TENSOR_PREFIX + n] for n in model.changed_tensors},
     )
     head = model.build_head()
-    pre = resolve_preprocessing("tiny", 0)
+    pre = resolve_preprocessing("tiny", cfg.image_size)
     with torch.no_grad():
         probs = torch.softmax(
             head(torch.as_tensor(extract_features(rebuilt, test.images, pre, device="cpu", progress=False))), dim=1
