@@ -48,7 +48,7 @@ def sweep(tmp_path_factory):
         buffer = io.StringIO()
         with contextlib.redirect_stdout(buffer):
             code = main(["sweep", str(spec), "--out", str(out)])
-    return {"out": out, "code": code, "stdout": buffer.getvalue()}
+    return {"out": out, "code": code, "stdout": buffer.getvalue(), "home": home}
 
 
 def test_sweep_writes_every_table_plot_and_the_report(sweep):
@@ -83,7 +83,7 @@ def test_sweep_writes_every_table_plot_and_the_report(sweep):
 def test_features_are_extracted_once_per_site_partition(sweep):
     # Two seeds give two partitions of 3 sites, each with a train and a test split: 12 feature files,
     # however many runs (4 DP + 2 non-private) and baselines read them.
-    home_files = list(sweep["out"].parent.parent.glob("fedtl-home*/sim-sites/site-*/features/*"))
+    home_files = list(sweep["home"].glob("sim-sites/site-*/features/*"))
     assert len(home_files) == 12, home_files
 
 
