@@ -347,8 +347,9 @@ def _metric_lines(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _round_rows(tables: SweepTables, cell: dict, method: str, eps: float, summary: dict[str, Any]) -> None:
-    common = {
+def _run_columns(cell: dict, method: str, eps: float, summary: dict[str, Any]) -> dict[str, Any]:
+    """The columns that name a run in rounds.csv, site_rounds.csv and sites.csv."""
+    return {
         "run": summary["run-id"],
         "method": method,
         "backbone": cell["backbone"],
@@ -357,6 +358,10 @@ def _round_rows(tables: SweepTables, cell: dict, method: str, eps: float, summar
         "target_epsilon": eps,
         "seed": cell["seed"],
     }
+
+
+def _round_rows(tables: SweepTables, cell: dict, method: str, eps: float, summary: dict[str, Any]) -> None:
+    common = _run_columns(cell, method, eps, summary)
     for line in _metric_lines(summary):
         central = line.get("central", {})
         tables.rounds.append({**common, "round": line["round"], "accuracy": central.get(k.ACCURACY, "")})
@@ -382,13 +387,7 @@ def _site_rows(
         stderr = math.sqrt(max(fed * (1 - fed), 0.0) / n + max(alone * (1 - alone), 0.0) / n) if n else math.nan
         tables.sites.append(
             {
-                "run": summary["run-id"],
-                "method": method,
-                "backbone": cell["backbone"],
-                "sites": cell["sites"],
-                "partition": cell["partition"],
-                "target_epsilon": eps,
-                "seed": cell["seed"],
+                **_run_columns(cell, method, eps, summary),
                 "site": s.name,
                 "n_train": len(s.train_labels),
                 "n_test": n,
