@@ -97,6 +97,7 @@ class Loopback:
             "FLWR_HOME": str(self.flwr_home),
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "OMP_NUM_THREADS": "1",
+            "FLWR_LOG_LEVEL": "INFO",  # `fedtl` commands run earlier in the session set WARNING in os.environ
         }
         self.env.pop("FEDTL_SIMULATED_SITES", None)  # real sites only
 

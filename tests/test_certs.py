@@ -242,6 +242,7 @@ def test_real_superlink_tls_and_supernode_auth(tmp_path, certs):
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_LOG_LEVEL": "INFO",  # the checks read INFO lines; `fedtl` commands run earlier set WARNING here
     }
     log = tmp_path / "superlink.log"
     proc = _start(
