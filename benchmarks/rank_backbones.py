@@ -15,7 +15,7 @@ the table is a sanity check of the plumbing and of the direction, not a study (C
 2405.20420, evaluate such scorers properly). Feature extraction dominates the time on CPU: `--image-size` shrinks
 every candidate's input alike (0 = each one's native 224/240/260 px).
 
-Run: `.venv/bin/python benchmarks/rank_backbones.py [--data digits,/work/shared/data/breastmnist.npz]
+Run: `.venv/bin/python benchmarks/rank_backbones.py [--data digits,../shared/data/breastmnist.npz]
 [--image-size 64] [--rounds 10] [--sites 3] [--json out.json]`.
 """
 
@@ -47,7 +47,9 @@ from fedtl.simulations.baselines import load_lab_federation  # noqa: E402
 from fedtl.simulations.inprocess import run_inprocess  # noqa: E402
 from fedtl.simulations.ranking import rank_simulated  # noqa: E402
 
-DEFAULT_DATA = "digits,/work/shared/data/breastmnist.npz"
+# The MedMNIST files live in ../shared/data beside the checkout (never inside it).
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DEFAULT_DATA = f"digits,{SHARED_DATA / 'breastmnist.npz'}"
 DEFAULT_BACKBONES = "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2"
 LEEP = "leep"
 
