@@ -11,7 +11,8 @@ from safetensors import safe_open
 from fedtl.client.policy import SitePolicy, load_policy, policy_template
 from fedtl.client.site import load_policy_data, site_from_policy
 from fedtl.shared.backbones import backbone_state_dict, build_backbone, fingerprint_state_dict
-from fedtl.shared.errors import ConfigError
+from fedtl.shared.errors import ConfigError, DataError
+from fedtl.shared.loaders import check_site_source
 
 
 def init_policy(
@@ -26,12 +27,17 @@ def init_policy(
 ) -> Path:
     """Write a commented policy file allowing the named registry backbones (their fingerprints computed here).
 
+    The data is checked first, without decoding images (shared.loaders.check_site_source): a missing or
+    empty source, or labels that do not fit `label_names`, stop here and no file is written.
+
     Raises:
-        ConfigError: the file exists (and `overwrite` is False), or a backbone name is unknown.
+        ConfigError: the file exists (and `overwrite` is False), a backbone name or `label_names` is bad.
+        DataError: the data cannot be used (the message names it, what is wrong and the fix).
     """
     path = Path(path).expanduser().resolve()
     if path.exists() and not overwrite:
         raise ConfigError(f"{path} exists; refusing to overwrite a site policy (pass --force to replace it)")
+    check_policy_data(path, data, label_names)
     fingerprints = {name: fingerprint_state_dict(backbone_state_dict(build_backbone(name))) for name in backbones}
     text = policy_template(
         site_name=site_name, data=data, state_dir=state_dir, fingerprints=fingerprints, label_names=label_names
@@ -40,6 +46,24 @@ def init_policy(
     path.write_text(text, encoding="utf-8")
     load_policy(path)  # the template must always be a valid policy
     return path
+
+
+def check_policy_data(path: Path, data: str, label_names: list[str]) -> str:
+    """Check the data a policy at `path` would name, resolved as load_policy resolves it; return what was found."""
+    source = data
+    if data != "digits":  # as client.policy.load_policy: relative paths are relative to the policy's folder
+        given = Path(data).expanduser()
+        source = str(given if given.is_absolute() else path.parent / given)
+    try:
+        return check_site_source(source, label_names=label_names or None)
+    except DataError as exc:
+        moved = Path(data).expanduser()
+        if source != data and not Path(source).exists() and moved.exists():
+            raise DataError(
+                f"{exc} (the policy resolves the relative path {data!r} against its own folder {path.parent}, but it "
+                f"exists relative to the current folder; fix: pass --data {moved.resolve()})"
+            ) from exc
+        raise
 
 
 def ledger_report(policy: SitePolicy) -> str:

@@ -1,44 +1,45 @@
 """The site's Flower ClientApp: decode the message, call a plain function, encode the reply.
 
 Flower starts a fresh ClientApp process per message in deployment, so nothing here is cached in
-Python globals: backbones, features and the privacy history live in the site's folders on disk.
-Replies carry head tensors and scalar metrics, plus, once per run, the noised feature sum (charged).
+Python globals: backbones, inputs at the cut and the privacy ledger live in the site's folders on disk.
+Replies carry the trained tensors and scalar metrics, plus, once per run, the noised feature sum or the
+closed form's noised statistics (each charged first).
 
 Every request is first checked against the site's own policy; a request it does not allow, an
 exhausted budget or unusable local data is answered with a refusal record naming the reason
 (`refused`), which the server logs; the federation goes on with the other sites.
+
+Handlers by message: `train` and `evaluate` (the DP-SGD solver's rounds, sent by Flower's strategies),
+and `query` with an action (QUERY_HANDLERS): set-up, centring, ranking, and each head solver's own
+requests. A new head solver's site requests are a handler here and an entry in QUERY_HANDLERS.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
-from fedtl.client.closed_form_site import answer_stats_query
+from fedtl.client.centering import feature_sum_round
 from fedtl.client.policy import PolicyRefusal
-from fedtl.client.ranking import answer_rank_query
-from fedtl.client.rounds import evaluate_round, feature_sum_round, finetune_round, site_accountant, train_round
+from fedtl.client.ranking import score_site
 from fedtl.client.site import Site, resolve_site
+from fedtl.client.solvers.closed_form import sufficient_stats_round
+from fedtl.client.solvers.dp_sgd import evaluate_round, finetune_round, train_round
 from fedtl.shared import constants as k
-from fedtl.shared.errors import (
-    BackboneError,
-    DataError,
-    FingerprintMismatchError,
-    PrivacyBudgetError,
-    ReplyError,
-)
+from fedtl.shared.errors import BackboneError, DataError, FingerprintMismatchError, PrivacyBudgetError, ReplyError
 from fedtl.shared.protocol import RoundSettings, SimulationSettings, decode
 
 log = logging.getLogger(__name__)
 
 
 def client_dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:  # type: ignore[no-untyped-def]
-    """Clip the head update of a training reply as Flower's `fixedclipping_mod` does, when the server asks.
+    """Clip the update of a training reply as Flower's `fixedclipping_mod` does, when the server asks.
 
     Flower's client-side DP wrapper (client-dp = "client") sends the clipping norm in the round config;
     other messages, and training under client-dp = "off" or "server", pass through untouched, and so
@@ -92,6 +93,15 @@ def _site_record(site: Site, settings: RoundSettings) -> ConfigRecord:
     return ConfigRecord({k.SITE_NAME: site.name, k.BACKBONE_FINGERPRINT: settings.backbone_fingerprint})
 
 
+def _require_evaluation_release(site: Site, what: str) -> None:
+    """Refuse a reply of noise-free evaluation scores unless the site's policy releases them."""
+    if site.policy is not None and not site.policy.release_evaluation_metrics:
+        raise PolicyRefusal(
+            f"site {site.name} keeps its evaluation metrics local (policy release-evaluation-metrics = false), "
+            f"so it does not release {what}: they are not covered by its epsilon"
+        )
+
+
 # What a site refuses with a reason the server should log by name: its policy, its budget, its data,
 # or backbone weights that fail verification. Anything else is a bug and surfaces as a Flower error.
 SITE_REFUSALS = (PolicyRefusal, PrivacyBudgetError, DataError, FingerprintMismatchError, BackboneError)
@@ -113,14 +123,20 @@ def _refusable(handler):  # type: ignore[no-untyped-def]
     return wrapper
 
 
+def _settings(msg: Message, site: Site, action: str) -> RoundSettings:
+    """Decode the run's settings and check them against the site's policy before anything is stored or computed."""
+    settings = decode(RoundSettings, _config(msg))
+    if site.policy is not None:
+        site.policy.check_settings(settings, action=action)
+    return settings
+
+
 @app.train()
 @_refusable
 def train(msg: Message, site: Site) -> RecordDict:
-    """Train the head on the site's cached features under DP-SGD; reply with head tensors only."""
+    """Train the model above the cut under DP-SGD; reply with its trained tensors only."""
     config = _config(msg)
-    settings = decode(RoundSettings, config)
-    if site.policy is not None:
-        site.policy.check_settings(settings, action=f"round {config[k.SERVER_ROUND]}")
+    settings = _settings(msg, site, f"round {config[k.SERVER_ROUND]}")
     report = train_round(
         site,
         settings,
@@ -136,7 +152,7 @@ def train(msg: Message, site: Site) -> RecordDict:
             k.DELTA: report.delta,
             k.ROUND_EPSILON_STEPS: res.steps,
             k.SAMPLE_RATE: res.sample_rate,
-            k.NOISE_MULTIPLIER: res.noise_multiplier if res.noise_multiplier is not None else 0.0,
+            k.NOISE_MULTIPLIER: res.noise_multiplier,
         }
     )
     if settings.non_private:
@@ -149,20 +165,14 @@ def train(msg: Message, site: Site) -> RecordDict:
 @app.evaluate()
 @_refusable
 def evaluate(msg: Message, site: Site) -> RecordDict:
-    """Evaluate the global head on the site's local test split.
+    """Evaluate the global model on the site's local test split.
 
     PRIVACY SHORTCUT: these metrics are computed on the site's private test examples without noise
     and are NOT covered by its epsilon; the server warns at run time, and `federated-evaluation =
     false` turns them off.
     """
-    settings = decode(RoundSettings, _config(msg))
-    if site.policy is not None:
-        site.policy.check_settings(settings, action="evaluation")
-        if not site.policy.release_evaluation_metrics:
-            raise PolicyRefusal(
-                f"site {site.name} keeps its evaluation metrics local (policy release-evaluation-metrics = false): "
-                "they are not covered by its epsilon"
-            )
+    settings = _settings(msg, site, "evaluation")
+    _require_evaluation_release(site, "evaluation metrics")
     scores, num_examples = evaluate_round(site, settings, _global_arrays(msg))
     metrics = MetricRecord({k.NUM_EXAMPLES: num_examples, **scores})
     return RecordDict({k.METRICS: metrics, k.SITE: _site_record(site, settings)})
@@ -171,24 +181,12 @@ def evaluate(msg: Message, site: Site) -> RecordDict:
 @app.query()
 @_refusable
 def query(msg: Message, site: Site) -> RecordDict:
-    """Answer the server's set-up questions (is the backbone cached, install it, release the feature sum)
-    and, after the last round, its request to finetune the final head locally."""
-    config = _config(msg)
-    action = str(config.get(k.ACTION, ""))
-    handlers = {
-        k.ACTION_HAS_BACKBONE: _has_backbone,
-        k.ACTION_INSTALL_BACKBONE: _install_backbone,
-        k.ACTION_FEATURE_SUM: _feature_sum,
-        k.ACTION_FINETUNE: _finetune,
-        k.ACTION_RANK: answer_rank_query,  # non-DP scalars, refused unless release-evaluation-metrics
-        k.ACTION_SUFFICIENT_STATS: answer_stats_query,  # closed-form head: one noised release, charged
-    }
-    if action not in handlers:
-        raise ReplyError(f"unknown query action {action!r}; expected one of {', '.join(handlers)}")
-    settings = decode(RoundSettings, config)
-    if site.policy is not None:  # checked before anything is stored or computed
-        site.policy.check_settings(settings, action=f"the {action} request of run {settings.run_id}")
-    return handlers[action](msg, config, site)
+    """Answer the server's requests by action (QUERY_HANDLERS), after checking the run against the policy."""
+    action = str(_config(msg).get(k.ACTION, ""))
+    if action not in QUERY_HANDLERS:
+        raise ReplyError(f"unknown query action {action!r}; expected one of {', '.join(QUERY_HANDLERS)}")
+    settings = _settings(msg, site, f"the {action} request")
+    return QUERY_HANDLERS[action](msg, settings, site)
 
 
 def _backbone_reply(site: Site, fingerprint: str, received: int = 0) -> RecordDict:
@@ -204,13 +202,14 @@ def _backbone_reply(site: Site, fingerprint: str, received: int = 0) -> RecordDi
     return RecordDict({k.SITE: record})
 
 
-def _has_backbone(msg: Message, config: ConfigRecord, site: Site) -> RecordDict:
-    return _backbone_reply(site, str(config[k.BACKBONE_FINGERPRINT]))
+def _has_backbone(msg: Message, settings: RoundSettings, site: Site) -> RecordDict:
+    """Say whether the run's backbone is in the site's cache (and whether the site releases evaluation metrics)."""
+    return _backbone_reply(site, settings.backbone_fingerprint)
 
 
-def _install_backbone(msg: Message, config: ConfigRecord, site: Site) -> RecordDict:
+def _install_backbone(msg: Message, settings: RoundSettings, site: Site) -> RecordDict:
     """Verify the received weights against the announced fingerprint, then store them."""
-    name, fingerprint = str(config[k.BACKBONE_NAME]), str(config[k.BACKBONE_FINGERPRINT])
+    name, fingerprint = settings.backbone_name, settings.backbone_fingerprint
     if k.BACKBONE_ARRAYS not in msg.content.array_records:
         raise ReplyError(f"install-backbone message carries no `{k.BACKBONE_ARRAYS}` ArrayRecord")
     record = msg.content.array_records[k.BACKBONE_ARRAYS]
@@ -220,33 +219,41 @@ def _install_backbone(msg: Message, config: ConfigRecord, site: Site) -> RecordD
     return _backbone_reply(site, fingerprint, received)
 
 
-def _feature_sum(msg: Message, config: ConfigRecord, site: Site) -> RecordDict:
+def _feature_sum(msg: Message, settings: RoundSettings, site: Site) -> RecordDict:
     """Release the noised sum of the site's normalised features (charged to its budget first)."""
-    settings = decode(RoundSettings, config)
-    total, count = feature_sum_round(site, settings, noise_multiplier=float(config[k.CENTERING_NOISE_MULTIPLIER]))
-    epsilon = site.ledger.epsilon(delta=settings.target_delta, accountant=site_accountant(site, settings))
+    sigma = _config(msg).get(k.CENTERING_NOISE_MULTIPLIER)
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
+        raise ReplyError(f"the {k.ACTION_FEATURE_SUM} query needs a number `{k.CENTERING_NOISE_MULTIPLIER}`")
+    total, count, release = feature_sum_round(site, settings, noise_multiplier=float(sigma))
     return RecordDict(
         {
             k.ARRAYS: numpy_to_arrays({k.FEATURE_SUM: total}),
-            k.METRICS: MetricRecord({k.NUM_EXAMPLES: count, k.EPSILON: epsilon}),
+            k.METRICS: MetricRecord({k.NUM_EXAMPLES: count, k.EPSILON: release.epsilon}),
             k.SITE: _site_record(site, settings),
         }
     )
 
 
-def _finetune(msg: Message, config: ConfigRecord, site: Site) -> RecordDict:
+def _rank(msg: Message, settings: RoundSettings, site: Site) -> RecordDict:
+    """Reply with transferability scores (scalars) of the announced backbone on the site's features.
+
+    PRIVACY SHORTCUT: exact scores and the example count leave the site without DP (client/ranking.py);
+    refused unless the policy releases evaluation metrics, and logged as a warning each time.
+    """
+    _require_evaluation_release(site, "transferability scores")
+    result = score_site(site, settings)  # logs the shortcut, as a warning, each time
+    metrics = MetricRecord({k.NUM_EXAMPLES: result.num_examples, **result.scores})
+    return RecordDict({k.METRICS: metrics, k.SITE: _site_record(site, settings)})
+
+
+def _finetune(msg: Message, settings: RoundSettings, site: Site) -> RecordDict:
     """Finetune the final head locally (charged) and report both heads' test scores; the finetuned head stays here.
 
     PRIVACY SHORTCUT: like federated evaluation, the scores come from the site's private test examples
     without noise and are not covered by its epsilon; a site whose policy keeps evaluation metrics local
     refuses the request.
     """
-    settings = decode(RoundSettings, config)
-    if site.policy is not None and not site.policy.release_evaluation_metrics:
-        raise PolicyRefusal(
-            f"site {site.name} keeps its evaluation metrics local (policy release-evaluation-metrics = false), "
-            "so it does not report finetuned scores"
-        )
+    _require_evaluation_release(site, "finetuned scores")
     report = finetune_round(site, settings, _global_arrays(msg))
     metrics = MetricRecord(
         {
@@ -258,3 +265,41 @@ def _finetune(msg: Message, config: ConfigRecord, site: Site) -> RecordDict:
         }
     )
     return RecordDict({k.METRICS: metrics, k.SITE: _site_record(site, settings)})
+
+
+def _sufficient_stats(msg: Message, settings: RoundSettings, site: Site) -> RecordDict:
+    """Reply with the closed form's noised statistics (float64) and the release's privacy metrics.
+
+    The message may carry the federation's feature centre as the ArrayRecord `arrays` (tensor `center`).
+    """
+    center = None
+    record = msg.content.array_records.get(k.ARRAYS)
+    if record is not None and "center" in record:
+        center = record["center"].numpy().astype(np.float32)
+    release = sufficient_stats_round(site, settings, center=center)
+    metrics = MetricRecord(
+        {
+            k.NUM_EXAMPLES: release.num_examples,
+            k.EPSILON: release.epsilon,
+            k.DELTA: release.delta,
+            k.NOISE_MULTIPLIER: release.noise_multiplier,
+        }
+    )
+    return RecordDict(
+        {
+            k.ARRAYS: numpy_to_arrays(release.stats.arrays()),
+            k.METRICS: metrics,
+            k.SITE: _site_record(site, settings),
+        }
+    )
+
+
+QueryHandler = Callable[[Message, RoundSettings, Site], RecordDict]
+QUERY_HANDLERS: dict[str, QueryHandler] = {
+    k.ACTION_HAS_BACKBONE: _has_backbone,  # set-up
+    k.ACTION_INSTALL_BACKBONE: _install_backbone,
+    k.ACTION_FEATURE_SUM: _feature_sum,  # centring: one noised release, charged
+    k.ACTION_RANK: _rank,  # non-DP scalars, refused unless release-evaluation-metrics
+    k.ACTION_FINETUNE: _finetune,  # DP-SGD solver, after the last round (personalization = "finetune")
+    k.ACTION_SUFFICIENT_STATS: _sufficient_stats,  # closed-form solver: one noised release, charged
+}

@@ -30,17 +30,16 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from fedtl.shared.errors import DataError, PrivacyBudgetError
+from fedtl.shared.mechanisms import DP_SGD, MECHANISMS
 from fedtl.shared.privacy import PrivacyStep, compute_epsilon
 
 log = logging.getLogger(__name__)
 
-DP_SGD = "dp-sgd"
-FEATURE_SUM = "feature-sum"
 TORN = "torn"  # a pessimistic stand-in for a record cut short by a crash
-KINDS = (DP_SGD, FEATURE_SUM, TORN)
+KINDS = (*MECHANISMS, TORN)  # every mechanism's kind (shared/mechanisms.py), and torn records
 LEGACY_NAME = "history.jsonl"  # fedtl 0.1's name for the same records (without checksums)
 
 # Accounting fields first: a record cut short still carries them when they were written whole.
@@ -59,7 +58,7 @@ class PrivacyCharge:
     steps: int
     delta: float
     time: float
-    kind: str = DP_SGD  # DP_SGD rounds, FEATURE_SUM (one Gaussian release), or TORN
+    kind: str = "dp-sgd"  # a mechanism's kind (shared/mechanisms.py), or TORN
     note: str = ""  # for TORN records: the bytes that were cut short
 
     @property
@@ -125,17 +124,6 @@ class PrivacyLedger:
         """Return the site's cumulative epsilon over its whole history at `delta`."""
         return compute_epsilon(self.history(), delta=delta, accountant=accountant)
 
-    def run_noise_multiplier(self, run_id: str) -> float | None:
-        """Return the DP-SGD noise multiplier already fixed for `run_id`, if any round of it was charged."""
-        for c in self.charges():
-            if c.run_id == run_id and c.kind == DP_SGD:
-                return c.noise_multiplier
-        return None
-
-    def history_outside_training(self, run_id: str) -> list[PrivacyStep]:
-        """Return every charge except this run's DP-SGD rounds: what the run's training noise must leave room for."""
-        return [c.step for c in self.charges() if not (c.run_id == run_id and c.kind == DP_SGD)]
-
     def spend_by_run(self, *, delta: float, accountant: str = "rdp") -> list[RunSpend]:
         """Return each run's spend, in the order runs first appear in the ledger."""
         charges = self.charges()
@@ -150,7 +138,7 @@ class PrivacyLedger:
             out.append(
                 RunSpend(
                     run_id=run_id,
-                    rounds=len({c.server_round for c in mine if c.kind == DP_SGD}),
+                    rounds=len({c.server_round for c in mine if c.kind == DP_SGD.kind}),
                     steps=sum(c.steps for c in mine),
                     epsilon_alone=compute_epsilon([c.step for c in mine], delta=delta, accountant=accountant),
                     epsilon_after=compute_epsilon(
@@ -163,63 +151,23 @@ class PrivacyLedger:
 
     # --- writing ---------------------------------------------------------------------------------
 
-    def charge(
-        self,
-        charge: PrivacyCharge,
-        *,
-        max_epsilon: float = math.inf,
-        delta: float | None = None,
-        accountant: str = "rdp",
-        what: str = "this release",
-        budget_name: str = "its budget",
-    ) -> float:
-        """Append `charge` durably, before the release it pays for, unless it takes epsilon past `max_epsilon`.
+    @contextmanager
+    def transaction(self) -> Iterator[LedgerBook]:
+        """Hold the ledger exclusively: read and verify it once, plan against it, append to it.
 
-        The budget check and the append happen under one exclusive lock, so concurrent processes of a
-        site cannot both spend the same remaining budget.
-
-        Args:
-            charge: the release to pay for.
-            max_epsilon: the most the site's cumulative epsilon may reach at `delta` (inf: no check).
-            delta: the delta of that check (default: the charge's own).
-            accountant: "rdp" or "prv".
-            what: names the release in the refusal message.
-            budget_name: names `max_epsilon` there (e.g. "the run's target-epsilon").
-
-        Returns:
-            The site's cumulative epsilon at `delta` including this charge (nan when `max_epsilon` is inf:
-            no budget to check, so nothing is computed).
-
-        Raises:
-            PrivacyBudgetError: the charge would exceed `max_epsilon` (nothing is written).
+        Everything a release decides from the ledger (its noise, the rounds a run already did, the budget
+        check) happens inside one transaction, so two processes of a site cannot both spend the same
+        remaining budget and the file is read once per release.
         """
-        delta = charge.delta if delta is None else delta
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._locked(fcntl.LOCK_EX):
             charges, torn = self._read()
-            if torn is not None:
-                self._repair(torn)
-                charges.append(torn[0])
-            elif charges and not self._ends_with_newline():
-                self._append("\n")  # a crash lost only the last newline: the record itself is whole
-            if math.isnan(max_epsilon):
-                raise PrivacyBudgetError(f"refusing {what}: the budget to check it against is NaN")
-            if not math.isfinite(max_epsilon):  # nothing to check: keep the append cheap
-                self._append(charge.to_line())
-                return math.nan
-            history = [c.step for c in charges]
-            projected = compute_epsilon(history + [charge.step], delta=delta, accountant=accountant)
-            # Noise planned to meet a budget exactly lands on it up to float rounding of the RDP sums.
-            if projected > max_epsilon * (1 + 1e-6):
-                spent = compute_epsilon(history, delta=delta, accountant=accountant)
-                raise PrivacyBudgetError(
-                    f"refusing {what}: the site's cumulative epsilon would reach {projected:.3f} > {budget_name} "
-                    f"{max_epsilon:g} (delta {delta:g}); spent so far {spent:.3f}, "
-                    f"left {max(max_epsilon - spent, 0):.3f} "
-                    f"(ledger {self.path}). Ask for fewer rounds or more noise"
-                )
-            self._append(charge.to_line())
-        return projected
+            yield LedgerBook(self, charges, torn)
+
+    def charge(self, charge: PrivacyCharge, **budget: Any) -> float:
+        """Append `charge` in its own transaction (see `LedgerBook.append` for the budget arguments)."""
+        with self.transaction() as book:
+            return book.append(charge, **budget)
 
     def _append(self, line: str) -> None:
         new = not self.path.exists()
@@ -321,6 +269,70 @@ class PrivacyLedger:
         )
 
 
+class LedgerBook:
+    """The ledger's records as read inside a transaction, and the one way to append to it (budget checked)."""
+
+    def __init__(self, ledger: PrivacyLedger, charges: list[PrivacyCharge], torn: tuple[PrivacyCharge, int] | None):
+        self._ledger = ledger
+        self._torn = torn
+        self.charges = charges + ([torn[0]] if torn else [])  # a torn last record counts, pessimistically
+
+    def append(
+        self,
+        charge: PrivacyCharge,
+        *,
+        max_epsilon: float = math.inf,
+        delta: float | None = None,
+        accountant: str = "rdp",
+        what: str = "this release",
+        budget_name: str = "its budget",
+    ) -> float:
+        """Append `charge` durably, before the release it pays for, unless it takes epsilon past `max_epsilon`.
+
+        Args:
+            charge: the release to pay for.
+            max_epsilon: the most the site's cumulative epsilon may reach at `delta` (inf: no check).
+            delta: the delta of that check (default: the charge's own).
+            accountant: "rdp" or "prv".
+            what: names the release in the refusal message.
+            budget_name: names `max_epsilon` there (e.g. "the run's target-epsilon").
+
+        Returns:
+            The site's cumulative epsilon at `delta` including this charge (nan when `max_epsilon` is inf:
+            no budget to check, so nothing is computed).
+
+        Raises:
+            PrivacyBudgetError: the charge would exceed `max_epsilon` (nothing is written).
+        """
+        ledger = self._ledger
+        delta = charge.delta if delta is None else delta
+        if self._torn is not None:
+            ledger._repair(self._torn)
+            self._torn = None
+        elif len(self.charges) and not ledger._ends_with_newline():
+            ledger._append("\n")  # a crash lost only the last newline: the record itself is whole
+        if math.isnan(max_epsilon):
+            raise PrivacyBudgetError(f"refusing {what}: the budget to check it against is NaN")
+        if not math.isfinite(max_epsilon):  # nothing to check: keep the append cheap
+            ledger._append(charge.to_line())
+            self.charges.append(charge)
+            return math.nan
+        history = [c.step for c in self.charges]
+        projected = compute_epsilon(history + [charge.step], delta=delta, accountant=accountant)
+        # Noise planned to meet a budget exactly lands on it up to float rounding of the RDP sums.
+        if projected > max_epsilon * (1 + 1e-6):
+            spent = compute_epsilon(history, delta=delta, accountant=accountant)
+            raise PrivacyBudgetError(
+                f"refusing {what}: the site's cumulative epsilon would reach {projected:.3f} > {budget_name} "
+                f"{max_epsilon:g} (delta {delta:g}); spent so far {spent:.3f}, "
+                f"left {max(max_epsilon - spent, 0):.3f} "
+                f"(ledger {ledger.path}). Ask for fewer rounds or more noise"
+            )
+        ledger._append(charge.to_line())
+        self.charges.append(charge)
+        return projected
+
+
 def _parse(raw: bytes) -> PrivacyCharge:
     """Return the charge of one ledger line; raise ValueError on bad JSON, fields or checksum."""
     record = json.loads(raw)
@@ -347,7 +359,7 @@ def new_charge(
     sample_rate: float,
     steps: int,
     delta: float,
-    kind: str = DP_SGD,
+    kind: str = "dp-sgd",
 ) -> PrivacyCharge:
     """Return a charge stamped with the current time."""
     return PrivacyCharge(

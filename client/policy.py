@@ -115,7 +115,11 @@ class SitePolicy:
             )
         if settings.noise_multiplier == 0 and not settings.non_private and not self.allow_non_private:
             problems.append("the run fixes noise-multiplier 0 (no noise) and the policy sets allow-non-private = false")
-        elif 0 <= settings.noise_multiplier < self.min_noise_multiplier and not settings.non_private:
+        elif (
+            settings.noise_multiplier is not None
+            and settings.noise_multiplier < self.min_noise_multiplier
+            and not settings.non_private
+        ):
             problems.append(
                 f"the run fixes noise-multiplier {settings.noise_multiplier:g} < the policy's min-noise-multiplier "
                 f"{self.min_noise_multiplier:g}"

@@ -12,14 +12,14 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedtl.client.policy import PolicyRefusal
-from fedtl.client.site import Site, load_site_features
+from fedtl.client.inputs import load_site_inputs
+from fedtl.client.site import Site
+from fedtl.client.transferability import hscore, logme_score
 from fedtl.shared import constants as k
+from fedtl.shared.cut import Cut
 from fedtl.shared.heads import normalize_features
-from fedtl.shared.protocol import RoundSettings, decode
-from fedtl.shared.transferability import hscore, logme_score
+from fedtl.shared.protocol import RoundSettings
 
 log = logging.getLogger(__name__)
 
@@ -42,38 +42,17 @@ def score_site(site: Site, settings: RoundSettings) -> SiteScores:
         BackboneError: the backbone is not in the site's cache (the server installs it first).
         DataError: the site's data is unusable (labels differ from the federation's, too few examples).
     """
-    feats = load_site_features(site, settings)
-    z = normalize_features(feats.train_features).astype(np.float64)  # (N, D), rows of norm 1
-    labels = feats.train_labels
+    inputs = load_site_inputs(site, settings, cut=Cut.of(settings).at_end_cut())
+    z = normalize_features(inputs.train_x).astype(np.float64)  # (N, D), rows of norm 1
+    labels = inputs.train_y
     scores = {k.LOGME: logme_score(z, labels), k.H_SCORE: hscore(z, labels)}
-    return SiteScores(num_examples=len(labels), scores=scores)
-
-
-def answer_rank_query(msg: Message, config: ConfigRecord, site: Site) -> RecordDict:
-    """Reply to a `rank` query with scalars only: each estimator's score and the number of examples behind it.
-
-    The ClientApp's `query` has already checked the settings against the site's policy (backbone allowed,
-    budget, classes).
-
-    Raises:
-        PolicyRefusal: the site's policy keeps evaluation metrics (and so these scores) local.
-    """
-    settings = decode(RoundSettings, config)
-    if site.policy is not None and not site.policy.release_evaluation_metrics:
-        raise PolicyRefusal(
-            f"site {site.name} keeps its evaluation metrics local (policy release-evaluation-metrics = false), so it "
-            "does not release transferability scores: they are not covered by its epsilon"
-        )
-    result = score_site(site, settings)
     # PRIVACY SHORTCUT (flagged here and in the log): exact scores and the example count leave the site, no DP.
     log.warning(
         "site %s releases transferability scores of backbone %s (%s) on %d examples WITHOUT differential privacy: "
         "exact functions of its private features and labels, not covered by its epsilon",
         site.name,
         settings.backbone_name,
-        ", ".join(f"{name} {value:.4g}" for name, value in result.scores.items()),
-        result.num_examples,
+        ", ".join(f"{name} {value:.4g}" for name, value in scores.items()),
+        len(labels),
     )
-    metrics = MetricRecord({k.NUM_EXAMPLES: result.num_examples, **result.scores})
-    record = ConfigRecord({k.SITE_NAME: site.name, k.BACKBONE_FINGERPRINT: settings.backbone_fingerprint})
-    return RecordDict({k.METRICS: metrics, k.SITE: record})
+    return SiteScores(num_examples=len(labels), scores=scores)

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
@@ -20,13 +17,13 @@ from fedtl.client.canaries import CANARY_SITE, add_canaries, refuse_canaries, re
 from fedtl.client.ledger import PrivacyLedger
 from fedtl.client.policy import SitePolicy, load_policy
 from fedtl.shared import constants as k
-from fedtl.shared.backbones import build_backbone, fingerprint_state_dict, resolve_preprocessing
+from fedtl.shared.backbones import build_backbone, fingerprint_state_dict
 from fedtl.shared.data import ImageDataset, load_dataset, site_split
 from fedtl.shared.errors import BackboneError, ConfigError, DataError, FingerprintMismatchError
-from fedtl.shared.features import FeatureCache, cached_features, feature_cache_key
+from fedtl.shared.features import FeatureCache
 from fedtl.shared.files import atomic_write_bytes
-from fedtl.shared.loaders import SiteData, load_site_dataset, source_stamp
-from fedtl.shared.protocol import RoundSettings, SimulationSettings
+from fedtl.shared.loaders import SiteData, load_site_dataset
+from fedtl.shared.protocol import SimulationSettings
 
 log = logging.getLogger(__name__)
 
@@ -176,18 +173,6 @@ class BackboneStore:
         return sorted(p.stem for p in self.root.glob("*.safetensors"))
 
 
-@dataclass(frozen=True)
-class SiteFeatures:
-    """A site's cached features: training split and local test split."""
-
-    train_features: np.ndarray  # (N_train, D)
-    train_labels: np.ndarray  # (N_train,)
-    test_features: np.ndarray  # (N_test, D)
-    test_labels: np.ndarray  # (N_test,)
-    label_names: tuple[str, ...]
-    cache_hits: int
-
-
 def load_site_data(site: Site, label_names: tuple[str, ...]) -> tuple[ImageDataset, ImageDataset]:
     """Return the site's (train, local test) data, validated against the federation's `label_names`.
 
@@ -199,7 +184,7 @@ def load_site_data(site: Site, label_names: tuple[str, ...]) -> tuple[ImageDatas
     """
     if site.simulation is not None:
         sim = site.simulation
-        splits = _shared_dataset(sim.data, sim.seed, sim.test_fraction, _file_stamp(sim.data))
+        splits = _shared_dataset(sim.data, sim.seed, sim.test_fraction, tuple(label_names), _file_stamp(sim.data))
         permuted = {int(p) for p in sim.permuted_label_sites.split(",") if p.strip()}
         train, test = site_split(
             splits.train,
@@ -214,7 +199,8 @@ def load_site_data(site: Site, label_names: tuple[str, ...]) -> tuple[ImageDatas
             train = add_canaries(train, splits.test, count=site.audit_canaries, seed=sim.seed)
         return train, test
     policy = site.policy
-    assert policy is not None  # a real site always has one (resolve_site)
+    if policy is None:
+        raise ConfigError(f"site {site.name} has neither a policy nor simulation settings; see `resolve_site`")
     refuse_canaries(site.name, site.audit_canaries)
     splits = load_policy_data(policy, label_names).splits
     if splits.test is None or len(splits.test) == 0:
@@ -223,13 +209,15 @@ def load_site_data(site: Site, label_names: tuple[str, ...]) -> tuple[ImageDatas
 
 
 @functools.lru_cache(maxsize=2)
-def _shared_dataset(data: str, seed: int, test_fraction: float, stamp: tuple[int, int] | None):
+def _shared_dataset(
+    data: str, seed: int, test_fraction: float, label_names: tuple[str, ...], stamp: tuple[int, int] | None
+):
     """Return the lab's shared dataset, decoded once per process (simulated sites all slice the same one).
 
     Simulation only: a thousand simulated sites would otherwise decode the same file a thousand times a
     round. `stamp` (the file's size and mtime) is part of the key, so an edited file is read again.
     """
-    return load_dataset(data, seed=seed, test_fraction=test_fraction)
+    return load_dataset(data, seed=seed, test_fraction=test_fraction, label_names=label_names or None)
 
 
 def _file_stamp(data: str) -> tuple[int, int] | None:
@@ -249,87 +237,3 @@ def load_policy_data(policy: SitePolicy, label_names: tuple[str, ...] | None = N
         seed=0,
         test_fraction=policy.test_fraction,
     )
-
-
-def load_site_features(site: Site, settings: RoundSettings, *, progress: bool | None = None) -> SiteFeatures:
-    """Return the site's features, extracting them once per (backbone, data, preprocessing).
-
-    Raises:
-        BackboneError: the announced backbone is not in the site cache (the server must send it first).
-        DataError: the site's label names differ from the federation's (names or order).
-        PolicyRefusal: a real site was asked for audit canaries.
-    """
-    expected = json.loads(settings.label_names)
-    if site.policy is not None:  # before the data index below can answer from cache
-        refuse_canaries(site.name, site.audit_canaries)
-    if not site.backbones.has(settings.backbone_fingerprint):
-        raise BackboneError(
-            f"backbone `{settings.backbone_name}` {settings.backbone_fingerprint[:12]} is not in site {site.name}'s "
-            f"cache {site.backbones.root}; the server sends it before round 1"
-        )
-    pre = resolve_preprocessing(settings.backbone_name, settings.image_size)
-    index = _data_index(site, expected)
-    if index is not None and index.is_file():  # the data was decoded and validated before, unchanged since
-        recorded = json.loads(index.read_text())
-        found = [
-            site.feature_cache.load(feature_cache_key(settings.backbone_fingerprint, recorded[split], pre))
-            for split in ("train", "test")
-        ]
-        if all(f is not None for f in found):
-            (train_x, train_y), (test_x, test_y) = found  # type: ignore[misc]
-            log.info("site %s: features of unchanged data from cache (data not decoded)", site.name)
-            return SiteFeatures(train_x, train_y, test_x, test_y, tuple(expected), 2)
-    train, test = load_site_data(site, tuple(expected))
-    if list(train.label_names) != expected:
-        raise DataError(
-            f"site {site.name} data {site.data} has {len(train.label_names)} classes {list(train.label_names)}, "
-            f"but the federation trains a {settings.num_classes}-class head on {expected}; every site needs the "
-            "same label names in the same order (rename the class folders or set label_names in the .npz)"
-        )
-    if progress is None:  # a real site's log shows extraction progress; simulated sites stay quiet
-        progress = site.simulation is None
-    # Built at most once, and only on a cache miss.
-    load = functools.cache(lambda: site.backbones.load(settings.backbone_name, settings.backbone_fingerprint))
-    hits = 0
-    out = []
-    fingerprints = {}
-    for name, split in (("train", train), ("test", test)):
-        fingerprints[name] = split.fingerprint()
-        feats, labels, hit = cached_features(
-            site.feature_cache,
-            load_backbone=load,
-            backbone_fingerprint=settings.backbone_fingerprint,
-            images=split.images,
-            labels=split.labels,
-            data_fingerprint=fingerprints[name],
-            preprocessing=pre,
-            batch_size=settings.feature_batch_size,
-            device=settings.device,
-            progress=progress,
-        )
-        hits += int(hit)
-        out.append((feats, labels))
-    if index is not None:
-        atomic_write_bytes(index, json.dumps(fingerprints).encode())
-    log.info(
-        "site %s: features for %d train / %d test examples (%d of 2 from cache)", site.name, len(train), len(test), hits
-    )
-    return SiteFeatures(out[0][0], out[0][1], out[1][0], out[1][1], tuple(train.label_names), hits)
-
-
-def _data_index(site: Site, label_names: list[str]) -> Path | None:
-    """Return where a real site records the fingerprints of its decoded, validated data (None: not indexed).
-
-    Keyed by the files' names, sizes and modification times plus the loading settings, so unchanged data
-    is not decoded again at every message; any change means one full load and validation.
-    """
-    policy = site.policy
-    if policy is None:
-        return None
-    stamp = source_stamp(policy.data)
-    if stamp is None:
-        return None
-    settings = json.dumps(
-        [stamp, list(policy.label_names or label_names), policy.bad_files, policy.test_fraction], sort_keys=True
-    )
-    return site.cache_dir / "data-index" / f"{hashlib.sha256(settings.encode()).hexdigest()}.json"

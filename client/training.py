@@ -1,4 +1,10 @@
-"""The site's training loop: DP-SGD (Opacus) on cached backbone features. No Flower here."""
+"""The site's one training loop: DP-SGD (Opacus) on the inputs at the cut, for any model above it. No Flower here.
+
+The model above the cut (a head, or [trainable blocks + head]) says how it trains: its parameter groups
+and learning rates, and whether it is clipped flat or per tensor (`Head` and `AdaptedHead` in shared/).
+Everything else, Poisson sampling, clipping, noise, FedProx and the step count the ledger was charged
+for, is this one loop.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ from opacus import GradSampleModule, PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedtl.shared.heads import head_arrays, predict_proba
+from fedtl.shared.heads import predict_proba
 from fedtl.shared.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
@@ -29,7 +35,7 @@ class TrainResult:
     train_loss: float
     steps: int
     sample_rate: float
-    noise_multiplier: float | None  # None: the non-private baseline
+    noise_multiplier: float  # 0.0: no noise (the non-private baseline, or a run that fixed noise 0)
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> tuple[float, int]:
@@ -43,155 +49,161 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> tuple[float, int]:
     return sample_rate, int(1 / sample_rate)
 
 
-def train_head(
-    head: nn.Module,
-    features: np.ndarray,
+def train_model(
+    model: nn.Module,
+    inputs: np.ndarray,
     labels: np.ndarray,
     *,
     epochs: int,
     batch_size: int,
     learning_rate: float,
-    max_grad_norm: float,
-    noise_multiplier: float | None,
+    max_grad_norm: float | None,
+    noise_multiplier: float,
     seed: int | None,
     global_arrays: dict[str, np.ndarray] | None = None,
     proximal_mu: float = 0.0,
 ) -> TrainResult:
-    """Train `head` in place on (features, labels) and return its new tensors.
+    """Train the model above the cut in place on its inputs and return its new tensors.
 
-    With a noise multiplier this is DP-SGD (Abadi et al. 2016, "Deep Learning with Differential
-    Privacy"): Poisson-sampled batches (expected size ~batch_size), per-sample clipping to `max_grad_norm`,
-    Gaussian noise of std noise_multiplier * max_grad_norm. With `noise_multiplier=None` it is plain
-    SGD (the labelled non-private baseline).
+    With a clipping norm this is DP-SGD (Abadi et al. 2016, "Deep Learning with Differential Privacy"):
+    Poisson-sampled batches (expected size ~batch_size), per-sample clipping to `max_grad_norm` (flat, or
+    per tensor with bounds whose L2 norm is `max_grad_norm`, as the model says), Gaussian noise of std
+    noise_multiplier * max_grad_norm on every coordinate. `max_grad_norm=None` is plain SGD without
+    clipping or noise: the labelled non-private baseline.
 
     Args:
-        head: the module to train; its current weights are the starting point.
-        features: float32 (N, D) cached backbone features of the site's training split.
+        model: a `Head` or `AdaptedHead` (shared/); its current weights are the starting point.
+        inputs: float32 inputs at the cut of the site's training split: (N, D) features or (N, C, H, W).
         labels: int (N,) classes.
         epochs: passes over the data; each is int(1/sample_rate) Poisson-sampled steps.
         batch_size: expected batch size (Poisson sampling gives variable batches).
-        learning_rate: SGD step size.
-        max_grad_norm: per-sample clipping norm C.
-        noise_multiplier: sigma, or None for non-private training.
-        seed: seeds batch sampling and noise; None draws both from OS entropy. A server-known seed
-            would let the server regenerate and subtract the noise, so only simulations pass one.
-        global_arrays: the round's global head; with `proximal_mu` > 0 it anchors FedProx
-            (Li et al. 2020, "Federated Optimization in Heterogeneous Networks").
+        learning_rate: SGD step size of the head (the model may scale it for other tensors).
+        max_grad_norm: per-sample clipping norm C; None: the non-private baseline.
+        noise_multiplier: sigma (0.0: clipped but not noised).
+        seed: seeds batch sampling and noise; None draws both from OS entropy. The release path
+            (client/release.py) passes one only in simulation: a seed the server knows would let it
+            regenerate and subtract the noise.
+        global_arrays: the round's global tensors (message names); with `proximal_mu` > 0 they anchor
+            FedProx (Li et al. 2020, "Federated Optimization in Heterogeneous Networks").
         proximal_mu: FedProx weight mu.
 
     Returns:
-        TrainResult with the new head tensors and what the privacy accountant needs.
+        TrainResult with the tensors that travel and what the accountant was charged for.
+
+    Raises:
+        ValueError: the training split is empty.
+        RuntimeError: Opacus sampled at another rate or ran another number of steps than the ledger was
+            charged for (never expected; checked because the accounting depends on it).
     """
     num_examples = len(labels)
     if num_examples == 0:
         raise ValueError("cannot train on an empty training split; the site needs at least one example")
+    private = max_grad_norm is not None
     generator = torch.Generator()
     if seed is None:
         generator.seed()  # OS entropy
     else:
         generator.manual_seed(seed)
-    dataset = TensorDataset(torch.as_tensor(features, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.long))
+    dataset = TensorDataset(torch.as_tensor(inputs, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.long))
     sample_rate, per_epoch = steps_per_epoch(num_examples, batch_size)
-    head.train()
-    optimizer = torch.optim.SGD(head.parameters(), lr=learning_rate)
+    model.train()
+    optimizer = torch.optim.SGD(model.param_groups(learning_rate), lr=learning_rate)
     anchor = None
     if proximal_mu > 0 and global_arrays is not None:
-        anchor = {name: torch.as_tensor(global_arrays[name]) for name, _ in head.named_parameters()}
+        names = model.wire_names()
+        anchor = {
+            id(p): torch.as_tensor(global_arrays[names[id(p)]])
+            for group in optimizer.param_groups
+            for p in group["params"]
+        }
     with warnings.catch_warnings():
+        # Simulated sites get a seeded generator and reproducible noise, so Opacus' secure-RNG warning
+        # says nothing new there; real sites keep it (torch's generator is not a cryptographic one).
         if seed is not None:
-            # Simulations want reproducible noise, so Opacus' secure-RNG warning says nothing new there.
-            # Real sites (seed=None) keep the warning: OS entropy seeds the generator, but torch's
-            # generator is not a cryptographic one (Opacus' secure_mode needs torchcsprng).
             warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
-        # Features are leaves (the backbone is frozen), so the first layer's full backward hook
+        # Inputs are leaves (the part below the cut is frozen), so the first layer's full backward hook
         # fires on outputs only; Opacus' per-sample gradients need nothing more.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        if noise_multiplier is not None:
+        if private:
             loader = DataLoader(dataset, batch_size=min(batch_size, num_examples), generator=generator)
-            model, optimizer, loader = PrivacyEngine(accountant="rdp").make_private(
-                module=head,
+            runner, optimizer, loader = PrivacyEngine(accountant="rdp").make_private(
+                module=model,
                 optimizer=optimizer,
                 data_loader=loader,
                 noise_multiplier=noise_multiplier,
-                max_grad_norm=max_grad_norm,
+                max_grad_norm=model.clip_bounds(max_grad_norm),
+                clipping=model.clipping,
                 poisson_sampling=True,
                 noise_generator=generator,
             )
-            # The accountant was charged with (sample_rate, epochs * per_epoch) before training.
-            assert math.isclose(loader.sample_rate, sample_rate) and len(loader) == per_epoch, (
-                loader.sample_rate,
-                len(loader),
-                sample_rate,
-                per_epoch,
-            )
+            # The ledger was charged with (sample_rate, epochs * per_epoch) before training.
+            if not (math.isclose(loader.sample_rate, sample_rate) and len(loader) == per_epoch):
+                raise RuntimeError(
+                    f"Opacus samples at rate {loader.sample_rate} over {len(loader)} steps per epoch, but the "
+                    f"ledger was charged for {sample_rate} over {per_epoch}: refusing to train (a fedtl bug)"
+                )
         else:
             loader = DataLoader(dataset, batch_size=min(batch_size, num_examples), shuffle=True, generator=generator)
-            model = head
+            runner = model
         try:
             losses, steps = _run_epochs(
-                model,
-                optimizer,
-                loader,
-                epochs=epochs,
-                feature_dim=features.shape[1],
-                anchor=anchor,
-                learning_rate=learning_rate,
-                proximal_mu=proximal_mu,
+                runner, optimizer, loader, epochs=epochs, anchor=anchor, proximal_mu=proximal_mu
             )
         finally:
-            if isinstance(model, GradSampleModule):
-                model._close()  # remove Opacus' hooks and per-sample gradients from the caller's head
-    if noise_multiplier is not None:
-        assert steps == epochs * per_epoch, (steps, epochs, per_epoch)
-    head.eval()
+            if isinstance(runner, GradSampleModule):
+                runner._close()  # remove Opacus' hooks and per-sample gradients from the caller's model
+    if private and steps != epochs * per_epoch:
+        raise RuntimeError(
+            f"DP-SGD ran {steps} steps but the ledger was charged for {epochs * per_epoch}: a fedtl bug, the "
+            "reported epsilon would be wrong"
+        )
+    model.eval()
     return TrainResult(
-        arrays=head_arrays(head),
+        arrays=model.arrays(),
         num_examples=num_examples,
         train_loss=float(np.mean(losses)) if losses else float("nan"),
         steps=steps,
         sample_rate=sample_rate,
-        noise_multiplier=noise_multiplier,
+        noise_multiplier=noise_multiplier if private else 0.0,
     )
 
 
 def _run_epochs(
-    model: nn.Module,
+    runner: nn.Module,
     optimizer: torch.optim.Optimizer,
     loader: DataLoader,
     *,
     epochs: int,
-    feature_dim: int,
-    anchor: dict[str, torch.Tensor] | None,
-    learning_rate: float,
+    anchor: dict[int, torch.Tensor] | None,
     proximal_mu: float,
 ) -> tuple[list[float], int]:
     """Run the SGD steps of `epochs` passes; return the non-empty batches' losses and the step count."""
     criterion = nn.CrossEntropyLoss()
-    head = model._module if isinstance(model, GradSampleModule) else model
     losses: list[float] = []
     steps = 0
     for _ in range(epochs):
         for x, y in loader:
             optimizer.zero_grad(set_to_none=True)
+            logits = runner(x)  # (B, K); Opacus' empty Poisson batch keeps the input's trailing shape
             if len(y) == 0:
-                # An empty Poisson batch still counts as a step: Opacus adds pure noise to it.
-                loss = model(torch.zeros((0, feature_dim))).sum()
+                loss = logits.sum()  # an empty Poisson batch is still a step: Opacus adds pure noise to it
             else:
-                loss = criterion(model(x), y)
+                loss = criterion(logits, y)
                 losses.append(float(loss.detach()))
             loss.backward()
             optimizer.step()
             steps += 1
             if anchor is not None:
-                # FedProx's proximal term mu/2 ||w - w_global||^2 depends on no data, so its gradient
-                # is applied after the private step (post-processing); inside the loss Opacus would
-                # drop it, because it keeps only per-sample gradients.
+                # FedProx's proximal term mu/2 ||w - w_global||^2 depends on no data, so its gradient is
+                # applied after the private step (post-processing); inside the loss Opacus would drop it,
+                # because it keeps only per-sample gradients.
                 with torch.no_grad():
-                    for name, param in head.named_parameters():
-                        param.sub_(learning_rate * proximal_mu * (param - anchor[name]))
+                    for group in optimizer.param_groups:
+                        for p in group["params"]:
+                            p.sub_(group["lr"] * proximal_mu * (p - anchor[id(p)]))
     return losses, steps
 
 
-def evaluate_head(head: nn.Module, features: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Return the classification metrics of the head on a labelled feature split."""
-    return classification_metrics(labels, predict_proba(head, features))
+def evaluate_model(model: nn.Module, inputs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Return the classification metrics of the model above the cut on a labelled split of its inputs."""
+    return classification_metrics(labels, predict_proba(model, inputs))

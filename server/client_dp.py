@@ -48,7 +48,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedtl.server.report import RunRecorder, reply_site_name
-from fedtl.server.strategy import RecordingMixin
+from fedtl.server.screening import RecordingMixin
 from fedtl.shared import constants as k
 from fedtl.shared.config import RunConfig
 from fedtl.shared.errors import ConfigError

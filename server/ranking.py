@@ -20,21 +20,23 @@ from typing import Any
 import flwr
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedtl.server.report import failure_reason, reply_site_name
-from fedtl.server.server_app import (
+from fedtl.server.setup import (
+    ask,
     distribute_backbone,
     federation_label_names,
     load_server_backbone,
+    load_server_data,
+    query_sites,
     round_config,
     wait_for_nodes,
 )
 from fedtl.shared import constants as k
 from fedtl.shared.backbones import get_backbone_spec
 from fedtl.shared.config import RunConfig
-from fedtl.shared.data import load_dataset
 from fedtl.shared.errors import ConfigError, FederationError
 from fedtl.shared.files import atomic_write_bytes
 from fedtl.shared.protocol import jsonable
@@ -172,7 +174,7 @@ def rank_backbones(grid: Grid, cfg: RunConfig, candidates: list[str], *, run_dir
     candidates = check_candidates(candidates)
     ranking_id, run_dir = _ranking_dir(cfg, run_dir)
     log.warning("backbone ranking %s: %s", ranking_id, NON_DP_WARNING)
-    splits = load_dataset(cfg.data, seed=cfg.seed, test_fraction=cfg.test_fraction) if cfg.data else None
+    splits = load_server_data(cfg)
     label_names = federation_label_names(cfg, splits)
     node_ids = wait_for_nodes(grid, cfg.min_available_nodes, timeout=cfg.round_timeout)
     scored = [
@@ -227,11 +229,7 @@ def score_candidate(
     for node_id in sorted(setup.no_evaluation):
         out.refused[setup.names[node_id]] = "its policy keeps evaluation metrics local (release-evaluation-metrics)"
     targets = [n for n in node_ids if n not in setup.refused and n not in setup.no_evaluation]
-    ask = ConfigRecord({**dict(config), k.ACTION: k.ACTION_RANK})
-    messages = [
-        Message(content=RecordDict({k.CONFIG: ask}), dst_node_id=n, message_type=MessageType.QUERY) for n in targets
-    ]
-    replies = {m.metadata.src_node_id: m for m in grid.send_and_receive(messages, timeout=cfg.round_timeout)}
+    replies = query_sites(grid, targets, RecordDict({k.CONFIG: ask(config, k.ACTION_RANK)}), cfg.round_timeout)
     for node_id in targets:
         name = setup.names.get(node_id, f"node-{node_id}")
         reply = replies.get(node_id)

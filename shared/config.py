@@ -50,7 +50,7 @@ class RunConfig:
     batch_size: int = 64  # expected batch size under Poisson sampling
     learning_rate: float = 8.0
     max_grad_norm: float = 1.0
-    noise_multiplier: float | str = AUTO  # "auto": derived from target-epsilon over the planned rounds
+    noise_multiplier: float | None = None  # None ("auto" in files and on the command line): derived from target-epsilon
     target_epsilon: float = 8.0
     target_delta: float = 1e-5
     accountant: str = "rdp"
@@ -170,11 +170,15 @@ class RunConfig:
             )
         if self.image_size < 0:
             raise ConfigError(f"`image-size` must be >= 0 (0 = the backbone's own size), got {self.image_size}")
-        if isinstance(self.noise_multiplier, str):
-            if self.noise_multiplier != AUTO:
-                raise ConfigError(f'`noise-multiplier` must be a number >= 0 or "auto", got {self.noise_multiplier!r}')
-        elif not math.isfinite(self.noise_multiplier) or self.noise_multiplier < 0:
-            raise ConfigError(f'`noise-multiplier` must be >= 0 or "auto", got {self.noise_multiplier}')
+        if self.noise_multiplier == AUTO:  # the word users write, kept as None (planned by the site)
+            object.__setattr__(self, "noise_multiplier", None)
+        if self.noise_multiplier is not None and (
+            isinstance(self.noise_multiplier, bool)
+            or not isinstance(self.noise_multiplier, (int, float))
+            or not math.isfinite(self.noise_multiplier)
+            or self.noise_multiplier < 0
+        ):
+            raise ConfigError(f'`noise-multiplier` must be a number >= 0 or "auto", got {self.noise_multiplier!r}')
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -194,8 +198,8 @@ class RunConfig:
         return cls(**kwargs)
 
     def to_mapping(self) -> dict[str, Any]:
-        """Return the kebab-case mapping that `from_mapping` reads back unchanged."""
-        return {_kebab(f.name): getattr(self, f.name) for f in fields(self)}
+        """Return the kebab-case mapping that `from_mapping` reads back unchanged ("auto" for an unset noise)."""
+        return {_kebab(f.name): AUTO if getattr(self, f.name) is None else getattr(self, f.name) for f in fields(self)}
 
     def replace(self, **changes: Any) -> RunConfig:
         """Return a copy with snake_case fields changed (validated again)."""
@@ -244,10 +248,12 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"`{key}` must be a number, got {value!r}")
         return float(value)
-    if key == "noise-multiplier":  # number or "auto"
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+    if default is None:  # noise-multiplier: a number, or "auto" (None: planned from the budget)
+        if value == AUTO:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f'`{key}` must be a number >= 0 or "auto", got {value!r}')
-        return float(value) if not isinstance(value, str) else value
+        return float(value)
     if not isinstance(value, str):
         raise ConfigError(f"`{key}` must be a string, got {value!r}")
     return value

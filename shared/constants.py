@@ -12,9 +12,6 @@ BACKBONE_TENSOR_PREFIX = "backbone."
 # Query-message actions (`message_type` "query" carries config[ACTION]).
 ACTION = "action"
 ACTION_HAS_BACKBONE = "has-backbone"
-REFUSED = "refused"  # a site's reason for refusing a request (its policy, budget or data), sent back as text
-REFUSAL_TYPE = "refusal-type"
-RELEASES_EVALUATION = "releases-evaluation"  # the site's policy lets it report evaluation metrics
 ACTION_INSTALL_BACKBONE = "install-backbone"
 ACTION_FEATURE_SUM = "feature-sum"
 ACTION_FINETUNE = "finetune"  # after the last round: finetune the final head locally, score both (personalization)
@@ -22,8 +19,6 @@ ACTION_RANK = "rank"  # before training: transferability scores of the announced
 ACTION_SUFFICIENT_STATS = "sufficient-stats"  # closed-form head: one noised release of Gram, class sums, counts
 
 # Closed-form head (run config head-solver = "closed-form"; shared/closed_form.py).
-CLOSED_FORM = "closed-form"
-PROJECTION_DIM = "projection-dim"  # config key of the stats query: the public random projection's dimension
 GRAM = "gram"  # released arrays of the stats reply: sum u u^T (d, d), per-class sums (C, d), class counts (C,)
 CLASS_SUMS = "class-sums"
 CLASS_COUNTS = "class-counts"

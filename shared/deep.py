@@ -486,8 +486,39 @@ class AdaptedHead(nn.Module):
         self.backbone = backbone
         self.head = head
 
+    # What the training loop and evaluation ask of any model above the cut (shared/heads.Head too).
+    clipping = "per_layer"  # per-tensor bounds (clip_bounds): a backbone block's gradients dwarf the head's
+    predict_batch_size = 256  # activations are far larger than features
+    backbone_lr_factor = BACKBONE_LR_FACTOR
+    head_clip_share = HEAD_CLIP_SHARE
+
     def forward(self, activations: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(activations))
+
+    def _trainable(self) -> list[tuple[str, nn.Parameter]]:
+        """Return (name, parameter) of every trainable tensor, the head's first (Opacus pairs clip bounds in order)."""
+        trainable = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+        trainable.sort(key=lambda item: not item[0].startswith("head."))
+        return trainable
+
+    def param_groups(self, learning_rate: float) -> list[dict]:
+        """Return the head's tensors at `learning_rate`, then the backbone's at `backbone_lr_factor` x it."""
+        trainable = self._trainable()
+        head = [p for n, p in trainable if n.startswith("head.")]
+        backbone = [p for n, p in trainable if not n.startswith("head.")]
+        return [
+            {"params": head, "lr": learning_rate},
+            {"params": backbone, "lr": learning_rate * self.backbone_lr_factor},
+        ]
+
+    def clip_bounds(self, max_grad_norm: float) -> list[float]:
+        """Return per-tensor clipping bounds in `param_groups` order, their L2 norm `max_grad_norm` (clip_bounds)."""
+        return clip_bounds([n for n, _ in self._trainable()], max_grad_norm, head_share=self.head_clip_share)
+
+    def wire_names(self) -> dict[int, str]:
+        """Return id(parameter) -> its name in messages: head tensors bare, backbone tensors `backbone.`-prefixed."""
+        # The trainable part is the attribute `backbone`, so its parameters already carry the wire prefix.
+        return {id(p): name[len("head.") :] if name.startswith("head.") else name for name, p in self._trainable()}
 
     def train(self, mode: bool = True) -> AdaptedHead:
         """Set training mode, but keep frozen BatchNorms (LoRA's blocks) in eval(): they never learn private data."""
@@ -514,20 +545,6 @@ class AdaptedHead(nn.Module):
         head, backbone = split_wire_arrays(arrays)
         load_head_arrays(self.head, head, source=source)
         load_trainable(self.backbone, backbone, source=source)
-
-
-@torch.no_grad()
-def predict_adapted(model: AdaptedHead, activations: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
-    """Return softmax class probabilities (N, K) of [trainable part + head] on activations (N, C, H, W).
-
-    Activations are far larger than features, so batches are modest (256).
-    """
-    model.eval()
-    out = [
-        torch.softmax(model(torch.as_tensor(activations[start : start + batch_size], dtype=torch.float32)), dim=1)
-        for start in range(0, len(activations), batch_size)
-    ]
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
 
 
 def build_adapted_backbone(

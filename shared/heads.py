@@ -36,8 +36,32 @@ class Head(nn.Module):
         self.kind = kind
         self.register_buffer("center", torch.zeros(in_features))  # (D,)
 
+    # What the training loop and evaluation ask of any model above the cut (shared/deep.AdaptedHead too).
+    clipping = "flat"  # one clipping bound over all trainable tensors (Opacus "flat")
+    predict_batch_size = 4096
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, C)
         return self.layers(F.normalize(F.normalize(features, dim=1) - self.center, dim=1))
+
+    def param_groups(self, learning_rate: float) -> list[dict]:
+        """Return the optimiser's parameter groups: every head tensor at `learning_rate`."""
+        return [{"params": list(self.parameters()), "lr": learning_rate}]
+
+    def clip_bounds(self, max_grad_norm: float) -> float:
+        """Return Opacus' clipping bound: one flat bound over the whole head."""
+        return max_grad_norm
+
+    def wire_names(self) -> dict[int, str]:
+        """Return id(parameter) -> its name in messages (the state-dict name)."""
+        return {id(p): name for name, p in self.named_parameters()}
+
+    def arrays(self) -> "OrderedDict[str, np.ndarray]":
+        """Return the tensors that travel (see `head_arrays`)."""
+        return head_arrays(self)
+
+    def load_arrays(self, arrays: dict[str, np.ndarray], *, source: str = "message") -> None:
+        """Load a message's head tensors, checked (see `load_head_arrays`)."""
+        load_head_arrays(self, arrays, source=source)
 
 
 def build_head(kind: str, in_features: int, num_classes: int, *, hidden: int = 128, seed: int = 0) -> Head:
@@ -102,11 +126,15 @@ def load_head_arrays(head: nn.Module, arrays: dict[str, np.ndarray], *, source: 
 
 
 @torch.no_grad()
-def predict_proba(head: nn.Module, features: np.ndarray, *, batch_size: int = 4096) -> np.ndarray:
-    """Return softmax class probabilities (N, C) of the head on features (N, D)."""
-    head.eval()
+def predict_proba(model: nn.Module, inputs: np.ndarray) -> np.ndarray:
+    """Return softmax class probabilities (N, C) of a model above the cut on its inputs (features or activations).
+
+    Batches are the model's `predict_batch_size` (activations are far larger than features).
+    """
+    model.eval()
+    batch_size = getattr(model, "predict_batch_size", 4096)
     out = []
-    for start in range(0, len(features), batch_size):
-        logits = head(torch.as_tensor(features[start : start + batch_size], dtype=torch.float32))
+    for start in range(0, len(inputs), batch_size):
+        logits = model(torch.as_tensor(inputs[start : start + batch_size], dtype=torch.float32))
         out.append(torch.softmax(logits, dim=1).numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)

@@ -1,8 +1,9 @@
 """Site data loaders: image folders, CSV manifests, DICOM and MedMNIST .npz, validated before any training.
 
-A real site's data is read here and checked once, at the boundary: unknown labels, missing or corrupt
-files, mixed sizes and empty splits are errors that name the files and the fix, or (bad_files="skip",
-for unreadable/missing files only) omissions listed in a LoadReport. Nothing under the source is written.
+A real site's data is read here and checked once, at the boundary: unknown or inconsistent labels
+(shared.labels), missing or corrupt files, mixed sizes and empty splits are errors that name the files and
+the fix, or (bad-files = "skip", for unreadable/missing files only) omissions listed in a LoadReport. The
+bit depth of 16-bit images is detected per data set (shared.images). Nothing under the source is written.
 
 The LoadReport stays at the site: its class counts are raw, not differentially private, so it is for
 the site operator (`fedtl site check`) and must not be sent to the server.
@@ -16,6 +17,7 @@ import io
 import logging
 import math
 import numbers
+import os
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -28,17 +30,25 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut
 
-from fedtl.shared.data import (
+from fedtl.shared.dataset import (
     DIGITS,
-    IMAGE_EXTENSIONS,
     DataSplits,
     ImageDataset,
     check_split_settings,
-    load_dataset,
-    load_image_file,
+    load_digits_splits,
     split_dataset,
 )
 from fedtl.shared.errors import ConfigError, DataError
+from fedtl.shared.images import (
+    IMAGE_EXTENSIONS,
+    DecodedImage,
+    choose_bit_depth,
+    describe_bit_depths,
+    read_image_file,
+    scale_to_uint8,
+)
+from fedtl.shared.labels import MIN_CLASSES, check_known_labels, check_label_names, derive_label_names
+from fedtl.shared.npz import FILE, INDICES, MEDMNIST, NpzSplits, map_onto_label_names, read_npz
 
 __all__ = [
     "BAD_FILES_MODES",
@@ -47,6 +57,7 @@ __all__ = [
     "LoadReport",
     "SiteData",
     "SkippedFile",
+    "check_site_source",
     "load_dicom_file",
     "load_site_dataset",
 ]
@@ -65,6 +76,10 @@ SITE_COLUMN = "site"  # optional: the image's site id, for the 'natural' partiti
 SPLIT_VALUES = {"train": "train", "val": "train", "test": "test"}
 SPLITS = ("train", "test")
 MAX_LISTED = 5
+SKIP_HINT = (
+    'a site may set bad-files = "skip" in its policy (bad_files="skip" in load_site_dataset) to leave them out, '
+    "listed in its report"
+)
 DICOM_PREAMBLE = 128  # the 'DICM' marker follows a 128-byte preamble (PS3.10 7.1)
 GREY_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
 VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
@@ -100,6 +115,8 @@ class LoadReport:
     class_counts: Mapping[str, Mapping[str, int]]  # {"train": {label name: n}, "test": {...}}
     skipped: tuple[SkippedFile, ...] = ()
     notes: tuple[str, ...] = ()
+    classes_from: str = ""  # where label_names came from: declared, derived from the labels, the file...
+    pixel_depth: str = ""  # bit depth of the images read and how it was found (shared.images)
 
     def summary(self) -> str:
         """Human-readable text: counts per split and class, skipped files and notes."""
@@ -109,8 +126,11 @@ class LoadReport:
         lines = [
             f"source: {self.source} ({self.format})",
             f"images: {splits}; {shape} {colour}",
-            f"classes ({len(self.label_names)}):",
         ]
+        if self.pixel_depth:
+            lines.append(f"pixels: {self.pixel_depth}")
+        from_ = f", {self.classes_from}" if self.classes_from else ""
+        lines.append(f"classes ({len(self.label_names)}{from_}):")
         width = max(len(name) for name in self.label_names)
         lines.append(f"  {'':<{width}}  " + "  ".join(f"{split:>6}" for split in self.class_counts))
         for name in self.label_names:
@@ -142,6 +162,7 @@ class _Entry:
     split: str | None
     origin: str  # where it was listed, for messages: "line 4" or the file's path under the root
     site: str | None = None  # the manifest's site column, when it has one
+    relative: bool = False  # listed by a relative path (resolved against the manifest's folder)
 
 
 def load_site_dataset(
@@ -151,31 +172,39 @@ def load_site_dataset(
     bad_files: str = "error",
     seed: int = 0,
     test_fraction: float = 0.2,
+    require_test: bool = True,
 ) -> SiteData:
     """Load and validate a site's images from a folder, a CSV manifest or a MedMNIST .npz.
 
     Format, from `source`: a directory is an image folder (root/<class>/<file>, searched recursively, or
     root/train/<class>/... + root/test/<class>/... with an optional root/val/ merged into train); a .csv
-    file is a manifest (columns path,label, optional split and site); a .npz goes to shared.data.load_dataset.
+    file is a manifest (columns path,label, optional split and site); a .npz is read by shared.npz.
     Files ending in .dcm, or without an image extension but with the DICOM 'DICM' marker, are decoded with
-    load_dicom_file; the report's format is "dicom" when every image read was DICOM.
+    load_dicom_file; the report's format is "dicom" when every image read was DICOM. Links to files are
+    read; a link to a folder (not followed) or to nothing in a class folder is a file that cannot be read:
+    refused, or (bad_files="skip") left out and listed in report.skipped.
 
     Args:
         source: the directory, .csv or .npz path.
-        label_names: the federation's classes, fixing their order; every label at the site must be one of
-            them, and a declared class without examples is allowed (noted in the report). None: sorted
-            class-folder names, or sorted unique manifest labels (the site's own, data-dependent set).
+        label_names: the federation's classes in any order, which becomes the class order; every label at
+            the site must be one of them, and a declared class without examples is allowed (noted in the
+            report). None: sorted class-folder names or unique manifest labels (the site's own,
+            data-dependent set), refused when fewer than 2 or when they differ only by case, type or
+            spelling (shared.labels).
         bad_files: "error" (default) raises on missing or unreadable files; "skip" leaves them out,
             records them in report.skipped and logs a warning.
         seed, test_fraction: the stratified train/test split when the source has no split of its own.
+        require_test: refuse an .npz without test images (a site needs a local test split; the lab's
+            shared pool may have none).
 
     Returns:
         SiteData with the splits (train and a non-empty test) and the LoadReport.
 
     Raises:
         ConfigError: bad `bad_files`, `label_names`, `seed` or `test_fraction`.
-        DataError: unknown source; empty folder or manifest; missing columns; bad split value; unknown
-            label; missing/unreadable files (bad_files="error"); mixed image sizes; an empty split.
+        DataError: unknown source; empty folder or manifest; missing columns; bad split value; unknown,
+            clashing or too few labels; missing/unreadable files (bad_files="error"); mixed image sizes;
+            an empty split.
     """
     if bad_files not in BAD_FILES_MODES:
         raise ConfigError(
@@ -183,9 +212,9 @@ def load_site_dataset(
             "first load with missing or unreadable files, 'skip' leaves them out and lists them in the report"
         )
     check_split_settings(seed=seed, test_fraction=test_fraction)
-    declared = _check_label_names(label_names)
+    declared = None if label_names is None else check_label_names(label_names, source="`label_names`")
     if isinstance(source, str) and source.strip().lower() == DIGITS:
-        return _load_dataset_site(source, "digits", declared, seed=seed, test_fraction=test_fraction)
+        return _load_array_site(DIGITS, DIGITS, declared, seed=seed, test_fraction=test_fraction, require_test=True)
     if not isinstance(source, (str, Path)):
         raise DataError(f"site data source must be a path, got {source!r}; accepted: {ACCEPTED_SITE_SOURCES}")
     path = Path(source).expanduser()
@@ -196,7 +225,9 @@ def load_site_dataset(
         entries, found, notes = _manifest_entries(path)
         container = "csv"
     elif path.is_file() and path.suffix.lower() == NPZ_EXTENSION:
-        return _load_dataset_site(path, "npz", declared, seed=seed, test_fraction=test_fraction)
+        return _load_array_site(
+            path, "npz", declared, seed=seed, test_fraction=test_fraction, require_test=require_test
+        )
     elif path.is_file() and (path.suffix.lower() == DICOM_EXTENSION or _has_dicom_marker(path)):
         raise DataError(
             f"site data source {path} is a single DICOM file, which carries no class label; fix: list the "
@@ -206,6 +237,38 @@ def load_site_dataset(
         reason = "is a file of an unsupported type" if path.is_file() else "does not exist"
         raise DataError(f"site data source {str(source)!r} {reason}; accepted: {ACCEPTED_SITE_SOURCES}")
     return _load_entries(path, container, entries, found, notes, declared, bad_files, seed, test_fraction)
+
+
+def check_site_source(source: str | Path, *, label_names: Sequence[str] | None = None) -> str:
+    """Check a site's data without decoding its images; return one line saying what was found.
+
+    What `fedtl site init` can check at once: the source exists and is a folder, manifest, .npz or
+    'digits'; a folder or manifest lists image files; its labels fit `label_names` (or, undeclared, are
+    at least 2 and do not clash). Unreadable files, sizes and bit depths show at `fedtl site check`.
+
+    Raises:
+        ConfigError: bad `label_names`.
+        DataError: as load_site_dataset, for everything above.
+    """
+    declared = None if label_names is None else check_label_names(label_names, source="`label_names`")
+    if isinstance(source, str) and source.strip().lower() == DIGITS:
+        return "sklearn digits (10 classes)"
+    path = Path(source).expanduser()
+    if path.is_dir():
+        entries, found, _ = _folder_entries(path)
+        container = "folder"
+    elif path.is_file() and path.suffix.lower() == CSV_EXTENSION:
+        entries, found, _ = _manifest_entries(path)
+        container = "csv"
+    elif path.is_file() and path.suffix.lower() == NPZ_EXTENSION:
+        data = _load_array_site(path, "npz", declared, seed=0, test_fraction=0.2, require_test=True)
+        images = sum(data.report.split_counts.values())
+        return f"{path}: .npz with {images} images, classes {list(data.report.label_names)}"
+    else:
+        reason = "is a file of an unsupported type" if path.is_file() else "does not exist"
+        raise DataError(f"site data source {str(source)!r} {reason}; accepted: {ACCEPTED_SITE_SOURCES}")
+    names, _ = _entry_label_names(path, container, entries, found, declared)
+    return f"{path}: {container} listing {len(entries)} image(s), classes {list(names)}"
 
 
 def source_stamp(source: str | Path) -> str | None:
@@ -267,29 +330,6 @@ def load_dicom_file(path: str | Path, *, window: tuple[float, float] | None = No
     return _read_dicom(Path(path), window)[0]
 
 
-def _check_label_names(label_names: Sequence[str] | None) -> tuple[str, ...] | None:
-    """The federation's class names as a tuple, or ConfigError when they are not unique non-empty strings."""
-    if label_names is None:
-        return None
-    if (
-        isinstance(label_names, str)
-        or not isinstance(label_names, Sequence)
-        or not all(isinstance(n, str) and n.strip() == n and n for n in label_names)
-    ):
-        raise ConfigError(
-            f"`label_names` must be a sequence of non-empty class-name strings without surrounding spaces, "
-            f"got {label_names!r}; fix: pass e.g. ('benign', 'malignant')"
-        )
-    names = tuple(label_names)
-    duplicates = sorted(n for n, c in Counter(names).items() if c > 1)
-    if not names or duplicates:
-        raise ConfigError(
-            f"`label_names` must be non-empty and unique, got {names!r} (duplicates: {duplicates}); "
-            "fix: give each class exactly one name"
-        )
-    return names
-
-
 # --- enumerating the files ----------------------------------------------------------------------------
 
 
@@ -327,8 +367,10 @@ def _folder_entries(root: Path) -> tuple[list[_Entry], list[str], list[str]]:
                 )
         for class_dir in class_dirs:
             found.add(class_dir.name)
-            for file in _files_below(class_dir):
-                if _is_image_file(file) or _is_dicom_file(file):
+            for file in _files_below(class_dir, links=True):
+                # A folder link (not followed) or a link to nothing becomes an entry that cannot be read, so it
+                # is refused or listed as skipped like any missing file, never dropped unseen.
+                if _is_image_file(file) or _is_dicom_file(file) or file.is_symlink():
                     entries.append(_Entry(file, class_dir.name, split, str(file.relative_to(root))))
                 else:
                     ignored.append(file)
@@ -406,7 +448,8 @@ def _manifest_entries(path: Path) -> tuple[list[_Entry], list[str], list[str]]:
                     "drop the site column"
                 )
         file = Path(name).expanduser()
-        file = file if file.is_absolute() else path.parent / file
+        relative = not file.is_absolute()
+        file = path.parent / file if relative else file
         key = file.resolve()
         if key in seen:
             raise DataError(
@@ -414,7 +457,7 @@ def _manifest_entries(path: Path) -> tuple[list[_Entry], list[str], list[str]]:
                 "is counted twice and may leak from train into test; fix: list each image once"
             )
         seen[key] = line
-        entries.append(_Entry(file, label, split, f"line {line}", site))
+        entries.append(_Entry(file, label, split, f"line {line}", site, relative))
     if not entries:
         raise DataError(
             f"CSV manifest {path} has a header row but no data rows; expected {MANIFEST_LAYOUT}; "
@@ -433,17 +476,33 @@ def _visible_subdirs(folder: Path) -> list[Path]:
 
 
 def _visible_files(folder: Path) -> list[Path]:
-    """Files directly in `folder` not starting with '.', sorted by name."""
-    return sorted((p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")), key=lambda p: p.name)
+    """Files (and links to nothing) directly in `folder` not starting with '.', sorted by name."""
+    return sorted((p for p in folder.iterdir() if not p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
 
 
-def _files_below(folder: Path) -> list[Path]:
-    """Files in `folder` and its sub-folders (DICOM exports nest by study/series), hidden ones left out."""
+def _files_below(folder: Path, *, links: bool = False) -> list[Path]:
+    """Files in `folder` and its sub-folders (DICOM exports nest by study/series), hidden ones left out.
+
+    links: also return symbolic links that are not files: links to folders (which rglob does not follow)
+    and links to nothing, so the caller can name them.
+    """
     files = []
     for file in folder.rglob("*"):
-        if file.is_file() and not any(part.startswith(".") for part in file.relative_to(folder).parts):
+        if any(part.startswith(".") for part in file.relative_to(folder).parts):
+            continue
+        if file.is_file() or (links and file.is_symlink() and not file.is_file()):
             files.append(file)
     return sorted(files)
+
+
+def _missing_reason(path: Path) -> str:
+    """Why an entry is not a readable file: a link to a folder, a link to nothing, or no file at all."""
+    if path.is_symlink():
+        target = os.readlink(path)
+        if path.is_dir():
+            return f"symbolic link to the folder {target}, which is not followed"
+        return f"symbolic link to {target}, which does not exist"
+    return "file does not exist"
 
 
 def _is_image_file(path: Path) -> bool:
@@ -483,64 +542,67 @@ def _load_entries(
     test_fraction: float,
 ) -> SiteData:
     """Check labels, decode the files (skipping bad ones if asked), check sizes, build and split the datasets."""
-    if declared is not None:
-        unknown = [label for label in found if label not in declared]
-        _check_known_labels(source, [(label, _carriers(entries, label)) for label in unknown], declared)
-    label_names = declared if declared is not None else tuple(found)
-    if declared is None and container == "folder":
-        # Without declared classes, a folder name alone would make a class no image shows.
-        labelled = {e.label for e in entries}
-        empty = [name for name in found if name not in labelled]
-        if empty:
-            raise DataError(
-                f"image folder {source}: class folder(s) {empty} hold no image files; fix: add images, remove "
-                "the folder(s), or declare the classes (label-names) to train them with no examples here"
-            )
+    label_names, classes_from = _entry_label_names(source, container, entries, found, declared)
     index = {name: k for k, name in enumerate(label_names)}
 
     skipped: list[SkippedFile] = []
     missing = [e for e in entries if not e.path.is_file()]
     if missing and bad_files == "error":
-        where = f"; paths are relative to {source.parent}" if container == "csv" else ""
+        relative = [e for e in missing if e.relative]
+        where = f"; relative paths are resolved against the manifest's folder {source.parent}" if relative else ""
         raise DataError(
-            f"{source}: {len(missing)} listed file(s) do not exist: "
-            f"{_listing([f'{e.path} ({e.origin})' for e in missing])}{where}; "
-            "fix: correct the paths, or pass bad_files='skip' to leave them out (they are listed in the report)"
+            f"{source}: {len(missing)} listed file(s) cannot be read: "
+            f"{_listing([f'{e.path} ({e.origin}: {_missing_reason(e.path)})' for e in missing])}{where}; "
+            f"fix: correct the paths or remove those rows/links; {SKIP_HINT}"
         )
-    skipped.extend(SkippedFile(str(e.path), "file does not exist") for e in missing)
+    skipped.extend(SkippedFile(str(e.path), _missing_reason(e.path)) for e in missing)
     kept: list[_Entry] = []
-    arrays: list[np.ndarray] = []
+    decoded: list[DecodedImage | np.ndarray] = []
     windows: Counter[str] = Counter()
+    dicom_bits: Counter[int] = Counter()
     failed: list[tuple[_Entry, str]] = []
     for entry in (e for e in entries if e.path.is_file()):
         try:
             if _is_dicom_file(entry.path):
-                array, window = _read_dicom(entry.path, None)
+                array, window, bits = _read_dicom(entry.path, None)
                 windows[window] += 1
+                dicom_bits[bits] += 1
+                decoded.append(array)
             else:
-                array = load_image_file(entry.path)
+                decoded.append(read_image_file(entry.path))
         except DataError as exc:
             failed.append((entry, str(exc)))
             continue
         kept.append(entry)
-        arrays.append(array)
     if failed and bad_files == "error":
         raise DataError(
             f"{source}: {len(failed)} file(s) cannot be read: {_listing([reason for _, reason in failed], sep=' | ')}"
-            "; to go on without them pass bad_files='skip' (they are then listed in the report)"
+            f"; fix: re-export or remove these files; {SKIP_HINT}"
         )
     skipped.extend(SkippedFile(str(e.path), reason) for e, reason in failed)
     if skipped:
         logger.warning(
-            "%s: skipped %d missing or unreadable file(s) (bad_files='skip'): %s",
+            '%s: skipped %d missing or unreadable file(s) (bad-files = "skip"): %s',
             source,
             len(skipped),
             _listing([s.path for s in skipped]),
         )
-    if not arrays:
+    if not decoded:
         raise DataError(
             f"{source}: all {len(skipped)} listed file(s) were skipped as missing or unreadable "
             f"({_listing([s.path for s in skipped])}); fix: repair or replace these files"
+        )
+
+    # One bit depth for the set's undeclared 16-bit images, so every image is scaled alike (shared.images).
+    images = [d for d in decoded if isinstance(d, DecodedImage)]
+    bits = choose_bit_depth(images)
+    arrays = [scale_to_uint8(d, bits) if isinstance(d, DecodedImage) else d for d in decoded]
+    depth = [describe_bit_depths(images, bits)] if images else []
+    if dicom_bits:
+        depth.append(
+            "DICOM "
+            + ", ".join(f"Bits Stored {b}: {n}" for b, n in sorted(dicom_bits.items()))
+            + " (grey images scaled by their window, else min..max; colour by 255/(2^bits - 1))"
         )
 
     _check_sizes(source, kept, arrays)
@@ -569,25 +631,32 @@ def _load_entries(
     )
     splits = _split_site(source, dataset, kept, entries, skipped, notes, seed, test_fraction)
     fmt = "dicom" if windows and sum(windows.values()) == len(arrays) else container
-    return SiteData(splits, _report(source, fmt, splits, tuple(skipped), notes))
-
-
-def _check_known_labels(source: Path, carried: list[tuple[str, list[str]]], declared: tuple[str, ...]) -> None:
-    """DataError naming every site label outside the federation's `declared` names and where it occurs."""
-    unknown = [(label, where) for label, where in carried if label not in declared]
-    if not unknown:
-        return
-    lowered = {name.lower(): name for name in declared}
-    described = []
-    for label, where in unknown[:MAX_LISTED]:
-        hint = f", differs only in case from {lowered[label.lower()]!r}" if label.lower() in lowered else ""
-        described.append(f"{label!r} ({_listing(where, limit=3)}{hint})")
-    more = f" and {len(unknown) - MAX_LISTED} more" if len(unknown) > MAX_LISTED else ""
-    raise DataError(
-        f"{source}: {len(unknown)} label(s) not in the federation's label_names: {'; '.join(described)}{more}; "
-        f"allowed: {list(declared)}; fix: rename or correct these labels (names are case-sensitive), remove those "
-        "images, or have the federation add the class"
+    report = _report(
+        source, fmt, splits, tuple(skipped), notes, classes_from=classes_from, pixel_depth="; ".join(depth)
     )
+    return SiteData(splits, report)
+
+
+def _entry_label_names(
+    source: Path, container: str, entries: list[_Entry], found: list[str], declared: tuple[str, ...] | None
+) -> tuple[tuple[str, ...], str]:
+    """The classes of listed entries and where they came from: `declared` (all labels known) or derived."""
+    carriers = {label: _carriers(entries, label) for label in found}
+    if declared is not None:
+        check_known_labels(carriers, declared, source=str(source))
+        return declared, "declared (label-names)"
+    if container == "folder":
+        # Without declared classes, a folder name alone would make a class no image shows.
+        labelled = {e.label for e in entries}
+        empty = [name for name in found if name not in labelled]
+        if empty:
+            raise DataError(
+                f"image folder {source}: class folder(s) {empty} hold no image files; fix: add images, remove "
+                "the folder(s), or declare the classes (label-names) to train them with no examples here"
+            )
+    names = derive_label_names(carriers, source=str(source))
+    what = "class-folder names" if container == "folder" else "manifest labels"
+    return names, f"derived from the {what} (no label-names declared: the federation's must match)"
 
 
 def _carriers(entries: list[_Entry], label: str) -> list[str]:
@@ -652,7 +721,14 @@ def _split_site(
 
 
 def _report(
-    source: Path, fmt: str, splits: DataSplits, skipped: tuple[SkippedFile, ...], notes: list[str]
+    source: Path,
+    fmt: str,
+    splits: DataSplits,
+    skipped: tuple[SkippedFile, ...],
+    notes: list[str],
+    *,
+    classes_from: str,
+    pixel_depth: str,
 ) -> LoadReport:
     """The LoadReport of `splits`, with a note for declared classes that have no images in some split."""
     datasets = {"train": splits.train, "test": splits.test}
@@ -678,6 +754,8 @@ def _report(
         class_counts=class_counts,
         skipped=skipped,
         notes=tuple(notes),
+        classes_from=classes_from,
+        pixel_depth=pixel_depth,
     )
 
 
@@ -690,53 +768,49 @@ def _listing(items: list[str], *, limit: int = MAX_LISTED, sep: str = ", ") -> s
 # --- .npz ---------------------------------------------------------------------------------------------
 
 
-def _load_dataset_site(
-    source: str | Path, fmt: str, declared: tuple[str, ...] | None, *, seed: int, test_fraction: float
+def _load_array_site(
+    source: str | Path,
+    fmt: str,
+    declared: tuple[str, ...] | None,
+    *,
+    seed: int,
+    test_fraction: float,
+    require_test: bool,
 ) -> SiteData:
-    """A MedMNIST-style .npz or 'digits' via shared.data.load_dataset, its classes mapped onto the federation's."""
-    path = source if fmt == "digits" else Path(source)
-    splits = load_dataset(path, seed=seed, test_fraction=test_fraction)
-    if splits.test is None:
+    """A MedMNIST-style .npz or 'digits' as a site, its classes mapped onto the federation's declared ones."""
+    if fmt == DIGITS:
+        path, data = DIGITS, NpzSplits(load_digits_splits(seed=seed, test_fraction=test_fraction), FILE)
+    else:
+        path = Path(source)
+        data = read_npz(path)
+    if data.splits.test is None and require_test:
         raise DataError(f"{path}: 'test_images' is empty; a site needs test images; fix: add a test split")
-    notes = []
-    if declared is not None:
-        if fmt == "digits":
-            named = True  # its classes are named "0".."9"
-        else:
-            with np.load(path, allow_pickle=False) as npz:
-                named = "label_names" in npz.files
-        own = splits.train.label_names
-        if named:
-            used = sorted(set(splits.train.labels.tolist()) | set(splits.test.labels.tolist()))
-            carried = [(own[k], [f"label index {k}"]) for k in used]
-            _check_known_labels(path, carried, declared)
-            mapping = np.array([declared.index(n) if n in declared else -1 for n in own], dtype=np.int64)
-        else:
-            largest = max(int(splits.train.labels.max()), int(splits.test.labels.max(initial=0)))
-            if largest >= len(declared):
-                raise DataError(
-                    f"{path}: label {largest} is outside the federation's {len(declared)} classes {list(declared)}; "
-                    "the .npz has no 'label_names' key, so labels are read as indices into label_names; fix: "
-                    "save label_names in the .npz, or check that the site and the federation use the same classes"
-                )
-            mapping = np.arange(len(own), dtype=np.int64)
-            notes.append("labels read as indices into label_names (the .npz has no 'label_names' key)")
-        splits = DataSplits(
-            train=ImageDataset(
-                splits.train.images, mapping[splits.train.labels], declared, splits.train.source, splits.train.groups
-            ),
-            test=ImageDataset(
-                splits.test.images, mapping[splits.test.labels], declared, splits.test.source, splits.test.groups
-            ),
-        )
-    return SiteData(splits, _report(Path(path), fmt, splits, (), notes))
+    if declared is None:
+        splits, notes = data.splits, list(data.notes)
+        if len(splits.train.label_names) < MIN_CLASSES:
+            raise DataError(
+                f"{path}: every label is 0 and the file names no classes, so the data has one class; a classifier "
+                f"needs at least {MIN_CLASSES} (one class trains to accuracy 1.0 and learns nothing, while charging "
+                "epsilon); fix: use data with the other classes, or declare the federation's classes (label-names)"
+            )
+        classes_from = {
+            FILE: "the .npz's label_names" if fmt == "npz" else "digits 0..9",
+            MEDMNIST: "MedMNIST's documentation (not in the file)",
+            INDICES: "the label indices (the .npz has no names)",
+        }[data.names_from]
+    else:
+        splits, notes = map_onto_label_names(data, declared, source=str(path))
+        classes_from = "declared (label-names)"
+    images = "uint8 arrays in the .npz" if fmt == "npz" else "sklearn digits 0..16 scaled to 0..255"
+    report = _report(Path(path), fmt, splits, (), notes, classes_from=classes_from, pixel_depth=f"8-bit ({images})")
+    return SiteData(splits, report)
 
 
 # --- DICOM --------------------------------------------------------------------------------------------
 
 
-def _read_dicom(path: Path, window: tuple[float, float] | None) -> tuple[np.ndarray, str]:
-    """load_dicom_file's image and where its window came from: 'file', 'override', 'min-max' or 'colour'."""
+def _read_dicom(path: Path, window: tuple[float, float] | None) -> tuple[np.ndarray, str, int]:
+    """load_dicom_file's image, its window's origin ('file', 'override', 'min-max', 'colour') and Bits Stored."""
     override = _check_window(window) if window is not None else None
     if not path.is_file():
         raise DataError(f"DICOM file {path} does not exist or is not a file; fix: check the path")
@@ -780,7 +854,8 @@ def _read_dicom(path: Path, window: tuple[float, float] | None) -> tuple[np.ndar
     if photometric not in GREY_PHOTOMETRICS:
         if pixels.ndim != 3 or pixels.shape[-1] != 3:
             raise DataError(f"DICOM file {path} is {photometric} but its pixels have shape {pixels.shape}")
-        return _colour_to_uint8(pixels, int(ds.get("BitsStored", 8))), "colour"
+        bits = int(ds.get("BitsStored", 8))
+        return _colour_to_uint8(pixels, bits), "colour", bits
     if pixels.ndim != 2:
         raise DataError(
             f"DICOM file {path} is {photometric} but its pixels have shape {pixels.shape}, expected (rows, columns); "
@@ -794,7 +869,7 @@ def _read_dicom(path: Path, window: tuple[float, float] | None) -> tuple[np.ndar
     image = np.round(scaled * 255.0).astype(np.uint8)
     if photometric == "MONOCHROME1":  # MONOCHROME1: minimum value is white; flip so high = bright
         image = 255 - image
-    return image, origin
+    return image, origin, int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
 
 
 def _check_window(window: tuple[float, float]) -> tuple[float, float]:

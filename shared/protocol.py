@@ -1,11 +1,20 @@
-"""What the server tells a site each round, as plain dataclasses <-> kebab-case config mappings."""
+"""What the server tells a site each round, derived from the run config, and its one wire codec.
+
+`RoundSettings` and `SimulationSettings` list what a site needs; every field that the run config
+(`RunConfig`) also has takes the run config's value (`for_run`), so a new run-config key a site must
+see is one line here and nothing else. On the wire each field is a kebab-case ConfigRecord entry; a
+`float | None` field is None ("auto": the site plans it) and travels as the string "auto".
+"""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
+from fedtl.shared.config import AUTO, RunConfig, fedtl_home
 from fedtl.shared.errors import ReplyError
 
 T = TypeVar("T")
@@ -13,13 +22,13 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class RoundSettings:
-    """The training/evaluation settings a site receives with every train or evaluate message."""
+    """The training/evaluation settings a site receives with every message of a run."""
 
     run_id: str
     num_rounds: int
     backbone_name: str
     backbone_fingerprint: str
-    image_size: int
+    image_size: int  # resolved: the backbone's own size when the run config says 0
     head: str
     head_hidden: int
     num_classes: int
@@ -28,7 +37,7 @@ class RoundSettings:
     batch_size: int
     learning_rate: float
     max_grad_norm: float
-    noise_multiplier: float  # < 0: derive from target_epsilon over num_rounds
+    noise_multiplier: float | None  # None: the site derives it from target-epsilon over the run ("auto")
     target_epsilon: float
     target_delta: float
     accountant: str
@@ -40,9 +49,36 @@ class RoundSettings:
     finetune_epochs: int  # local DP-SGD epochs of the finetune phase (planned into the run's noise)
     # Deeper fine-tuning (shared/deep.py): the last `trainable_blocks` backbone blocks train with the head,
     # fully or through LoRA adapters of rank `lora_rank`; 0 and 0: the head alone on cached features.
-    trainable_blocks: int = 0
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
+    trainable_blocks: int
+    lora_rank: int
+    lora_alpha: float
+    projection_dim: int  # closed-form head: the public projection of the features (0: none)
+
+    @classmethod
+    def for_run(
+        cls,
+        cfg: RunConfig,
+        *,
+        run_id: str,
+        backbone_fingerprint: str,
+        image_size: int,
+        label_names: tuple[str, ...],
+    ) -> RoundSettings:
+        """Return the settings of run `run_id`: the run config's fields by name, plus what the server resolved."""
+        given = {
+            "run_id": run_id,
+            "backbone_name": cfg.backbone,
+            "backbone_fingerprint": backbone_fingerprint,
+            "image_size": image_size,
+            "num_classes": len(label_names),
+            "label_names": json.dumps(list(label_names)),
+        }
+        return cls(**_from_run_config(cls, cfg, given))
+
+    @property
+    def label_name_list(self) -> list[str]:
+        """Return the federation's classes in order."""
+        return list(json.loads(self.label_names))
 
 
 @dataclass(frozen=True)
@@ -59,10 +95,31 @@ class SimulationSettings:
     cache_root: str  # backbones and features, kept across runs
     audit_canaries: int = 0  # site 0 adds this many audit canaries to its training split (client/canaries.py)
 
+    @classmethod
+    def for_run(cls, cfg: RunConfig, *, run_dir: Path) -> SimulationSettings:
+        """Return the simulation settings of a run whose folder is `run_dir`."""
+        given = {"site_root": str((run_dir / "sites").resolve()), "cache_root": str(fedtl_home() / "sim-sites")}
+        return cls(**_from_run_config(cls, cfg, given))
+
+
+def _from_run_config(cls: type, cfg: RunConfig, given: dict[str, Any]) -> dict[str, Any]:
+    """Return the keyword arguments of `cls`: `given`, and every other field from the run config's same-named field."""
+    values = dict(given)
+    for f in fields(cls):
+        if f.name not in values:
+            values[f.name] = getattr(cfg, f.name)  # AttributeError here: a field the run config lacks
+    return values
+
 
 def encode(settings: Any) -> dict[str, Any]:
-    """Return a dataclass as a kebab-case mapping fit for a Flower ConfigRecord."""
-    return {f.name.replace("_", "-"): getattr(settings, f.name) for f in fields(settings)}
+    """Return a dataclass as a kebab-case mapping fit for a Flower ConfigRecord (None travels as "auto")."""
+    return {
+        f.name.replace("_", "-"): AUTO if getattr(settings, f.name) is None else getattr(settings, f.name)
+        for f in fields(settings)
+    }
+
+
+_WIRE_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
 
 
 def decode(cls: type[T], values: Mapping[str, Any], *, what: str = "message config") -> T:
@@ -79,12 +136,18 @@ def decode(cls: type[T], values: Mapping[str, Any], *, what: str = "message conf
                 f"malformed {what}: key `{key}` is missing; sender and receiver run different fedtl versions?"
             )
         value = values[key]
-        expected = {"int": int, "float": (int, float), "str": str, "bool": bool}[str(f.type)]
-        if not isinstance(value, expected) or (str(f.type) in ("int", "float") and isinstance(value, bool)):
-            raise ReplyError(f"malformed {what}: `{key}` should be {f.type}, got {value!r}")
-        if str(f.type) == "float" and not math.isfinite(value):
+        kind = str(f.type)
+        optional = kind.endswith(" | None")
+        if optional and value == AUTO:
+            kwargs[f.name] = None
+            continue
+        base = kind.removesuffix(" | None")
+        if not isinstance(value, _WIRE_TYPES[base]) or (base in ("int", "float") and isinstance(value, bool)):
+            allowed = f'{base} or "{AUTO}"' if optional else base
+            raise ReplyError(f"malformed {what}: `{key}` should be {allowed}, got {value!r}")
+        if base == "float" and not math.isfinite(value):
             raise ReplyError(f"malformed {what}: `{key}` must be a finite number, got {value!r}")
-        kwargs[f.name] = float(value) if str(f.type) == "float" else value
+        kwargs[f.name] = float(value) if base == "float" else value
     return cls(**kwargs)
 
 

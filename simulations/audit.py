@@ -9,7 +9,7 @@ data, features through the model's own backbone); the run folder, when present, 
 the shadow models need.
 
 Attacks: loss threshold (Yeom et al. 2018) and LiRA (Carlini et al. 2022) with shadow heads. Each is
-summarised by AUC, TPR at 1% and 0.1% FPR and an empirical epsilon lower bound (shared/audit.py). A run
+summarised by AUC, TPR at 1% and 0.1% FPR and an empirical epsilon lower bound (simulations/attacks.py). A run
 with `audit-canaries` also gets the one-run canary bound (Steinke, Nasr & Jagielski 2023) on site 0, the
 only bound here that is rigorous for a single training run.
 """
@@ -31,8 +31,15 @@ import torch
 from fedtl.client.canaries import CANARY_SITE, draw_canaries
 from fedtl.server.model_file import AdaptedModel, load_model
 from fedtl.server.predict import load_model_backbone
-from fedtl.server.server_app import Backbone
-from fedtl.shared.audit import (
+from fedtl.server.setup import Backbone
+from fedtl.shared.backbones import backbone_state_dict
+from fedtl.shared.config import RunConfig
+from fedtl.shared.errors import ConfigError, DataError, ModelFileError
+from fedtl.shared.features import extract_features
+from fedtl.shared.files import atomic_write_bytes
+from fedtl.shared.loaders import load_site_dataset
+from fedtl.shared.protocol import jsonable
+from fedtl.simulations.attacks import (
     LOW_FPRS,
     AttackResult,
     OneRunAudit,
@@ -43,14 +50,7 @@ from fedtl.shared.audit import (
     shadow_assignments,
     summarize_attack,
 )
-from fedtl.shared.backbones import backbone_state_dict
-from fedtl.shared.config import RunConfig
-from fedtl.shared.errors import ConfigError, DataError, ModelFileError
-from fedtl.shared.features import extract_features
-from fedtl.shared.files import atomic_write_bytes
-from fedtl.shared.loaders import load_site_dataset
-from fedtl.shared.protocol import jsonable
-from fedtl.simulations.baselines import LabFederation, load_lab_federation, train_baseline_head
+from fedtl.simulations.baselines import LabFederation, lab_settings, load_lab_federation, train_baseline_head
 
 log = logging.getLogger(__name__)
 
@@ -293,16 +293,16 @@ def simulated_sets(cfg: RunConfig, *, num_sites: int) -> AuditSets:
         if central is None:
             raise ConfigError("the run has audit canaries but its data has no server test split to rebuild them from")
         drawn = draw_canaries(central.labels, lab.num_classes, count=cfg.audit_canaries, seed=cfg.seed)
-        canaries = CanaryFeatures(central.features[drawn.indices], drawn.labels, drawn.included)
+        canaries = CanaryFeatures(central.inputs[drawn.indices], drawn.labels, drawn.included)
         member_x[CANARY_SITE], member_y[CANARY_SITE] = _strip_canaries(
             member_x[CANARY_SITE], member_y[CANARY_SITE], canaries
         )
         keep = np.ones(len(central.labels), dtype=bool)
         keep[drawn.indices] = False
-        non_x.append(central.features[keep])
+        non_x.append(central.inputs[keep])
         non_y.append(central.labels[keep])
     elif central is not None:
-        non_x.append(central.features)
+        non_x.append(central.inputs)
         non_y.append(central.labels)
     held_out = " + the server's held-out set" if central is not None else ""
     return AuditSets(
@@ -366,7 +366,7 @@ def operator_sets(
     if cfg is not None:
         state = backbone_state_dict(backbone)
         spec = Backbone(model.backbone_name, model.backbone_fingerprint, state, model.feature_dim, model.preprocessing)
-        lab = LabFederation(cfg, spec, model.label_names, [], None)
+        lab = LabFederation(cfg, spec, model.label_names, *lab_settings(cfg, spec, model.label_names), [], None)
     return AuditSets(
         sets[0][0], sets[0][1], sets[1][0], sets[1][1], f"members: {members}; non-members: {non_members}", lab
     )

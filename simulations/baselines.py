@@ -8,14 +8,15 @@ site's test split; a negative gain is negative transfer (the federation hurt tha
 
 The baselines read the simulated sites' cached features through the same site code the ClientApp
 uses (so they see exactly the sites' partitions, and extract nothing twice), and train heads with
-the sites' own DP-SGD loop. They are lab computations on one machine: no site ledger is charged,
-and their epsilon is computed directly with the same accountant.
+the sites' own DP-SGD loop. Each baseline head is a lab site of its own with a scratch ledger: its
+centre release and its DP-SGD steps go through the sites' one release path (client/release.py), so
+its noise and epsilon are planned and accounted exactly as a site's; no real site's ledger is charged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,23 +24,20 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from fedtl.client.site import SIMULATION_ENV, BackboneStore, load_site_features, resolve_site
-from fedtl.client.training import evaluate_head, steps_per_epoch, train_head
-from fedtl.server.server_app import (
-    Backbone,
-    CentralEvaluation,
-    federation_label_names,
-    load_server_backbone,
-    round_config,
-    run_centering_noise,
-)
+from fedtl.client.centering import release_feature_sum
+from fedtl.client.inputs import SiteInputs, load_site_inputs
+from fedtl.client.site import BackboneStore, Site, resolve_site
+from fedtl.client.solvers.dp_sgd import charged_training
+from fedtl.client.training import evaluate_model
+from fedtl.server.centering import run_centering_noise
+from fedtl.server.evaluation import CentralEvaluation
+from fedtl.server.setup import Backbone, federation_label_names, load_server_backbone, load_server_data
 from fedtl.shared import constants as k
 from fedtl.shared.centering import MAX_CENTER_NOISE_NORM, center_noise_norm
-from fedtl.shared.config import AUTO, RunConfig
-from fedtl.shared.data import load_dataset
-from fedtl.shared.heads import Head, build_head, head_arrays, load_head_arrays, normalize_features
-from fedtl.shared.privacy import PrivacyStep, compute_epsilon, find_noise_multiplier
-from fedtl.shared.protocol import RoundSettings, SimulationSettings, decode
+from fedtl.shared.config import RunConfig
+from fedtl.shared.heads import Head, build_head, head_arrays, load_head_arrays
+from fedtl.shared.protocol import RoundSettings, SimulationSettings
+from fedtl.simulations.federation import simulated_sites
 
 MAJORITY = "majority"
 CENTRAL = "central"
@@ -71,6 +69,8 @@ class LabFederation:
     cfg: RunConfig
     backbone: Backbone
     label_names: tuple[str, ...]
+    settings: RoundSettings  # what the simulated sites were sent (their features' cut, the run's schedule)
+    simulation: SimulationSettings
     sites: list[LabSite]
     central: CentralEvaluation | None  # the server's held-out test set, when the data has one
 
@@ -98,30 +98,34 @@ def load_lab_federation(cfg: RunConfig, num_sites: int) -> LabFederation:
     The backbone is installed in a site's cache when missing, as the ServerApp would send it.
     """
     backbone = load_server_backbone(cfg)
-    splits = load_dataset(cfg.data, seed=cfg.seed, test_fraction=cfg.test_fraction)
+    splits = load_server_data(cfg)
     label_names = federation_label_names(cfg, splits)
-    with tempfile.TemporaryDirectory(prefix="fedtl-lab-") as tmp:
-        config = round_config(cfg, backbone, label_names, run_id="lab-baselines", run_dir=Path(tmp))
-    settings = decode(RoundSettings, config)
-    simulation = decode(SimulationSettings, config, what="simulation config")
-    previous = os.environ.get(SIMULATION_ENV)
-    os.environ[SIMULATION_ENV] = "1"
-    try:
-        sites = []
+    settings, simulation = lab_settings(cfg, backbone, label_names)
+    sites = []
+    with simulated_sites():
         for pid in range(num_sites):
             site = resolve_site({k.PARTITION_ID: pid, k.NUM_PARTITIONS: num_sites}, simulation)
             _install(site.backbones, backbone)
-            feats = load_site_features(site, settings, progress=False)
-            sites.append(
-                LabSite(site.name, feats.train_features, feats.train_labels, feats.test_features, feats.test_labels)
-            )
-    finally:
-        if previous is None:
-            os.environ.pop(SIMULATION_ENV, None)
-        else:
-            os.environ[SIMULATION_ENV] = previous
+            inputs = load_site_inputs(site, settings, progress=False)
+            sites.append(LabSite(site.name, inputs.train_x, inputs.train_y, inputs.test_x, inputs.test_y))
     central = CentralEvaluation(cfg, backbone, splits.test, label_names) if splits.test is not None else None
-    return LabFederation(cfg, backbone, label_names, sites, central)
+    return LabFederation(cfg, backbone, label_names, settings, simulation, sites, central)
+
+
+def lab_settings(
+    cfg: RunConfig, backbone: Backbone, label_names: tuple[str, ...]
+) -> tuple[RoundSettings, SimulationSettings]:
+    """Return what the simulated sites of `cfg` are sent (the lab reads their caches and trains as they do)."""
+    settings = RoundSettings.for_run(
+        cfg,
+        run_id="lab-baselines",
+        backbone_fingerprint=backbone.fingerprint,
+        image_size=backbone.preprocessing.image_size,
+        label_names=label_names,
+    )
+    with tempfile.TemporaryDirectory(prefix="fedtl-lab-") as tmp:  # no run folder: the lab writes no site state
+        simulation = SimulationSettings.for_run(cfg, run_dir=Path(tmp))
+    return settings, simulation
 
 
 def _install(store: BackboneStore, backbone: Backbone) -> None:
@@ -133,7 +137,7 @@ def site_accuracies(lab: LabFederation, arrays: dict[str, np.ndarray]) -> dict[s
     """Return the accuracy of one head (`arrays`) on every site's local test split."""
     head = _head(lab)
     load_head_arrays(head, arrays, source="a run's model")
-    return {s.name: evaluate_head(head, s.test_features, s.test_labels)[k.ACCURACY] for s in lab.sites}
+    return {s.name: evaluate_model(head, s.test_features, s.test_labels)[k.ACCURACY] for s in lab.sites}
 
 
 def pooled_accuracy(lab: LabFederation, per_site: dict[str, float]) -> float:
@@ -157,7 +161,7 @@ def run_baselines(lab: LabFederation, *, epsilons: list[float], seed: int) -> li
         per_site, spent = {}, 0.0
         for i, s in enumerate(lab.sites):
             alone = train_baseline_head(lab, s.train_features, s.train_labels, target_epsilon=eps, seed=seed + 7919 * i)
-            per_site[s.name] = evaluate_head(alone.head, s.test_features, s.test_labels)[k.ACCURACY]
+            per_site[s.name] = evaluate_model(alone.head, s.test_features, s.test_labels)[k.ACCURACY]
             spent = max(spent, alone.epsilon)
         out.append(BaselineScore(LOCAL, eps, math.nan, math.nan, pooled_accuracy(lab, per_site), per_site, spent))
     return out
@@ -177,59 +181,41 @@ def train_baseline_head(
     """Train one head on (features, labels) as a single site of the run would, over the run's whole schedule.
 
     The schedule is the federation's: `num-rounds x local-epochs` epochs at its batch size, learning
-    rate and clipping. With a target epsilon, the feature centre is one Gaussian release (the sites'
-    feature-sum mechanism) and DP-SGD's noise is derived so that both together spend exactly the
-    target; without one, the exact mean and plain SGD (the non-private baseline).
+    rate and clipping. With a target epsilon, the feature centre is one noised release (the server's
+    noise rule and its "too noisy: no centre" rule) and DP-SGD's noise is planned so that both together
+    spend at most the target, through the sites' release path with a scratch ledger (seeded by `seed`);
+    without one, the exact mean and plain SGD (the non-private baseline).
     """
     cfg = lab.cfg
     head = _head(lab, seed=cfg.seed)
     epochs = cfg.num_rounds * cfg.local_epochs
-    sample_rate, per_epoch = steps_per_epoch(len(labels), cfg.batch_size)
-    rng = np.random.default_rng(seed)
-    unit = normalize_features(features).astype(np.float64)  # (N, D), rows of norm 1: sensitivity 1
-    history: list[PrivacyStep] = []
-    if target_epsilon is None:
-        center = unit.mean(axis=0)
-        noise = None
-    else:
-        sigma = run_centering_noise(cfg.replace(target_epsilon=target_epsilon)) if cfg.feature_centering else None
-        center = np.zeros(unit.shape[1])
-        if sigma is not None:  # the sites' release: same noise rule, same "too noisy: no centre" rule
-            center = (unit.sum(axis=0) + rng.normal(0.0, sigma, size=unit.shape[1])) / len(unit)
-            history.append(PrivacyStep(sigma, 1.0, 1))
-            noise_norm = center_noise_norm(noise_multiplier=sigma, dim=unit.shape[1], num_sites=1, count=len(unit))
-            if noise_norm > MAX_CENTER_NOISE_NORM:
-                center = np.zeros_like(center)
-        if cfg.noise_multiplier == AUTO:
-            noise = find_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=cfg.target_delta,
-                sample_rate=sample_rate,
-                steps=per_epoch * epochs,
-                history=history,
-                accountant=cfg.accountant,
-            )
-        else:
-            noise = float(cfg.noise_multiplier)
-    arrays = head_arrays(head)
-    if cfg.feature_centering:
-        arrays["center"] = center.astype(np.float32)
-        load_head_arrays(head, arrays, source="the baseline's feature centre")
-    train_head(
-        head,
-        features,
-        labels,
-        epochs=epochs,
-        batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
-        max_grad_norm=cfg.max_grad_norm,
-        noise_multiplier=noise,
+    private = target_epsilon is not None
+    settings = dataclasses.replace(
+        lab.settings,
+        run_id=f"baseline-{seed}",
+        num_rounds=1,
+        local_epochs=epochs,
+        personalization="none",
+        non_private=not private,
+        target_epsilon=target_epsilon if private else lab.settings.target_epsilon,
         seed=seed,
     )
-    if noise is None:
-        return BaselineHead(head, math.inf)
-    history.append(PrivacyStep(noise, sample_rate, per_epoch * epochs))
-    return BaselineHead(head, compute_epsilon(history, delta=cfg.target_delta, accountant=cfg.accountant))
+    with tempfile.TemporaryDirectory(prefix="fedtl-baseline-") as tmp:
+        site = Site(name="baseline", state_dir=Path(tmp), cache_dir=Path(tmp), data="", simulation=lab.simulation)
+        arrays = head_arrays(head)
+        if cfg.feature_centering:
+            sigma = run_centering_noise(cfg.replace(target_epsilon=target_epsilon)) if private else 0.0
+            center = np.zeros(features.shape[1], dtype=np.float32)
+            if sigma is not None:  # the sites' release: same noise rule, same "too noisy: no centre" rule
+                total, count, _ = release_feature_sum(site, settings, features, noise_multiplier=sigma)
+                noise_norm = center_noise_norm(noise_multiplier=sigma, dim=len(total), num_sites=1, count=count)
+                if noise_norm <= MAX_CENTER_NOISE_NORM:
+                    center = total / count
+            arrays["center"] = center.astype(np.float32)
+            load_head_arrays(head, arrays, source="the baseline's feature centre")
+        inputs = SiteInputs(features, labels, features[:0], labels[:0], lab.label_names, 0)
+        _, epsilon, _ = charged_training(site, settings, head, inputs, server_round=1, epochs=epochs, what="training")
+    return BaselineHead(head, epsilon if private else math.inf)
 
 
 def _head(lab: LabFederation, seed: int = 0) -> Head:

@@ -13,8 +13,9 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedtl.client.site import SIMULATION_ENV
-from fedtl.server.server_app import run_federation
+from fedtl.server.app import run_federation
 from fedtl.shared.config import RunConfig
+from fedtl.shared.data import check_federation_data
 from fedtl.shared.errors import ConfigError
 
 
@@ -60,13 +61,28 @@ AppFactory = Callable[[RunConfig, "Path | None"], FederationApp]
 
 
 def simulated_config(cfg: RunConfig, num_sites: int) -> RunConfig:
-    """Return `cfg` for `num_sites` simulated sites: every one of them must join before the run starts.
+    """Return `cfg` for `num_sites` simulated sites, after checking their data: every site must join first.
+
+    The data is checked here, before any engine starts or any site is charged: its classes (declared or
+    derived once), its images, and that every site's share can be split (shared/data.check_federation_data).
 
     Raises:
         ConfigError: `num_sites` < 1.
+        DataError: the data cannot make this federation (the message names the input and the fix).
     """
     if num_sites < 1:
         raise ConfigError(f"`sites` must be >= 1, got {num_sites}")
+    if cfg.data and not cfg.resume:
+        check_federation_data(
+            cfg.data,
+            label_names=cfg.label_name_list,
+            num_sites=num_sites,
+            partition=cfg.partition,
+            seed=cfg.seed,
+            test_fraction=cfg.test_fraction,
+            local_test_fraction=cfg.local_test_fraction,
+            permuted_label_sites=cfg.permuted_label_site_ids,
+        )
     return cfg.replace(min_available_nodes=num_sites)
 
 

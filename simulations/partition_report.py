@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedtl.server.setup import load_server_data
 from fedtl.shared.config import RunConfig
-from fedtl.shared.data import load_dataset
 from fedtl.shared.files import atomic_write_bytes
 from fedtl.shared.partitioners import PartitionCounts, count_partitions, format_partition_counts, partition_indices
 
@@ -17,7 +17,7 @@ def describe_partition(cfg: RunConfig, num_sites: int) -> list[PartitionCounts]:
 
     These are the partitions before each site splits off its local test set (site_split).
     """
-    splits = load_dataset(cfg.data, seed=cfg.seed, test_fraction=cfg.test_fraction)
+    splits = load_server_data(cfg)
     train = splits.train
     parts = partition_indices(train.labels, num_sites, scheme=cfg.partition, seed=cfg.seed, groups=train.groups)
     return count_partitions(train.labels, parts, len(train.label_names))
@@ -33,5 +33,5 @@ def write_partition_report(cfg: RunConfig, num_sites: int, summary: dict[str, An
         "sites": [{"site": f"site-{r.partition_id}", **r.to_row()} for r in rows],
     }
     atomic_write_bytes(Path(summary["run-dir"]) / "partition.json", json.dumps(payload, indent=1).encode())
-    splits = load_dataset(cfg.data, seed=cfg.seed, test_fraction=cfg.test_fraction)
+    splits = load_server_data(cfg)
     return format_partition_counts(rows, tuple(splits.train.label_names))

@@ -43,12 +43,15 @@ from fedtl.shared.errors import ConfigError
 from fedtl.shared.metrics import majority_rate
 from fedtl.shared.partitioners import parse_partition
 from fedtl.simulations import baselines as bl
+from fedtl.simulations.engine import simulate
+from fedtl.simulations.inprocess import run_inprocess
 from fedtl.simulations.sweep_report import negative_transfer_lines, write_report
 from fedtl.simulations.sweep_tables import (
     RESULTS_COLUMNS,
     ROUNDS_COLUMNS,
     SITE_ROUNDS_COLUMNS,
     SITES_COLUMNS,
+    read_table,
     write_table,
 )
 
@@ -257,11 +260,7 @@ def _run_cell(
 def execute(cfg: RunConfig, *, num_sites: int, executor: str) -> dict[str, Any]:
     """Run one federation with the chosen executor and return its summary."""
     if executor == "inprocess":
-        from fedtl.simulations.inprocess import run_inprocess
-
         return run_inprocess(cfg, num_sites=num_sites)
-    from fedtl.simulations.engine import simulate
-
     return simulate(cfg, num_sites=num_sites)
 
 
@@ -411,6 +410,4 @@ def _write_tables(out_dir: Path, tables: SweepTables) -> None:
 
 def sweep_negative_transfer(out_dir: Path) -> list[str]:
     """Return the CLI's lines naming every site with negative transfer in a finished sweep."""
-    from fedtl.simulations.sweep_tables import read_table
-
     return negative_transfer_lines(read_table(out_dir / "sites.csv"))

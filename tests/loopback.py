@@ -1,4 +1,5 @@
-"""A real Flower deployment on loopback for tests: SuperLink (TLS + SuperNode auth), SuperNodes, `flwr run`.
+"""A real Flower deployment on loopback for tests: SuperLink (TLS + SuperNode auth) behind its Fleet front,
+SuperNodes started with `fedtl site start` (the repository's app approved at each site), `flwr run`.
 
 Every process is started in its own session and stopped by PID, together with every process it
 started (collected from /proc before anything is killed, so nothing is orphaned unseen).
@@ -6,6 +7,7 @@ started (collected from /proc before anything is killed, so nothing is orphaned 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -16,7 +18,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedtl.shared.certs import generate_certificates, generate_supernode_keys
+from fedtl.client.approval import approve_app, build_fab
+from fedtl.client.policy import load_policy
+from fedtl.server.certs import generate_certificates, generate_supernode_keys
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -28,6 +32,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@functools.cache
+def repository_fab() -> bytes:
+    """Return the FAB `flwr run` ships from the repository (built once per session)."""
+    return build_fab(REPO_ROOT)
 
 
 def descendants(pid: int) -> list[int]:
@@ -79,7 +89,8 @@ class Loopback:
     """One SuperLink with TLS and SuperNode authentication, and the SuperNodes of named sites."""
 
     root: Path
-    port: int = field(default_factory=free_port)
+    port: int = field(default_factory=free_port)  # the public Fleet front: what sites dial
+    control_port: int = field(default_factory=free_port)  # the SuperLink itself, on loopback: the operator's flwr
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -89,7 +100,7 @@ class Loopback:
         self.flwr_home.mkdir(exist_ok=True)
         (self.flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.certs.ca_cert}"\n'
+            f'address = "127.0.0.1:{self.control_port}"\nroot-certificates = "{self.certs.ca_cert}"\n'
         )
         self.env = {
             **os.environ,
@@ -114,25 +125,27 @@ class Loopback:
         return (self.root / f"{name}.log").read_text(errors="replace")
 
     def start_superlink(self) -> None:
-        """Start the SuperLink (TLS, SuperNode auth) and wait until it accepts connections."""
+        """Start the SuperLink (TLS, SuperNode auth) and its Fleet front; wait until both accept connections."""
         self._start(
             "superlink",
             [
-                str(BIN / "fedtl"), "server", "start",  # flower-superlink with TLS and SuperNode auth
+                str(BIN / "fedtl"), "server", "start",  # flower-superlink on loopback, the Fleet API outside
                 "--certs", str(self.certs.ca_cert.parent),
                 "--host", "127.0.0.1",
                 "--port", str(self.port),
+                "--control-port", str(self.control_port),
             ],
         )  # fmt: skip
-        deadline = time.time() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            except OSError:
-                assert self.procs["superlink"].poll() is None, self.log("superlink")
-                assert time.time() < deadline, "SuperLink did not listen within 60 s:\n" + self.log("superlink")
-                time.sleep(0.3)
+        deadline = time.time() + 120
+        for port in (self.control_port, self.port):
+            while True:
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=1):
+                        break
+                except OSError:
+                    assert self.procs["superlink"].poll() is None, self.log("superlink")
+                    assert time.time() < deadline, f"port {port} not listening in 120 s:\n" + self.log("superlink")
+                    time.sleep(0.3)
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """Run the `flwr` CLI against this SuperLink."""
@@ -140,8 +153,10 @@ class Loopback:
             [str(BIN / "flwr"), *args], env=self.env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT
         )
 
-    def start_site(self, name: str, policy: Path) -> None:
-        """Register a key pair for site `name` with the SuperLink, then start its SuperNode on the policy."""
+    def start_site(self, name: str, policy: Path, approve: bool = True) -> None:
+        """Register a key pair for site `name`, approve the repository's app there, start its SuperNode."""
+        if approve:  # what `fedtl site approve --policy POLICY REPO --yes` does, without a process per site
+            approve_app(load_policy(policy).state_dir, repository_fab())
         ((key, pub),) = generate_supernode_keys(self.root / "keys", [name]).values()
         done = self.flwr("supernode", "register", str(pub), CONNECTION)
         assert done.returncode == 0, done.stdout + done.stderr

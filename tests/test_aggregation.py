@@ -250,7 +250,7 @@ def test_replies_with_other_records_or_metric_keys_are_rejected_before_flower_se
 
 
 def test_implausible_feature_sums_are_refused(flower_identity):
-    from fedtl.server.server_app import _check_feature_sum
+    from fedtl.server.centering import _check_feature_sum
 
     def reply(total, n):
         content = RecordDict(

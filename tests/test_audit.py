@@ -13,12 +13,18 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
+from fedtl.cli.main import main
 from fedtl.client.canaries import CANARY_SITE, add_canaries, draw_canaries
 from fedtl.client.policy import PolicyRefusal, load_policy
-from fedtl.client.rounds import train_round
 from fedtl.client.site import site_from_policy
-from fedtl.client.training import steps_per_epoch, train_head
-from fedtl.shared.audit import (
+from fedtl.client.solvers.dp_sgd import train_round
+from fedtl.client.training import steps_per_epoch, train_model
+from fedtl.shared.backbones import backbone_state_dict, build_backbone, fingerprint_state_dict
+from fedtl.shared.data import load_dataset, site_split
+from fedtl.shared.errors import ConfigError
+from fedtl.shared.heads import build_head, head_arrays
+from fedtl.shared.privacy import PrivacyStep, compute_epsilon, find_noise_multiplier
+from fedtl.simulations.attacks import (
     BONFERRONI,
     SPLIT,
     clopper_pearson,
@@ -34,13 +40,7 @@ from fedtl.shared.audit import (
     shadow_assignments,
     tpr_at_fpr,
 )
-from fedtl.shared.backbones import backbone_state_dict, build_backbone, fingerprint_state_dict
-from fedtl.shared.data import load_dataset, site_split
-from fedtl.shared.errors import ConfigError
-from fedtl.shared.heads import build_head, head_arrays
-from fedtl.shared.privacy import PrivacyStep, compute_epsilon, find_noise_multiplier
 from fedtl.simulations.audit import head_logits
-from fedtl.simulations.cli import main
 
 DELTA = 1e-5
 
@@ -191,8 +191,8 @@ def test_loss_attack_on_an_overfit_non_private_head_beats_chance_clearly():
     x, y = _blobs(40, rng, dim=64)  # 40 examples in 64 dimensions: a linear head can fit every one
     x_out, y_out = _blobs(200, rng, dim=64)
     head = build_head("linear", 64, 4)
-    train_head(
-        head, x, y, epochs=100, batch_size=40, learning_rate=4.0, max_grad_norm=1.0, noise_multiplier=None, seed=0
+    train_model(  # non-private: no clipping, no noise
+        head, x, y, epochs=100, batch_size=40, learning_rate=4.0, max_grad_norm=None, noise_multiplier=0.0, seed=0
     )
     members, non_members = loss_scores(head_logits(head, x), y), loss_scores(head_logits(head, x_out), y_out)
     assert roc_auc(members, non_members) > 0.8
@@ -212,8 +212,16 @@ def _train_with_canaries(noise_multiplier: float | None, *, seed: int = 0):
     train_x, train_y = np.concatenate([x, cx[included]]), np.concatenate([y, wrong[included]])
     x_out, y_out = _blobs(200, rng, dim=CANARY_DIM)
     head = build_head("linear", CANARY_DIM, 4)
-    kwargs = dict(epochs=CANARY_EPOCHS, batch_size=CANARY_BATCH, learning_rate=4.0, max_grad_norm=1.0, seed=seed)
-    result = train_head(head, train_x, train_y, noise_multiplier=noise_multiplier, **kwargs)
+    kwargs = dict(epochs=CANARY_EPOCHS, batch_size=CANARY_BATCH, learning_rate=4.0, seed=seed)
+    private = noise_multiplier is not None
+    result = train_model(
+        head,
+        train_x,
+        train_y,
+        max_grad_norm=1.0 if private else None,
+        noise_multiplier=noise_multiplier if private else 0.0,
+        **kwargs,
+    )
     spent = (
         math.inf
         if noise_multiplier is None

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from fedtl.shared.certs import CertificatePaths, generate_certificates, generate_supernode_keys
+from fedtl.server.certs import CertificatePaths, generate_certificates, generate_supernode_keys
 from fedtl.shared.errors import ConfigError
 
 VENV_BIN = Path(sys.executable).parent

@@ -1,6 +1,7 @@
 """The `fedtl` command line: options map onto the run config, bad input exits 2 with the culprit named."""
 
-from fedtl.simulations.cli import build_parser, config_from_args, main
+from fedtl.cli.lab import config_from_args
+from fedtl.cli.main import build_parser, main
 
 
 def test_flags_and_set_overrides_map_onto_the_run_config():
@@ -73,7 +74,8 @@ def test_certs_writes_the_ca_server_certificate_and_site_keys(tmp_path, capsys):
 
 
 def test_server_and_site_start_build_tls_command_lines(tmp_path, capsys):
-    from fedtl.simulations.cli import superlink_command, supernode_command
+    from fedtl.cli.server import superlink_command
+    from fedtl.cli.site import supernode_command
 
     args = build_parser().parse_args(["server", "start", "--certs", str(tmp_path)])
     assert main(["server", "start", "--certs", str(tmp_path)]) == 2

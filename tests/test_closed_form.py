@@ -12,9 +12,9 @@ from opacus.accountants import RDPAccountant
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from sklearn.linear_model import Ridge
 
-from fedtl.client.closed_form_site import plan_release_noise, sufficient_stats_round
-from fedtl.client.ledger import FEATURE_SUM, PrivacyLedger
+from fedtl.client.ledger import PrivacyLedger
 from fedtl.client.site import Site, resolve_site
+from fedtl.client.solvers.closed_form import sufficient_stats_round
 from fedtl.shared import constants as k
 from fedtl.shared.backbones import backbone_state_dict, build_backbone, fingerprint_state_dict
 from fedtl.shared.closed_form import (
@@ -33,6 +33,8 @@ from fedtl.shared.closed_form import (
 from fedtl.shared.config import RunConfig
 from fedtl.shared.errors import ConfigError, FederationError
 from fedtl.shared.heads import build_head, load_head_arrays
+from fedtl.shared.mechanisms import FEATURE_SUM, SUFFICIENT_STATS
+from fedtl.shared.privacy import PrivacyStep, find_noise_multiplier
 from fedtl.shared.protocol import SimulationSettings
 
 C, D, RIDGE = 4, 12, 0.7
@@ -200,11 +202,12 @@ def test_a_closed_form_run_needs_a_linear_head_and_no_rounds_of_clipping():
     with pytest.raises(ConfigError, match=r"needs client-dp = 'off', got 'server'"):
         RunConfig(head_solver="closed-form", client_dp="server")
     # The server checks the projection against the backbone before asking any site for anything.
-    from fedtl.server.closed_form import closed_form_config
+    from fedtl.server.solvers.closed_form import ClosedFormSolver
 
     with pytest.raises(ConfigError, match=r"`projection-dim` 64 must be < the backbone's feature dimension 32"):
-        closed_form_config(RunConfig(backbone="tiny", head_solver="closed-form", projection_dim=64))
-    assert closed_form_config(RunConfig(backbone="tiny", head_solver="closed-form", projection_dim=16)).num_rounds == 1
+        ClosedFormSolver.configure(RunConfig(backbone="tiny", head_solver="closed-form", projection_dim=64))
+    configured = ClosedFormSolver.configure(RunConfig(backbone="tiny", head_solver="closed-form", projection_dim=16))
+    assert configured.num_rounds == 1
 
 
 # --- the site's release -------------------------------------------------------------------------------
@@ -239,16 +242,23 @@ def _opacus_epsilon(steps: list[float], delta: float) -> float:
 
 def test_the_epsilon_charged_for_one_release_is_the_accountants(site):
     fingerprint = site.backbones.fingerprints()[0]
-    given = sufficient_stats_round(site, round_settings(fingerprint, noise_multiplier=2.0), projection_dim=8)
+    given = sufficient_stats_round(site, round_settings(fingerprint, noise_multiplier=2.0, projection_dim=8))
     (charge,) = site.ledger.charges()
-    assert (charge.kind, charge.noise_multiplier, charge.sample_rate, charge.steps) == (FEATURE_SUM, 2.0, 1.0, 1)
+    assert (charge.kind, charge.noise_multiplier, charge.sample_rate, charge.steps) == (
+        SUFFICIENT_STATS.kind,
+        2.0,
+        1.0,
+        1,
+    )
     assert given.epsilon == pytest.approx(_opacus_epsilon([2.0], 1e-5), rel=1e-9)
     assert given.stats.dim == 8 and given.stats.noise_std == pytest.approx(2.0 * SENSITIVITY)
 
     # Derived noise: the smallest meeting target-epsilon after what the ledger already holds.
     settings = round_settings(fingerprint, run_id="run-b", target_epsilon=3.0)
-    sigma = plan_release_noise(site, settings)
-    derived = sufficient_stats_round(site, settings, projection_dim=0)
+    derived = sufficient_stats_round(site, settings)
+    sigma = find_noise_multiplier(
+        target_epsilon=3.0, target_delta=1e-5, sample_rate=1.0, steps=1, history=[PrivacyStep(2.0, 1.0, 1)]
+    )
     assert derived.noise_multiplier == sigma
     spent = _opacus_epsilon([2.0, sigma], 1e-5)
     assert derived.epsilon == pytest.approx(spent, rel=1e-9)
@@ -271,13 +281,12 @@ def test_a_site_policy_refuses_too_little_noise_before_anything_is_charged(tmp_p
     fingerprint = fingerprint_state_dict(state)
     site.backbones.install("tiny", fingerprint, state)
     with pytest.raises(PolicyRefusal, match=r"noise-multiplier 0.5 < the policy's min-noise-multiplier 1"):
-        sufficient_stats_round(site, round_settings(fingerprint, noise_multiplier=0.5), projection_dim=0)
+        sufficient_stats_round(site, round_settings(fingerprint, noise_multiplier=0.5))
     assert site.ledger.charges() == []
     # Epsilon 8 alone would allow noise ~0.65; the policy's minimum is used instead (spending less).
     settings = round_settings(fingerprint, target_epsilon=8.0)
     assert _opacus_epsilon([1.0], 1e-5) < 8.0
-    assert plan_release_noise(site, settings) == 1.0
-    release = sufficient_stats_round(site, settings, projection_dim=0)
+    release = sufficient_stats_round(site, settings)
     assert release.noise_multiplier == 1.0 and release.epsilon == pytest.approx(_opacus_epsilon([1.0], 1e-5))
 
 
@@ -318,8 +327,8 @@ def test_a_closed_form_run_charges_each_site_once_and_exports_a_working_model(cl
         charges = PrivacyLedger(run_dir / "sites" / name / "privacy" / "ledger.jsonl").charges()
         # The feature-centre release (round 0), then exactly one release of the statistics (round 1).
         assert [(c.server_round, c.kind, c.sample_rate, c.steps) for c in charges] == [
-            (0, FEATURE_SUM, 1.0, 1),
-            (1, FEATURE_SUM, 1.0, 1),
+            (0, FEATURE_SUM.kind, 1.0, 1),
+            (1, SUFFICIENT_STATS.kind, 1.0, 1),
         ]
         expected = _opacus_epsilon([c.noise_multiplier for c in charges], cfg.target_delta)
         assert eps == pytest.approx(expected, rel=1e-9)

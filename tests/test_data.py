@@ -16,12 +16,14 @@ from fedtl.shared import data
 from fedtl.shared.data import (
     DataSplits,
     ImageDataset,
+    check_federation_data,
     load_dataset,
     load_image_file,
     site_split,
     validate_labels,
 )
 from fedtl.shared.errors import ConfigError, DataError
+from fedtl.shared.loaders import load_site_dataset
 from fedtl.shared.partitioners import partition_indices
 
 # --- helpers ---------------------------------------------------------------------------------------------
@@ -90,8 +92,9 @@ def _medmnist_like(rng: np.random.Generator, n: int = 12, k: int = 3) -> dict[st
 # --- module hygiene --------------------------------------------------------------------------------------
 
 
-def test_module_does_not_import_flower_or_opacus():
-    tree = ast.parse(Path(data.__file__).read_text())
+@pytest.mark.parametrize("module", ["data", "dataset", "images", "labels", "loaders", "npz"])
+def test_module_does_not_import_flower_or_opacus(module):
+    tree = ast.parse((Path(data.__file__).parent / f"{module}.py").read_text())
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -220,7 +223,7 @@ def test_breastmnist_npz_loads_train_plus_val(breastmnist_path):
     assert len(train) == 546 + 78 and len(test) == 156
     assert train.images.shape == (624, 28, 28) and train.images.dtype == np.uint8
     assert test.images.shape == (156, 28, 28)
-    assert train.label_names == ("0", "1") and train.labels.dtype == np.int64
+    assert train.label_names == ("malignant", "normal/benign") and train.labels.dtype == np.int64  # MedMNIST docs
     with np.load(breastmnist_path) as raw:
         np.testing.assert_array_equal(train.images, np.concatenate([raw["train_images"], raw["val_images"]]))
         np.testing.assert_array_equal(train.labels, np.concatenate([raw["train_labels"], raw["val_labels"]])[:, 0])
@@ -504,3 +507,88 @@ def test_load_dataset_reads_a_csv_manifest_of_dicom_files_like_a_site(tmp_path):
     loaded = load_dataset(str(write_csv(tmp_path / "manifest.csv", rows, header=("path", "label", "split"))))
     assert len(loaded.train) == 30 and len(loaded.test) == 10
     assert loaded.train.images.shape[1:] == (8, 8) and loaded.train.images.dtype == np.uint8
+
+
+# --- issue 12: the federation's data is checked once, before any site trains ---------------------------
+
+
+def _manifest(root: Path, labels: list[str]) -> Path:
+    """A CSV manifest of real digit images (one per row) with the given labels."""
+    images, _ = _digits_uint8()
+    lines = ["path,label"]
+    for i, label in enumerate(labels):
+        _save_png(images[i], root / f"{i}.png")
+        lines.append(f"{i}.png,{label}")
+    (root / "m.csv").write_text("\n".join(lines) + "\n")
+    return root / "m.csv"
+
+
+def test_simulation_data_with_clashing_labels_is_refused_before_any_site(tmp_path, _isolated_fedtl_home):
+    manifest = _manifest(tmp_path, ["0", "1.0", "MALIGNANT", "malignant"] * 5)
+    with pytest.raises(DataError, match=r"m.csv: labels that would train as separate classes.*'MALIGNANT' at line 4, "):
+        load_dataset(manifest)
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(DataError, match=r"differ only by case"):
+        check_federation_data(str(manifest), num_sites=2)
+    assert sorted(tmp_path.rglob("*")) == before and not any(_isolated_fedtl_home.iterdir())  # nothing left
+
+
+def test_one_class_data_is_refused_for_a_federation(tmp_path):
+    one = _manifest(tmp_path, ["benign"] * 10)
+    with pytest.raises(DataError, match=r"m.csv: only the class 'benign'; a classifier needs at least 2 classes"):
+        check_federation_data(str(one), num_sites=2)
+    arrays = _medmnist_like(np.random.default_rng(7), k=2)
+    for split in ("train", "val", "test"):
+        arrays[f"{split}_labels"][:] = 0
+    zero = _write_npz(tmp_path / "zero.npz", **arrays)
+    with pytest.raises(DataError, match=r"zero.npz: every label is 0 and the file names no classes"):
+        load_dataset(zero)
+    with pytest.raises(DataError, match=r"only 1 class\(es\) \['a'\] have training images"):
+        load_dataset(zero, label_names=["a", "b"])  # declared: a site may hold one class, a federation may not
+    assert load_site_dataset(zero, label_names=["a", "b"]).report.class_counts["train"] == {"a": 24, "b": 0}
+    named = _write_npz(tmp_path / "named.npz", label_names=np.array(["benign", "malignant"]), **arrays)
+    with pytest.raises(DataError, match=r"only 1 class\(es\) \['benign'\] have training images .*'malignant': 0"):
+        load_dataset(named)
+
+
+def test_declared_classes_in_any_order_fix_the_class_order_everywhere(tmp_path):
+    saved = _make_digit_folder(tmp_path / "f", per_class=4, classes={"malignant": 1, "benign": 0})
+    splits = load_dataset(tmp_path / "f", label_names=["malignant", "benign"])
+    assert splits.train.label_names == ("malignant", "benign")
+    _assert_labels_match_folders(splits.train, saved)
+    digits = load_dataset("digits", label_names=[str(d) for d in range(9, -1, -1)])
+    oracle = load_dataset("digits")
+    np.testing.assert_array_equal(digits.train.labels, 9 - oracle.train.labels)
+    with pytest.raises(DataError, match=r"1 label\(s\) not in the federation's label_names: 'benign'"):
+        load_dataset(tmp_path / "f", label_names=["malignant", "normal"])
+    checked = check_federation_data(str(tmp_path / "f"), label_names=["malignant", "benign"], num_sites=2)
+    assert checked.label_names == ("malignant", "benign")
+
+
+def test_check_federation_data_reports_classes_depth_and_every_sites_share(tmp_path):
+    checked = check_federation_data("digits", num_sites=3, partition="iid", seed=1)
+    assert checked.label_names == tuple(str(d) for d in range(10))
+    train = load_dataset("digits", seed=1).train
+    oracle = partition_indices(train.labels, 3, scheme="iid", seed=1)
+    assert [a + b for a, b in checked.site_sizes] == [part.size for part in oracle]
+    summary = checked.summary()
+    assert "pixels: 8-bit (sklearn digits 0..16 scaled to 0..255)" in summary and "sites: 3," in summary
+
+
+def test_check_federation_data_refuses_what_a_site_would_refuse_later(tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"`num_partitions` must be an integer in \[1, 1437\] .*got 2000; fix: use fewer"
+    ):
+        check_federation_data("digits", num_sites=2000)
+    parts = partition_indices(load_dataset("digits").train.labels, 1000, scheme="iid", seed=0)
+    small = next(k for k, part in enumerate(parts) if part.size < 2)  # the first site a round would lose
+    with pytest.raises(ConfigError, match=rf"partition {small} of 1000 over sklearn digits \(train\) has 1 sample"):
+        check_federation_data("digits", num_sites=1000)
+    with pytest.raises(ConfigError, match=r"`permuted-label-sites` names site\(s\) \[5\], but the federation has"):
+        check_federation_data("digits", num_sites=3, permuted_label_sites=[5])
+    with pytest.raises(ConfigError, match=r"`data` is \"\", but simulated sites take their share"):
+        check_federation_data("", num_sites=3)
+    with pytest.raises(DataError, match=r"partition scheme 'natural' needs the site of every image"):
+        check_federation_data("digits", num_sites=3, partition="natural")
+    with pytest.raises(ConfigError, match=r"`label-names`: class names must be unique"):
+        check_federation_data("digits", num_sites=3, label_names=["1", "1"])

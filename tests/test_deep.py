@@ -14,13 +14,13 @@ from opacus.validators import ModuleValidator
 from PIL import Image
 from torch import nn
 
-from fedtl.client.deep_training import train_deep
-from fedtl.client.ledger import DP_SGD, PrivacyLedger
-from fedtl.client.training import steps_per_epoch
+from fedtl.client.ledger import PrivacyLedger
+from fedtl.client.training import steps_per_epoch, train_model
 from fedtl.server import report
 from fedtl.server.model_file import load_model
 from fedtl.server.predict import predict_images
 from fedtl.shared import constants as k
+from fedtl.shared import mechanisms
 from fedtl.shared.backbones import (
     _construct,
     _freeze,
@@ -50,6 +50,8 @@ from fedtl.shared.features import extract_features
 from fedtl.shared.heads import build_head
 from fedtl.simulations import baselines as bl
 from fedtl.simulations.inprocess import run_inprocess
+
+DP_SGD = mechanisms.DP_SGD.kind
 
 LITE = "efficientnet_lite0"
 
@@ -253,7 +255,7 @@ def test_a_dp_round_changes_only_the_unfrozen_tensors(name, adaptation, lite0):
         progress=False,
     )
     labels = np.arange(24) % 3
-    result = train_deep(
+    result = train_model(
         model, acts, labels, epochs=1, batch_size=8, learning_rate=0.5, max_grad_norm=1.0, noise_multiplier=1.0, seed=0
     )
     moved = {n for n, t in model.state_dict().items() if not torch.equal(t, before_model[n])}

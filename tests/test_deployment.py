@@ -21,10 +21,14 @@ from safetensors import safe_open
 from site_files import save_png, write_csv, write_dicom
 
 from fedtl.client.admin import init_policy
-from fedtl.client.ledger import DP_SGD, FEATURE_SUM, PrivacyLedger
+from fedtl.client.ledger import PrivacyLedger
+from fedtl.shared import mechanisms
 from fedtl.shared.data import load_dataset
 from fedtl.shared.loaders import load_site_dataset
 from fedtl.shared.partitioners import partition_indices
+
+DP_SGD = mechanisms.DP_SGD.kind
+FEATURE_SUM = mechanisms.FEATURE_SUM.kind
 
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
 SITES = ("site-1", "site-2", "site-3")

@@ -7,13 +7,16 @@ import numpy as np
 import pytest
 from opacus.accountants import RDPAccountant
 
-from fedtl.client.ledger import DP_SGD, PrivacyLedger
+from fedtl.client.ledger import PrivacyLedger
 from fedtl.client.site import BackboneStore
 from fedtl.server import report
 from fedtl.server.model_file import load_model
+from fedtl.shared import mechanisms
 from fedtl.shared.backbones import backbone_state_dict, build_backbone, fingerprint_state_dict
 from fedtl.shared.config import RunConfig
 from fedtl.simulations.engine import simulate
+
+DP_SGD = mechanisms.DP_SGD.kind
 
 ROUNDS = 3
 
@@ -125,11 +128,11 @@ def test_backbone_sent_once_then_only_its_fingerprint(federation):
 def test_predict_round_trips_the_model_file(federation, tmp_path, capsys):
     from PIL import Image
 
+    from fedtl.cli.main import main
     from fedtl.server.predict import load_model_backbone
     from fedtl.shared.data import load_dataset
     from fedtl.shared.features import extract_features
     from fedtl.shared.heads import predict_proba
-    from fedtl.simulations.cli import main
 
     model_path = federation["first"]["model"]
     test = load_dataset("digits").test
@@ -152,10 +155,10 @@ def test_predict_round_trips_the_model_file(federation, tmp_path, capsys):
 def test_predict_names_a_corrupt_image_and_a_foreign_backbone(federation, tmp_path, capsys):
     import dataclasses
 
+    from fedtl.cli.main import main
     from fedtl.server.model_file import save_model
     from fedtl.server.predict import predict_images
     from fedtl.shared.errors import FingerprintMismatchError
-    from fedtl.simulations.cli import main
 
     bad = tmp_path / "scan.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png")

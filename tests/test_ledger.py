@@ -15,9 +15,13 @@ import numpy as np
 import pytest
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from fedtl.client.ledger import DP_SGD, FEATURE_SUM, TORN, PrivacyCharge, PrivacyLedger, new_charge
+from fedtl.client.ledger import TORN, PrivacyCharge, PrivacyLedger, new_charge
+from fedtl.shared import mechanisms
 from fedtl.shared.errors import DataError, PrivacyBudgetError
 from fedtl.shared.privacy import PrivacyStep
+
+DP_SGD = mechanisms.DP_SGD.kind
+FEATURE_SUM = mechanisms.FEATURE_SUM.kind
 
 # Opacus' default RDP orders written out, so the oracle does not go through the accountant class fedtl uses.
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
@@ -48,7 +52,6 @@ def test_ledger_without_file_is_empty(tmp_path):
     ledger = PrivacyLedger(tmp_path / "none" / "ledger.jsonl")
     assert ledger.charges() == []
     assert ledger.epsilon(delta=1e-5) == 0.0
-    assert ledger.run_noise_multiplier("run") is None
 
 
 def test_charges_persist_across_ledger_objects_bit_for_bit(tmp_path):
@@ -82,17 +85,6 @@ def test_non_private_charge_makes_epsilon_infinite(tmp_path):
     ledger.charge(_charge("a", 1, 1.1))
     ledger.charge(_charge("a", 2, 0.0))
     assert ledger.epsilon(delta=1e-5) == math.inf
-
-
-def test_run_noise_and_history_outside_training(tmp_path):
-    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
-    ledger.charge(_charge("old", 1, 0.9, rate=0.2, steps=5))
-    ledger.charge(_charge("a", 0, 9.0, kind=FEATURE_SUM, rate=1.0, steps=1))
-    ledger.charge(_charge("a", 1, 1.3, rate=0.1, steps=10))
-    ledger.charge(_charge("a", 2, 1.9, rate=0.1, steps=10))
-    assert ledger.run_noise_multiplier("a") == 1.3  # the first DP-SGD charge fixes the run's noise
-    assert ledger.run_noise_multiplier("never") is None
-    assert ledger.history_outside_training("a") == [PrivacyStep(0.9, 0.2, 5), PrivacyStep(9.0, 1.0, 1)]
 
 
 def test_charge_past_the_budget_is_refused_with_the_numbers_and_writes_nothing(tmp_path):
@@ -162,10 +154,11 @@ def test_a_crash_between_charge_and_training_keeps_the_charge(tmp_path):
         f"""
         import json, os, sys
         os.environ["FEDTL_SIMULATED_SITES"] = "1"
-        from fedtl.client.rounds import train_round
+        from fedtl.client.solvers.dp_sgd import train_round
         from fedtl.client.site import resolve_site
         from fedtl.shared.backbones import backbone_state_dict, build_backbone, fingerprint_state_dict
         from fedtl.shared.heads import build_head, head_arrays
+        from fedtl.shared.config import RunConfig
         from fedtl.shared.protocol import RoundSettings, SimulationSettings
         sim = SimulationSettings(data="digits", partition="iid", seed=0, test_fraction=0.2,
             local_test_fraction=0.2, permuted_label_sites="",
@@ -173,12 +166,10 @@ def test_a_crash_between_charge_and_training_keeps_the_charge(tmp_path):
         site = resolve_site({{"partition-id": 0, "num-partitions": 1}}, sim)
         state = backbone_state_dict(build_backbone("tiny"))
         fp = site.backbones.install("tiny", fingerprint_state_dict(state), state).stem
-        settings = RoundSettings(run_id="r", num_rounds=1, backbone_name="tiny", backbone_fingerprint=fp,
-            image_size=32, head="linear", head_hidden=8, num_classes=10,
-            label_names=json.dumps([str(i) for i in range(10)]), local_epochs=5000, batch_size=16,
-            learning_rate=1.0, max_grad_norm=1.0, noise_multiplier=1.0, target_epsilon=1e6, target_delta=1e-5,
-            accountant="rdp", non_private=False, seed=0, feature_batch_size=64, device="cpu",
-            personalization="none", finetune_epochs=1)
+        cfg = RunConfig(backbone="tiny", num_rounds=1, head_hidden=8, local_epochs=5000, batch_size=16,
+            learning_rate=1.0, noise_multiplier=1.0, target_epsilon=1e6, device="cpu", finetune_epochs=1)
+        settings = RoundSettings.for_run(cfg, run_id="r", backbone_fingerprint=fp, image_size=32,
+            label_names=tuple(str(i) for i in range(10)))
         train_round(site, settings, head_arrays(build_head("linear", 32, 10)), server_round=1)
         print("TRAINING FINISHED", flush=True)
         """

@@ -208,8 +208,12 @@ def test_npz_is_delegated_and_mapped_onto_the_federation_label_names(tmp_path, d
     assert any("indices into label_names" in note for note in data.report.notes)
     assert not any(note.startswith("class(es) with no") for note in data.report.notes)  # no per-split note
     assert "declared class(es) with no images at this site: ['c']" in data.report.notes
-    with pytest.raises(DataError, match=r"label 1 is outside the federation's 1 classes \['a'\]"):
+    with pytest.raises(ConfigError, match=r"`label_names`: 1 class name\(s\) \['a'\]; a classifier needs at least 2"):
         load_site_dataset(bare, label_names=("a",))
+    three = tmp_path / "three.npz"
+    np.savez(three, train_images=x[:30], train_labels=y[:30] * 2, test_images=x[30:], test_labels=y[30:])
+    with pytest.raises(DataError, match=r"label 2 is outside the federation's 2 classes \['a', 'b'\]"):
+        load_site_dataset(three, label_names=("a", "b"))
 
 
 # --- DICOM --------------------------------------------------------------------------------------------
@@ -415,14 +419,18 @@ def test_missing_and_corrupt_files_are_errors_or_recorded_skips(tmp_path, digits
     (tmp_path / "broken.dcm").write_bytes(whole[:-40])  # pixel data cut short
     rows += [["broken.png", "0", "train"], ["broken.dcm", "1", "test"], ["gone.png", "0", "train"]]
     manifest = write_csv(tmp_path / "m.csv", rows, header=("path", "label", "split"))
-    with pytest.raises(DataError, match=r"1 listed file\(s\) do not exist: .*gone.png \(line 14\); paths are relative"):
+    with pytest.raises(
+        DataError,
+        match=r"1 listed file\(s\) cannot be read: .*gone.png \(line 14: file does not exist\); relative paths are "
+        r"resolved against the manifest's folder .*a site may set bad-files = \"skip\" in its policy",
+    ):
         load_site_dataset(manifest)
     (tmp_path / "gone.png").write_bytes(images[0].tobytes())  # exists now, but is not a PNG
     with pytest.raises(
         DataError,
         match=r"3 file\(s\) cannot be read: cannot decode image file .*broken.png.*\| "
         r"cannot decode the pixels of DICOM file .*broken.dcm.*may be truncated.*\| .*gone.png.*"
-        r"pass bad_files='skip'",
+        r"a site may set bad-files = \"skip\" in its policy",
     ):
         load_site_dataset(manifest)
     (tmp_path / "gone.png").unlink()
@@ -444,14 +452,15 @@ def test_skipping_that_empties_a_split_and_a_source_without_test_images(tmp_path
     (tmp_path / "bad.png").write_bytes(b"garbage")
     rows = [[f"{i}.png", "a", "train"] for i in range(4)]
     skip = write_csv(tmp_path / "skip.csv", rows + [["bad.png", "a", "test"]], header=("path", "label", "split"))
+    classes = ("a", "b")  # declared: a site may hold one class of the federation's
     with pytest.raises(DataError, match=r"all 1 test image\(s\) were skipped .*leaving the test split empty"):
-        load_site_dataset(skip, bad_files="skip")
+        load_site_dataset(skip, bad_files="skip", label_names=classes)
     only = write_csv(tmp_path / "only.csv", rows, header=("path", "label", "split"))
     with pytest.raises(DataError, match=r"no images in the test split; a site needs both train and test images"):
-        load_site_dataset(only)
+        load_site_dataset(only, label_names=classes)
     everything = write_csv(tmp_path / "all.csv", [["bad.png", "a"], ["nope.png", "a"]])
     with pytest.raises(DataError, match=r"all 2 listed file\(s\) were skipped as missing or unreadable"):
-        load_site_dataset(everything, bad_files="skip")
+        load_site_dataset(everything, bad_files="skip", label_names=classes)
 
 
 def test_mixed_sizes_list_the_odd_files_even_when_skipping(tmp_path, digits):
@@ -471,9 +480,9 @@ def test_config_errors(tmp_path, digits):
     make_class_folder(tmp_path / "site", digits, classes=(0, 1), per_class=2)
     with pytest.raises(ConfigError, match=r"`bad_files` must be one of \['error', 'skip'\], got 'ignore'"):
         load_site_dataset(tmp_path / "site", bad_files="ignore")
-    with pytest.raises(ConfigError, match=r"`label_names` must be non-empty and unique.*duplicates: \['a'\]"):
+    with pytest.raises(ConfigError, match=r"`label_names`: class names must be unique.*duplicates: \['a'\]"):
         load_site_dataset(tmp_path / "site", label_names=("a", "a"))
-    with pytest.raises(ConfigError, match=r"`label_names` must be a sequence of non-empty class-name strings"):
+    with pytest.raises(ConfigError, match=r"`label_names`: class names must be a sequence of non-empty strings"):
         load_site_dataset(tmp_path / "site", label_names="ab")
     with pytest.raises(ConfigError, match=r"`test_fraction` must be a number in \(0, 1\)"):
         load_site_dataset(tmp_path / "site", test_fraction=1.5)
@@ -511,3 +520,151 @@ def test_loading_never_modifies_the_source(tmp_path, digits):
     summary = dicom.report.summary()
     assert summary.startswith(f"source: {manifest} (dicom)")
     assert "images: 4 train, 2 test; 8x8 grey" in summary and "gone.dcm: file does not exist" in summary
+
+
+# --- issue 12: nothing silent -------------------------------------------------------------------------
+
+
+def test_labels_that_differ_by_case_or_type_are_refused_with_their_lines(tmp_path, digits):
+    _, images, _ = digits
+    labels = ["0", "1.0", "MALIGNANT", "malignant", "0", "malignant"]
+    rows = [[str(save_png(tmp_path / f"{i}.png", images[i])), label] for i, label in enumerate(labels)]
+    manifest = write_csv(tmp_path / "m.csv", rows)
+    with pytest.raises(
+        DataError,
+        match=r"m.csv: labels that would train as separate classes but look like one: 'MALIGNANT' and 'malignant' "
+        r"differ only by case; '0' and '1.0' are numbers written both as integers and as decimals; .* mix numeric "
+        r"codes with class names \('0' at line 2, line 6; '1.0' at line 3; 'MALIGNANT' at line 4; 'malignant' at "
+        r"line 5, line 7\); fix: write each class one way",
+    ):
+        load_site_dataset(manifest)
+    # Declared classes: each stray spelling is an unknown label, named with its line and near match.
+    with pytest.raises(DataError, match=r"'MALIGNANT' \(line 4, differs only in case from 'malignant'\)"):
+        load_site_dataset(manifest, label_names=("0", "malignant"))
+
+
+def test_misspelt_class_folder_and_a_single_class_are_refused(tmp_path, digits):
+    make_class_folder(tmp_path / "site", digits, classes=(0, 1), per_class=3)
+    (tmp_path / "site" / "0").rename(tmp_path / "site" / "benign")
+    (tmp_path / "site" / "1").rename(tmp_path / "site" / "begnin")
+    with pytest.raises(
+        DataError, match=r"'begnin' and 'benign' differ only by a misspelling \('begnin' at begnin/1.png, begnin/11.png"
+    ):
+        load_site_dataset(tmp_path / "site")
+    data = load_site_dataset(tmp_path / "site", label_names=("benign", "begnin"))  # declared: really two classes
+    assert data.report.classes_from == "declared (label-names)"
+    make_class_folder(tmp_path / "one", digits, classes=(4,), per_class=4)
+    with pytest.raises(DataError, match=r"one: only the class '4'; a classifier needs at least 2 classes"):
+        load_site_dataset(tmp_path / "one")
+    assert len(load_site_dataset(tmp_path / "one", label_names=("4", "5")).splits.train) == 3  # one class of two
+
+
+def test_any_declared_class_order_is_accepted_and_mapped_by_name(tmp_path, digits):
+    truth = make_class_folder(tmp_path / "site", digits, classes=(0, 1))
+    data = load_site_dataset(tmp_path / "site", label_names=("1", "0"))
+    assert data.splits.train.label_names == ("1", "0")
+    assert_labels_match(data, truth)
+
+
+def test_report_says_where_classes_came_from_and_the_bit_depth(tmp_path, digits):
+    _, images, _ = digits
+    for c, ix in pick(digits, (0, 1), 4).items():
+        for i in ix:
+            wide = np.round(images[i] * (4095 / 255)).astype(np.uint16)  # a 12-bit detector export
+            path = tmp_path / "site" / f"c{c}" / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            from PIL import Image
+
+            Image.fromarray(wide).save(path)
+    data = load_site_dataset(tmp_path / "site")
+    for ds in (data.splits.train, data.splits.test):
+        assert {image.tobytes() for image in ds.images} <= {images[i].tobytes() for i in range(len(images))}
+    report = data.report
+    assert report.pixel_depth.startswith("12-bit values in 16-bit PNG (from the data's largest value): 8")
+    assert report.classes_from.startswith("derived from the class-folder names (no label-names declared")
+    summary = report.summary()
+    assert "pixels: 12-bit values in 16-bit PNG" in summary and "classes (2, derived from the class-folder" in summary
+    stored = write_dicom(tmp_path / "d" / "a.dcm", digits[0][0] * STORED_SCALE)
+    write_dicom(tmp_path / "d" / "b.dcm", digits[0][1] * STORED_SCALE)
+    manifest = write_csv(tmp_path / "d" / "m.csv", [[stored.name, "x"], ["b.dcm", "y"]])
+    dicom = load_site_dataset(manifest)
+    assert dicom.report.pixel_depth.startswith("DICOM Bits Stored 16: 2")
+
+
+def test_missing_file_hints_name_the_right_fix(tmp_path, digits):
+    _, images, _ = digits
+    save_png(tmp_path / "a.png", images[0])
+    absolute = write_csv(tmp_path / "abs.csv", [[str(tmp_path / "a.png"), "x"], [str(tmp_path / "gone.png"), "y"]])
+    with pytest.raises(DataError) as caught:
+        load_site_dataset(absolute)
+    message = str(caught.value)
+    assert "gone.png (line 3: file does not exist)" in message and "relative" not in message
+    assert 'a site may set bad-files = "skip" in its policy' in message and "bad_files='skip'" not in message
+
+
+def test_symbolic_links_that_cannot_be_read_are_refused_or_listed_as_skipped(tmp_path, digits):
+    make_class_folder(tmp_path / "site", digits, classes=(0, 1), per_class=3)
+    make_class_folder(tmp_path / "elsewhere", digits, classes=(2,), per_class=2)
+    (tmp_path / "site" / "0" / "more").symlink_to(tmp_path / "elsewhere" / "2", target_is_directory=True)
+    (tmp_path / "site" / "1" / "lost.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(DataError) as caught:
+        load_site_dataset(tmp_path / "site")
+    message = str(caught.value)
+    assert "2 listed file(s) cannot be read" in message
+    assert "0/more: symbolic link to the folder" in message and "which is not followed" in message
+    assert "1/lost.png: symbolic link to" in message and "nowhere.png, which does not exist" in message
+    data = load_site_dataset(tmp_path / "site", bad_files="skip")
+    skipped = {Path(s.path).name: s.reason for s in data.report.skipped}
+    assert set(skipped) == {"more", "lost.png"} and "not followed" in skipped["more"]
+    assert "skipped 2 file(s):" in data.report.summary()
+
+
+def test_npz_without_names_gets_medmnists_documented_names_honestly_labelled(tmp_path, digits):
+    _, images, target = digits
+    keep = np.isin(target, (0, 1))
+    x, y = images[keep][:40], (target[keep][:40] == 1).astype(np.uint8)[:, None]
+    path = tmp_path / "breastmnist_64.npz"
+    np.savez(path, train_images=x[:30], train_labels=y[:30], test_images=x[30:], test_labels=y[30:])
+    data = load_site_dataset(path)
+    assert data.splits.train.label_names == ("malignant", "normal/benign")
+    assert data.report.classes_from == "MedMNIST's documentation (not in the file)"
+    assert any("from MedMNIST's documentation, not from the file" in note for note in data.report.notes)
+    swapped = load_site_dataset(path, label_names=("normal/benign", "malignant"))  # by name, any order
+    np.testing.assert_array_equal(swapped.splits.train.labels, 1 - y[:30, 0])
+    indices = load_site_dataset(path, label_names=("0", "1"))  # the old index names still read as indices
+    np.testing.assert_array_equal(indices.splits.train.labels, y[:30, 0])
+    with pytest.raises(DataError, match=r"carries no class names; MedMNIST documents 0 'malignant', 1 'normal/benign'"):
+        load_site_dataset(path, label_names=("benign", "malignant"))  # index order would swap the classes
+
+
+def test_breastmnist_file_reads_with_documented_names(breastmnist_path):
+    data = load_site_dataset(breastmnist_path)
+    assert data.report.label_names == ("malignant", "normal/benign")
+    assert "pixels: 8-bit (uint8 arrays in the .npz)" in data.report.summary()
+
+
+def test_the_data_module_and_the_loaders_import_one_way_without_delayed_imports():
+    import ast
+
+    import fedtl.shared as shared
+
+    modules = ("data", "dataset", "images", "labels", "loaders", "npz")
+    graph = {}
+    for name in modules:
+        tree = ast.parse((Path(shared.__file__).parent / f"{name}.py").read_text())
+        top = {n.module.rsplit(".", 1)[-1] for n in tree.body if isinstance(n, ast.ImportFrom) and n.module}
+        graph[name] = top & set(modules)
+        nested = [
+            node
+            for fn in ast.walk(tree)
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+            for node in ast.walk(fn)
+            if isinstance(node, (ast.Import, ast.ImportFrom))
+        ]
+        assert not nested, f"shared/{name}.py imports inside a function (line {nested[0].lineno})"
+    assert "data" not in graph["loaders"] and "loaders" in graph["data"]
+
+    def reaches(start, goal, seen=()):
+        return any(nxt == goal or (nxt not in seen and reaches(nxt, goal, (*seen, nxt))) for nxt in graph[start])
+
+    assert not any(reaches(name, name) for name in modules), graph

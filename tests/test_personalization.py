@@ -7,14 +7,17 @@ import numpy as np
 import pytest
 from opacus.accountants import RDPAccountant
 
-from fedtl.client.ledger import DP_SGD, PrivacyLedger
+from fedtl.client.ledger import PrivacyLedger
 from fedtl.server import report
 from fedtl.shared import constants as k
+from fedtl.shared import mechanisms
 from fedtl.shared.config import RunConfig
 from fedtl.shared.errors import ConfigError
 from fedtl.shared.heads import personal_array_names
 from fedtl.simulations import baselines as bl
 from fedtl.simulations.inprocess import run_inprocess
+
+DP_SGD = mechanisms.DP_SGD.kind
 
 ROUNDS = 2
 

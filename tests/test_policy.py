@@ -7,17 +7,17 @@ import pytest
 from builders import round_settings
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
+from fedtl.cli.main import main
 from fedtl.client.admin import init_policy, ledger_report, status_report
 from fedtl.client.client_app import query
 from fedtl.client.policy import PolicyRefusal, load_policy
-from fedtl.client.rounds import train_round
 from fedtl.client.site import site_from_policy
+from fedtl.client.solvers.dp_sgd import train_round
 from fedtl.shared import constants as k
 from fedtl.shared.backbones import backbone_state_dict, build_backbone, fingerprint_state_dict
 from fedtl.shared.errors import ConfigError
 from fedtl.shared.heads import build_head, head_arrays
 from fedtl.shared.protocol import RoundSettings, encode
-from fedtl.simulations.cli import main
 
 TINY = fingerprint_state_dict(backbone_state_dict(build_backbone("tiny")))
 DIGITS = [str(i) for i in range(10)]
@@ -154,7 +154,7 @@ def _real_site(policy_path):
 
 
 def test_no_noise_rounds_beyond_the_plan_and_beyond_the_policy_are_refused(policy_path):
-    from fedtl.client.rounds import feature_sum_round
+    from fedtl.client.centering import feature_sum_round
 
     policy_path.write_text(policy_path.read_text().replace("min-noise-multiplier = 0.5", "min-noise-multiplier = 0.0"))
     policy = load_policy(policy_path)

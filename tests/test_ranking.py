@@ -12,10 +12,13 @@ import pytest
 from builders import round_settings
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
+from fedtl.cli.main import main
 from fedtl.client.admin import init_policy
 from fedtl.client.client_app import query
+from fedtl.client.inputs import load_site_inputs
 from fedtl.client.policy import load_policy
-from fedtl.client.site import load_site_features, site_from_policy
+from fedtl.client.site import site_from_policy
+from fedtl.client.transferability import hscore, logme_score
 from fedtl.server.ranking import (
     MEDICAL_WARNING,
     CandidateScores,
@@ -30,9 +33,7 @@ from fedtl.shared.config import RunConfig
 from fedtl.shared.errors import ConfigError
 from fedtl.shared.heads import normalize_features
 from fedtl.shared.protocol import encode
-from fedtl.shared.transferability import hscore, logme_score
 from fedtl.simulations.baselines import load_lab_federation
-from fedtl.simulations.cli import main
 
 SITES = 2
 
@@ -127,10 +128,10 @@ def test_a_real_site_releases_scores_only_where_its_policy_allows(tmp_path, flow
         reply = _site_query(policy_path, fingerprint)
     metrics = reply.content.metric_records[k.METRICS]
     assert set(metrics) == {k.NUM_EXAMPLES, k.LOGME, k.H_SCORE}
-    feats = load_site_features(site, round_settings(fingerprint), progress=False)
-    z = normalize_features(feats.train_features).astype(np.float64)
-    assert metrics[k.LOGME] == pytest.approx(logme_score(z, feats.train_labels), abs=1e-9)
-    assert metrics[k.NUM_EXAMPLES] == len(feats.train_labels)
+    feats = load_site_inputs(site, round_settings(fingerprint), progress=False)
+    z = normalize_features(feats.train_x).astype(np.float64)
+    assert metrics[k.LOGME] == pytest.approx(logme_score(z, feats.train_y), abs=1e-9)
+    assert metrics[k.NUM_EXAMPLES] == len(feats.train_y)
     assert "hospital-a releases transferability scores" in caplog.text and "WITHOUT differential privacy" in caplog.text
 
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 from builders import round_settings
 
-from fedtl.client.rounds import feature_sum_round, train_round
+from fedtl.client.centering import feature_sum_round
 from fedtl.client.site import BackboneStore, Site, resolve_site
+from fedtl.client.solvers.dp_sgd import train_round
 from fedtl.shared.backbones import backbone_state_dict, build_backbone, fingerprint_state_dict
 from fedtl.shared.errors import BackboneError, ConfigError, DataError, FingerprintMismatchError, PrivacyBudgetError
 from fedtl.shared.heads import build_head, head_arrays
@@ -119,8 +120,8 @@ def test_feature_sum_is_noised_and_charged(tmp_path, tiny_state):
     site = _site(tmp_path)
     fingerprint = site.backbones.install("tiny", fingerprint_state_dict(tiny_state), tiny_state).stem
     settings = _settings(fingerprint)
-    noisy, n = feature_sum_round(site, settings, noise_multiplier=4.0)
-    exact, n2 = feature_sum_round(site, _settings(fingerprint, non_private=True), noise_multiplier=4.0)
+    noisy, n, _ = feature_sum_round(site, settings, noise_multiplier=4.0)
+    exact, n2, _ = feature_sum_round(site, _settings(fingerprint, non_private=True), noise_multiplier=4.0)
     assert n == n2 > 0 and noisy.shape == exact.shape == (32,)
     # Each normalised feature has norm 1, so the exact sum's norm is at most n.
     assert np.linalg.norm(exact) <= n + 1e-3
@@ -162,8 +163,9 @@ def test_a_real_site_decodes_its_data_once_and_again_only_after_a_change(tmp_pat
     from PIL import Image
 
     from fedtl.client.admin import init_policy
+    from fedtl.client.inputs import load_site_inputs
     from fedtl.client.policy import load_policy
-    from fedtl.client.site import load_site_features, site_from_policy
+    from fedtl.client.site import site_from_policy
 
     rng = np.random.default_rng(0)
     files = []
@@ -179,19 +181,19 @@ def test_a_real_site_decodes_its_data_once_and_again_only_after_a_change(tmp_pat
     site = site_from_policy(load_policy(policy))
     fingerprint = site.backbones.install("tiny", fingerprint_state_dict(tiny_state), tiny_state).stem
     settings = _settings(fingerprint, num_classes=2, label_names='["0", "1"]')
-    first = load_site_features(site, settings, progress=False)
+    first = load_site_inputs(site, settings, progress=False)
     assert first.cache_hits == 0
     # Unchanged files: the features come from the index and the cache; the data is not decoded again.
-    import fedtl.client.site as site_module
+    import fedtl.client.inputs as inputs_module
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("the data was decoded again")
 
-    monkeypatch.setattr(site_module, "load_site_data", no_decoding)
-    again = load_site_features(site, settings, progress=False)
+    monkeypatch.setattr(inputs_module, "load_site_data", no_decoding)
+    again = load_site_inputs(site, settings, progress=False)
     assert again.cache_hits == 2
-    np.testing.assert_array_equal(again.train_features, first.train_features)
-    np.testing.assert_array_equal(again.test_labels, first.test_labels)
+    np.testing.assert_array_equal(again.train_x, first.train_x)
+    np.testing.assert_array_equal(again.test_y, first.test_y)
     monkeypatch.undo()
     # A file rewritten with its old size and modification time still changes its ctime: a full load,
     # with validation, follows.
@@ -200,4 +202,4 @@ def test_a_real_site_decodes_its_data_once_and_again_only_after_a_change(tmp_pat
     victim.write_bytes(b"x" * stat.st_size)
     os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     with pytest.raises(DataError, match=r"cannot be read.*0\.png"):
-        load_site_features(site, settings, progress=False)
+        load_site_inputs(site, settings, progress=False)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedtl.client.training import evaluate_head, steps_per_epoch, train_head
+from fedtl.client.training import evaluate_model, steps_per_epoch, train_model
 from fedtl.shared import constants as k
 from fedtl.shared.heads import build_head, head_arrays, load_head_arrays
 
@@ -34,10 +34,12 @@ def separable(n: int, *, num_classes: int = 2, seed: int = 0) -> tuple[np.ndarra
 
 
 def train(head, features, labels, **overrides):
-    """train_head with the defaults of these tests."""
+    """train_model with the defaults of these tests; noise_multiplier=None is the non-private baseline (no clipping)."""
     kwargs = dict(epochs=5, batch_size=50, learning_rate=1.0, max_grad_norm=1.0, noise_multiplier=0.5, seed=1)
     kwargs.update(overrides)
-    return train_head(head, features, labels, **kwargs)
+    if kwargs["noise_multiplier"] is None:
+        kwargs.update(max_grad_norm=None, noise_multiplier=0.0)
+    return train_model(head, features, labels, **kwargs)
 
 
 def dp_loader(num_examples: int, batch_size: int):
@@ -111,12 +113,12 @@ def test_dp_training_learns_a_separable_problem_and_reports_its_privacy_inputs(m
     with torch.no_grad():
         head.center.copy_(torch.linspace(-0.1, 0.1, D))  # a non-trivial centre, to see it is not trained
     center_before = head.center.clone()
-    before = evaluate_head(head, features, labels)
+    before = evaluate_model(head, features, labels)
     counter = StepCounter(monkeypatch)
 
     result = train(head, features, labels, epochs=5, batch_size=50, noise_multiplier=0.5)
 
-    after = evaluate_head(head, features, labels)
+    after = evaluate_model(head, features, labels)
     assert after[k.LOSS] < before[k.LOSS] * 0.5
     assert after[k.ACCURACY] > 0.9
     sample_rate, per_epoch = steps_per_epoch(200, 50)
@@ -140,7 +142,7 @@ def test_dp_training_arrays_load_into_a_fresh_head_with_the_same_predictions():
     result = train(head, features, labels, epochs=2)
     fresh = build_head("mlp", D, 2, hidden=4, seed=7)
     load_head_arrays(fresh, result.arrays)
-    assert evaluate_head(fresh, features, labels) == evaluate_head(head, features, labels)
+    assert evaluate_model(fresh, features, labels) == evaluate_model(head, features, labels)
 
 
 @pytest.mark.parametrize("noise", [0.5, None], ids=["dp", "non-private"])
@@ -198,7 +200,7 @@ def test_one_dp_step_is_the_mean_of_clipped_per_sample_gradients(kind):
     expected = {name: start[name] - lr * summed[name] / n for name in start}
     unclipped = {name: start[name] - lr * plain[name] / n for name in start}
 
-    result = train_head(
+    result = train_model(
         head,
         features,
         labels,
@@ -253,9 +255,9 @@ def test_non_private_training_learns_without_opacus(monkeypatch):
     head = build_head("linear", D, 2)
     counter = StepCounter(monkeypatch)
     result = train(head, features, labels, epochs=3, noise_multiplier=None)
-    assert result.noise_multiplier is None
+    assert result.noise_multiplier == 0.0
     assert counter.calls == result.steps == 3 * 4
-    assert evaluate_head(head, features, labels)[k.ACCURACY] > 0.9
+    assert evaluate_model(head, features, labels)[k.ACCURACY] > 0.9
     # Opacus would leave per-sample gradients on the parameters and hooks on the layers.
     assert all(getattr(p, "grad_sample", None) is None for p in head.parameters())
     assert all(not m._forward_hooks and not m._backward_hooks for m in head.modules())
@@ -300,7 +302,7 @@ def test_empty_training_split_is_refused():
         train(build_head("linear", D, 2), np.zeros((0, D), np.float32), np.zeros(0, np.int64))
 
 
-# --- evaluate_head -------------------------------------------------------------------------------
+# --- evaluate_model -------------------------------------------------------------------------------
 
 
 def oracle_scores(head, features, labels, num_classes):
@@ -332,12 +334,12 @@ def oracle_scores(head, features, labels, num_classes):
 
 
 @pytest.mark.parametrize("num_classes", [2, 3])
-def test_evaluate_head_matches_direct_computation(num_classes):
+def test_evaluate_model_matches_direct_computation(num_classes):
     # An untrained head on overlapping classes, so every metric sits strictly between 0 and 1.
     features, labels = separable(60, num_classes=num_classes, seed=9)
     features = features + np.random.default_rng(1).normal(scale=4.0, size=features.shape).astype(np.float32)
     head = build_head("linear", D, num_classes, seed=2)
-    scores = evaluate_head(head, features, labels)
+    scores = evaluate_model(head, features, labels)
     expected = oracle_scores(head, features, labels, num_classes)
     assert set(scores) == set(expected)
     assert (k.AUROC in scores) == (num_classes == 2)

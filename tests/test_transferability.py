@@ -6,8 +6,8 @@ from scipy.optimize import minimize
 from scipy.stats import multivariate_normal
 from sklearn.covariance import ledoit_wolf
 
+from fedtl.client.transferability import hscore, ledoit_wolf_covariance, leep_score, logme_score
 from fedtl.shared.errors import DataError
-from fedtl.shared.transferability import hscore, ledoit_wolf_covariance, leep_score, logme_score
 
 
 def _separable_and_random(n: int = 90, dim: int = 12, classes: int = 3, seed: int = 0):

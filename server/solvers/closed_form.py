@@ -1,18 +1,23 @@
-"""The server's side of the one-shot closed-form head: ask every site once, sum the releases, solve, record."""
+"""The closed-form head solver: every site releases noised sufficient statistics once; the server sums and solves.
+
+Each site charges its release to its own ledger before making it (client/solvers/closed_form.py); the
+server only validates, adds and solves (ridge or LDA, shared/closed_form.py), which is post-processing.
+One round, no DP-SGD.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
 from collections import OrderedDict
-from typing import Callable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result
 
 from fedtl.server.report import RunRecorder, failure_reason, reply_site_name
+from fedtl.server.setup import ask, query_sites
+from fedtl.server.solvers.base import Federation, SolverResult
 from fedtl.shared import constants as k
 from fedtl.shared.backbones import get_backbone_spec
 from fedtl.shared.closed_form import (
@@ -29,18 +34,42 @@ from fedtl.shared.errors import FederationError
 
 log = logging.getLogger(__name__)
 
+STATS_ROUND = 1  # the one round of a closed-form run
 
-def closed_form_config(cfg: RunConfig) -> RunConfig:
-    """Return the config of a closed-form run: one round (one release, one solve), projection-dim checked.
 
-    Called before any site is asked anything, so a projection the backbone cannot take costs no release.
+class ClosedFormSolver:
+    """One noised release of sufficient statistics per site, solved once (ridge or LDA)."""
 
-    Raises:
-        ConfigError: projection-dim is not below the backbone's feature dimension.
-    """
-    if cfg.projection_dim:
-        check_projection_dim(get_backbone_spec(cfg.backbone).feature_dim, cfg.projection_dim)
-    return cfg.replace(num_rounds=1)
+    @staticmethod
+    def configure(cfg: RunConfig) -> RunConfig:
+        """Return the config of a closed-form run: one round (one release, one solve), projection-dim checked.
+
+        Called before any site is asked anything, so a projection the backbone cannot take costs no release.
+
+        Raises:
+            ConfigError: projection-dim is not below the backbone's feature dimension.
+        """
+        if cfg.projection_dim:
+            check_projection_dim(get_backbone_spec(cfg.backbone).feature_dim, cfg.projection_dim)
+        return cfg.replace(num_rounds=1)
+
+    def fit(self, fed: Federation) -> SolverResult:
+        """Fit the head in one release, record that round (central scores, per-site epsilon) and checkpoint nothing."""
+        arrays = fit_closed_form_head(
+            fed.grid,
+            fed.node_ids,
+            fed.config,
+            fed.cfg,
+            feature_dim=fed.backbone.feature_dim,
+            num_classes=len(fed.label_names),
+            center=fed.initial.get("center"),
+            recorder=fed.recorder,
+            timeout=fed.cfg.round_timeout,
+        )
+        record = ArrayRecord({name: Array(v) for name, v in arrays.items()})
+        scores = fed.central(record) if fed.central is not None else None
+        fed.recorder.finish_round(STATS_ROUND, scores)
+        return SolverResult(record)
 
 
 def fit_closed_form_head(
@@ -57,7 +86,7 @@ def fit_closed_form_head(
 ) -> "OrderedDict[str, np.ndarray]":
     """Ask every site for its noised sufficient statistics once, sum them in site order, and solve the head.
 
-    Each site charges its release to its own ledger before making it (`fedtl.client.closed_form_site`); the
+    Each site charges its release to its own ledger before making it (client/solvers/closed_form.py); the
     server only validates, adds and solves, which is post-processing. A reply that is a refusal, an error, or
     fails `check_release` (names, shapes, finite values, symmetry, a plausible norm) is logged and left out.
 
@@ -80,12 +109,10 @@ def fit_closed_form_head(
     """
     projection = random_projection(feature_dim, cfg.projection_dim, seed=cfg.seed)
     dim = feature_dim if projection is None else cfg.projection_dim
-    ask = ConfigRecord({**dict(config), k.ACTION: k.ACTION_SUFFICIENT_STATS, k.PROJECTION_DIM: cfg.projection_dim})
-    content = RecordDict({k.CONFIG: ask})
+    content = RecordDict({k.CONFIG: ask(config, k.ACTION_SUFFICIENT_STATS)})
     if center is not None:
         content[k.ARRAYS] = ArrayRecord({"center": Array(np.asarray(center, dtype=np.float32))})
-    messages = [Message(content=content, dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
-    replies = grid.send_and_receive(messages, timeout=timeout)
+    replies = query_sites(grid, node_ids, content, timeout).values()
     parts: list[SufficientStats] = []
     examples = 0
     # In site order, so the float sum does not depend on the order replies arrived in.
@@ -154,43 +181,4 @@ def _reply_problem(reply: Message, *, dim: int, num_classes: int) -> str | None:
         num_classes=num_classes,
         num_examples=float(metrics[k.NUM_EXAMPLES]),
         noise_multiplier=float(metrics[k.NOISE_MULTIPLIER]),
-    )
-
-
-def run_closed_form(
-    grid: Grid,
-    node_ids: list[int],
-    config: ConfigRecord,
-    cfg: RunConfig,
-    *,
-    recorder: RunRecorder,
-    central: Callable[[ArrayRecord], dict[str, float]] | None,
-    feature_dim: int,
-    num_classes: int,
-    center: np.ndarray | None = None,
-) -> Result:
-    """Fit the closed-form head in one round, record that round (central scores, per-site epsilon), return it.
-
-    Stands in for `strategy.start` in `run_federation` when head-solver = "closed-form": no DP-SGD rounds, and
-    the result carries the solved head for the usual export.
-    """
-    arrays = fit_closed_form_head(
-        grid,
-        node_ids,
-        config,
-        cfg,
-        feature_dim=feature_dim,
-        num_classes=num_classes,
-        center=center,
-        recorder=recorder,
-        timeout=cfg.round_timeout,
-    )
-    record = ArrayRecord({name: Array(v) for name, v in arrays.items()})
-    scores = central(record) if central is not None else None
-    recorder.finish_round(1, scores)
-    released = MetricRecord({k.EPSILON: max(recorder.site_epsilon.values(), default=0.0)})
-    return Result(
-        arrays=record,
-        train_metrics_clientapp={1: released},
-        evaluate_metrics_serverapp={1: MetricRecord(scores)} if scores else {},
     )

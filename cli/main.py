@@ -1,0 +1,80 @@
+"""The `fedtl` command line: one entry point for the lab, a site's operator and the federation's operator.
+
+Commands by who runs them: `simulate`, `sweep`, `rank-backbones`, `audit` (cli/lab.py); `site ...`
+(cli/site.py); `certs`, `server start` (cli/server.py); `predict` (anyone holding a model file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from fedtl.cli.lab import add_lab_commands, run_audit_command, run_rank_command, run_simulate_command, run_sweep_command
+from fedtl.cli.server import add_deployment_commands, run_certs_command, run_server_command
+from fedtl.cli.site import add_site_commands, run_site_command
+from fedtl.shared.errors import FedtlError
+
+log = logging.getLogger("fedtl")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of every `fedtl` subcommand."""
+    parser = argparse.ArgumentParser(prog="fedtl", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log Flower's and fedtl's INFO messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_lab_commands(sub)
+    add_site_commands(sub)
+    add_deployment_commands(sub)
+    pred = sub.add_parser("predict", help="label images with an adapted model file")
+    pred.add_argument("model", help="model.safetensors written by a run")
+    pred.add_argument("images", nargs="+", help="image files")
+    pred.add_argument(
+        "--backbone-weights", help="backbone weights file (e.g. from a site cache) instead of the registry"
+    )
+    pred.add_argument("--device", default="auto")
+    return parser
+
+
+def run_predict_command(args: argparse.Namespace) -> int:
+    """Print label and probability per image (`fedtl predict`)."""
+    from fedtl.server.predict import predict_images
+
+    for p in predict_images(args.model, args.images, weights_file=args.backbone_weights, device=args.device):
+        print(f"{p.path}\t{p.label}\t{p.probability:.4f}")
+    return 0
+
+
+COMMANDS = {
+    "simulate": run_simulate_command,
+    "sweep": run_sweep_command,
+    "rank-backbones": run_rank_command,
+    "audit": run_audit_command,
+    "site": run_site_command,
+    "certs": run_certs_command,
+    "server": run_server_command,
+    "predict": run_predict_command,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the `fedtl` command line and return its exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # Flower logs every round through its own console handler (read from FLWR_LOG_LEVEL when flwr is
+    # first imported, which happens below); keep the terminal for the final table unless --verbose.
+    os.environ.setdefault("FLWR_LOG_LEVEL", "INFO" if args.verbose else "WARNING")
+    logging.getLogger("flwr").propagate = False  # its handler prints already; no second copy via root
+    try:
+        return COMMANDS[args.command](args)
+    except FedtlError as exc:
+        print(f"fedtl: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""The one release path of a site: plan the noise -> check it against the policy -> charge the ledger -> noise.
+
+Every privacy-costing release (DP-SGD rounds, the feature-centre sum, the closed form's sufficient
+statistics; shared/mechanisms.py declares them) is a `ReleaseRequest` handed to `charge_release`.
+Inside one ledger transaction it plans the noise (the one the run fixed, the one the server chose by a
+public rule, or the smallest that keeps the site within the run's target epsilon), lets the policy
+refuse it, and appends the charge within the budget, before anything is computed. The caller then adds
+the noise with the generator the returned `Release` gives: seeded from the run in simulation, from the
+operating system's entropy at a real site. Epsilon reported is always the site's cumulative spend.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedtl.client.ledger import PrivacyCharge, new_charge
+from fedtl.client.policy import PolicyRefusal
+from fedtl.client.site import Site
+from fedtl.shared.mechanisms import SERVER, Mechanism
+from fedtl.shared.privacy import find_noise_multiplier
+from fedtl.shared.protocol import RoundSettings
+
+log = logging.getLogger(__name__)
+
+BUDGET_WARNING_SHARE = 0.9  # a real site warns when a release brings it this close to its lifetime budget
+
+
+@dataclass(frozen=True)
+class ReleaseRequest:
+    """One release a site is about to make: which mechanism, how it samples, and who fixed its noise."""
+
+    mechanism: Mechanism
+    server_round: int  # the round it belongs to (the ledger record's `server_round`; seeds simulated noise)
+    sample_rate: float
+    steps: int  # charged now
+    what: str  # names the release in logs and refusals
+    # Fixed by the run config (settings.noise_multiplier) or, for a mechanism the server plans, by the server's
+    # public rule; None: the site plans it from its budget.
+    noise_multiplier: float | None
+    planned_steps: int = 0  # every step of this mechanism the run will take (planning "auto"); >= steps
+    # Checks the run's earlier charges before anything is planned (e.g. the policy's rounds per run).
+    precondition: Callable[[list[PrivacyCharge]], None] | None = None
+
+
+@dataclass(frozen=True)
+class Release:
+    """A release that is paid for: its noise, the site's cumulative epsilon after it, and its noise's seed."""
+
+    noise_multiplier: float  # 0.0: no noise (the non-private baseline, or a run that fixed noise 0)
+    epsilon: float  # cumulative over the site's whole ledger, at `delta`; inf once anything went without noise
+    delta: float
+    seed: int | None  # None: the operating system's entropy (real sites)
+
+    def rng(self) -> np.random.Generator:
+        """Return the generator of this release's noise."""
+        return np.random.default_rng(self.seed)  # seed None: OS entropy
+
+
+def site_accountant(site: Site, settings: RoundSettings) -> str:
+    """Return the accountant the site counts with: its policy's, or the run's for a simulated site."""
+    return site.policy.accountant if site.policy is not None else settings.accountant
+
+
+def round_seed(site: Site, settings: RoundSettings, server_round: int) -> int | None:
+    """Return the seed of a round's sampling and noise: reproducible in simulation, None (OS entropy) at real sites."""
+    if site.simulation is None:
+        return None
+    # Simulation only: the noise is reproducible from the run seed, which a real server would know.
+    return zlib.crc32(f"{settings.seed}/{site.name}/{server_round}".encode())
+
+
+def charge_release(site: Site, settings: RoundSettings, request: ReleaseRequest) -> Release:
+    """Plan, check and charge one release in one ledger transaction, before it is computed (write-ahead).
+
+    A release without noise is charged with noise 0, so the site's epsilon honestly becomes infinite, and
+    only where the policy allows non-private work.
+
+    Raises:
+        PrivacyBudgetError: the release would take the site past the run's target epsilon (the message has
+            the numbers), or the budget is already spent.
+        PolicyRefusal: the noise is below the policy's minimum, zero where the policy forbids it, or the
+            request's precondition refuses it.
+    """
+    policy = site.policy
+    accountant = site_accountant(site, settings)
+    with site.ledger.transaction() as book:
+        if request.precondition is not None:
+            request.precondition(book.charges)
+        noise = plan_noise(site, settings, request, book.charges, accountant=accountant)
+        if policy is not None and not settings.non_private:
+            policy.check_noise(noise, what=request.what)
+        if noise == 0:
+            if policy is not None and not policy.allow_non_private:  # check_settings refuses such runs first
+                raise PolicyRefusal(f"site {site.name} refuses {request.what}: no noise, and allow-non-private = false")
+            budget, budget_name = math.inf, ""
+        else:
+            budget, budget_name = settings.target_epsilon, "the run's target-epsilon"
+            if policy is not None and policy.max_epsilon < budget:  # check_settings refuses such runs first
+                budget, budget_name = policy.max_epsilon, "the policy's max-epsilon"
+        charge = new_charge(
+            run_id=settings.run_id,
+            server_round=request.server_round,
+            noise_multiplier=noise,
+            sample_rate=request.sample_rate,
+            steps=request.steps,
+            delta=settings.target_delta,
+            kind=request.mechanism.kind,
+        )
+        # The run's target epsilon is at most the policy's max-epsilon and its delta at most the policy's
+        # (SitePolicy.check_settings), so staying within the run's target keeps the site within its lifetime
+        # budget too (epsilon only falls as delta grows).
+        projected = book.append(
+            charge,
+            max_epsilon=budget,
+            delta=settings.target_delta,
+            accountant=accountant,
+            what=f"{request.what} at site {site.name}",
+            budget_name=budget_name,
+        )
+    if policy is not None and math.isfinite(projected) and projected >= BUDGET_WARNING_SHARE * policy.max_epsilon:
+        log.warning(
+            "site %s: %s brings its lifetime epsilon to %.3f of the policy's max-epsilon %.3g (budget nearly spent)",
+            site.name,
+            request.what,
+            projected,
+            policy.max_epsilon,
+        )
+    # With no budget to check the ledger computes nothing; a release without noise makes epsilon infinite.
+    epsilon = projected if math.isfinite(budget) else math.inf
+    return Release(noise, epsilon, settings.target_delta, round_seed(site, settings, request.server_round))
+
+
+def plan_noise(
+    site: Site, settings: RoundSettings, request: ReleaseRequest, charges: list[PrivacyCharge], *, accountant: str
+) -> float:
+    """Return the release's noise multiplier (0.0: none), from the site's charges read in the transaction.
+
+    In the non-private baseline it is 0. A noise fixed by the run config or chosen by the server is taken
+    as it is (the policy checks it next). Otherwise the site plans it: the noise of this run's earlier
+    releases of the same mechanism (all releases of a run agree), or at its first one the smallest noise
+    (to 0.005) that keeps every earlier charge plus all `planned_steps` of the run within the run's
+    target epsilon, and never below the policy's `min-noise-multiplier`.
+
+    Raises:
+        PrivacyBudgetError: earlier charges already spend the target epsilon, or no noise up to 1e4 fits.
+    """
+    mechanism = request.mechanism
+    if settings.non_private:
+        log.warning("site %s: NON-PRIVATE %s (baseline mode): no clipping, no noise", site.name, request.what)
+        return 0.0
+    if request.noise_multiplier is not None:
+        if request.noise_multiplier == 0:
+            warnings.warn(f"noise-multiplier is 0: {request.what} is released without noise (epsilon = inf)")
+        return float(request.noise_multiplier)
+    if mechanism.noise_planned_by == SERVER:
+        raise ValueError(f"{request.what}: the server picks this mechanism's noise, but the request carries none")
+    mine = [c for c in charges if c.run_id == settings.run_id and c.kind == mechanism.kind]
+    if mine:
+        return mine[0].noise_multiplier
+    noise = find_noise_multiplier(
+        target_epsilon=settings.target_epsilon,
+        target_delta=settings.target_delta,
+        sample_rate=request.sample_rate,
+        steps=max(request.planned_steps, request.steps),
+        history=[c.step for c in charges],
+        accountant=accountant,
+    )
+    if site.policy is not None and noise < site.policy.min_noise_multiplier:
+        log.info(
+            "site %s: the run's budget allows noise %.3f for %s; the policy's minimum %.3f is used (spends less)",
+            site.name,
+            noise,
+            request.what,
+            site.policy.min_noise_multiplier,
+        )
+        noise = site.policy.min_noise_multiplier
+    return noise

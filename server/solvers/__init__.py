@@ -1,0 +1,20 @@
+"""Head solvers: how the federation fits the model above the cut from what the sites release.
+
+A solver gets the set-up federation (`Federation`: the sites that accepted the run, the run's records and
+its central evaluation) and returns the final model's tensors. A new solver is a module here with a class
+implementing `HeadSolver`, an entry in SOLVERS, its name in shared/config.HEAD_SOLVERS, and the site's
+side of its requests (client/solvers/ and client/client_app.QUERY_HANDLERS).
+"""
+
+from __future__ import annotations
+
+from fedtl.server.solvers.base import Federation, HeadSolver, SolverResult
+from fedtl.server.solvers.closed_form import ClosedFormSolver
+from fedtl.server.solvers.dp_sgd import DpSgdSolver
+
+SOLVERS: dict[str, type[HeadSolver]] = {
+    "dp-sgd": DpSgdSolver,  # rounds of DP-SGD at every site, aggregated by a Flower strategy
+    "closed-form": ClosedFormSolver,  # one noised release of sufficient statistics, solved once
+}
+
+__all__ = ["SOLVERS", "Federation", "HeadSolver", "SolverResult"]

@@ -1,0 +1,129 @@
+"""Where the network is cut: the frozen part below it runs once per data and is cached; the model above it trains.
+
+Head-only training is the cut at the very end (inputs are the backbone's features, (N, D)); deeper
+fine-tuning cuts before the last `trainable-blocks` blocks (inputs are activations, (N, C, H, W)). A
+site, the server's central evaluation and the lab's baselines all get their inputs at the cut from
+`inputs_at_cut` and build the model above it with `build_model`, so there is one way to do either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from torch import nn
+
+from fedtl.shared.backbones import Preprocessing, get_backbone_spec, resolve_preprocessing
+from fedtl.shared.deep import Adaptation, AdaptedHead, adapt_backbone, cut_fingerprint, split_backbone
+from fedtl.shared.features import FeatureCache, cached_features
+from fedtl.shared.heads import Head, build_head
+
+
+@dataclass(frozen=True)
+class Cut:
+    """A backbone (name, verified fingerprint, preprocessing) and how much of it trains above the cut."""
+
+    backbone_name: str
+    backbone_fingerprint: str
+    preprocessing: Preprocessing
+    adaptation: Adaptation = field(default_factory=Adaptation)
+
+    @classmethod
+    def of(cls, settings: Any, *, backbone_fingerprint: str | None = None) -> Cut:
+        """Return the cut a RoundSettings (or a RunConfig, given the fingerprint) describes."""
+        name = getattr(settings, "backbone_name", None) or settings.backbone
+        return cls(
+            backbone_name=name,
+            backbone_fingerprint=backbone_fingerprint or settings.backbone_fingerprint,
+            preprocessing=resolve_preprocessing(name, settings.image_size),
+            adaptation=Adaptation.of(settings),
+        )
+
+    def at_end_cut(self) -> Cut:
+        """Return the cut at the very end of the same backbone: its inputs are the backbone's features."""
+        return dataclasses.replace(self, adaptation=Adaptation())
+
+    @property
+    def at_end(self) -> bool:
+        """Return True when only the head trains, on the backbone's features."""
+        return not self.adaptation.enabled
+
+    @property
+    def fingerprint(self) -> str:
+        """Return the fingerprint of the frozen part below the cut: what its cached outputs are keyed by."""
+        if self.at_end:
+            return self.backbone_fingerprint
+        return cut_fingerprint(self.backbone_fingerprint, self.backbone_name, self.adaptation.trainable_blocks)
+
+    @property
+    def cache_folder(self) -> str:
+        """Return the cache sub-folder of inputs at this cut ("features" at the end, else "activations")."""
+        return "features" if self.at_end else "activations"
+
+    @property
+    def feature_dim(self) -> int:
+        """Return the backbone's feature dimension D (the head's input)."""
+        return get_backbone_spec(self.backbone_name).feature_dim
+
+    def frozen_part(self, backbone: nn.Module) -> nn.Module:
+        """Return the part of `backbone` below the cut, in eval() (BatchNorms keep their ImageNet statistics)."""
+        if self.at_end:
+            return backbone.eval()
+        return split_backbone(self.backbone_name, backbone, self.adaptation.trainable_blocks)[0].eval()
+
+
+def inputs_at_cut(
+    cache_root: Path,
+    cut: Cut,
+    load_backbone: Callable[[], nn.Module],
+    *,
+    images: np.ndarray,
+    labels: np.ndarray,
+    data_fingerprint: str,
+    batch_size: int,
+    device: str,
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Return (inputs at the cut, labels, cache hit) of one data split, running the frozen part once per data.
+
+    Cached in `cache_root/<cut.cache_folder>` under (cut fingerprint, data fingerprint, preprocessing);
+    `load_backbone` (the verified backbone) is only called on a cache miss.
+    """
+    return cached_features(
+        FeatureCache(Path(cache_root) / cut.cache_folder),
+        load_backbone=lambda: cut.frozen_part(load_backbone()),
+        backbone_fingerprint=cut.fingerprint,
+        images=images,
+        labels=labels,
+        data_fingerprint=data_fingerprint,
+        preprocessing=cut.preprocessing,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+    )
+
+
+def build_model(
+    cut: Cut,
+    *,
+    head: str,
+    head_hidden: int,
+    num_classes: int,
+    load_backbone: Callable[[], nn.Module],
+    seed: int,
+    head_seed: int = 0,
+) -> Head | AdaptedHead:
+    """Return the model above the cut: the head alone, or [trainable blocks (or their LoRA adapters) + head].
+
+    `seed` seeds the LoRA adapters (every site and the server build the same ones); `head_seed` the head's
+    initial weights (the server's initial model; sites load the server's tensors over them).
+    `load_backbone` is only called when blocks of the backbone train.
+    """
+    top = build_head(head, cut.feature_dim, num_classes, hidden=head_hidden, seed=head_seed)
+    if cut.at_end:
+        return top
+    _, trainable = adapt_backbone(cut.backbone_name, load_backbone(), cut.adaptation, seed=seed)
+    return AdaptedHead(trainable, top)
