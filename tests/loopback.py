@@ -7,13 +7,16 @@ started (collected from /proc before anything is killed, so nothing is orphaned 
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +38,34 @@ def free_port() -> int:
 
 
 @functools.cache
+def app_snapshot() -> Path:
+    """Return a frozen copy of the app folder `flwr run` ships (made once per session).
+
+    The files git would commit (tracked, or untracked and not ignored), as `flwr run` bundles them. Sites
+    approve the FAB of this copy and the runs ship it, so editing the checkout while a deployment test
+    runs cannot change the app's hash under it.
+    """
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    holder = Path(tempfile.mkdtemp(prefix="fedtl-app-"))
+    atexit.register(shutil.rmtree, holder, ignore_errors=True)
+    snapshot = holder / "fedtl"
+    for name in filter(None, listed.split("\0")):
+        source = REPO_ROOT / name
+        if source.is_file():
+            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, snapshot / name)
+    return snapshot
+
+
+@functools.cache
 def repository_fab() -> bytes:
-    """Return the FAB `flwr run` ships from the repository (built once per session)."""
-    return build_fab(REPO_ROOT)
+    """Return the FAB `flwr run` ships from the app snapshot (built once per session)."""
+    return build_fab(app_snapshot())
 
 
 def descendants(pid: int) -> list[int]:
@@ -180,7 +208,9 @@ class Loopback:
 
     def run(self, run_config: str) -> int:
         """Submit the app in the repository as a run; return its run id."""
-        out = self.flwr("run", str(REPO_ROOT), CONNECTION, "--format", "json", "--run-config", run_config, timeout=300)
+        out = self.flwr(
+            "run", str(app_snapshot()), CONNECTION, "--format", "json", "--run-config", run_config, timeout=300
+        )
         assert out.returncode == 0, out.stdout + out.stderr
         return int(json.loads(out.stdout)["run-id"])
 
