@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import sys
 from pathlib import Path
 
 from fedtl.client import admin, approval
 from fedtl.client.launcher import run_site, write_runtime_secret
 from fedtl.client.policy import SitePolicy, load_policy
+from fedtl.client.site import keep_private
 from fedtl.shared.errors import ConfigError, FedtlError
 
 
@@ -70,6 +72,7 @@ def add_approval_commands(site_sub: argparse._SubParsersAction) -> None:
 
 def run_site_command(args: argparse.Namespace) -> int:
     """Run one `fedtl site ...` command and return its exit status."""
+    keep_private()  # whatever a site command writes (policy, state, caches, approvals) is the site's alone
     if args.site_command == "init":
         labels = [n.strip() for n in args.label_names.split(",") if n.strip()]
         path = admin.init_policy(
@@ -91,6 +94,7 @@ def run_site_command(args: argparse.Namespace) -> int:
     elif args.site_command == "ledger":
         print(admin.ledger_report(policy))
     elif args.site_command == "start":
+        keep_private(policy.state_dir, policy.cache_dir)  # the SuperNode and the launcher inherit it
         secret = write_runtime_secret(policy.state_dir)  # only the SuperNode and the site's launcher read it
         command = supernode_command(args, policy.source)
         command += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
@@ -128,11 +132,27 @@ def run_approval_command(args: argparse.Namespace, policy: SitePolicy) -> int:
     return 0
 
 
+def is_loopback(host: str) -> bool:
+    """Return True when `host` names this machine's loopback interface."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def supernode_command(args: argparse.Namespace, policy_path: str) -> list[str]:
     """Return the `flower-supernode` command line of a site: its policy in the node config, TLS unless --insecure."""
     command = ["flower-supernode", "--superlink", args.superlink, "--node-config", f"policy='{policy_path}'"]
     command += ["--port", str(args.port)]  # the local ClientApp runtime API (127.0.0.1)
     if args.insecure:
+        host = args.superlink.rsplit(":", 1)[0].strip("[]")
+        if not is_loopback(host):
+            raise FedtlError(
+                f"--insecure sends the site's updates unencrypted, so it is only allowed to a SuperLink on this "
+                f"machine (127.0.0.1, ::1, localhost), got {args.superlink!r}; give --root-certificates ca.crt instead"
+            )
         command.append("--insecure")
     elif args.root_certificates:
         command += ["--root-certificates", str(Path(args.root_certificates).expanduser().resolve())]

@@ -7,15 +7,19 @@ each site checks against its policy and pays for through the release path (clien
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from fedtl.client.inputs import load_site_inputs
 from fedtl.client.release import Release, ReleaseRequest, charge_release
 from fedtl.client.site import Site
 from fedtl.shared.cut import Cut
-from fedtl.shared.heads import normalize_features
+from fedtl.shared.heads import normalize_features, zero_non_finite_rows
 from fedtl.shared.mechanisms import FEATURE_SUM
 from fedtl.shared.protocol import RoundSettings
+
+log = logging.getLogger(__name__)
 
 CENTER_ROUND = 0  # the ledger's server_round of the release: before the run's first round
 
@@ -52,9 +56,15 @@ def release_feature_sum(
             steps=1,
             what=f"the feature-mean release of run {settings.run_id}",
             noise_multiplier=noise_multiplier,
+            num_examples=len(features),
         ),
     )
-    z = normalize_features(features)  # (N, D), every row norm 1
+    features, dropped = zero_non_finite_rows(features)
+    if dropped:
+        log.warning(
+            "site %s: %d example(s) with NaN/Inf features contribute nothing to the feature sum", site.name, dropped
+        )
+    z = normalize_features(features)  # (N, D), every row norm 1 (0 for a zeroed one)
     noise = release.rng().normal(0.0, release.noise_multiplier * FEATURE_SUM.sensitivity, size=z.shape[1])
     total = z.astype(np.float64).sum(axis=0) + noise
     return total.astype(np.float32), len(z), release

@@ -28,11 +28,11 @@ from flwr.clientapp.mod import fixedclipping_mod
 from fedtl.client.centering import feature_sum_round
 from fedtl.client.policy import PolicyRefusal
 from fedtl.client.ranking import score_site
-from fedtl.client.site import Site, resolve_site
+from fedtl.client.site import Site, keep_private, resolve_site
 from fedtl.client.solvers.closed_form import sufficient_stats_round
 from fedtl.client.solvers.dp_sgd import evaluate_round, finetune_round, train_round
 from fedtl.shared import constants as k
-from fedtl.shared.errors import BackboneError, DataError, FingerprintMismatchError, PrivacyBudgetError, ReplyError
+from fedtl.shared.errors import FedtlError, ReplyError
 from fedtl.shared.protocol import RoundSettings, SimulationSettings, decode
 
 log = logging.getLogger(__name__)
@@ -102,22 +102,30 @@ def _require_evaluation_release(site: Site, what: str) -> None:
         )
 
 
-# What a site refuses with a reason the server should log by name: its policy, its budget, its data,
-# or backbone weights that fail verification. Anything else is a bug and surfaces as a Flower error.
-SITE_REFUSALS = (PolicyRefusal, PrivacyBudgetError, DataError, FingerprintMismatchError, BackboneError)
-
-
 def _refusable(handler):  # type: ignore[no-untyped-def]
-    """Turn the site's own refusals (policy, budget, data) into a reply the server can log by site name."""
+    """Turn anything that stops a site from answering into a refusal the server can log by site name.
+
+    The server gets only the error's code and its public reason (shared/errors.py): a data error's message
+    names files, lines and counts, so the details go to the site's own log, never to the server. An
+    unexpected exception (a bug) is refused the same way, with its traceback in the site's log only.
+    """
 
     @functools.wraps(handler)
     def wrapper(msg: Message, context: Context) -> Message:
         site = _site(msg, context)
+        if site.policy is not None:
+            keep_private()  # a real site's process: everything it writes is its own (0600 files, 0700 folders)
         try:
             return Message(content=handler(msg, site), reply_to=msg)
-        except SITE_REFUSALS as exc:
-            log.warning("site %s refused a %s message: %s", site.name, msg.metadata.message_type, exc)
-            record = ConfigRecord({k.SITE_NAME: site.name, k.REFUSED: str(exc), k.REFUSAL_TYPE: type(exc).__name__})
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a refusal that carries no private detail
+            error = exc if isinstance(exc, FedtlError) else FedtlError()
+            if isinstance(exc, FedtlError):
+                log.warning(
+                    "site %s refused a %s message (%s): %s", site.name, msg.metadata.message_type, error.code, exc
+                )
+            else:
+                log.exception("site %s failed on a %s message", site.name, msg.metadata.message_type)
+            record = ConfigRecord({k.SITE_NAME: site.name, k.REFUSED: error.public(), k.REFUSAL_CODE: error.code})
             return Message(content=RecordDict({k.SITE: record}), reply_to=msg)
 
     return wrapper

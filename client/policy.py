@@ -26,6 +26,12 @@ FINGERPRINT_CHARS = set("0123456789abcdef")
 class PolicyRefusal(FedtlError):
     """The server asked for something the site's policy does not allow; the reason goes back to the server."""
 
+    code = "policy"
+
+    def public(self) -> str:
+        """Return the message itself: it names the request and the site's own setting, not its data."""
+        return str(self)
+
 
 @dataclass(frozen=True)
 class SitePolicy:
@@ -280,8 +286,9 @@ bad-files = "error"
 test-fraction = 0.2
 
 [privacy]
-# Lifetime budget of this site, over every run, at `delta`; work beyond it is refused.
-max-epsilon = 8.0
+# Lifetime budget of this site, over every run, at `delta`; work beyond it is refused. 24 leaves room for
+# three federations at fedtl's default target-epsilon of 8 (each run asks for its own target, never more).
+max-epsilon = 24.0
 # Keep it well below 1 / (number of records).
 delta = 1e-5
 # Never release a DP-SGD step or a statistic with less noise than this.

@@ -26,6 +26,7 @@ from fedtl.client.site import Site
 from fedtl.shared.mechanisms import SERVER, Mechanism
 from fedtl.shared.privacy import find_noise_multiplier
 from fedtl.shared.protocol import RoundSettings
+from fedtl.shared.secure_noise import SecureRandom
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class ReleaseRequest:
     # Fixed by the run config (settings.noise_multiplier) or, for a mechanism the server plans, by the server's
     # public rule; None: the site plans it from its budget.
     noise_multiplier: float | None
+    num_examples: int = 0  # N, the examples the release is computed from (declared public); 0: not checked
     planned_steps: int = 0  # every step of this mechanism the run will take (planning "auto"); >= steps
     # Checks the run's earlier charges before anything is planned (e.g. the policy's rounds per run).
     precondition: Callable[[list[PrivacyCharge]], None] | None = None
@@ -56,11 +58,11 @@ class Release:
     noise_multiplier: float  # 0.0: no noise (the non-private baseline, or a run that fixed noise 0)
     epsilon: float  # cumulative over the site's whole ledger, at `delta`; inf once anything went without noise
     delta: float
-    seed: int | None  # None: the operating system's entropy (real sites)
+    seed: int | None  # None: a real site, whose noise comes from a cryptographic generator (shared/secure_noise.py)
 
-    def rng(self) -> np.random.Generator:
-        """Return the generator of this release's noise."""
-        return np.random.default_rng(self.seed)  # seed None: OS entropy
+    def rng(self) -> np.random.Generator | SecureRandom:
+        """Return the generator of this release's noise: seeded in simulation, cryptographic at a real site."""
+        return np.random.default_rng(self.seed) if self.seed is not None else SecureRandom()
 
 
 def site_accountant(site: Site, settings: RoundSettings) -> str:
@@ -90,6 +92,7 @@ def charge_release(site: Site, settings: RoundSettings, request: ReleaseRequest)
     """
     policy = site.policy
     accountant = site_accountant(site, settings)
+    check_delta(site, settings, request)
     with site.ledger.transaction() as book:
         if request.precondition is not None:
             request.precondition(book.charges)
@@ -135,6 +138,37 @@ def charge_release(site: Site, settings: RoundSettings, request: ReleaseRequest)
     # With no budget to check the ledger computes nothing; a release without noise makes epsilon infinite.
     epsilon = projected if math.isfinite(budget) else math.inf
     return Release(noise, epsilon, settings.target_delta, round_seed(site, settings, request.server_round))
+
+
+DELTA_WARNING_FACTOR = 0.1  # delta above this share of 1/N is legal but weak: the site logs a warning
+
+
+def check_delta(site: Site, settings: RoundSettings, request: ReleaseRequest) -> None:
+    """Refuse a release whose delta is not below 1/N for its N examples; warn when it is not well below.
+
+    (epsilon, delta)-DP with delta >= 1/N is met by a mechanism that publishes one example outright, so it
+    protects nobody; the usual advice is delta much smaller than 1/N (Dwork & Roth 2014, section 2.3).
+
+    Raises:
+        PolicyRefusal: target-delta >= 1 / num_examples.
+    """
+    n = request.num_examples
+    if not n:
+        return
+    if settings.target_delta >= 1.0 / n:
+        raise PolicyRefusal(
+            f"site {site.name} refuses {request.what}: target-delta {settings.target_delta:g} is not below 1/N = "
+            f"{1.0 / n:.3g} for its N = {n} examples, so it would protect no one; ask for a delta well below 1/N "
+            "(e.g. 1e-5)"
+        )
+    if settings.target_delta > DELTA_WARNING_FACTOR / n:
+        log.warning(
+            "site %s: target-delta %g is close to 1/N = %.3g for %s (keep delta well below 1/N)",
+            site.name,
+            settings.target_delta,
+            1.0 / n,
+            request.what,
+        )
 
 
 def plan_noise(

@@ -66,6 +66,20 @@ def simulation_enabled() -> bool:
     return os.environ.get(SIMULATION_ENV) == "1"
 
 
+PRIVATE_UMASK = 0o077
+
+
+def keep_private(*folders: Path) -> None:
+    """Make this process create files 0600 and folders 0700, and close `folders` (that exist) to other users.
+
+    A real site's ledger, caches, features and approvals are its own: nobody else on the machine reads them.
+    """
+    os.umask(PRIVATE_UMASK)
+    for folder in folders:
+        if Path(folder).is_dir():
+            os.chmod(folder, 0o700)
+
+
 def site_from_policy(policy: SitePolicy) -> Site:
     """Return the real site a policy describes."""
     return Site(

@@ -17,11 +17,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from opacus import GradSampleModule, PrivacyEngine
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedtl.shared.heads import predict_proba
 from fedtl.shared.metrics import classification_metrics
+from fedtl.shared.secure_noise import SecureRandom
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +121,9 @@ def train_model(
             for p in group["params"]
         }
     with warnings.catch_warnings():
-        # Simulated sites get a seeded generator and reproducible noise, so Opacus' secure-RNG warning
-        # says nothing new there; real sites keep it (torch's generator is not a cryptographic one).
-        if seed is not None:
-            warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+        # Opacus warns that its own secure RNG is off: simulated sites want reproducible noise, and real sites
+        # draw batches and noise from a cryptographic generator of fedtl's (use_secure_randomness) instead.
+        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
         # Inputs are leaves (the part below the cut is frozen), so the first layer's full backward hook
         # fires on outputs only; Opacus' per-sample gradients need nothing more.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -136,6 +139,8 @@ def train_model(
                 poisson_sampling=True,
                 noise_generator=generator,
             )
+            if seed is None:  # a real site: batches and noise from a cryptographic generator (shared/secure_noise.py)
+                use_secure_randomness(optimizer, loader, SecureRandom())
             # The ledger was charged with (sample_rate, epochs * per_epoch) before training.
             if not (math.isclose(loader.sample_rate, sample_rate) and len(loader) == per_epoch):
                 raise RuntimeError(
@@ -147,7 +152,7 @@ def train_model(
             runner = model
         try:
             losses, steps = _run_epochs(
-                runner, optimizer, loader, epochs=epochs, anchor=anchor, proximal_mu=proximal_mu
+                runner, optimizer, loader, epochs=epochs, anchor=anchor, proximal_mu=proximal_mu, private=private
             )
         finally:
             if isinstance(runner, GradSampleModule):
@@ -176,6 +181,7 @@ def _run_epochs(
     epochs: int,
     anchor: dict[int, torch.Tensor] | None,
     proximal_mu: float,
+    private: bool,
 ) -> tuple[list[float], int]:
     """Run the SGD steps of `epochs` passes; return the non-empty batches' losses and the step count."""
     criterion = nn.CrossEntropyLoss()
@@ -191,6 +197,8 @@ def _run_epochs(
                 loss = criterion(logits, y)
                 losses.append(float(loss.detach()))
             loss.backward()
+            if private:
+                drop_non_finite_samples(optimizer)
             optimizer.step()
             steps += 1
             if anchor is not None:
@@ -202,6 +210,70 @@ def _run_epochs(
                         for p in group["params"]:
                             p.sub_(group["lr"] * proximal_mu * (p - anchor[id(p)]))
     return losses, steps
+
+
+class _SecurePoissonSampler(UniformWithReplacementSampler):
+    """Opacus' Poisson batch sampler with its coins drawn from a SecureRandom (`secure` is set on the instance)."""
+
+    secure: SecureRandom
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        for _ in range(self.steps):
+            yield np.flatnonzero(self.secure.bernoulli(self.num_samples, self.sample_rate)).tolist()
+
+
+def use_secure_randomness(optimizer: DPOptimizer, loader: DataLoader, secure: SecureRandom) -> None:
+    """Make Opacus draw a real site's Poisson batches and Gaussian noise from `secure`, hardened as secure mode is.
+
+    Opacus' own `secure_mode` needs torchcsprng, which is not built for the torch fedtl pins; this does what
+    it intends with `cryptography`'s ChaCha20 instead. The sample rate, the steps and the noise's standard
+    deviation (noise_multiplier x max_grad_norm, per-layer bounds included) are Opacus' own, so the ledger's
+    charge is unchanged.
+    """
+    sampler = loader.batch_sampler
+    if not isinstance(sampler, UniformWithReplacementSampler):
+        raise RuntimeError(f"expected Opacus' Poisson sampler, got {type(sampler).__name__}: a fedtl bug")
+    sampler.__class__ = _SecurePoissonSampler
+    sampler.secure = secure
+
+    def add_noise() -> None:  # DPOptimizer.add_noise with the noise drawn from `secure`
+        std = optimizer.noise_multiplier * optimizer.max_grad_norm
+        for p in optimizer.params:
+            _check_processed_flag(p.summed_grad)
+            reference = p.summed_grad
+            noise = torch.as_tensor(secure.normal(0.0, std, size=tuple(reference.shape)), dtype=reference.dtype)
+            p.grad = (reference + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    optimizer.add_noise = add_noise
+
+
+def drop_non_finite_samples(optimizer: torch.optim.Optimizer) -> int:
+    """Zero every per-example gradient that holds a NaN or an infinity, before Opacus clips and sums; return how many.
+
+    Clipping scales a gradient by C / its norm, which passes NaN and infinity through, so one example whose
+    gradient is not finite would turn the whole noised update into NaN: a server that sends weights which
+    overflow for one particular example could then read that example's presence off the update (a
+    membership oracle that no noise hides). A zeroed gradient has norm 0 <= C, so the sensitivity, the
+    noise and the accounting are unchanged; the example simply contributes nothing to this step.
+    """
+    params = [
+        p for group in optimizer.param_groups for p in group["params"] if getattr(p, "grad_sample", None) is not None
+    ]
+    bad = None
+    for p in params:
+        sample = p.grad_sample  # (B, *p.shape)
+        if not torch.isfinite(sample).all():
+            rows = ~torch.isfinite(sample.reshape(len(sample), -1)).all(dim=1)  # (B,)
+            bad = rows if bad is None else bad | rows
+    if bad is None:
+        return 0
+    with torch.no_grad():
+        for p in params:
+            p.grad_sample[bad] = 0.0
+    dropped = int(bad.sum())
+    log.warning("%d example gradient(s) held NaN or Inf in this DP-SGD step and contribute nothing to it", dropped)
+    return dropped
 
 
 def evaluate_model(model: nn.Module, inputs: np.ndarray, labels: np.ndarray) -> dict[str, float]:

@@ -262,7 +262,10 @@ def refusal(msg: Message) -> str | None:
     if msg.has_error() or k.SITE not in msg.content.config_records:
         return None
     site = msg.content.config_records[k.SITE]
-    return str(site[k.REFUSED]) if k.REFUSED in site else None
+    if k.REFUSED not in site:
+        return None
+    code = site.get(k.REFUSAL_CODE)
+    return f"[{code}] {site[k.REFUSED]}" if code else str(site[k.REFUSED])
 
 
 def _metrics_line(line: dict[str, Any]) -> str:

@@ -24,7 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from fedtl.shared.constants import BACKBONE_TENSOR_PREFIX
 from fedtl.shared.errors import BackboneError, ConfigError, ReplyError
-from fedtl.shared.heads import Head, load_head_arrays
+from fedtl.shared.heads import Head, check_incoming_tensor, load_head_arrays
 
 DEEP_FORMAT = 1  # bump when a split, the BN -> GN recipe or the LoRA targets change (activation cache keys)
 
@@ -460,13 +460,7 @@ def load_trainable(module: nn.Module, arrays: dict[str, np.ndarray], *, source: 
         )
     with torch.no_grad():
         for name, p in params.items():
-            value = np.asarray(arrays[name])
-            if tuple(value.shape) != tuple(p.shape):
-                raise ReplyError(
-                    f"backbone tensor `{name}` from {source} has shape {tuple(value.shape)}, expected {tuple(p.shape)}"
-                )
-            if not np.all(np.isfinite(value)):
-                raise ReplyError(f"backbone tensor `{name}` from {source} contains NaN or Inf")
+            value = check_incoming_tensor(f"backbone.{name}", arrays[name], tuple(p.shape), source=source)
             p.copy_(torch.as_tensor(value, dtype=p.dtype))
 
 

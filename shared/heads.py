@@ -91,11 +91,51 @@ def normalize_features(features: np.ndarray) -> np.ndarray:
     return F.normalize(torch.as_tensor(features, dtype=torch.float32), dim=1).numpy()
 
 
+def zero_non_finite_rows(features: np.ndarray) -> tuple[np.ndarray, int]:
+    """Return features (N, ...) with every example holding a NaN or Inf set to zero, and how many were.
+
+    Before a sum or a statistic is released: one non-finite example would make the whole release NaN, so
+    its presence could be read off it. A zero row has norm 0, within every sensitivity bound.
+    """
+    flat = features.reshape(len(features), -1)
+    bad = ~np.isfinite(flat).all(axis=1)
+    if not bad.any():
+        return features, 0
+    cleaned = features.copy()
+    cleaned[bad] = 0
+    return cleaned, int(bad.sum())
+
+
 def head_arrays(head: nn.Module) -> "OrderedDict[str, np.ndarray]":
     """Return the head's tensors as float32 numpy arrays, in state-dict order."""
     return OrderedDict(
         (k, v.detach().cpu().numpy().astype(np.float32, copy=True)) for k, v in head.state_dict().items()
     )
+
+
+# No tensor a site trains comes near this (unit-norm features, clipped steps); a server could use larger values to
+# make logits overflow for one particular example and read its presence off a NaN update (issue: membership oracle).
+MAX_TENSOR_VALUE = 1e4
+
+
+def check_incoming_tensor(name: str, value: np.ndarray, shape: tuple[int, ...], *, source: str) -> np.ndarray:
+    """Return a received tensor as an array after checking its shape, that it is finite and that it is bounded.
+
+    Raises:
+        ReplyError: the shape differs, a value is NaN/Inf, or a value's magnitude exceeds MAX_TENSOR_VALUE.
+    """
+    value = np.asarray(value)
+    if tuple(value.shape) != tuple(shape):
+        raise ReplyError(f"tensor `{name}` from {source} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+    if not np.all(np.isfinite(value)):
+        raise ReplyError(f"tensor `{name}` from {source} contains NaN or Inf")
+    largest = float(np.max(np.abs(value))) if value.size else 0.0
+    if largest > MAX_TENSOR_VALUE:
+        raise ReplyError(
+            f"tensor `{name}` from {source} holds a value of magnitude {largest:.3g} > {MAX_TENSOR_VALUE:g}; no "
+            "trained model comes near it, and such values can make one example's loss overflow: refused"
+        )
+    return value
 
 
 def load_head_arrays(head: nn.Module, arrays: dict[str, np.ndarray], *, source: str = "message") -> None:
@@ -114,13 +154,7 @@ def load_head_arrays(head: nn.Module, arrays: dict[str, np.ndarray], *, source: 
         )
     state = OrderedDict()
     for key, ref in expected.items():
-        value = np.asarray(arrays[key])
-        if tuple(value.shape) != tuple(ref.shape):
-            raise ReplyError(
-                f"head tensor `{key}` from {source} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}"
-            )
-        if not np.all(np.isfinite(value)):
-            raise ReplyError(f"head tensor `{key}` from {source} contains NaN or Inf")
+        value = check_incoming_tensor(key, arrays[key], tuple(ref.shape), source=source)
         state[key] = torch.as_tensor(value, dtype=ref.dtype)
     head.load_state_dict(state)
 

@@ -208,8 +208,8 @@ def test_the_fleet_front_forwards_only_fleet_routes(tmp_path):
 
     import httpx
 
-    from fedtl.server.superlink import create_fleet_front, fleet_paths
     from fedtl.server.certs import generate_certificates
+    from fedtl.server.superlink import create_fleet_front, fleet_paths
 
     paths = fleet_paths()
     assert "/v1/fleet/pull-messages" in paths and "/v1/fleet/get-fab" in paths

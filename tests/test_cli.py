@@ -92,6 +92,13 @@ def test_server_and_site_start_build_tls_command_lines(tmp_path, capsys):
     node = supernode_command(build_parser().parse_args([*site, "--root-certificates", "ca.crt"]), str(policy))
     assert node[node.index("--node-config") + 1] == f"policy='{policy}'"
     assert "--root-certificates" in node and "--insecure" not in node
+    # Unencrypted only to a SuperLink on this machine.
+    assert main([*site, "--insecure"]) == 2
+    assert "--insecure sends the site's updates unencrypted, so it is only allowed to a SuperLink on this" in (
+        capsys.readouterr().err
+    )
+    loopback = ["site", "start", "--policy", str(policy), "--superlink", "127.0.0.1:8000", "--insecure"]
+    assert "--insecure" in supernode_command(build_parser().parse_args(loopback), str(policy))
 
 
 def test_site_init_check_status_and_ledger(tmp_path, capsys):

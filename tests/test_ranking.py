@@ -117,7 +117,7 @@ def test_a_real_site_releases_scores_only_where_its_policy_allows(tmp_path, flow
     site = site_from_policy(load_policy(policy_path))
     site.backbones.install("tiny", fingerprint, state)
     refused = _site_query(policy_path, fingerprint).content.config_records[k.SITE]
-    assert refused[k.REFUSAL_TYPE] == "PolicyRefusal"
+    assert refused[k.REFUSAL_CODE] == "policy"
     assert "does not release transferability scores" in refused[k.REFUSED]
     text = policy_path.read_text()
     policy_path.write_text(text.replace("release-evaluation-metrics = false", "release-evaluation-metrics = true"))

@@ -112,3 +112,34 @@ def test_the_ledger_file_is_read_once_per_release(tmp_path, monkeypatch):
     monkeypatch.setattr(PrivacyLedger, "_read", counting)
     charge_release(site, round_settings(FP), _request())
     assert len(reads) == 1
+
+
+@pytest.mark.parametrize("release", ["feature-sum", "sufficient-stats"])
+def test_an_example_with_non_finite_features_cannot_make_a_released_sum_nan(tmp_path, release):
+    """The membership oracle through NaN, for the one-shot releases: member and non-member look alike."""
+    import numpy as np
+
+    from fedtl.client.centering import release_feature_sum
+    from fedtl.client.solvers.closed_form import release_sufficient_stats
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(40, 32)).astype(np.float32)
+    labels = np.arange(40) % 10
+    target = np.full((1, 32), np.inf, np.float32)  # what a tampered block could make of one example
+    finite = {}
+    for member in (True, False):
+        x = np.concatenate([features, target]) if member else features
+        y = np.concatenate([labels, [3]]) if member else labels
+        ok = 0
+        for run in range(20):
+            site = _site(tmp_path / f"{member}-{run}")
+            settings = round_settings(FP, run_id=f"r{run}", noise_multiplier=2.0)
+            if release == "feature-sum":
+                total, _, _ = release_feature_sum(site, settings, x, noise_multiplier=2.0)
+                arrays = [total]
+            else:
+                stats = release_sufficient_stats(site, settings, x, y, center=None).stats
+                arrays = list(stats.arrays().values())
+            ok += all(np.all(np.isfinite(a)) for a in arrays)
+        finite[member] = ok
+    assert finite == {True: 20, False: 20}

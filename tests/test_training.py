@@ -346,3 +346,65 @@ def test_evaluate_model_matches_direct_computation(num_classes):
     for key, value in expected.items():
         assert scores[key] == pytest.approx(value, rel=1e-5), key
     assert 0 < scores[k.ACCURACY] < 1
+
+
+# --- real sites: cryptographic randomness; hostile weights -------------------------------------------
+
+
+def test_a_real_site_draws_batches_and_noise_from_the_cryptographic_generator(monkeypatch):
+    from fedtl.shared import secure_noise
+
+    calls = {"normal": [], "bernoulli": 0}
+    normal, bernoulli = secure_noise.SecureRandom.normal, secure_noise.SecureRandom.bernoulli
+
+    def counting_normal(self, loc=0.0, scale=1.0, size=1):
+        calls["normal"].append(scale)
+        return normal(self, loc, scale, size)
+
+    def counting_bernoulli(self, size, p):
+        calls["bernoulli"] += 1
+        return bernoulli(self, size, p)
+
+    monkeypatch.setattr(secure_noise.SecureRandom, "normal", counting_normal)
+    monkeypatch.setattr(secure_noise.SecureRandom, "bernoulli", counting_bernoulli)
+    features, labels = separable(100)
+    a = train(build_head("linear", D, 2), features, labels, epochs=2, noise_multiplier=0.8, seed=None)
+    b = train(build_head("linear", D, 2), features, labels, epochs=2, noise_multiplier=0.8, seed=None)
+    assert calls["bernoulli"] == a.steps + b.steps  # one Poisson mask per step
+    assert set(calls["normal"]) == {0.8 * 1.0}  # noise_multiplier x max_grad_norm, for every tensor of every step
+    assert len(calls["normal"]) == 2 * (a.steps + b.steps)  # weight and bias
+    assert not np.array_equal(a.arrays["layers.0.weight"], b.arrays["layers.0.weight"])
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_an_example_whose_gradient_overflows_contributes_nothing_instead_of_poisoning_the_update(kind):
+    """The membership oracle through NaN: a head that overflows for one example must not make the update NaN."""
+    features, labels = separable(60, num_classes=2, seed=2)
+    # One example whose loss and gradient are not finite (here an infinite input entry, as a tampered block
+    # or a head crafted to overflow on it would give); without the defence the whole update turns NaN.
+    target = features[0].copy()
+    target[0] = np.inf
+    outcomes = {}
+    for member in (True, False):
+        x = np.concatenate([features, target[None]]) if member else features
+        y = np.concatenate([labels, labels[:1]]) if member else labels
+        finite = []
+        for seed in range(20):
+            head = build_head(kind, D, 2, hidden=4, seed=0)
+            result = train(head, x.astype(np.float32), y, epochs=1, batch_size=61, noise_multiplier=1.0, seed=seed)
+            finite.append(all(np.all(np.isfinite(v)) for v in result.arrays.values()))
+        outcomes[member] = sum(finite)
+    assert outcomes == {True: 20, False: 20}
+
+
+def test_incoming_tensors_must_be_finite_and_bounded():
+    from fedtl.shared.errors import ReplyError
+    from fedtl.shared.heads import MAX_TENSOR_VALUE
+
+    head = build_head("linear", D, 2)
+    arrays = head_arrays(head)
+    crafted = {**arrays, "layers.0.weight": np.full_like(arrays["layers.0.weight"], 10 * MAX_TENSOR_VALUE)}
+    with pytest.raises(ReplyError, match=r"holds a value of magnitude 1e\+05 > 10000"):
+        load_head_arrays(head, crafted, source="the server")
+    with pytest.raises(ReplyError, match=r"contains NaN or Inf"):
+        load_head_arrays(head, {**arrays, "layers.0.bias": np.array([np.inf, 0.0], np.float32)}, source="the server")

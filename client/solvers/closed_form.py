@@ -17,7 +17,9 @@ from fedtl.client.inputs import load_site_inputs
 from fedtl.client.release import ReleaseRequest, charge_release
 from fedtl.client.site import Site
 from fedtl.shared.closed_form import SufficientStats, compute_stats, prepare_features, random_projection, release_stats
+from fedtl.shared.cut import Cut
 from fedtl.shared.errors import ReplyError
+from fedtl.shared.heads import zero_non_finite_rows
 from fedtl.shared.mechanisms import SUFFICIENT_STATS
 from fedtl.shared.protocol import RoundSettings
 
@@ -52,8 +54,15 @@ def sufficient_stats_round(site: Site, settings: RoundSettings, *, center: np.nd
         PolicyRefusal: the noise is below the policy's minimum, or zero where the policy forbids it.
         ReplyError: `center` does not fit the site's features.
     """
-    inputs = load_site_inputs(site, settings)
-    dim = inputs.train_x.shape[1]
+    inputs = load_site_inputs(site, settings, cut=Cut.of(settings).at_end_cut())
+    return release_sufficient_stats(site, settings, inputs.train_x, inputs.train_y, center=center)
+
+
+def release_sufficient_stats(
+    site: Site, settings: RoundSettings, features: np.ndarray, labels: np.ndarray, *, center: np.ndarray | None
+) -> StatsRelease:
+    """Charge, then return the noised statistics of `features` (N, D) and `labels` (sufficient_stats_round)."""
+    dim = features.shape[1]
     if center is not None and (center.shape != (dim,) or not np.all(np.isfinite(center))):
         raise ReplyError(f"the feature centre sent has shape {center.shape} or non-finite values; expected ({dim},)")
     release = charge_release(
@@ -66,11 +75,17 @@ def sufficient_stats_round(site: Site, settings: RoundSettings, *, center: np.nd
             steps=1,
             what=f"the sufficient-statistics release of run {settings.run_id}",
             noise_multiplier=settings.noise_multiplier,
+            num_examples=len(labels),
         ),
     )
     projection = random_projection(dim, settings.projection_dim, seed=settings.seed)
-    u = prepare_features(inputs.train_x, center=center, projection=projection)  # (N, d), norms <= 1
-    exact = compute_stats(u, inputs.train_y, settings.num_classes)
+    features, dropped = zero_non_finite_rows(features)
+    if dropped:
+        log.warning(
+            "site %s: %d example(s) with NaN/Inf features contribute nothing to the statistics", site.name, dropped
+        )
+    u = prepare_features(features, center=center, projection=projection)  # (N, d), norms <= 1
+    exact = compute_stats(u, labels, settings.num_classes)
     released = release_stats(exact, noise_multiplier=release.noise_multiplier, rng=release.rng())
     log.info(
         "site %s: released sufficient statistics over %d dims of %d examples, sigma %.3f, cumulative epsilon %.3f",

@@ -162,6 +162,7 @@ def charged_training(
             steps=per_epoch * epochs,
             what=what,
             noise_multiplier=settings.noise_multiplier,
+            num_examples=len(inputs.train_y),
             planned_steps=planned_steps(settings, steps_per_epoch=per_epoch),
             precondition=precondition,
         ),
