@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 import tomllib
 from pathlib import Path
 from typing import Any
 
+from fedtl.cli import EXIT_OK, EXIT_SITES_LEFT_OUT
 from fedtl.shared.config import RunConfig
-from fedtl.shared.errors import FedtlError
+from fedtl.shared.errors import ConfigError, FedtlError
+from fedtl.simulations.federation import SIMULATED_SITES
+
+DEFAULT_SITES = 5
 
 _FLAG_KEYS = {
     "rounds": "num-rounds",
@@ -29,7 +34,7 @@ _FLAG_KEYS = {
 
 def add_federation_flags(parser: argparse.ArgumentParser, *, out: str) -> None:
     """Add the flags of a simulated federation: sites, data, partition, seed, output folder, any run-config key."""
-    parser.add_argument("--sites", type=int, default=5, help="number of simulated sites (default 5)")
+    parser.add_argument("--sites", type=int, help=f"number of simulated sites (default {DEFAULT_SITES})")
     parser.add_argument(
         "--data", help="'digits', a MedMNIST .npz, an image folder (class sub-folders) or a CSV manifest"
     )
@@ -126,21 +131,22 @@ def run_simulate_command(args: argparse.Namespace) -> int:
     from fedtl.simulations.engine import simulate
 
     cfg = config_from_args(args)
+    sites = resumed_sites(args) if args.resume else (args.sites or DEFAULT_SITES)
     t0 = time.time()
     if args.executor == "inprocess":
         from fedtl.simulations.inprocess import run_inprocess
 
-        summary = run_inprocess(cfg, num_sites=args.sites)
+        summary = run_inprocess(cfg, num_sites=sites)
     else:
-        summary = simulate(cfg, num_sites=args.sites, verbose=args.verbose)
+        summary = simulate(cfg, num_sites=sites, verbose=args.verbose)
     summary["seconds"] = time.time() - t0
     print_summary(summary)
     if cfg.data and not cfg.resume:
         from fedtl.simulations.partition_report import write_partition_report
 
         print(f"\nexamples per class at each site (partition {cfg.partition}, seed {cfg.seed}):")
-        print(write_partition_report(cfg, args.sites, summary))
-    return 0
+        print(write_partition_report(cfg, sites, summary))
+    return EXIT_OK if summary.get("all-sites-completed", True) else EXIT_SITES_LEFT_OUT
 
 
 def run_rank_command(args: argparse.Namespace) -> int:
@@ -149,7 +155,8 @@ def run_rank_command(args: argparse.Namespace) -> int:
 
     backbones = [name.strip() for name in args.backbones.split(",") if name.strip()]
     cfg = config_from_args(args)
-    print(format_ranking(rank_simulated(cfg, backbones, num_sites=args.sites, executor=args.executor)))
+    sites = args.sites or DEFAULT_SITES
+    print(format_ranking(rank_simulated(cfg, backbones, num_sites=sites, executor=args.executor)))
     return 0
 
 
@@ -158,6 +165,30 @@ def run_audit_command(args: argparse.Namespace) -> int:
     from fedtl.simulations.audit import run_audit_command as run
 
     return run(args)
+
+
+def resumed_sites(args: argparse.Namespace) -> int:
+    """Return the number of sites the run `--resume` names was simulated with (a different --sites is refused).
+
+    Raises:
+        ConfigError: the run folder does not say, or --sites asks for another number.
+    """
+    path = Path(args.resume).expanduser() / "config.json"
+    try:
+        stored = json.loads(path.read_text()).get(SIMULATED_SITES)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot resume {args.resume}: {path} is missing or unreadable ({exc})") from exc
+    if not isinstance(stored, int):
+        raise ConfigError(
+            f"cannot resume {args.resume} as a simulation: its config.json does not record `{SIMULATED_SITES}` (a "
+            "deployed run is resumed with `flwr run` and resume = '<run folder>')"
+        )
+    if args.sites is not None and args.sites != stored:
+        raise ConfigError(
+            f"cannot resume {args.resume} with --sites {args.sites}: the run has {stored} sites, each holding its own "
+            "share of the data; drop --sites"
+        )
+    return stored
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -214,6 +245,9 @@ def print_summary(summary: dict[str, Any]) -> None:
         for site, scores in personal["sites"].items():
             shared = scores.get("shared-accuracy")
             print(f"  {site:<10} shared {_fmt(shared)}  personalised {_fmt(scores.get('personalized-accuracy'))}")
+    left_out = {n: o for n, o in summary.get("site-outcomes", {}).items() if o["status"] != "completed"}
+    for site, outcome in left_out.items():
+        print(f"{site}: {outcome['status'].upper()}: {'; '.join(outcome['reasons'])}")
     print(f"model: {summary['model'] or '- (fedper: every site keeps its own last layer)'}")
 
 

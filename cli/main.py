@@ -10,11 +10,19 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 
+from fedtl.cli import (
+    EXIT_BAD_INPUT,
+    EXIT_BUG,
+    EXIT_ENVIRONMENT,
+    EXIT_FEDERATION_FAILED,
+    EXIT_INTERRUPTED,
+)
 from fedtl.cli.lab import add_lab_commands, run_audit_command, run_rank_command, run_simulate_command, run_sweep_command
 from fedtl.cli.server import add_deployment_commands, run_certs_command, run_server_command
 from fedtl.cli.site import add_site_commands, run_site_command
-from fedtl.shared.errors import FedtlError
+from fedtl.shared.errors import FederationError, FedtlError, StorageError
 
 log = logging.getLogger("fedtl")
 
@@ -71,9 +79,29 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("flwr").propagate = False  # its handler prints already; no second copy via root
     try:
         return COMMANDS[args.command](args)
-    except FedtlError as exc:
-        print(f"fedtl: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("fedtl: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - one line for the user; the traceback with -v
+        code, what = exit_code(exc)
+        if args.verbose:
+            traceback.print_exc()
+        hint = "" if args.verbose or code != EXIT_BUG else " (run with -v for the traceback)"
+        print(f"fedtl: {what}: {exc}{hint}", file=sys.stderr)
+        return code
+
+
+def exit_code(exc: BaseException) -> tuple[int, str]:
+    """Return the exit code and the word that introduces `exc`'s message."""
+    if isinstance(exc, FederationError):
+        return EXIT_FEDERATION_FAILED, "the federation stopped"
+    if isinstance(exc, StorageError):
+        return EXIT_ENVIRONMENT, "storage"
+    if isinstance(exc, OSError):
+        return EXIT_ENVIRONMENT, "system error"
+    if isinstance(exc, FedtlError):
+        return EXIT_BAD_INPUT, "error"
+    return EXIT_BUG, f"internal error ({type(exc).__name__})"
 
 
 if __name__ == "__main__":

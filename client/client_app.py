@@ -105,9 +105,10 @@ def _require_evaluation_release(site: Site, what: str) -> None:
 def _refusable(handler):  # type: ignore[no-untyped-def]
     """Turn anything that stops a site from answering into a refusal the server can log by site name.
 
-    The server gets only the error's code and its public reason (shared/errors.py): a data error's message
-    names files, lines and counts, so the details go to the site's own log, never to the server. An
-    unexpected exception (a bug) is refused the same way, with its traceback in the site's log only.
+    A real site sends the server only the error's code and its public reason (shared/errors.py): a data
+    error's message names files, lines and counts, so the details go to the site's own log, never to the
+    server. An unexpected exception (a bug) is refused the same way, with its traceback in the site's log
+    only. A simulated site (the lab, one machine, one person) sends the whole message.
     """
 
     @functools.wraps(handler)
@@ -125,7 +126,9 @@ def _refusable(handler):  # type: ignore[no-untyped-def]
                 )
             else:
                 log.exception("site %s failed on a %s message", site.name, msg.metadata.message_type)
-            record = ConfigRecord({k.SITE_NAME: site.name, k.REFUSED: error.public(), k.REFUSAL_CODE: error.code})
+            # A simulated site's data is the lab's own, and its operator reads the server's report: it says all.
+            reason = str(exc) if site.simulation is not None and str(exc) else error.public()
+            record = ConfigRecord({k.SITE_NAME: site.name, k.REFUSED: reason, k.REFUSAL_CODE: error.code})
             return Message(content=RecordDict({k.SITE: record}), reply_to=msg)
 
     return wrapper

@@ -61,6 +61,7 @@ def load_site_inputs(
             f"backbone `{settings.backbone_name}` {settings.backbone_fingerprint[:12]} is not in site {site.name}'s "
             f"cache {site.backbones.root}; the server sends it before round 1"
         )
+    site.backbones.verify(settings.backbone_name, settings.backbone_fingerprint)  # its features are only as good
     cut = cut or Cut.of(settings)
     index = data_index(site, expected)
     if index is not None and index.is_file():  # the data was decoded and validated before, unchanged since

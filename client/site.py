@@ -132,6 +132,9 @@ def resolve_site(node_config: Mapping[str, Any], simulation: SimulationSettings 
     )
 
 
+_VERIFIED: set[tuple] = set()  # (path, inode, size, mtime, ctime) of stored backbones verified in this process
+
+
 class BackboneStore:
     """Verified backbone weights, one safetensors file per fingerprint."""
 
@@ -181,6 +184,35 @@ class BackboneStore:
                 "Delete the file; the server will send verified weights again"
             )
         return build_backbone(name, state)
+
+    def verify(self, name: str, fingerprint: str) -> None:
+        """Check the stored weights still hash to `fingerprint`, as every use of their features requires.
+
+        Features cached from verified weights are only as trustworthy as those weights: a stored file changed
+        on disk (tampering, corruption) stops the site before any of its features are used. A file already
+        verified in this process, unchanged since (same inode, size, modification and change times), is not
+        hashed again; a fresh process (every message of a deployed site) hashes it once.
+
+        Raises:
+            BackboneError: no weights with this fingerprint are stored.
+            FingerprintMismatchError: the stored file was changed after it was verified.
+        """
+        path = self.path(fingerprint)
+        if not path.is_file():
+            raise BackboneError(
+                f"backbone `{name}` with fingerprint {fingerprint} is not in the site cache {self.root}"
+            )
+        info = path.stat()
+        stamp = (str(path), info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+        if stamp in _VERIFIED:
+            return
+        actual = fingerprint_state_dict(load_file(str(path)))
+        if actual != fingerprint:
+            raise FingerprintMismatchError(
+                f"stored backbone file {path} hashes to {actual}, expected {fingerprint}: it was modified on disk. "
+                "Delete the file; the server will send verified weights again"
+            )
+        _VERIFIED.add(stamp)
 
     def fingerprints(self) -> list[str]:
         """Return the fingerprints of every stored backbone."""

@@ -27,6 +27,7 @@ from fedtl.server.report import RunRecorder, weighted_site_metrics
 from fedtl.server.run_folder import RunFolder, export_run, open_run, write_json, write_run_config
 from fedtl.server.setup import (
     Backbone,
+    SiteSetup,
     distribute_backbone,
     federation_label_names,
     load_server_backbone,
@@ -53,13 +54,16 @@ def main(grid: Grid, context: Context) -> None:
     run_federation(grid, RunConfig.from_mapping(dict(context.run_config)))
 
 
-def run_federation(grid: Grid, cfg: RunConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
+def run_federation(
+    grid: Grid, cfg: RunConfig, *, run_dir: Path | None = None, record: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Run one federation end to end and return its summary (also written to `summary.json`).
 
     Args:
         grid: Flower's Grid (simulation or deployment).
         cfg: the resolved run configuration.
         run_dir: where to write results; a fresh `out/<run-id>/` when None.
+        record: written into the run's `config.json` beside the config (the lab records its number of sites).
 
     Returns:
         The run summary: final metrics, per-site epsilon, bytes sent, timings.
@@ -85,7 +89,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_dir: Path | None = None) -
     splits = load_server_data(cfg)
     label_names = federation_label_names(cfg, splits)
     if run.checkpoint is None:
-        write_run_config(run, backbone, label_names)
+        write_run_config(run, backbone, label_names, record)
     config = round_config(cfg, backbone, label_names, run_id=run.run_id, run_dir=run.run_dir)
 
     node_ids = wait_for_nodes(grid, cfg.min_available_nodes, timeout=cfg.round_timeout)
@@ -146,11 +150,30 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_dir: Path | None = None) -
             **weighted_site_metrics(list(result.personalization.values())),
         }
     summary["refused-sites"] = sorted(setup.refused.values())
+    summary["site-outcomes"] = site_outcomes(setup, recorder)
+    summary["all-sites-completed"] = all(o["status"] == COMPLETED for o in summary["site-outcomes"].values())
     summary["resumed-after-round"] = run.rounds_done
     summary["seconds"] = time.time() - t_start
     write_json(run.run_dir / "summary.json", summary)
     log.info("run %s finished in %.1f s; model at %s", run.run_id, summary["seconds"], summary["model"])
     return summary
+
+
+COMPLETED, REFUSED, FAILED = "completed", "refused", "failed"
+
+
+def site_outcomes(setup: SiteSetup, recorder: RunRecorder) -> dict[str, dict[str, Any]]:
+    """Return every site's outcome: completed, refused at set-up, or failed (a reply refused or rejected later)."""
+    out: dict[str, dict[str, Any]] = {}
+    for reason in setup.refused.values():
+        name, _, why = reason.partition(": ")
+        out[name] = {"status": REFUSED, "reasons": [why]}
+    for name in setup.names.values():
+        if name in out:
+            continue
+        problems = [f"round {r['round']}: {r['reason']}" for r in recorder.rejected if r["site"] == name]
+        out[name] = {"status": FAILED if problems else COMPLETED, "reasons": problems}
+    return dict(sorted(out.items()))
 
 
 def initial_arrays(cfg: RunConfig, backbone: Backbone, label_names: tuple[str, ...]) -> dict[str, np.ndarray]:

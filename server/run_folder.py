@@ -71,11 +71,17 @@ def open_run(cfg: RunConfig, run_dir: Path | None = None) -> RunFolder:
     return RunFolder(run_dir.name, run_dir, cfg)
 
 
-def write_run_config(run: RunFolder, backbone: Backbone, label_names: tuple[str, ...]) -> None:
-    """Write `config.json`: the resolved config, the backbone's fingerprint and preprocessing, classes, versions."""
+def write_run_config(
+    run: RunFolder, backbone: Backbone, label_names: tuple[str, ...], extra: dict[str, Any] | None = None
+) -> None:
+    """Write `config.json`: the resolved config, the backbone's fingerprint and preprocessing, classes, versions.
+
+    `extra` adds what the caller knows of the run (e.g. the lab's number of simulated sites, for resuming).
+    """
     write_json(
         run.run_dir / "config.json",
         {
+            **(extra or {}),
             "run-id": run.run_id,
             "config": run.cfg.to_mapping(),
             "backbone-fingerprint": backbone.fingerprint,
@@ -171,7 +177,8 @@ def resume_run(cfg: RunConfig) -> RunFolder:
     """Return the stored config, run id, folder and checkpoint of the run `cfg.resume` names.
 
     Raises:
-        ConfigError: the folder is not a run folder, has no checkpoint, or the run already finished.
+        ConfigError: the folder is not a run folder, has no checkpoint, the run already finished, or `cfg` asks
+            for other values of keys that are not operational (RESUME_OVERRIDABLE).
     """
     run_dir = Path(cfg.resume).expanduser().resolve()
     try:
@@ -189,17 +196,16 @@ def resume_run(cfg: RunConfig) -> RunFolder:
             log.warning(
                 "resuming %s: %s = %r (the run started with %r)", run_dir.name, key, given[key], stored["config"][key]
             )
-    ignored = sorted(
+    changed = sorted(
         key
         for key, value in given.items()
         if key not in RESUME_OVERRIDABLE and key != "resume" and value not in (defaults[key], stored["config"][key])
     )
-    if ignored:
-        log.warning(
-            "resuming %s with its stored config; ignoring new values of %s (only %s may change on resume)",
-            run_dir.name,
-            ignored,
-            ", ".join(RESUME_OVERRIDABLE),
+    if changed:
+        asked = ", ".join(f"{key} = {given[key]!r} (the run has {stored['config'][key]!r})" for key in changed)
+        raise ConfigError(
+            f"cannot resume {run_dir.name} with {asked}: a resumed run keeps its own settings, and only "
+            f"{', '.join(RESUME_OVERRIDABLE)} may change; drop the other options, or start a new run"
         )
     checkpoint = load_checkpoint(run_dir)
     if checkpoint.server_round >= resumed.num_rounds:

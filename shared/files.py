@@ -2,16 +2,36 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
+
+from fedtl.shared.errors import StorageError
+
+_FIXES = {
+    errno.ENOSPC: "the disk is full: free space there, or point FEDTL_HOME / the policy's folders elsewhere",
+    errno.EDQUOT: "the disk quota is used up: free space there, or point FEDTL_HOME / the policy's folders elsewhere",
+    errno.EROFS: "the file system is read-only: point FEDTL_HOME / the policy's folders at a writable one",
+    errno.EACCES: "this user may not write there: fix the folder's permissions or point fedtl elsewhere",
+    errno.EPERM: "this user may not write there: fix the folder's permissions or point fedtl elsewhere",
+}
+
+
+def storage_error(path: str | Path, exc: OSError) -> StorageError:
+    """Return a StorageError naming `path`, what went wrong and the fix, for an OSError raised writing it."""
+    fix = _FIXES.get(exc.errno or 0, "check that the folder exists and is writable")
+    return StorageError(f"cannot write {path}: {exc.strerror or exc}; {fix}")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` through a fsynced temporary file in the same folder, then rename it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise storage_error(path, exc) from exc
     try:
         # mkstemp creates the file 0600; give it the permissions a plain open() would have.
         os.chmod(tmp, 0o666 & ~_umask())
@@ -20,6 +40,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)  # nothing half-written is left behind
+        raise storage_error(path, exc) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

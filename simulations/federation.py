@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +16,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtl.client.site import SIMULATION_ENV
 from fedtl.server.app import run_federation
-from fedtl.shared.config import RunConfig
+from fedtl.shared.config import RunConfig, fedtl_home
 from fedtl.shared.data import check_federation_data
-from fedtl.shared.errors import ConfigError
+from fedtl.shared.errors import ConfigError, StorageError
+from fedtl.shared.files import storage_error
 
 
 @dataclass
@@ -34,7 +37,10 @@ class FederationApp:
 
     def run(self, grid: Grid) -> dict[str, Any]:
         """Run the server logic on `grid` and return its summary."""
-        return run_federation(grid, self.cfg, run_dir=self.run_dir)
+        # simulated_config made min-available-nodes the number of simulated sites; a resumed run needs it.
+        return run_federation(
+            grid, self.cfg, run_dir=self.run_dir, record={SIMULATED_SITES: self.cfg.min_available_nodes}
+        )
 
     def server_app(self) -> ServerApp:
         """Return the ServerApp (Flower calls its main with the Grid of whichever executor runs it)."""
@@ -57,6 +63,32 @@ class FederationApp:
         return self.outcome["summary"]
 
 
+SIMULATED_SITES = "simulated-sites"  # config.json key: how many sites the lab simulated for the run
+
+MIN_FREE_BYTES = 16 * 2**20  # below this a simulation cannot even cache one site's backbone and features
+
+
+def check_storage(*folders: Path) -> None:
+    """Check, before anything starts, that fedtl can write in `folders` (FEDTL_HOME, the runs folder) and has room.
+
+    Raises:
+        StorageError: a folder cannot be created or written, or its file system has less than 16 MiB free.
+    """
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".fedtl-probe-"):
+                pass
+        except OSError as exc:
+            raise storage_error(folder, exc) from exc
+        free = shutil.disk_usage(folder).free
+        if free < MIN_FREE_BYTES:
+            raise StorageError(
+                f"cannot write {folder}: only {free // 1024} KiB free there; the disk is full: free space there, or "
+                "point FEDTL_HOME / --out elsewhere"
+            )
+
+
 AppFactory = Callable[[RunConfig, "Path | None"], FederationApp]
 
 
@@ -72,6 +104,7 @@ def simulated_config(cfg: RunConfig, num_sites: int) -> RunConfig:
     """
     if num_sites < 1:
         raise ConfigError(f"`sites` must be >= 1, got {num_sites}")
+    check_storage(fedtl_home(), Path(cfg.out))
     if cfg.data and not cfg.resume:
         check_federation_data(
             cfg.data,

@@ -63,8 +63,19 @@ class InProcessGrid(Grid):
     every reply (there is no network to time out: `timeout` is accepted and not applied).
     """
 
-    def __init__(self, client_app: ClientApp, *, num_nodes: int, run_config: UserConfig | None = None) -> None:
-        """Register `num_nodes` nodes with partition ids 0..num_nodes-1 and node ids NODE_ID_BASE + partition id."""
+    def __init__(
+        self,
+        client_app: ClientApp,
+        *,
+        num_nodes: int,
+        run_config: UserConfig | None = None,
+        node_configs: list[UserConfig] | None = None,
+    ) -> None:
+        """Register `num_nodes` nodes with partition ids 0..num_nodes-1 and node ids NODE_ID_BASE + partition id.
+
+        `node_configs` replaces the simulated sites' node configs, e.g. `{"policy": path}` for real sites (a
+        site's own policy, folders and ledger) answering in this process.
+        """
         if num_nodes < 1:
             raise ConfigError(f"`num_nodes` must be >= 1, got {num_nodes}")
         self._client_app = client_app
@@ -72,6 +83,7 @@ class InProcessGrid(Grid):
         self._run: Run | None = None
         self._nodes: dict[int, SimulatedNode] = {}
         self._num_nodes = num_nodes
+        self._node_configs = node_configs
         self._replies: dict[str, Message] = {}  # instruction message id -> reply, until pulled
 
     def set_run(self, run: Run) -> None:
@@ -85,7 +97,9 @@ class InProcessGrid(Grid):
                 Context(
                     run_id=run.run_id,
                     node_id=NODE_ID_BASE + pid,
-                    node_config={k.PARTITION_ID: pid, k.NUM_PARTITIONS: self._num_nodes},
+                    node_config=dict(self._node_configs[pid])
+                    if self._node_configs
+                    else {k.PARTITION_ID: pid, k.NUM_PARTITIONS: self._num_nodes},
                     state=RecordDict(),
                     run_config=dict(self._run_config),
                 ),

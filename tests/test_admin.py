@@ -5,7 +5,7 @@ from PIL import Image
 from site_files import save_png, write_csv
 from sklearn.datasets import load_digits
 
-from fedtl.simulations.cli import build_parser, main
+from fedtl.cli.main import build_parser, main
 
 
 def _digit(i: int) -> np.ndarray:
