@@ -277,6 +277,10 @@ class LedgerBook:
         self._torn = torn
         self.charges = charges + ([torn[0]] if torn else [])  # a torn last record counts, pessimistically
 
+    def epsilon(self, *, delta: float, accountant: str = "rdp") -> float:
+        """Return the cumulative epsilon of the charges read in this transaction."""
+        return compute_epsilon([c.step for c in self.charges], delta=delta, accountant=accountant)
+
     def append(
         self,
         charge: PrivacyCharge,

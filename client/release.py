@@ -49,6 +49,9 @@ class ReleaseRequest:
     planned_steps: int = 0  # every step of this mechanism the run will take (planning "auto"); >= steps
     # Checks the run's earlier charges before anything is planned (e.g. the policy's rounds per run).
     precondition: Callable[[list[PrivacyCharge]], None] | None = None
+    # The caller knows no release was made for this run and round (a crash or kill after the write-ahead charge,
+    # before anything left the site): a charge of this mechanism for exactly this round then pays for it.
+    unreleased_charge_pays: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,17 @@ def charge_release(site: Site, settings: RoundSettings, request: ReleaseRequest)
     with site.ledger.transaction() as book:
         if request.precondition is not None:
             request.precondition(book.charges)
+        paid = _unreleased_charge(settings, request, book.charges)
+        if paid is not None:
+            log.info(
+                "site %s: %s was charged by an attempt that released nothing (interrupted); that charge pays for it",
+                site.name,
+                request.what,
+            )
+            epsilon = book.epsilon(delta=settings.target_delta, accountant=accountant)
+            return Release(
+                paid.noise_multiplier, epsilon, settings.target_delta, round_seed(site, settings, request.server_round)
+            )
         noise = plan_noise(site, settings, request, book.charges, accountant=accountant)
         if policy is not None and not settings.non_private:
             policy.check_noise(noise, what=request.what)
@@ -138,6 +152,24 @@ def charge_release(site: Site, settings: RoundSettings, request: ReleaseRequest)
     # With no budget to check the ledger computes nothing; a release without noise makes epsilon infinite.
     epsilon = projected if math.isfinite(budget) else math.inf
     return Release(noise, epsilon, settings.target_delta, round_seed(site, settings, request.server_round))
+
+
+def _unreleased_charge(
+    settings: RoundSettings, request: ReleaseRequest, charges: list[PrivacyCharge]
+) -> PrivacyCharge | None:
+    """Return this run's charge for exactly this release when the caller says none of it was released, else None."""
+    if not request.unreleased_charge_pays:
+        return None
+    for c in charges:
+        if (c.run_id, c.kind, c.server_round, c.sample_rate, c.steps) == (
+            settings.run_id,
+            request.mechanism.kind,
+            request.server_round,
+            request.sample_rate,
+            request.steps,
+        ):
+            return c
+    return None
 
 
 DELTA_WARNING_FACTOR = 0.1  # delta above this share of 1/N is legal but weak: the site logs a warning

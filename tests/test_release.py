@@ -143,3 +143,17 @@ def test_an_example_with_non_finite_features_cannot_make_a_released_sum_nan(tmp_
             ok += all(np.all(np.isfinite(a)) for a in arrays)
         finite[member] = ok
     assert finite == {True: 20, False: 20}
+
+
+def test_a_charge_whose_release_never_happened_pays_for_the_redone_release_once(tmp_path):
+    """Killed after the write-ahead charge, before anything left: the redone round is not charged twice."""
+    site = _site(tmp_path)
+    settings = round_settings(FP, noise_multiplier=2.0)
+    first = charge_release(site, settings, _request(noise=2.0))
+    again = ReleaseRequest(DP_SGD, 1, 0.1, 10, "round 1 again", 2.0, unreleased_charge_pays=True)
+    redone = charge_release(site, settings, again)
+    assert len(site.ledger.charges()) == 1
+    assert (redone.noise_multiplier, redone.epsilon, redone.seed) == (first.noise_multiplier, first.epsilon, first.seed)
+    # Without the caller's word that nothing was released, the same round is a new release: charged again.
+    charge_release(site, settings, _request(noise=2.0))
+    assert len(site.ledger.charges()) == 2

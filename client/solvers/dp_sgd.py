@@ -122,6 +122,8 @@ def train_round(
         global_arrays=start,
         proximal_mu=proximal_mu,
         precondition=_rounds_per_run_check(site, settings, server_round),
+        # Nothing of this round was released unless its reply was kept: a charge made before a crash pays.
+        unreleased_charge_pays=replay.saved_round() != server_round,
     )
     if settings.personalization == k.FEDPER:  # the personal layer stays here; only the shared ones travel
         result = personal.keep(result)
@@ -149,6 +151,7 @@ def charged_training(
     global_arrays: dict[str, np.ndarray] | None = None,
     proximal_mu: float = 0.0,
     precondition=None,  # type: ignore[no-untyped-def]
+    unreleased_charge_pays: bool = False,
 ) -> tuple[float, float, TrainResult]:
     """Charge `epochs` of DP-SGD through the release path, then train `model`; return (noise, epsilon, result)."""
     sample_rate, per_epoch = steps_per_epoch(len(inputs.train_y), settings.batch_size)
@@ -165,6 +168,7 @@ def charged_training(
             num_examples=len(inputs.train_y),
             planned_steps=planned_steps(settings, steps_per_epoch=per_epoch),
             precondition=precondition,
+            unreleased_charge_pays=unreleased_charge_pays,
         ),
     )
     result = train_model(
@@ -324,6 +328,16 @@ class ReplyReplay:
     def _key(server_round: int, global_arrays: dict[str, np.ndarray]) -> str:
         tensors = {name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in global_arrays.items()}
         return f"round {server_round}/{fingerprint_state_dict(tensors)}"
+
+    def saved_round(self) -> int | None:
+        """Return the round whose update was kept (so was released, or was about to be), or None."""
+        if not self.path.is_file():
+            return None
+        try:
+            with np.load(self.path, allow_pickle=False) as data:
+                return int(json.loads(str(data["meta"]))["key"].split("/")[0].removeprefix("round "))
+        except (OSError, ValueError, KeyError):
+            return None
 
     def load(self, server_round: int, global_arrays: dict[str, np.ndarray]) -> TrainResult | None:
         """Return the update computed for exactly this request, or None."""
