@@ -45,6 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def show_progress(logger: logging.Logger) -> None:
+    """Print the run's progress lines (one per round) on stderr as they come, whatever the log level."""
+    if not any(getattr(h, "fedtl_progress", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.fedtl_progress = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def run_predict_command(args: argparse.Namespace) -> int:
     """Print label and probability per image (`fedtl predict`)."""
     from fedtl.server.predict import predict_images
@@ -71,12 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if args.verbose else "fedtl: %(levelname)s: %(message)s",
+        force=True,  # Flower, imported first, may have put a handler of its own on the root logger
     )
-    # Flower logs every round through its own console handler (read from FLWR_LOG_LEVEL when flwr is
-    # first imported, which happens below); keep the terminal for the final table unless --verbose.
-    os.environ.setdefault("FLWR_LOG_LEVEL", "INFO" if args.verbose else "WARNING")
-    logging.getLogger("flwr").propagate = False  # its handler prints already; no second copy via root
+    # Flower logs every round through its own console handler; keep the terminal for fedtl's progress lines
+    # and the final table unless --verbose.
+    os.environ.setdefault("FLWR_LOG_LEVEL", "INFO" if args.verbose else "WARNING")  # for processes started later
+    flwr_logger = logging.getLogger("flwr")  # already imported (and configured from the environment) by now
+    flwr_logger.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    flwr_logger.propagate = False  # its handler prints already; no second copy via root
+    show_progress(logging.getLogger("fedtl.progress"))
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

@@ -96,6 +96,7 @@ def load_site_inputs(
             batch_size=settings.feature_batch_size,
             device=settings.device,
             progress=progress,
+            desc=f"{site.name} {name} {cut.cache_folder}",
         )
         hits += int(hit)
         out.append((x, y))

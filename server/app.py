@@ -119,6 +119,7 @@ def run_federation(
         frozen_arrays=("center",) if "center" in initial else (),
         max_update_norm=cfg.max_update_norm,
         node_names=dict(setup.names),
+        num_rounds=cfg.num_rounds,
     )
     if run.checkpoint is not None:
         recorder.restore(run.checkpoint.records)

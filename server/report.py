@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from fedtl.shared.files import atomic_write_bytes
 from fedtl.shared.protocol import jsonable
 
 log = logging.getLogger(__name__)
+progress = logging.getLogger("fedtl.progress")  # one line per round; the CLI shows it (simulate, sweep)
 
 UPDATE_NORM = "update-norm"  # recorded per site: L2 norm of its head update this round
 RELATIVE_NORM_LIMIT = 10.0
@@ -50,6 +52,8 @@ class RunRecorder:
     # the sample rate of every noised round (its accountant's history, kept for resumed runs). Empty when off.
     client_dp: dict[str, Any] = field(default_factory=dict)
     client_dp_sample_rates: list[float] = field(default_factory=list)
+    num_rounds: int = 0  # for the progress line "round r/N"
+    _round_started: float = field(default_factory=time.monotonic)
     _sent_messages: list[Message] = field(default_factory=list)  # this round's training messages
 
     def expect_replies(self, messages: list[Message]) -> None:
@@ -190,11 +194,33 @@ class RunRecorder:
         if central is not None:
             line["central"] = central
         self.history.append(line)
+        self._report_progress(line)
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a", encoding="utf-8") as fh:
             fh.write(_metrics_line(line))
         self._round = {}
         return line
+
+    def _report_progress(self, line: dict[str, Any]) -> None:
+        """Log one line for the round: held-out and site accuracy, sites that answered, epsilon, seconds."""
+        now = time.monotonic()
+        parts = [f"round {line['round']}/{self.num_rounds}" if self.num_rounds else f"round {line['round']}"]
+        if "central" in line:
+            parts.append(f"held-out accuracy {line['central'].get(k.ACCURACY, math.nan):.3f}")
+        if "evaluate" in line:
+            parts.append(f"site accuracy {line['evaluate'].get(k.ACCURACY, math.nan):.3f}")
+        trained = sum(1 for s in line["sites"].values() if "train" in s)
+        if trained:
+            parts.append(f"{trained} site update(s)")
+        if line.get("rejected"):
+            parts.append(f"{len(line['rejected'])} rejected")
+        if "epsilon-max" in line:
+            parts.append(
+                "epsilon max " + ("inf" if not math.isfinite(line["epsilon-max"]) else f"{line['epsilon-max']:.3f}")
+            )
+        parts.append(f"{now - self._round_started:.1f} s")
+        self._round_started = now
+        progress.info(", ".join(parts))
 
     def _answered(
         self, server_round: int, replies: list[Message], destinations: dict[str, int] | None = None

@@ -86,6 +86,7 @@ def inputs_at_cut(
     batch_size: int,
     device: str,
     progress: bool,
+    desc: str = "features",
 ) -> tuple[np.ndarray, np.ndarray, bool]:
     """Return (inputs at the cut, labels, cache hit) of one data split, running the frozen part once per data.
 
@@ -103,6 +104,7 @@ def inputs_at_cut(
         batch_size=batch_size,
         device=device,
         progress=progress,
+        desc=desc,
     )
 
 

@@ -41,7 +41,7 @@ class FingerprintMismatchError(FedtlError):
     """Backbone weights do not hash to the fingerprint they were announced under."""
 
     code = "backbone-mismatch"
-    public_reason = 'the backbone weights failed verification at the site'
+    public_reason = "the backbone weights failed verification at the site"
 
 
 class PrivacyBudgetError(FedtlError):

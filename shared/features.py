@@ -55,7 +55,8 @@ def extract_features(
     # weights' values, hence the fingerprint, are unchanged.
     backbone.to(dev, memory_format=torch.channels_last)
     chunks = []
-    bar = tqdm(total=len(images), desc=desc, unit="img", disable=not progress, leave=False)
+    # A bar where someone watches (a terminal), nothing in logs and captured output (tqdm's disable=None).
+    bar = tqdm(total=len(images), desc=desc, unit="img", disable=None if progress else True, leave=False)
     for start in range(0, len(images), batch_size):
         batch = preprocessing.apply(images[start : start + batch_size]).to(dev)  # (B, 3, S, S)
         batch = batch.contiguous(memory_format=torch.channels_last)
@@ -127,6 +128,7 @@ def cached_features(
     batch_size: int = 64,
     device: str = "auto",
     progress: bool = True,
+    desc: str = "features",
 ) -> tuple[np.ndarray, np.ndarray, bool]:
     """Return (features, labels, hit): the cached features, or extract and cache them first.
 
@@ -137,7 +139,7 @@ def cached_features(
     if found is not None:
         return found[0], found[1], True
     feats = extract_features(
-        load_backbone(), images, preprocessing, batch_size=batch_size, device=device, progress=progress
+        load_backbone(), images, preprocessing, batch_size=batch_size, device=device, progress=progress, desc=desc
     )
     cache.save(key, feats, np.asarray(labels, dtype=np.int64))
     return feats, np.asarray(labels, dtype=np.int64), False

@@ -26,7 +26,7 @@ from flwr.app import Array, ArrayRecord
 
 from fedtl.client.centering import release_feature_sum
 from fedtl.client.inputs import SiteInputs, load_site_inputs
-from fedtl.client.site import BackboneStore, Site, resolve_site
+from fedtl.client.site import Site
 from fedtl.client.solvers.dp_sgd import charged_training
 from fedtl.client.training import evaluate_model
 from fedtl.server.centering import run_centering_noise
@@ -37,7 +37,7 @@ from fedtl.shared.centering import MAX_CENTER_NOISE_NORM, center_noise_norm
 from fedtl.shared.config import RunConfig
 from fedtl.shared.heads import Head, build_head, head_arrays, load_head_arrays
 from fedtl.shared.protocol import RoundSettings, SimulationSettings
-from fedtl.simulations.federation import simulated_sites
+from fedtl.simulations.federation import lab_sites, simulated_sites
 
 MAJORITY = "majority"
 CENTRAL = "central"
@@ -103,9 +103,7 @@ def load_lab_federation(cfg: RunConfig, num_sites: int) -> LabFederation:
     settings, simulation = lab_settings(cfg, backbone, label_names)
     sites = []
     with simulated_sites():
-        for pid in range(num_sites):
-            site = resolve_site({k.PARTITION_ID: pid, k.NUM_PARTITIONS: num_sites}, simulation)
-            _install(site.backbones, backbone)
+        for site in lab_sites(num_sites, simulation, backbone):
             inputs = load_site_inputs(site, settings, progress=False)
             sites.append(LabSite(site.name, inputs.train_x, inputs.train_y, inputs.test_x, inputs.test_y))
     central = CentralEvaluation(cfg, backbone, splits.test, label_names) if splits.test is not None else None
@@ -126,11 +124,6 @@ def lab_settings(
     with tempfile.TemporaryDirectory(prefix="fedtl-lab-") as tmp:  # no run folder: the lab writes no site state
         simulation = SimulationSettings.for_run(cfg, run_dir=Path(tmp))
     return settings, simulation
-
-
-def _install(store: BackboneStore, backbone: Backbone) -> None:
-    if not store.has(backbone.fingerprint):
-        store.install(backbone.name, backbone.fingerprint, backbone.state)
 
 
 def site_accuracies(lab: LabFederation, arrays: dict[str, np.ndarray]) -> dict[str, float]:

@@ -8,11 +8,13 @@ too small.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import socket
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,13 @@ from fedtl.client.site import SIMULATION_ENV
 from fedtl.shared.backbones import WEIGHTS_DIR_ENV
 from fedtl.shared.config import RunConfig
 from fedtl.shared.errors import ConfigError
-from fedtl.simulations.federation import AppFactory, FederationApp, simulated_config, simulated_sites
+from fedtl.simulations.federation import (
+    AppFactory,
+    FederationApp,
+    prepare_simulated_sites,
+    simulated_config,
+    simulated_sites,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +109,7 @@ def simulate(
     """
     cfg = simulated_config(cfg, num_sites)
     gcs = parse_ray_address(cfg.ray_address)
+    prepare_simulated_sites(cfg, num_sites)
     federation = app(cfg, run_dir)
 
     # Each Ray actor would otherwise start one torch thread per core and oversubscribe the CPU.
@@ -134,7 +143,7 @@ def simulate(
             if cfg.ray_address:
                 join_ray_cluster(cfg.ray_address, gcs=gcs, client_cpus=client_cpus, verbose=verbose)
                 joined = True
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _without_our_deprecation_notice():
                 warnings.filterwarnings("ignore", category=DeprecationWarning)
                 run_simulation(
                     server_app=federation.server_app(),
@@ -146,6 +155,24 @@ def simulate(
             if joined:
                 leave_ray_cluster()
     return federation.summary()
+
+
+class _RunSimulationNotice(logging.Filter):
+    """Drops Flower's notice that `run_simulation` is deprecated: fedtl calls it here, on purpose, in one place."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_our_deprecation_notice() -> Iterator[None]:
+    """Keep Flower's deprecation notice about our own `run_simulation` call out of the user's terminal."""
+    flwr_logger, notice = logging.getLogger("flwr"), _RunSimulationNotice()
+    flwr_logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        flwr_logger.removeFilter(notice)
 
 
 def join_ray_cluster(address: str, *, gcs: tuple[str, int] | None, client_cpus: float, verbose: bool) -> None:

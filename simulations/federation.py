@@ -14,12 +14,18 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedtl.client.site import SIMULATION_ENV
+from fedtl.client.inputs import load_site_inputs
+from fedtl.client.site import SIMULATION_ENV, Site, resolve_site
 from fedtl.server.app import run_federation
+from fedtl.server.evaluation import CentralEvaluation
+from fedtl.server.setup import Backbone, federation_label_names, load_server_backbone, load_server_data
+from fedtl.shared import constants as k
 from fedtl.shared.config import RunConfig, fedtl_home
+from fedtl.shared.cut import Cut
 from fedtl.shared.data import check_federation_data
 from fedtl.shared.errors import ConfigError, StorageError
 from fedtl.shared.files import storage_error
+from fedtl.shared.protocol import RoundSettings, SimulationSettings
 
 
 @dataclass
@@ -87,6 +93,51 @@ def check_storage(*folders: Path) -> None:
                 f"cannot write {folder}: only {free // 1024} KiB free there; the disk is full: free space there, or "
                 "point FEDTL_HOME / --out elsewhere"
             )
+
+
+def prepare_simulated_sites(cfg: RunConfig, num_sites: int, *, progress: bool = True) -> None:
+    """Extract every simulated site's inputs at the cut, and the server's held-out set's, once, before the engine.
+
+    The sites would otherwise extract them inside the engine's workers, where no progress can be shown and
+    each worker builds the backbone again; here it is one pass over all the data, with a bar per site and
+    split, through the sites' own code (client/inputs.py), into the same caches (FEDTL_HOME). A later run on
+    the same partition reads them. The backbone is installed in each site's cache as the server would send it.
+    """
+    if cfg.resume or not cfg.data:
+        return
+    backbone = load_server_backbone(cfg)
+    splits = load_server_data(cfg)
+    label_names = federation_label_names(cfg, splits)
+    settings = RoundSettings.for_run(
+        cfg,
+        run_id="lab-preparation",
+        backbone_fingerprint=backbone.fingerprint,
+        image_size=backbone.preprocessing.image_size,
+        label_names=label_names,
+    )
+    with tempfile.TemporaryDirectory(prefix="fedtl-prepare-") as tmp:
+        simulation = SimulationSettings.for_run(cfg, run_dir=Path(tmp))
+        cuts = [Cut.of(settings)]
+        if cfg.feature_centering and not cuts[0].at_end:
+            cuts.append(cuts[0].at_end_cut())  # the centre is estimated from the features themselves
+        with simulated_sites():
+            for site in lab_sites(num_sites, simulation, backbone):
+                for cut in cuts:
+                    load_site_inputs(site, settings, cut=cut, progress=progress)
+    if cfg.central_evaluation and splits is not None and splits.test is not None:
+        CentralEvaluation(cfg, backbone, splits.test, label_names)
+
+
+def lab_sites(num_sites: int, simulation: SimulationSettings, backbone: Backbone) -> Iterator[Site]:
+    """Yield the simulated sites of a federation, each with `backbone` installed as the server would send it.
+
+    Call it where simulated sites are enabled (`simulated_sites()`).
+    """
+    for pid in range(num_sites):
+        site = resolve_site({k.PARTITION_ID: pid, k.NUM_PARTITIONS: num_sites}, simulation)
+        if not site.backbones.has(backbone.fingerprint):
+            site.backbones.install(backbone.name, backbone.fingerprint, backbone.state)
+        yield site
 
 
 AppFactory = Callable[[RunConfig, "Path | None"], FederationApp]

@@ -56,6 +56,7 @@ from fedtl.simulations.sweep_tables import (
 )
 
 log = logging.getLogger(__name__)
+progress = logging.getLogger("fedtl.progress")
 
 # method -> the run-config keys it sets
 METHODS: dict[str, dict[str, Any]] = {
@@ -239,9 +240,10 @@ def _run_cell(
     for method, eps, cfg in runs:
         name = _run_name(method, eps, cell)
         cfg = cfg.replace(run_name=name)
-        log.info("sweep %s: run %s", spec.name, name)
+        progress.info("sweep %s: run %s (%d sites)", spec.name, name, num_sites)
         summaries.append((method, eps, cfg, execute(cfg, num_sites=num_sites, executor=spec.executor)))
     # The runs cached every site's features; the baselines read the same caches.
+    progress.info("sweep %s: baselines %s", spec.name, ", ".join(spec.baselines))
     lab = bl.load_lab_federation(base, num_sites)
     scores = bl.run_baselines(lab, epsilons=list(spec.epsilons), seed=seed) if spec.baselines else []
     local = {s.target_epsilon: s for s in scores if s.method == bl.LOCAL}
