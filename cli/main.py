@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if args.verbose else "fedtl: %(levelname)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        if args.verbose
+        else "fedtl: %(levelname)s: %(message)s",
         force=True,  # Flower, imported first, may have put a handler of its own on the root logger
     )
     # Flower logs every round through its own console handler; keep the terminal for fedtl's progress lines
