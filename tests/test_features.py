@@ -222,3 +222,14 @@ def test_cuda_bf16_features_agree_with_cpu():
     # bf16 autocast: agreement to a few percent, and the same nearest neighbours.
     cos = (cpu * gpu).sum(1) / (np.linalg.norm(cpu, axis=1) * np.linalg.norm(gpu, axis=1))
     assert cos.min() > 0.98
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none visible)")
+def test_a_federation_extracts_its_features_on_the_gpu(tmp_path):
+    from fedtl.shared.config import RunConfig
+    from fedtl.simulations.inprocess import run_inprocess
+
+    cfg = RunConfig(backbone="efficientnet_lite0", image_size=64, num_rounds=1, device="cuda", out=str(tmp_path))
+    summary = run_inprocess(cfg, num_sites=2)
+    assert summary["all-sites-completed"] and summary["final"]["central-accuracy"] > 0.3

@@ -1,0 +1,111 @@
+"""The lab's speed targets, measured in one run on this machine: warm, cold and sweep rate of the default job.
+
+Prints figures, asserts nothing (they depend on the machine and its load). In one run, each in a fresh
+process so that import and start-up costs count as a user pays them:
+
+1. warm: the default federation (digits, EfficientNet-Lite0, 5 sites, 10 rounds) in process, caches warm
+   (target <= 5 s wall on 2 cores);
+2. sweep rate: federations a minute of the default job in one process, as `fedtl sweep` runs them
+   (target >= 10 a minute);
+3. cold: `fedtl simulate` on Flower's engine with empty caches, against one backbone pass over all the
+   data plus Flower's fixed start-up (a 1-round `tiny` federation on Flower's engine, warm), both measured
+   here (target cold <= 1.1 x their sum).
+
+Run: `.venv/bin/python benchmarks/lab_speed.py [--skip-cold] [--sweep-runs 5]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def timed(argv: list[str], env: dict[str, str]) -> float:
+    """Return the wall seconds of one command, which must succeed."""
+    t = time.perf_counter()
+    done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return time.perf_counter() - t
+
+
+def fedtl(*args: str) -> list[str]:
+    """Return the command line of `fedtl ARGS` in this Python."""
+    return [PY, "-m", "fedtl.cli.main", *args]
+
+
+SWEEP_CHILD = """
+import sys, time
+from fedtl.shared.config import RunConfig
+from fedtl.simulations.inprocess import run_inprocess
+n, out = int(sys.argv[1]), sys.argv[2]
+run_inprocess(RunConfig(out=out), num_sites=5)  # warm
+t = time.perf_counter()
+for seed in range(n):
+    run_inprocess(RunConfig(out=out, seed=seed), num_sites=5)
+print((time.perf_counter() - t) / n)
+"""
+
+BACKBONE_PASS = """
+import time
+from fedtl.shared.backbones import build_backbone, resolve_preprocessing
+from fedtl.shared.data import load_dataset
+from fedtl.shared.features import extract_features
+splits = load_dataset("digits")
+images = [s.images for s in (splits.train, splits.test)]
+model = build_backbone("efficientnet_lite0")
+t = time.perf_counter()
+for part in images:
+    extract_features(model, part, resolve_preprocessing("efficientnet_lite0"), progress=False)
+print(time.perf_counter() - t)
+"""
+
+
+def main() -> None:
+    """Measure and print the figures of the lab's speed targets."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep-runs", type=int, default=5)
+    parser.add_argument("--skip-cold", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="fedtl-lab-speed-"))
+    env = {**os.environ, "FEDTL_HOME": str(work / "home")}
+    figures: dict[str, float] = {}
+    timed(fedtl("simulate", "--executor", "inprocess", "--out", str(work / "runs")), env)  # warms every cache
+    figures["warm_inprocess_s"] = timed(fedtl("simulate", "--executor", "inprocess", "--out", str(work / "runs")), env)
+    print(f"1. warm default federation, in process: {figures['warm_inprocess_s']:.1f} s wall (target <= 5 s)")
+    done = subprocess.run(
+        [PY, "-c", SWEEP_CHILD, str(args.sweep_runs), str(work / "sweep")], env=env, capture_output=True, text=True
+    )
+    per_run = float(done.stdout.strip().splitlines()[-1])
+    figures["sweep_runs_per_minute"] = 60.0 / per_run
+    print(f"2. sweep rate: {figures['sweep_runs_per_minute']:.1f} federations a minute (target >= 10)")
+    if not args.skip_cold:
+        cold_env = {**os.environ, "FEDTL_HOME": str(work / "cold-home")}
+        figures["cold_simulate_s"] = timed(fedtl("simulate", "--out", str(work / "cold-runs")), cold_env)
+        done = subprocess.run([PY, "-c", BACKBONE_PASS], env=env, capture_output=True, text=True, cwd=ROOT)
+        figures["backbone_pass_s"] = float(done.stdout.strip().splitlines()[-1])
+        tiny = ["simulate", "--backbone", "tiny", "--sites", "2", "--rounds", "1", "--out", str(work / "tiny")]
+        timed(fedtl(*tiny), env)  # warm tiny caches
+        figures["flower_fixed_s"] = timed(fedtl(*tiny), env)
+        floor = figures["backbone_pass_s"] + figures["flower_fixed_s"]
+        print(
+            f"3. cold `fedtl simulate` on Flower's engine: {figures['cold_simulate_s']:.1f} s; one backbone pass "
+            f"{figures['backbone_pass_s']:.1f} s + Flower's fixed start-up {figures['flower_fixed_s']:.1f} s = "
+            f"{floor:.1f} s; ratio {figures['cold_simulate_s'] / floor:.2f} (target <= 1.1)"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()
