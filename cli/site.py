@@ -30,14 +30,35 @@ def add_site_commands(sub: argparse._SubParsersAction) -> None:
     )
     init.add_argument("--label-names", default="", help="comma-separated class names in the federation's order")
     init.add_argument("--state-dir", default="state", help="ledger folder (relative to the policy file)")
+    init.add_argument(
+        "--secret-dir",
+        default=None,
+        help="the ledger's key and head, outside the state folder (default ~/.config/fedtl/<name>)",
+    )
     init.add_argument("--force", action="store_true", help="overwrite an existing policy file")
     for name, text in (
         ("check", "load and validate the site's data as training would, and report counts and skips"),
         ("status", "budget left, allowed and cached backbones, feature cache"),
-        ("ledger", "privacy spend per run and in total"),
     ):
         cmd = site_sub.add_parser(name, help=text)
         cmd.add_argument("--policy", required=True, help="the site policy file")
+    ledger = site_sub.add_parser(
+        "ledger", help="privacy spend per run and in total; `verify`: check key, chain, head; `adopt`: sign old records"
+    )
+    ledger.add_argument(
+        "action",
+        nargs="?",
+        default="report",
+        choices=("report", "verify", "adopt"),
+        help="report (default): spend per run; verify: check the ledger's key, MAC chain and head, list every "
+        "record and recompute epsilon with Opacus (exit 0 only when all verifies); adopt: show an earlier "
+        "version's ledger (or one whose head was lost) and sign it into a chain",
+    )
+    ledger.add_argument("--policy", required=True, help="the site policy file")
+    ledger.add_argument("--yes", action="store_true", help="adopt without asking (after printing the records)")
+    ledger.add_argument(
+        "--new-key", action="store_true", help="adopt: the key is lost for good; re-sign the records under a new one"
+    )
     start = site_sub.add_parser(
         "start", help="run this site's SuperNode (outbound only) and its launcher (approved apps only)"
     )
@@ -82,6 +103,7 @@ def run_site_command(args: argparse.Namespace) -> int:
             backbones=args.backbone or ["efficientnet_lite0"],
             label_names=labels,
             state_dir=args.state_dir,
+            secret_dir=args.secret_dir,
             overwrite=args.force,
         )
         print(f"wrote {path}; review it, then: fedtl site check --policy {path}")
@@ -92,7 +114,7 @@ def run_site_command(args: argparse.Namespace) -> int:
     elif args.site_command == "status":
         print(admin.status_report(policy))
     elif args.site_command == "ledger":
-        print(admin.ledger_report(policy))
+        return run_ledger_command(args, policy)
     elif args.site_command == "start":
         keep_private(policy.state_dir, policy.cache_dir)  # the SuperNode and the launcher inherit it
         secret = write_runtime_secret(policy.state_dir)  # only the SuperNode and the site's launcher read it
@@ -102,6 +124,32 @@ def run_site_command(args: argparse.Namespace) -> int:
     else:
         return run_approval_command(args, policy)
     return 0
+
+
+def run_ledger_command(args: argparse.Namespace, policy: SitePolicy) -> int:
+    """Run `fedtl site ledger [report|verify|adopt]` and return its exit status (verify: 0 only when verified)."""
+    if args.action == "report":
+        print(admin.ledger_report(policy))
+        return 0
+    if args.action == "verify":
+        verified, report = admin.verify_ledger(policy)
+        print(report)
+        return 0 if verified else 1
+    adoption, listing = admin.plan_ledger_adoption(policy, new_key=args.new_key)
+    print(listing)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise ConfigError("not adopted: pass --yes to adopt without a terminal to answer on")
+        if input(
+            f"sign these {len(adoption.charges)} records into site {policy.site_name}'s ledger? [y/N] "
+        ).strip().lower() not in ("y", "yes"):
+            print("not adopted")
+            return 1
+    backup = admin.adopt_ledger(policy, adoption)
+    print(f"adopted; the file as it was is kept at {backup}")
+    verified, report = admin.verify_ledger(policy)
+    print(report)
+    return 0 if verified else 1
 
 
 def run_approval_command(args: argparse.Namespace, policy: SitePolicy) -> int:

@@ -28,11 +28,13 @@ from flwr.clientapp.mod import fixedclipping_mod
 from fedtl.client.centering import feature_sum_round
 from fedtl.client.policy import PolicyRefusal
 from fedtl.client.ranking import score_site
+from fedtl.client.release import ReleaseRequest, charge_release
 from fedtl.client.site import Site, keep_private, resolve_site
 from fedtl.client.solvers.closed_form import sufficient_stats_round
 from fedtl.client.solvers.dp_sgd import evaluate_round, finetune_round, train_round
 from fedtl.shared import constants as k
 from fedtl.shared.errors import FedtlError, ReplyError
+from fedtl.shared.mechanisms import EVALUATION, FINETUNE_SCORES, RANKING, Mechanism
 from fedtl.shared.protocol import RoundSettings, SimulationSettings, decode
 
 log = logging.getLogger(__name__)
@@ -93,13 +95,16 @@ def _site_record(site: Site, settings: RoundSettings) -> ConfigRecord:
     return ConfigRecord({k.SITE_NAME: site.name, k.BACKBONE_FINGERPRINT: settings.backbone_fingerprint})
 
 
-def _require_evaluation_release(site: Site, what: str) -> None:
-    """Refuse a reply of noise-free evaluation scores unless the site's policy releases them."""
+def _release_noise_free(
+    site: Site, settings: RoundSettings, mechanism: Mechanism, server_round: int, what: str
+) -> None:
+    """Refuse noise-free scores unless the policy releases them; else record them within its quotas, first."""
     if site.policy is not None and not site.policy.release_evaluation_metrics:
         raise PolicyRefusal(
             f"site {site.name} keeps its evaluation metrics local (policy release-evaluation-metrics = false), "
             f"so it does not release {what}: they are not covered by its epsilon"
         )
+    charge_release(site, settings, ReleaseRequest(mechanism, server_round, 0.0, 0, what, 0.0))
 
 
 def _refusable(handler):  # type: ignore[no-untyped-def]
@@ -180,10 +185,11 @@ def evaluate(msg: Message, site: Site) -> RecordDict:
 
     PRIVACY SHORTCUT: these metrics are computed on the site's private test examples without noise
     and are NOT covered by its epsilon; the server warns at run time, and `federated-evaluation =
-    false` turns them off.
+    false` turns them off. A real site records each release first and caps their number per run and per
+    24 hours (policy max-noise-free-releases-*, client/quotas.py).
     """
     settings = _settings(msg, site, "evaluation")
-    _require_evaluation_release(site, "evaluation metrics")
+    _release_noise_free(site, settings, EVALUATION, int(_config(msg).get(k.SERVER_ROUND, 0)), "evaluation metrics")
     scores, num_examples = evaluate_round(site, settings, _global_arrays(msg))
     metrics = MetricRecord({k.NUM_EXAMPLES: num_examples, **scores})
     return RecordDict({k.METRICS: metrics, k.SITE: _site_record(site, settings)})
@@ -249,9 +255,10 @@ def _rank(msg: Message, settings: RoundSettings, site: Site) -> RecordDict:
     """Reply with transferability scores (scalars) of the announced backbone on the site's features.
 
     PRIVACY SHORTCUT: exact scores and the example count leave the site without DP (client/ranking.py);
-    refused unless the policy releases evaluation metrics, and logged as a warning each time.
+    refused unless the policy releases evaluation metrics, counted against its quotas (client/quotas.py), and
+    logged as a warning each time.
     """
-    _require_evaluation_release(site, "transferability scores")
+    _release_noise_free(site, settings, RANKING, 0, "transferability scores")
     result = score_site(site, settings)  # logs the shortcut, as a warning, each time
     metrics = MetricRecord({k.NUM_EXAMPLES: result.num_examples, **result.scores})
     return RecordDict({k.METRICS: metrics, k.SITE: _site_record(site, settings)})
@@ -262,9 +269,9 @@ def _finetune(msg: Message, settings: RoundSettings, site: Site) -> RecordDict:
 
     PRIVACY SHORTCUT: like federated evaluation, the scores come from the site's private test examples
     without noise and are not covered by its epsilon; a site whose policy keeps evaluation metrics local
-    refuses the request.
+    refuses the request, and the scores count against its quotas (client/quotas.py).
     """
-    _require_evaluation_release(site, "finetuned scores")
+    _release_noise_free(site, settings, FINETUNE_SCORES, settings.num_rounds + 1, "finetuned scores")
     report = finetune_round(site, settings, _global_arrays(msg))
     metrics = MetricRecord(
         {

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,11 +48,17 @@ class SitePolicy:
     allowed_backbones: tuple[str, ...] | None  # SHA-256 fingerprints; None only for simulated sites
     state_dir: Path  # the privacy ledger
     cache_dir: Path  # verified backbones and cached features
+    secret_dir: Path  # the ledger's key and head (client/ledger.py), outside state_dir
     accountant: str = "rdp"
     bad_files: str = "error"  # "skip": leave unreadable files out, reported by name and count
     release_evaluation_metrics: bool = False
     allow_non_private: bool = False
     test_fraction: float = 0.2  # local test split, when the data has none
+    # Noise-free releases (evaluation metrics, ranking and finetune scores; client/quotas.py) are outside
+    # epsilon, so their number is capped: per run, and per rolling 24 hours so that new run ids gain nothing.
+    max_noise_free_releases_per_run: int = 60
+    max_noise_free_releases_per_day: int = 200
+    max_rounds_per_day: int = 200  # DP-SGD rounds over all runs in a rolling 24 hours
     source: str = "<built in code>"
 
     def __post_init__(self) -> None:
@@ -70,6 +77,20 @@ class SitePolicy:
             )
         if self.max_rounds_per_run < 1:
             raise ConfigError(f"{where}: `privacy.max-rounds-per-run` must be >= 1, got {self.max_rounds_per_run}")
+        if self.max_rounds_per_day < 1:
+            raise ConfigError(f"{where}: `privacy.max-rounds-per-day` must be >= 1, got {self.max_rounds_per_day}")
+        for key, value in (
+            ("max-noise-free-releases-per-run", self.max_noise_free_releases_per_run),
+            ("max-noise-free-releases-per-day", self.max_noise_free_releases_per_day),
+        ):
+            if value < 0:
+                raise ConfigError(f"{where}: `privacy.{key}` must be >= 0 (0: none), got {value}")
+        state, secret = self.state_dir.absolute(), self.secret_dir.absolute()
+        if secret == state or state in secret.parents:
+            raise ConfigError(
+                f"{where}: `storage.secret-dir` {secret} lies inside `storage.state-dir` {state}; the ledger's key "
+                "and head must be kept apart from the ledger (e.g. ~/.config/fedtl/<site name>, another volume)"
+            )
         if self.accountant not in ACCOUNTANTS:
             raise ConfigError(
                 f"{where}: `privacy.accountant` must be one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}"
@@ -183,12 +204,15 @@ _LAYOUT: dict[str, dict[str, tuple[str, type]]] = {
         "delta": ("delta", float),
         "min-noise-multiplier": ("min_noise_multiplier", float),
         "max-rounds-per-run": ("max_rounds_per_run", int),
+        "max-rounds-per-day": ("max_rounds_per_day", int),
+        "max-noise-free-releases-per-run": ("max_noise_free_releases_per_run", int),
+        "max-noise-free-releases-per-day": ("max_noise_free_releases_per_day", int),
         "accountant": ("accountant", str),
         "allow-non-private": ("allow_non_private", bool),
         "release-evaluation-metrics": ("release_evaluation_metrics", bool),
     },
     "backbones": {"allowed": ("allowed_backbones", list)},
-    "storage": {"state-dir": ("state_dir", str), "cache-dir": ("cache_dir", str)},
+    "storage": {"state-dir": ("state_dir", str), "cache-dir": ("cache_dir", str), "secret-dir": ("secret_dir", str)},
 }
 _REQUIRED = ("site.name", "site.data", "privacy.max-epsilon", "privacy.delta", "backbones.allowed", "storage.state-dir")
 
@@ -227,6 +251,7 @@ def load_policy(path: str | Path) -> SitePolicy:
     base = path.parent
     state_dir = _resolve(base, values.pop("state_dir"))
     cache_dir = _resolve(base, values.pop("cache_dir", str(state_dir / "cache")))
+    secret_dir = _resolve(base, values.pop("secret_dir", str(default_secret_dir(values["site_name"]))))
     data = values.pop("data")
     if data != "digits":  # sklearn's bundled digits: for trying a site out
         data = str(_resolve(base, data))
@@ -234,7 +259,15 @@ def load_policy(path: str | Path) -> SitePolicy:
     values["allowed_backbones"] = tuple(values["allowed_backbones"])
     values.setdefault("min_noise_multiplier", 0.0)
     values.setdefault("max_rounds_per_run", 100)
-    return SitePolicy(data=data, state_dir=state_dir, cache_dir=cache_dir, source=str(path), **values)
+    return SitePolicy(
+        data=data, state_dir=state_dir, cache_dir=cache_dir, secret_dir=secret_dir, source=str(path), **values
+    )
+
+
+def default_secret_dir(site_name: str) -> Path:
+    """Return where a site keeps its ledger key and head by default: `$XDG_CONFIG_HOME/fedtl/<site name>`."""
+    config_home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config_home).expanduser() / "fedtl" / site_name
 
 
 def _resolve(base: Path, value: str) -> Path:
@@ -261,11 +294,18 @@ def _unknown(path: Path, key: str, known: Any, what: str) -> str:
 
 
 def policy_template(
-    *, site_name: str, data: str, state_dir: str, fingerprints: dict[str, str], label_names: list[str]
+    *,
+    site_name: str,
+    data: str,
+    state_dir: str,
+    fingerprints: dict[str, str],
+    label_names: list[str],
+    secret_dir: str | None = None,
 ) -> str:
     """Return a commented policy file for `fedtl site init`."""
     allowed = "\n".join(f'  "{fp}",  # {name}' for name, fp in fingerprints.items())
     labels = json.dumps(label_names)
+    secret = secret_dir if secret_dir is not None else str(default_secret_dir(site_name))
     return f"""\
 # fedtl site policy. This file belongs to the site: nothing the federation server sends can loosen it.
 # Point your SuperNode at it:  fedtl site start --policy /absolute/path/to/this.toml ...
@@ -294,11 +334,17 @@ delta = 1e-5
 # Never release a DP-SGD step or a statistic with less noise than this.
 min-noise-multiplier = 0.5
 max-rounds-per-run = 50
+# DP-SGD rounds over all runs in any 24 hours (new run ids do not reset it).
+max-rounds-per-day = 200
+# Noise-free releases (evaluation metrics, ranking and finetune scores, when released at all) per run
+# and in any 24 hours; each is recorded in the ledger before it is computed. 0: none.
+max-noise-free-releases-per-run = 60
+max-noise-free-releases-per-day = 200
 # "rdp" (Opacus' RDP accountant) or "prv" (tighter, slower).
 accountant = "rdp"
 # Never take part in a non-private baseline run.
 allow-non-private = false
-# Evaluation metrics are NOT covered by epsilon: false keeps them at the site.
+# Evaluation metrics, ranking and finetune scores are NOT covered by epsilon: false keeps them at the site.
 release-evaluation-metrics = false
 
 [backbones]
@@ -312,4 +358,9 @@ allowed = [
 state-dir = "{state_dir}"
 # Verified backbones and cached features (default: <state-dir>/cache).
 # cache-dir = "/var/cache/fedtl"
+# The ledger's key (created 0600 at the first charge) and head: they make an edited, truncated or
+# deleted ledger detectable, so they must live OUTSIDE state-dir (another volume); back them up with
+# the ledger and never delete them. `fedtl site ledger verify` checks all three.
+# (default when absent: $XDG_CONFIG_HOME/fedtl/<site name>, i.e. ~/.config/fedtl/<site name>)
+secret-dir = "{secret}"
 """

@@ -22,6 +22,7 @@ import numpy as np
 
 from fedtl.client.ledger import PrivacyCharge, new_charge
 from fedtl.client.policy import PolicyRefusal
+from fedtl.client.quotas import charge_noise_free
 from fedtl.client.site import Site
 from fedtl.shared.mechanisms import SERVER, Mechanism
 from fedtl.shared.privacy import find_noise_multiplier
@@ -85,14 +86,28 @@ def charge_release(site: Site, settings: RoundSettings, request: ReleaseRequest)
     """Plan, check and charge one release in one ledger transaction, before it is computed (write-ahead).
 
     A release without noise is charged with noise 0, so the site's epsilon honestly becomes infinite, and
-    only where the policy allows non-private work.
+    only where the policy allows non-private work. A noise-free mechanism (`accounted = False`: evaluation
+    metrics, ranking and finetune scores) is no DP release: it is recorded without epsilon and counted
+    against the policy's quotas (client/quotas.py); its `Release` has noise 0 and epsilon nan (unchanged,
+    not computed).
 
     Raises:
         PrivacyBudgetError: the release would take the site past the run's target epsilon (the message has
             the numbers), or the budget is already spent.
-        PolicyRefusal: the noise is below the policy's minimum, zero where the policy forbids it, or the
-            request's precondition refuses it.
+        PolicyRefusal: the noise is below the policy's minimum, zero where the policy forbids it, a quota of
+            noise-free releases is reached, or the request's precondition refuses it.
     """
+    if not request.mechanism.accounted:
+        charge_noise_free(
+            site,
+            request.mechanism,
+            run_id=settings.run_id,
+            server_round=request.server_round,
+            delta=settings.target_delta,
+            what=request.what,
+            precondition=request.precondition,
+        )
+        return Release(0.0, math.nan, settings.target_delta, None)
     policy = site.policy
     accountant = site_accountant(site, settings)
     check_delta(site, settings, request)

@@ -44,8 +44,9 @@ class Site:
 
     @property
     def ledger(self) -> PrivacyLedger:
-        """Return the site's privacy ledger."""
-        return PrivacyLedger(self.state_dir / "privacy" / "ledger.jsonl")
+        """Return the site's privacy ledger: keyed from the policy's secret folder, a simulated site's from its own."""
+        secret_dir = self.policy.secret_dir if self.policy is not None else None  # None: beside the ledger
+        return PrivacyLedger(self.state_dir / "privacy" / "ledger.jsonl", secret_dir)
 
     @property
     def backbones(self) -> BackboneStore:

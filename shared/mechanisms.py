@@ -5,10 +5,16 @@ charge -> noise). All of today's mechanisms are Gaussian: noise of std `noise_mu
 on a quantity whose L2 sensitivity (one example added or removed) is `sensitivity`; each is accounted
 as `steps` sampled Gaussian steps at `sample_rate` (Mironov et al. 2019). A new mechanism is a new entry
 here and a module that builds its release request.
+
+Noise-free releases (evaluation metrics, transferability scores, finetuned scores) are declared here too,
+with `accounted = False`: they carry no DP guarantee, so they add nothing to epsilon (their ledger records
+hold noise 0, sample rate 0 and 0 steps, which Opacus' RDP analysis also counts as nothing), but each is
+recorded in the ledger before it is computed and counted against the policy's quotas (client/quotas.py).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from fedtl.shared import closed_form
@@ -23,8 +29,9 @@ class Mechanism:
 
     kind: str  # the ledger record's `kind`
     description: str
-    sensitivity: float  # L2 sensitivity in the released quantity's units; for DP-SGD in units of max-grad-norm
+    sensitivity: float  # L2 sensitivity in the released quantity's units (DP-SGD: of max-grad-norm; noise-free: inf)
     noise_planned_by: str  # SITE or SERVER
+    accounted: bool = True  # False: a noise-free release, outside epsilon, counted against the policy's quotas
 
 
 DP_SGD = Mechanism("dp-sgd", "DP-SGD steps on the model above the cut", 1.0, SITE)
@@ -33,4 +40,16 @@ SUFFICIENT_STATS = Mechanism(
     "sufficient-stats", "noised sufficient statistics of the closed-form head", closed_form.SENSITIVITY, SITE
 )
 
-MECHANISMS = {m.kind: m for m in (DP_SGD, FEATURE_SUM, SUFFICIENT_STATS)}
+# PRIVACY SHORTCUT: the three below leave the site without noise; they are capped in number, not by epsilon.
+EVALUATION = Mechanism(
+    "evaluation", "noise-free metrics of the global model on the site's local test split", math.inf, SITE, False
+)
+RANKING = Mechanism(
+    "ranking", "noise-free transferability scores of a backbone on the site's features", math.inf, SITE, False
+)
+FINETUNE_SCORES = Mechanism(
+    "finetune-scores", "noise-free test scores of the shared and the finetuned head", math.inf, SITE, False
+)
+
+MECHANISMS = {m.kind: m for m in (DP_SGD, FEATURE_SUM, SUFFICIENT_STATS, EVALUATION, RANKING, FINETUNE_SCORES)}
+NOISE_FREE_KINDS = frozenset(kind for kind, m in MECHANISMS.items() if not m.accounted)

@@ -1,11 +1,17 @@
-"""Shared fixtures: paths to the real data beside the checkout, isolated fedtl homes."""
+"""Shared fixtures: paths to the real data beside the checkout, isolated fedtl homes and site secret folders."""
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+# A site's ledger key and head default to $XDG_CONFIG_HOME/fedtl/<site name> (client/policy.py): never the
+# user's own. Module-scoped deployments use this session folder; every test gets its own below.
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="fedtl-test-config-")
 
 
 def shared_data_file(name: str) -> Path:
@@ -27,6 +33,7 @@ def _isolated_fedtl_home(tmp_path_factory, monkeypatch):
     """Keep every test's caches and runs out of the user's home."""
     home = tmp_path_factory.mktemp("fedtl-home")
     monkeypatch.setenv("FEDTL_HOME", str(home))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config-home")))
     return home
 
 

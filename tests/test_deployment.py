@@ -22,6 +22,8 @@ from site_files import save_png, write_csv, write_dicom
 
 from fedtl.client.admin import init_policy
 from fedtl.client.ledger import PrivacyLedger
+from fedtl.client.policy import load_policy
+from fedtl.client.site import site_from_policy
 from fedtl.shared import mechanisms
 from fedtl.shared.data import load_dataset
 from fedtl.shared.loaders import load_site_dataset
@@ -29,13 +31,15 @@ from fedtl.shared.partitioners import partition_indices
 
 DP_SGD = mechanisms.DP_SGD.kind
 FEATURE_SUM = mechanisms.FEATURE_SUM.kind
+EVALUATION = mechanisms.EVALUATION.kind
 
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
 SITES = ("site-1", "site-2", "site-3")
 
 
 def oracle_epsilon(charges, delta: float = 1e-5) -> float:
-    """Epsilon of a ledger from Opacus' pure RDP analysis (not the accountant class fedtl uses)."""
+    """Epsilon of a ledger's accounted records from Opacus' pure RDP analysis (not the accountant class fedtl uses)."""
+    charges = [c for c in charges if c.accounted]  # noise-free releases are counted by quotas, not by epsilon
     if any(c.noise_multiplier == 0 for c in charges):
         return math.inf
     rdp = sum(
@@ -97,7 +101,7 @@ def deployment(tmp_path_factory):
 
 
 def _ledger(root: Path, name: str) -> PrivacyLedger:
-    return PrivacyLedger(root / name / "state" / "privacy" / "ledger.jsonl")
+    return site_from_policy(load_policy(root / name / "policy.toml")).ledger  # keyed from the policy's secret-dir
 
 
 def _run_dir(out: Path, name: str) -> Path:
@@ -147,7 +151,14 @@ def test_a_site_refuses_a_run_beyond_its_policy_while_the_others_train(deploymen
         assert set(fh.keys()) == {"center", "layers.0.weight", "layers.0.bias"}
     for name in ("site-1", "site-2"):
         charges = _ledger(root, name).charges()
-        assert [(c.kind, c.server_round) for c in charges] == [(FEATURE_SUM, 0), (DP_SGD, 1), (DP_SGD, 2)]
+        assert [(c.kind, c.server_round) for c in charges if c.accounted] == [
+            (FEATURE_SUM, 0),
+            (DP_SGD, 1),
+            (DP_SGD, 2),
+        ]
+        # site-1 releases evaluation metrics: each one is recorded (no epsilon) and counted against its quotas.
+        released = [c.server_round for c in charges if c.kind == EVALUATION]
+        assert (released == [1, 2]) if name == "site-1" else not released
         assert {c.noise_multiplier for c in charges if c.kind == DP_SGD} == {2.0}
         assert summary["epsilon-per-site"][name] == pytest.approx(oracle_epsilon(charges), rel=1e-9)
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -203,12 +214,12 @@ def test_a_killed_site_a_stopped_run_and_its_resumption(deployment):
     assert lost and all(any(g in r["reason"] for g in gone) for r in lost), lost
 
     # site-1's ledger: the killed round's charge is there (written before training), nothing torn.
-    mine = _ledger(root, "site-1").charges()[before["site-1"] :]
+    mine = [c for c in _ledger(root, "site-1").charges()[before["site-1"] :] if c.accounted]
     assert [(c.kind, c.server_round) for c in mine] == [(FEATURE_SUM, 0), (DP_SGD, 1), (DP_SGD, 2)]
     assert all(c.run_id == run_dir.name for c in mine)
     for name in SITES:
         charges = _ledger(root, name).charges()
-        assert all(c.kind in (FEATURE_SUM, DP_SGD) for c in charges)
+        assert all(c.kind in (FEATURE_SUM, DP_SGD, EVALUATION) for c in charges)
         assert _ledger(root, name).epsilon(delta=1e-5) == pytest.approx(oracle_epsilon(charges), rel=1e-9)
     for name in ("site-2", "site-3"):  # they trained to the end: the server reports what their ledgers say
         charges = _ledger(root, name).charges()

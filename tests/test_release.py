@@ -33,8 +33,9 @@ def _opacus_epsilon(history, delta=1e-5):
 
 
 def test_every_mechanism_has_its_own_ledger_kind():
-    assert set(MECHANISMS) == {"dp-sgd", "feature-sum", "sufficient-stats"}
+    assert set(MECHANISMS) == {"dp-sgd", "feature-sum", "sufficient-stats", "evaluation", "ranking", "finetune-scores"}
     assert SUFFICIENT_STATS.kind != FEATURE_SUM.kind
+    assert {kind for kind, m in MECHANISMS.items() if not m.accounted} == {"evaluation", "ranking", "finetune-scores"}
 
 
 def test_the_first_release_of_a_run_plans_the_noise_for_the_whole_run_and_later_ones_reuse_it(tmp_path):

@@ -22,6 +22,7 @@ from torch import nn
 from fedtl.client.inputs import SiteInputs, load_site_inputs
 from fedtl.client.ledger import PrivacyCharge
 from fedtl.client.policy import PolicyRefusal
+from fedtl.client.quotas import check_rounds_per_day
 from fedtl.client.release import ReleaseRequest, charge_release, site_accountant
 from fedtl.client.site import Site
 from fedtl.client.training import TrainResult, evaluate_model, steps_per_epoch, train_model
@@ -188,7 +189,7 @@ def charged_training(
 
 
 def _rounds_per_run_check(site: Site, settings: RoundSettings, server_round: int):  # type: ignore[no-untyped-def]
-    """Return the check, run on the ledger inside the round's transaction, of the policy's rounds per run."""
+    """Return the check, run on the ledger inside the round's transaction, of the policy's rounds per run and day."""
     policy = site.policy
     if policy is None:
         return None
@@ -200,6 +201,10 @@ def _rounds_per_run_check(site: Site, settings: RoundSettings, server_round: int
                 f"site {site.name} refuses round {server_round}: run {settings.run_id} already trained {len(done)} "
                 "rounds here, the policy's max-rounds-per-run"
             )
+        # New run ids would bypass the per-run cap: the rolling day counts rounds of every run (client/quotas.py).
+        check_rounds_per_day(
+            policy, charges, run_id=settings.run_id, server_round=server_round, what=f"round {server_round}"
+        )
 
     return check
 
