@@ -38,7 +38,7 @@ def _settings(**changes) -> RoundSettings:
 
 def test_the_template_is_a_valid_policy_with_safe_defaults(policy_path, tmp_path):
     policy = load_policy(policy_path)
-    assert (policy.site_name, policy.data, policy.max_epsilon, policy.delta) == ("hospital-a", "digits", 8.0, 1e-5)
+    assert (policy.site_name, policy.data, policy.max_epsilon, policy.delta) == ("hospital-a", "digits", 24.0, 1e-5)
     assert policy.allowed_backbones == (TINY,)
     assert policy.state_dir == tmp_path / "state" and policy.cache_dir == tmp_path / "state" / "cache"
     assert not policy.allow_non_private and not policy.release_evaluation_metrics
