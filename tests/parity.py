@@ -21,10 +21,28 @@ from safetensors.numpy import load_file
 
 PARITY_DIR = Path(__file__).resolve().parent / "parity"
 
+# The defaults when the fingerprints were recorded, pinned: a later change of defaults is not a change of behaviour.
+RECORDED_DEFAULTS = {
+    "num-rounds": 10,
+    "head": "linear",
+    "strategy": "fedavg",
+    "local-epochs": 2,
+    "batch-size": 64,
+    "learning-rate": 8.0,
+    "max-grad-norm": 1.0,
+    "noise-multiplier": "auto",
+    "target-epsilon": 8.0,
+    "target-delta": 1e-5,
+    "feature-centering": True,
+    "centering-noise-multiplier": 4.0,
+    "head-solver": "dp-sgd",
+    "closed-form": "ridge",
+    "closed-form-ridge": 1.0,
+}
 SMALL = {"image-size": 32, "num-rounds": 2}
 CASES: dict[str, tuple[dict[str, Any], int]] = {
     # name: (run config overrides, sites)
-    "default": ({}, 5),  # exactly `fedtl simulate` with no options (slow: 224 px, 10 rounds)
+    "default": ({}, 5),  # `fedtl simulate` with no options as it was (slow: 224 px, 10 rounds)
     "default-small": (SMALL, 3),
     "closed-form": ({"image-size": 32, "head-solver": "closed-form", "projection-dim": 64}, 3),
     "last-block": ({**SMALL, "trainable-blocks": 1}, 3),
@@ -66,7 +84,7 @@ def run_case(name: str, workdir: Path) -> dict[str, Any]:
     from fedtl.simulations.inprocess import run_inprocess
 
     overrides, sites = CASES[name]
-    cfg = RunConfig.from_mapping({**overrides, "out": str(workdir / "runs")})
+    cfg = RunConfig.from_mapping({**RECORDED_DEFAULTS, **overrides, "out": str(workdir / "runs")})
     summary = run_inprocess(cfg, num_sites=sites, run_dir=workdir / "runs" / name)
     return fingerprint_run(summary)
 
