@@ -136,6 +136,11 @@ def resolve_site(node_config: Mapping[str, Any], simulation: SimulationSettings 
 _VERIFIED: set[tuple] = set()  # (path, inode, size, mtime, ctime) of stored backbones verified in this process
 
 
+def _stamp(path: Path) -> tuple:
+    info = path.stat()
+    return (str(path), info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
 class BackboneStore:
     """Verified backbone weights, one safetensors file per fingerprint."""
 
@@ -172,19 +177,7 @@ class BackboneStore:
             BackboneError: no weights with this fingerprint are stored.
             FingerprintMismatchError: the stored file was changed after it was verified.
         """
-        path = self.path(fingerprint)
-        if not path.is_file():
-            raise BackboneError(
-                f"backbone `{name}` with fingerprint {fingerprint} is not in the site cache {self.root}"
-            )
-        state = load_file(str(path))
-        actual = fingerprint_state_dict(state)
-        if actual != fingerprint:
-            raise FingerprintMismatchError(
-                f"stored backbone file {path} hashes to {actual}, expected {fingerprint}: it was modified on disk. "
-                "Delete the file; the server will send verified weights again"
-            )
-        return build_backbone(name, state)
+        return build_backbone(name, self._verified_state(name, fingerprint))
 
     def verify(self, name: str, fingerprint: str) -> None:
         """Check the stored weights still hash to `fingerprint`, as every use of their features requires.
@@ -199,21 +192,27 @@ class BackboneStore:
             FingerprintMismatchError: the stored file was changed after it was verified.
         """
         path = self.path(fingerprint)
+        if path.is_file() and _stamp(path) in _VERIFIED:
+            return
+        self._verified_state(name, fingerprint)
+
+    def _verified_state(self, name: str, fingerprint: str) -> dict[str, torch.Tensor]:
+        """Return the stored weights after checking they hash to `fingerprint` (and remember the file as verified)."""
+        path = self.path(fingerprint)
         if not path.is_file():
             raise BackboneError(
                 f"backbone `{name}` with fingerprint {fingerprint} is not in the site cache {self.root}"
             )
-        info = path.stat()
-        stamp = (str(path), info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
-        if stamp in _VERIFIED:
-            return
-        actual = fingerprint_state_dict(load_file(str(path)))
+        stamp = _stamp(path)
+        state = load_file(str(path))
+        actual = fingerprint_state_dict(state)
         if actual != fingerprint:
             raise FingerprintMismatchError(
                 f"stored backbone file {path} hashes to {actual}, expected {fingerprint}: it was modified on disk. "
                 "Delete the file; the server will send verified weights again"
             )
         _VERIFIED.add(stamp)
+        return state
 
     def fingerprints(self) -> list[str]:
         """Return the fingerprints of every stored backbone."""

@@ -37,7 +37,7 @@ from fedtl.shared.centering import MAX_CENTER_NOISE_NORM, center_noise_norm
 from fedtl.shared.config import RunConfig
 from fedtl.shared.heads import Head, build_head, head_arrays, load_head_arrays
 from fedtl.shared.protocol import RoundSettings, SimulationSettings
-from fedtl.simulations.federation import lab_sites, simulated_sites
+from fedtl.simulations.federation import lab_settings, lab_sites, simulated_sites
 
 MAJORITY = "majority"
 CENTRAL = "central"
@@ -108,22 +108,6 @@ def load_lab_federation(cfg: RunConfig, num_sites: int) -> LabFederation:
             sites.append(LabSite(site.name, inputs.train_x, inputs.train_y, inputs.test_x, inputs.test_y))
     central = CentralEvaluation(cfg, backbone, splits.test, label_names) if splits.test is not None else None
     return LabFederation(cfg, backbone, label_names, settings, simulation, sites, central)
-
-
-def lab_settings(
-    cfg: RunConfig, backbone: Backbone, label_names: tuple[str, ...]
-) -> tuple[RoundSettings, SimulationSettings]:
-    """Return what the simulated sites of `cfg` are sent (the lab reads their caches and trains as they do)."""
-    settings = RoundSettings.for_run(
-        cfg,
-        run_id="lab-baselines",
-        backbone_fingerprint=backbone.fingerprint,
-        image_size=backbone.preprocessing.image_size,
-        label_names=label_names,
-    )
-    with tempfile.TemporaryDirectory(prefix="fedtl-lab-") as tmp:  # no run folder: the lab writes no site state
-        simulation = SimulationSettings.for_run(cfg, run_dir=Path(tmp))
-    return settings, simulation
 
 
 def site_accuracies(lab: LabFederation, arrays: dict[str, np.ndarray]) -> dict[str, float]:

@@ -23,13 +23,7 @@ from fedtl.client.site import SIMULATION_ENV
 from fedtl.shared.backbones import WEIGHTS_DIR_ENV
 from fedtl.shared.config import RunConfig
 from fedtl.shared.errors import ConfigError
-from fedtl.simulations.federation import (
-    AppFactory,
-    FederationApp,
-    prepare_simulated_sites,
-    simulated_config,
-    simulated_sites,
-)
+from fedtl.simulations.federation import AppFactory, FederationApp, simulated_sites, start_simulation
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +101,8 @@ def simulate(
             has `client_cpus` CPUs.
         Exception: whatever the ServerApp raised (Flower re-raises it here); Ray is shut down first.
     """
-    cfg = simulated_config(cfg, num_sites)
     gcs = parse_ray_address(cfg.ray_address)
-    prepare_simulated_sites(cfg, num_sites)
+    cfg = start_simulation(cfg, num_sites)
     federation = app(cfg, run_dir)
 
     # Each Ray actor would otherwise start one torch thread per core and oversubscribe the CPU.

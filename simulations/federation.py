@@ -95,6 +95,16 @@ def check_storage(*folders: Path) -> None:
             )
 
 
+def start_simulation(cfg: RunConfig, num_sites: int) -> RunConfig:
+    """Return the config of a simulated federation after checking its data and storage and preparing its sites.
+
+    What every executor does before its engine starts (`simulated_config`, then `prepare_simulated_sites`).
+    """
+    cfg = simulated_config(cfg, num_sites)
+    prepare_simulated_sites(cfg, num_sites)
+    return cfg
+
+
 def prepare_simulated_sites(cfg: RunConfig, num_sites: int, *, progress: bool = True) -> None:
     """Extract every simulated site's inputs at the cut, and the server's held-out set's, once, before the engine.
 
@@ -108,24 +118,32 @@ def prepare_simulated_sites(cfg: RunConfig, num_sites: int, *, progress: bool = 
     backbone = load_server_backbone(cfg)
     splits = load_server_data(cfg)
     label_names = federation_label_names(cfg, splits)
+    settings, simulation = lab_settings(cfg, backbone, label_names)
+    cuts = [Cut.of(settings)]
+    if cfg.feature_centering and not cuts[0].at_end:
+        cuts.append(cuts[0].at_end_cut())  # the centre is estimated from the features themselves
+    with simulated_sites():
+        for site in lab_sites(num_sites, simulation, backbone):
+            for cut in cuts:
+                load_site_inputs(site, settings, cut=cut, progress=progress)
+    if cfg.central_evaluation and splits is not None and splits.test is not None:
+        CentralEvaluation(cfg, backbone, splits.test, label_names)
+
+
+def lab_settings(
+    cfg: RunConfig, backbone: Backbone, label_names: tuple[str, ...]
+) -> tuple[RoundSettings, SimulationSettings]:
+    """Return what the simulated sites of `cfg` are sent (the lab reads their caches and trains as they do)."""
     settings = RoundSettings.for_run(
         cfg,
-        run_id="lab-preparation",
+        run_id="lab",
         backbone_fingerprint=backbone.fingerprint,
         image_size=backbone.preprocessing.image_size,
         label_names=label_names,
     )
-    with tempfile.TemporaryDirectory(prefix="fedtl-prepare-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fedtl-lab-") as tmp:  # no run folder: the lab writes no site state
         simulation = SimulationSettings.for_run(cfg, run_dir=Path(tmp))
-        cuts = [Cut.of(settings)]
-        if cfg.feature_centering and not cuts[0].at_end:
-            cuts.append(cuts[0].at_end_cut())  # the centre is estimated from the features themselves
-        with simulated_sites():
-            for site in lab_sites(num_sites, simulation, backbone):
-                for cut in cuts:
-                    load_site_inputs(site, settings, cut=cut, progress=progress)
-    if cfg.central_evaluation and splits is not None and splits.test is not None:
-        CentralEvaluation(cfg, backbone, splits.test, label_names)
+    return settings, simulation
 
 
 def lab_sites(num_sites: int, simulation: SimulationSettings, backbone: Backbone) -> Iterator[Site]:

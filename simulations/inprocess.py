@@ -38,13 +38,7 @@ from fedtl.client.client_app import app as fedtl_client_app
 from fedtl.shared import constants as k
 from fedtl.shared.config import RunConfig
 from fedtl.shared.errors import ConfigError
-from fedtl.simulations.federation import (
-    AppFactory,
-    FederationApp,
-    prepare_simulated_sites,
-    simulated_config,
-    simulated_sites,
-)
+from fedtl.simulations.federation import AppFactory, FederationApp, simulated_sites, start_simulation
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +219,7 @@ def run_inprocess(
     Raises:
         Exception: whatever the ServerApp raised.
     """
-    cfg = simulated_config(cfg, num_sites)
-    prepare_simulated_sites(cfg, num_sites)
+    cfg = start_simulation(cfg, num_sites)
     federation = app(cfg, run_dir)
 
     run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
