@@ -19,7 +19,7 @@ held-out split), seeds 0-2; PneumoniaMNIST and BreastMNIST use them unchanged.
 
     python benchmarks/dp_heads.py                      # all three data sets, seeds 0-2 (about 10 min on 2 cores)
     python benchmarks/dp_heads.py --data digits --seeds 0
-    python benchmarks/dp_heads.py --basis-report       # non-private LDA on public bases (synthetic vs ImageNet classifier)
+    python benchmarks/dp_heads.py --basis-report       # non-private LDA: synthetic vs ImageNet-classifier bases
 
 FEDTL_HOME holds the feature caches (`dp_heads/`). Figures are printed, never asserted.
 """
@@ -64,7 +64,10 @@ def default_centre(fed: FederatedFeatures, epsilon: float, rng: np.random.Genera
     total = sum(_unit(x).astype(np.float64).sum(0) + rng.normal(0, sigma, dim) for x in fed.site_x)
     count = sum(fed.site_sizes)
     charged = [PrivacyStep(sigma, 1.0, 1)]
-    if center_noise_norm(noise_multiplier=sigma, dim=dim, num_sites=len(fed.site_x), count=count) > MAX_CENTER_NOISE_NORM:
+    if (
+        center_noise_norm(noise_multiplier=sigma, dim=dim, num_sites=len(fed.site_x), count=count)
+        > MAX_CENTER_NOISE_NORM
+    ):
         return np.zeros(dim), charged  # dropped, still charged
     return total / count, charged
 
@@ -84,7 +87,11 @@ def run_dp_sgd_defaults(fed: FederatedFeatures, epsilon: float, rng: np.random.G
         q = 1.0 / math.ceil(len(u) / min(batch, len(u)))
         per_epoch = int(1 / q)
         sigma = find_noise_multiplier(
-            target_epsilon=epsilon, target_delta=DELTA, sample_rate=q, steps=per_epoch * epochs * rounds, history=history
+            target_epsilon=epsilon,
+            target_delta=DELTA,
+            sample_rate=q,
+            steps=per_epoch * epochs * rounds,
+            history=history,
         )
         plans.append((q, per_epoch, sigma))
     for _ in range(rounds):
@@ -109,7 +116,9 @@ def run_closed_form_defaults(fed: FederatedFeatures, epsilon: float, rng: np.ran
     centre, history = default_centre(fed, epsilon, rng)
     sigma = find_noise_multiplier(target_epsilon=epsilon, target_delta=DELTA, sample_rate=1.0, steps=1, history=history)
     parts = [
-        release_stats(compute_stats(prepare_features(x, center=centre), y, fed.num_classes), noise_multiplier=sigma, rng=rng)
+        release_stats(
+            compute_stats(prepare_features(x, center=centre), y, fed.num_classes), noise_multiplier=sigma, rng=rng
+        )
         for x, y in zip(fed.site_x, fed.site_y)
     ]
     weight, bias = solve_ridge(sum_stats(parts), ridge=1.0)
@@ -130,13 +139,19 @@ def _centre(fed, basis, plan, rng) -> np.ndarray:
     return estimate_center(sums, fed.site_sizes)
 
 
-def run_auto(fed: FederatedFeatures, epsilon: float, rng: np.random.Generator, public: np.ndarray) -> tuple[np.ndarray, str]:
+def run_auto(
+    fed: FederatedFeatures, epsilon: float, rng: np.random.Generator, public: np.ndarray
+) -> tuple[np.ndarray, str]:
     """Return held-out predictions of the `auto` plan (full-batch DP-GD on the public basis) and its reason."""
     from fedtl.shared.dp_heads import plan_dp_head, train_full_batch
     from fedtl.shared.public_basis import centre_features, compute_public_basis, project_features
 
     plan = plan_dp_head(
-        target_epsilon=epsilon, target_delta=DELTA, site_sizes=fed.site_sizes, feature_dim=fed.test_x.shape[1], num_classes=fed.num_classes
+        target_epsilon=epsilon,
+        target_delta=DELTA,
+        site_sizes=fed.site_sizes,
+        feature_dim=fed.test_x.shape[1],
+        num_classes=fed.num_classes,
     )
     basis = compute_public_basis(public, dim=plan.projection_dim)
     centre = _centre(fed, basis, plan, rng)
@@ -145,7 +160,10 @@ def run_auto(fed: FederatedFeatures, epsilon: float, rng: np.random.Generator, p
     for _ in range(plan.num_rounds):
         parts = [
             train_full_batch(
-                u, y, weight, bias,
+                u,
+                y,
+                weight,
+                bias,
                 steps=plan.local_steps,
                 learning_rate=plan.learning_rate,
                 max_grad_norm=plan.max_grad_norm,
@@ -159,7 +177,9 @@ def run_auto(fed: FederatedFeatures, epsilon: float, rng: np.random.Generator, p
     return np.argmax(test @ weight.T + bias, axis=1), plan.reason
 
 
-def run_closed_form_public(fed: FederatedFeatures, epsilon: float, rng: np.random.Generator, public: np.ndarray) -> np.ndarray:
+def run_closed_form_public(
+    fed: FederatedFeatures, epsilon: float, rng: np.random.Generator, public: np.ndarray
+) -> np.ndarray:
     """Return held-out predictions of LDA on the public basis (the closed form with the auto plan's centre)."""
     from fedtl.shared.closed_form import compute_stats, release_stats, solve_lda, sum_stats
     from fedtl.shared.dp_heads import CENTER_SHARE, MAX_CENTER_NOISE_NORM, mean_noise
@@ -178,7 +198,9 @@ def run_closed_form_public(fed: FederatedFeatures, epsilon: float, rng: np.rando
         center_noise_multiplier = center_sigma if released else None
 
     centre = _centre(fed, basis, _Plan, rng)
-    stats_sigma = find_noise_multiplier(target_epsilon=epsilon, target_delta=DELTA, sample_rate=1.0, steps=1, history=history)
+    stats_sigma = find_noise_multiplier(
+        target_epsilon=epsilon, target_delta=DELTA, sample_rate=1.0, steps=1, history=history
+    )
     parts = [
         release_stats(
             compute_stats(centre_features(project_features(x, basis.projection), centre), y, fed.num_classes),
@@ -269,18 +291,30 @@ def main() -> None:
         results[(name, "majority")] = float(np.max(np.bincount(fed.test_y)) / len(fed.test_y))
         results[(name, "test-size")] = len(fed.test_y)
     width = 14
-    print(f"\nheld-out accuracy, mean±standard error over seeds {args.seeds}; per-site epsilon at delta {DELTA:g}, "
-          "each site adds its own noise")
+    print(
+        f"\nheld-out accuracy, mean±standard error over seeds {args.seeds}; per-site epsilon at delta {DELTA:g}, "
+        "each site adds its own noise"
+    )
     for name in args.data:
         _, sites = DATASETS[name]
         print(f"\n{name} ({sites} iid sites, held-out majority rate {results[(name, 'majority')]:.3f})")
         print("method".ljust(28) + "".join(f"eps {e:g}".rjust(width) for e in args.epsilons))
         for method in args.methods:
-            print(method.ljust(28) + "".join(_cell(results[(name, method, e)]["acc"]).rjust(width) for e in args.epsilons))
+            print(
+                method.ljust(28) + "".join(_cell(results[(name, method, e)]["acc"]).rjust(width) for e in args.epsilons)
+            )
         if name == "breast":
             for method in args.methods:
-                print(f"  balanced acc. {method}".ljust(28) + "".join(_cell(results[(name, method, e)]["bal"]).rjust(width) for e in args.epsilons))
-        print("target".ljust(28) + "".join((f">= {TARGETS[(name, e)]:.2f}" if (name, e) in TARGETS else "-").rjust(width) for e in args.epsilons))
+                print(
+                    f"  balanced acc. {method}".ljust(28)
+                    + "".join(_cell(results[(name, method, e)]["bal"]).rjust(width) for e in args.epsilons)
+                )
+        print(
+            "target".ljust(28)
+            + "".join(
+                (f">= {TARGETS[(name, e)]:.2f}" if (name, e) in TARGETS else "-").rjust(width) for e in args.epsilons
+            )
+        )
         if name == "breast" and 3.0 in args.epsilons:
             acc = results[(name, "auto (dp-gd)", 3.0)]["acc"] if "auto (dp-gd)" in args.methods else []
             if acc:
@@ -288,8 +322,10 @@ def main() -> None:
                 maj = results[(name, "majority")]
                 binomial = math.sqrt(maj * (1 - maj) / n_test)
                 seeds_se = np.std(acc, ddof=1) / math.sqrt(len(acc)) if len(acc) > 1 else float("nan")
-                print(f"breast eps 3, auto: {np.mean(acc):.3f} - majority {maj:.3f} = {np.mean(acc) - maj:+.3f}; "
-                      f"2 SE over seeds {2 * seeds_se:.3f}, 2 binomial SE of one test set {2 * binomial:.3f}")
+                print(
+                    f"breast eps 3, auto: {np.mean(acc):.3f} - majority {maj:.3f} = {np.mean(acc) - maj:+.3f}; "
+                    f"2 SE over seeds {2 * seeds_se:.3f}, 2 binomial SE of one test set {2 * binomial:.3f}"
+                )
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@ exercise pretrained features). Here the images are drawn from a seeded random pr
 rectangles, at random blur), run through the public backbone, and their L2-normalised features give the
 principal directions: nothing about any site's data enters, so the projection costs no privacy and every
 party can recompute it. On the lab's data (digits, PneumoniaMNIST, BreastMNIST through EfficientNet-Lite0 at
-64 px) a non-private LDA on the top 32 directions scored 0.87 / 0.90 / 0.79 on the sites' local test splits,
-against 0.81 / 0.85 / 0.79 on the top right singular vectors of the backbone's ImageNet classifier, the other
-public candidate (`benchmarks/dp_heads.py --basis-report`). Pure numpy: no Flower.
+64 px, seed 0) a non-private LDA on the top 64 directions scored 0.89 / 0.91 / 0.82 on the sites' local test
+splits, against 0.86 / 0.90 / 0.83 on the top right singular vectors of the backbone's ImageNet classifier, the
+other public candidate; at 32 directions 0.82 / 0.91 / 0.82 against 0.81 / 0.85 / 0.79
+(`benchmarks/dp_heads.py --basis-report`). Pure numpy: no Flower.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ class PublicBasis:
         return int(self.projection.shape[0])
 
 
-def generate_synthetic_images(count: int = SYNTHETIC_COUNT, *, seed: int = SYNTHETIC_SEED, size: int = SYNTHETIC_SIZE) -> np.ndarray:
+def generate_synthetic_images(
+    count: int = SYNTHETIC_COUNT, *, seed: int = SYNTHETIC_SEED, size: int = SYNTHETIC_SIZE
+) -> np.ndarray:
     """Return `count` grey uint8 images (count, size, size) drawn from a seeded random process, no real data.
 
     A third each of dead leaves (random ellipses occluding each other, Lee, Mumford, Huang 2001), thick
@@ -95,7 +98,10 @@ def compute_public_basis(features: np.ndarray, *, dim: int, whitening: float = W
     """
     z = np.asarray(features, dtype=np.float64)
     if not 1 <= dim <= min(z.shape):
-        raise ConfigError(f"`projection-dim` must be in [1, {min(z.shape)}] for {z.shape[0]} public features of dim {z.shape[1]}, got {dim}")
+        raise ConfigError(
+            f"`projection-dim` must be in [1, {min(z.shape)}] for {z.shape[0]} public features of dim "
+            f"{z.shape[1]}, got {dim}"
+        )
     if not whitening >= 0:
         raise ConfigError(f"`whitening` must be >= 0, got {whitening}")
     z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
