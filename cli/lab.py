@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtl.cli import EXIT_OK, EXIT_SITES_LEFT_OUT
+from fedtl.server.run_folder import RESUME_OVERRIDABLE
 from fedtl.shared.config import RunConfig
 from fedtl.shared.errors import ConfigError, FedtlError
 from fedtl.simulations.federation import SIMULATED_SITES
@@ -131,7 +132,7 @@ def run_simulate_command(args: argparse.Namespace) -> int:
     from fedtl.simulations.engine import simulate
 
     cfg = config_from_args(args)
-    sites = resumed_sites(args) if args.resume else (args.sites or DEFAULT_SITES)
+    sites = resumed_sites(args) if args.resume else (DEFAULT_SITES if args.sites is None else args.sites)
     t0 = time.time()
     if args.executor == "inprocess":
         from fedtl.simulations.inprocess import run_inprocess
@@ -155,7 +156,7 @@ def run_rank_command(args: argparse.Namespace) -> int:
 
     backbones = [name.strip() for name in args.backbones.split(",") if name.strip()]
     cfg = config_from_args(args)
-    sites = args.sites or DEFAULT_SITES
+    sites = DEFAULT_SITES if args.sites is None else args.sites
     print(format_ranking(rank_simulated(cfg, backbones, num_sites=sites, executor=args.executor)))
     return 0
 
@@ -191,9 +192,20 @@ def resumed_sites(args: argparse.Namespace) -> int:
     return stored
 
 
+def stored_operational_keys(run_dir: Path) -> dict[str, Any]:
+    """Return the operational keys (RESUME_OVERRIDABLE) of the run stored in `run_dir` ({} when unreadable)."""
+    try:
+        stored = json.loads((run_dir.expanduser() / "config.json").read_text())["config"]
+    except (OSError, ValueError, KeyError):
+        return {}  # the server's resume says what is wrong with the folder
+    return {key: stored[key] for key in RESUME_OVERRIDABLE if key in stored}
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Return the run config: defaults, then --set overrides, then the named flags."""
     values: dict[str, Any] = {}
+    if getattr(args, "resume", None):  # a resumed run keeps its own operational settings unless asked otherwise
+        values.update(stored_operational_keys(Path(args.resume)))
     for item in args.set:
         key, sep, raw = item.partition("=")
         if not sep:

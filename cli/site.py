@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import sys
 from pathlib import Path
 
@@ -93,7 +94,14 @@ def add_approval_commands(site_sub: argparse._SubParsersAction) -> None:
 
 def run_site_command(args: argparse.Namespace) -> int:
     """Run one `fedtl site ...` command and return its exit status."""
-    keep_private()  # whatever a site command writes (policy, state, caches, approvals) is the site's alone
+    previous = keep_private()  # whatever a site command writes (policy, state, caches, approvals) is the site's
+    try:
+        return _run_site_command(args)
+    finally:
+        os.umask(previous)
+
+
+def _run_site_command(args: argparse.Namespace) -> int:
     if args.site_command == "init":
         labels = [n.strip() for n in args.label_names.split(",") if n.strip()]
         path = admin.init_policy(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -119,8 +120,8 @@ def _refusable(handler):  # type: ignore[no-untyped-def]
     @functools.wraps(handler)
     def wrapper(msg: Message, context: Context) -> Message:
         site = _site(msg, context)
-        if site.policy is not None:
-            keep_private()  # a real site's process: everything it writes is its own (0600 files, 0700 folders)
+        # A real site: everything it writes is its own (0600 files, 0700 folders), for as long as it answers.
+        umask = keep_private() if site.policy is not None else None
         try:
             return Message(content=handler(msg, site), reply_to=msg)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a refusal that carries no private detail
@@ -135,6 +136,9 @@ def _refusable(handler):  # type: ignore[no-untyped-def]
             reason = str(exc) if site.simulation is not None and str(exc) else error.public()
             record = ConfigRecord({k.SITE_NAME: site.name, k.REFUSED: reason, k.REFUSAL_CODE: error.code})
             return Message(content=RecordDict({k.SITE: record}), reply_to=msg)
+        finally:
+            if umask is not None:
+                os.umask(umask)
 
     return wrapper
 

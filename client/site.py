@@ -70,15 +70,16 @@ def simulation_enabled() -> bool:
 PRIVATE_UMASK = 0o077
 
 
-def keep_private(*folders: Path) -> None:
-    """Make this process create files 0600 and folders 0700, and close `folders` (that exist) to other users.
+def keep_private(*folders: Path) -> int:
+    """Make this process create files 0600 and folders 0700, close `folders` (that exist); return the old umask.
 
     A real site's ledger, caches, features and approvals are its own: nobody else on the machine reads them.
     """
-    os.umask(PRIVATE_UMASK)
+    previous = os.umask(PRIVATE_UMASK)
     for folder in folders:
         if Path(folder).is_dir():
             os.chmod(folder, 0o700)
+    return previous
 
 
 def site_from_policy(policy: SitePolicy) -> Site:

@@ -187,21 +187,15 @@ def resume_run(cfg: RunConfig) -> RunFolder:
         raise ConfigError(f"cannot resume {run_dir}: its config.json is missing or unreadable ({exc})") from exc
     stored_cfg = RunConfig.from_mapping(stored["config"])
     given, defaults = cfg.to_mapping(), RunConfig().to_mapping()
-    # Operational keys the resuming request sets (a site is gone for good, a slower network) take its values;
-    # everything else, and every operational key it leaves at its default, stays as the run started.
-    overrides = {
-        key.replace("-", "_"): given[key]
-        for key in RESUME_OVERRIDABLE
-        if given[key] != defaults[key] and given[key] != stored["config"][key]
-    }
-    for key, value in overrides.items():
-        log.warning(
-            "resuming %s: %s = %r (the run started with %r)",
-            run_dir.name,
-            key.replace("_", "-"),
-            value,
-            stored["config"][key.replace("_", "-")],
-        )
+    # Operational keys come from the resuming request (a site is gone for good, a slower network); everything
+    # that shapes the model or the privacy plan stays as the run started. (`fedtl simulate --resume` starts its
+    # request from the run's own operational keys, so only what the user asks for changes.)
+    overrides = {key.replace("-", "_"): given[key] for key in RESUME_OVERRIDABLE}
+    for key in RESUME_OVERRIDABLE:
+        if given[key] != stored["config"][key]:
+            log.warning(
+                "resuming %s: %s = %r (the run started with %r)", run_dir.name, key, given[key], stored["config"][key]
+            )
     resumed = stored_cfg.replace(resume=str(run_dir), **overrides)
     changed = sorted(
         key

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -23,7 +24,7 @@ from fedtl.shared import constants as k
 from fedtl.shared.config import RunConfig, fedtl_home
 from fedtl.shared.cut import Cut
 from fedtl.shared.data import check_federation_data
-from fedtl.shared.errors import ConfigError, StorageError
+from fedtl.shared.errors import ConfigError, FedtlError, StorageError
 from fedtl.shared.files import storage_error
 from fedtl.shared.protocol import RoundSettings, SimulationSettings
 
@@ -68,6 +69,8 @@ class FederationApp:
             raise RuntimeError(f"the simulated {self.what} ended without a summary; see the log above")
         return self.outcome["summary"]
 
+
+log = logging.getLogger(__name__)
 
 SIMULATED_SITES = "simulated-sites"  # config.json key: how many sites the lab simulated for the run
 
@@ -124,8 +127,11 @@ def prepare_simulated_sites(cfg: RunConfig, num_sites: int, *, progress: bool = 
         cuts.append(cuts[0].at_end_cut())  # the centre is estimated from the features themselves
     with simulated_sites():
         for site in lab_sites(num_sites, simulation, backbone):
-            for cut in cuts:
-                load_site_inputs(site, settings, cut=cut, progress=progress)
+            try:
+                for cut in cuts:
+                    load_site_inputs(site, settings, cut=cut, progress=progress)
+            except FedtlError as exc:  # as in a deployment, the site will say so, and the run go on without it
+                log.warning("%s could not be prepared (it will refuse the run's requests): %s", site.name, exc)
     if cfg.central_evaluation and splits is not None and splits.test is not None:
         CentralEvaluation(cfg, backbone, splits.test, label_names)
 

@@ -118,6 +118,6 @@ def test_site_init_check_status_and_ledger(tmp_path, capsys):
     assert main(["site", "check", "--policy", str(policy)]) == 0
     assert "broken.png" in capsys.readouterr().out
     assert main(["site", "status", "--policy", str(policy)]) == 0
-    assert "spent epsilon 0.000 of 8 at delta 1e-05; left 8.000" in capsys.readouterr().out
+    assert "spent epsilon 0.000 of 24 at delta 1e-05; left 24.000" in capsys.readouterr().out
     assert main(["site", "ledger", "--policy", str(policy)]) == 0
     assert "no charges yet" in capsys.readouterr().out

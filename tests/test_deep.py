@@ -284,7 +284,7 @@ def test_wrong_backbone_tensors_are_refused():
     model = AdaptedHead(trainable, build_head("linear", 32, 10))
     arrays = model.arrays()
     arrays["backbone.2.weight"] = arrays["backbone.2.weight"][:1]
-    with pytest.raises(ReplyError, match=r"backbone tensor `2.weight` from test has shape \(1, 16, 3, 3\)"):
+    with pytest.raises(ReplyError, match=r"tensor `backbone.2.weight` from test has shape \(1, 16, 3, 3\)"):
         model.load_arrays(arrays, source="test")
     del arrays["backbone.2.weight"]
     with pytest.raises(ReplyError, match=r"missing \['2.weight'\]"):

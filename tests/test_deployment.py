@@ -143,7 +143,7 @@ def test_a_site_refuses_a_run_beyond_its_policy_while_the_others_train(deploymen
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["sites"] == ["site-1", "site-2"]
     (refusal,) = summary["refused-sites"]
-    assert refusal.startswith("site-3: site site-3 refuses the has-backbone request") and (
+    assert refusal.startswith("site-3: [policy] site site-3 refuses the has-backbone request") and (
         "the run asks target-epsilon 6 but the policy allows at most max-epsilon 5" in refusal
     )
     assert not _ledger(root, "site-3").path.exists()  # refused before anything was charged

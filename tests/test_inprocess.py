@@ -78,8 +78,8 @@ def test_inprocess_equals_flower_engine_for_one_seed(both_engines):
 def test_a_failing_site_is_rejected_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
     home = tmp_path / "home"
     monkeypatch.setenv("FEDTL_HOME", str(home))
-    # A real fault: site-1's feature cache folder is a file, so writing its features raises OSError,
-    # which is not one of the site's refusals and surfaces as a Flower error reply.
+    # A real fault: site-1's feature cache folder is a file, so writing its features fails: the site refuses
+    # every request, saying why, and the run goes on with the others.
     broken = home / "sim-sites" / "site-1" / "features"
     broken.parent.mkdir(parents=True)
     broken.write_text("not a folder")
@@ -89,8 +89,9 @@ def test_a_failing_site_is_rejected_and_the_run_goes_on(tmp_path, monkeypatch, c
 
     rejected = summary["rejected-replies"]
     assert {(r["round"], r["site"]) for r in rejected} == {(1, "site-1"), (2, "site-1")}
-    assert all(r["reason"].startswith("site error: ") and "File exists" in r["reason"] for r in rejected)
-    assert "round 1: reply from site-1 rejected, not aggregated: site error" in caplog.text
+    assert all(r["reason"].startswith("refused by the site: [storage] cannot write") for r in rejected), rejected
+    assert "round 1: reply from site-1 rejected, not aggregated: refused by the site: [storage]" in caplog.text
+    assert summary["site-outcomes"]["site-1"]["status"] == "failed" and not summary["all-sites-completed"]
     assert set(summary["epsilon-per-site"]) == {"site-0", "site-2"}
     assert [line["round"] for line in _metrics(summary)] == [0, 1, 2]
     assert Path(summary["model"]).is_file()
