@@ -38,11 +38,11 @@ from scipy.stats import kendalltau, spearmanr
 
 os.environ.setdefault("FLWR_LOG_LEVEL", "WARNING")  # before flwr is first imported: keep the terminal for the tables
 
+from fedtl.client.transferability import leep_score  # noqa: E402
 from fedtl.shared import constants as k  # noqa: E402
 from fedtl.shared.backbones import build_imagenet_classifier  # noqa: E402
 from fedtl.shared.config import RunConfig  # noqa: E402
 from fedtl.shared.errors import BackboneError  # noqa: E402
-from fedtl.client.transferability import leep_score  # noqa: E402
 from fedtl.simulations.baselines import load_lab_federation  # noqa: E402
 from fedtl.simulations.inprocess import run_inprocess  # noqa: E402
 from fedtl.simulations.ranking import rank_simulated  # noqa: E402

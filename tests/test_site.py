@@ -135,7 +135,8 @@ def test_label_set_different_from_the_federation_is_refused(tmp_path, tiny_state
     fingerprint = site.backbones.install("tiny", fingerprint_state_dict(tiny_state), tiny_state).stem
     with pytest.raises(
         DataError,
-        match=r"10 label\(s\) not in the federation's label_names: '0' \(label index 0\).*allowed: \['benign', 'malignant'\]",
+        match=r"10 label\(s\) not in the federation's label_names: '0' \(label index 0\).*"
+        r"allowed: \['benign', 'malignant'\]",
     ):
         train_round(
             site,
