@@ -16,6 +16,8 @@ from fedtl.shared.backbones import backbone_state_dict, build_backbone, fingerpr
 from fedtl.shared.config import RunConfig
 from fedtl.simulations.engine import simulate
 
+pytestmark = pytest.mark.slow  # whole federations on Flower's engine
+
 DP_SGD = mechanisms.DP_SGD.kind
 
 ROUNDS = 3
