@@ -96,28 +96,17 @@ EPSILON_FREE_METHODS = (MAJORITY, CENTRAL, FEDERATED_NONPRIVATE)  # target_epsil
 METHOD_ORDER = FEDERATED_METHODS + (CENTRAL_DP, LOCAL, FEDERATED_NONPRIVATE, CENTRAL, MAJORITY)
 
 _INT_COLUMNS = frozenset({"sites", "seed", "round", "n_train", "n_test"})
-_FLOAT_COLUMNS = frozenset(
-    {
-        "alpha",
-        "target_epsilon",
-        "accuracy",
-        "balanced_accuracy",
-        "site_accuracy",
-        "majority_rate",
-        "epsilon_spent",
-        "client_epsilon",
-        "seconds",
-        "epsilon",
-        "federated_accuracy",
-        "local_accuracy",
-        "transfer_gain",
-        "gain_stderr",
-        "personalized_accuracy",
-    }
-)
+_TEXT_COLUMNS = frozenset({"run", "method", "backbone", "data", "partition", "site"})
 _BOOL_COLUMNS = frozenset({"negative_transfer"})
 _INT_LIST_COLUMNS = frozenset({"class_counts"})
-# Every other column (run, method, backbone, data, partition, site) is text.
+# Every column of a table not named above holds a number.
+_FLOAT_COLUMNS = frozenset(
+    set(RESULTS_COLUMNS + ROUNDS_COLUMNS + SITE_ROUNDS_COLUMNS + SITES_COLUMNS)
+    - _TEXT_COLUMNS
+    - _INT_COLUMNS
+    - _BOOL_COLUMNS
+    - _INT_LIST_COLUMNS
+)
 
 _EXPECTED = {
     "int": "an integer or None",
