@@ -122,6 +122,7 @@ def lab_settings(
         backbone_fingerprint=backbone.fingerprint,
         image_size=backbone.preprocessing.image_size,
         label_names=label_names,
+        schema=backbone.schema,
     )
     with tempfile.TemporaryDirectory(prefix="fedtl-lab-") as tmp:  # no run folder: the lab writes no site state
         simulation = SimulationSettings.for_run(cfg, run_dir=Path(tmp))

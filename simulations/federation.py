@@ -14,9 +14,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtl.client.site import SIMULATION_ENV
 from fedtl.server.app import run_federation
+from fedtl.shared.backbones import get_backbone_spec
 from fedtl.shared.config import RunConfig
 from fedtl.shared.data import check_federation_data
 from fedtl.shared.errors import ConfigError
+from fedtl.shared.named_data import federation_schema
 
 
 @dataclass
@@ -73,7 +75,7 @@ def simulated_config(cfg: RunConfig, num_sites: int) -> RunConfig:
     if num_sites < 1:
         raise ConfigError(f"`sites` must be >= 1, got {num_sites}")
     if cfg.data and not cfg.resume:
-        check_federation_data(
+        checked = check_federation_data(
             cfg.data,
             label_names=cfg.label_name_list,
             num_sites=num_sites,
@@ -82,7 +84,15 @@ def simulated_config(cfg: RunConfig, num_sites: int) -> RunConfig:
             test_fraction=cfg.test_fraction,
             local_test_fraction=cfg.local_test_fraction,
             permuted_label_sites=cfg.permuted_label_site_ids,
+            schema=federation_schema(cfg.schema, cfg.data),
         )
+        reads = get_backbone_spec(cfg.backbone).kind
+        if checked.report.inputs != reads:
+            hint = {"texts": "minilm_l6", "rows": "tabular"}.get(checked.report.inputs, "efficientnet_lite0")
+            raise ConfigError(
+                f"`data` {cfg.data!r} holds {checked.report.inputs} but backbone {cfg.backbone!r} reads {reads}; "
+                f"fix: backbone = {hint!r} (--backbone {hint})"
+            )
     return cfg.replace(min_available_nodes=num_sites)
 
 
