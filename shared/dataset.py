@@ -78,8 +78,8 @@ class ImageDataset:
         elif not isinstance(images, np.ndarray) or images.dtype != np.uint8:
             got = images.dtype if isinstance(images, np.ndarray) else type(images).__name__
             raise DataError(
-                f"{self.source}: `images` must be a uint8 numpy array (or texts: an object array of str; rows: "
-                f"float64 (N, C)), got {got}; fix: convert pixel values to 0..255 and cast with .astype(np.uint8)"
+                f"{self.source}: `images` must be a uint8 numpy array, got {got}; fix: convert pixel values to "
+                "0..255 and cast with .astype(np.uint8) (texts: an object array of str; rows: float64 (N, C))"
             )
         elif not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
             raise DataError(
