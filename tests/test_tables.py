@@ -1,5 +1,6 @@
 """Table rows under a declared schema: the schema's checks, the loader's bad inputs, bounds-only encoding."""
 
+import dataclasses
 import json
 import math
 
@@ -178,3 +179,34 @@ def test_tabular_backbone_fingerprint_is_the_schema_and_a_tampered_schema_is_ref
     assert torch.equal(store.load("tabular", fingerprint)(x), x)  # the identity on encoded rows
     with pytest.raises(ConfigError, match="backbone `tabular` encodes rows by the federation's declared table schema"):
         resolve_preprocessing("tabular")
+
+
+def test_a_site_policy_pins_the_schema_and_site_init_allows_its_fingerprint(tmp_path):
+    from builders import round_settings
+
+    from fedtl.client.admin import check_data, init_policy
+    from fedtl.client.policy import PolicyRefusal, load_policy
+
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps(SCHEMA))
+    rows = ["100,12,rent,good", "2500,48,own,bad", "40,6,free,good", "9000,60,own,bad", "700,24,rent,good"]
+    data = _write(tmp_path, HEADER + "\n".join(rows * 4) + "\n")
+    path = init_policy(
+        tmp_path / "site.toml",
+        site_name="bank-a",
+        data=str(data),
+        backbones=["tabular"],
+        label_names=["good", "bad"],
+        schema=str(schema_file),
+    )
+    policy = load_policy(path)
+    fingerprint = fingerprint_state_dict(backbone_state_dict(build_backbone("tabular", schema=_schema())))
+    assert policy.allowed_backbones == (fingerprint,) and policy.table_schema() == _schema()
+    assert "rows: " in check_data(policy) and "3 columns of schema 'loans'" in check_data(policy)
+    settings = round_settings(fingerprint, backbone_name="tabular", label_names='["good", "bad"]', num_classes=2)
+    policy.check_settings(dataclasses.replace(settings, schema=_schema().key()), action="training")
+    other = _schema(name="loans-v2")
+    with pytest.raises(PolicyRefusal, match=r"the run sends schema 'loans-v2', which differs from the schema 'loans'"):
+        policy.check_settings(dataclasses.replace(settings, schema=other.key()), action="training")
+    with pytest.raises(PolicyRefusal, match=r"the run sends no table schema"):
+        policy.check_settings(settings, action="training")
