@@ -59,6 +59,7 @@ class RunConfig:
     non_private: bool = False
     data: str = "digits"  # the server's held-out data for central evaluation; "" = none (set label-names)
     label_names: str = ""  # comma-separated class names the federation trains; "" = the server data's
+    schema: str = ""  # table rows: the federation's declared schema (a JSON file); "" = none, or a named table's own
     partition: str = "iid"
     test_fraction: float = 0.2  # held-out server test set, when the data has no test split
     local_test_fraction: float = 0.2

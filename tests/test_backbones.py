@@ -102,6 +102,8 @@ def test_registry_lists_default_first_with_specs():
         "vit_b_16": 768,
         "tiny": 32,
         "tiny_b": 32,
+        "minilm_l6": 384,  # texts
+        "tabular": 0,  # rows: the width is the schema's
     }
     assert all(isinstance(get_backbone_spec(n), BackboneSpec) for n in names)
     assert get_backbone_spec("vit_b_16").preprocessing.image_size == 224
