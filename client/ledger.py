@@ -44,7 +44,13 @@ LEGACY_NAME = "history.jsonl"  # fedtl 0.1's name for the same records (without 
 
 # Accounting fields first: a record cut short still carries them when they were written whole.
 _FIELD_ORDER = ("noise_multiplier", "sample_rate", "steps", "kind", "run_id", "server_round", "delta", "time", "note")
-_TORN_FIELD = re.compile(r'"(noise_multiplier|sample_rate|steps)": ([0-9.eE+-]+),')
+# A Skellam release (secure aggregation) writes its integer sensitivities before everything else, so a torn record
+# that still has its noise fields has them too (without them it would pass for a Gaussian step, counting less),
+# and its trust assumption (t honest of n summed sites) after the accounting fields. Gaussian records stay as
+# they were, byte for byte.
+_SKELLAM_FIELDS = ("l2_sensitivity", "l1_sensitivity")
+_TRUST_FIELDS = ("honest_sites", "num_sites")
+_TORN_FIELD = re.compile(r'"(l2_sensitivity|l1_sensitivity|noise_multiplier|sample_rate|steps)": ([0-9.eE+-]+),')
 
 
 @dataclass(frozen=True)
@@ -60,15 +66,31 @@ class PrivacyCharge:
     time: float
     kind: str = "dp-sgd"  # a mechanism's kind (shared/mechanisms.py), or TORN
     note: str = ""  # for TORN records: the bytes that were cut short
+    # Skellam releases only (0 otherwise): integer L2 / L1 sensitivities, and the trust assumption the charge holds
+    # under: at least `honest_sites` honest sites' noise shares among the `num_sites` sites of the secure sum.
+    l2_sensitivity: float = 0.0
+    l1_sensitivity: float = 0.0
+    honest_sites: int = 0
+    num_sites: int = 0
 
     @property
     def step(self) -> PrivacyStep:
         """Return the accountant's view of this charge."""
-        return PrivacyStep(self.noise_multiplier, self.sample_rate, self.steps)
+        return PrivacyStep(
+            self.noise_multiplier,
+            self.sample_rate,
+            self.steps,
+            l2_sensitivity=self.l2_sensitivity,
+            l1_sensitivity=self.l1_sensitivity,
+        )
 
     def to_line(self) -> str:
         """Return the record as one JSON line, accounting fields first, with its CRC-32 last."""
-        record = {name: getattr(self, name) for name in _FIELD_ORDER}
+        if self.l2_sensitivity:
+            names = _SKELLAM_FIELDS + _FIELD_ORDER + _TRUST_FIELDS
+        else:
+            names = _FIELD_ORDER + tuple(n for n in _SKELLAM_FIELDS + _TRUST_FIELDS if getattr(self, n))
+        record = {name: getattr(self, name) for name in names}
         return json.dumps({**record, "crc32": _crc(record)}) + "\n"
 
 
@@ -247,7 +269,13 @@ class PrivacyLedger:
         text = raw.decode("utf-8", errors="replace")
         found = dict(_TORN_FIELD.findall(text))
         try:
-            step = PrivacyStep(float(found["noise_multiplier"]), float(found["sample_rate"]), int(found["steps"]))
+            step = PrivacyStep(
+                float(found["noise_multiplier"]),
+                float(found["sample_rate"]),
+                int(found["steps"]),
+                l2_sensitivity=float(found.get("l2_sensitivity", 0.0)),
+                l1_sensitivity=float(found.get("l1_sensitivity", 0.0)),
+            )
             how = "its accounting fields were recovered"
         except (KeyError, ValueError):  # ConfigError is a ValueError
             step = PrivacyStep(0.0, 1.0, 1)  # unknown cost: count it as unbounded
@@ -266,6 +294,8 @@ class PrivacyLedger:
             time=time.time(),
             kind=TORN,
             note=text[:2000],
+            l2_sensitivity=step.l2_sensitivity,
+            l1_sensitivity=step.l1_sensitivity,
         )
 
 
@@ -360,6 +390,10 @@ def new_charge(
     steps: int,
     delta: float,
     kind: str = "dp-sgd",
+    l2_sensitivity: float = 0.0,
+    l1_sensitivity: float = 0.0,
+    honest_sites: int = 0,
+    num_sites: int = 0,
 ) -> PrivacyCharge:
     """Return a charge stamped with the current time."""
     return PrivacyCharge(
@@ -371,4 +405,8 @@ def new_charge(
         delta=delta,
         time=time.time(),
         kind=kind,
+        l2_sensitivity=l2_sensitivity,
+        l1_sensitivity=l1_sensitivity,
+        honest_sites=honest_sites,
+        num_sites=num_sites,
     )

@@ -50,6 +50,9 @@ class RunRecorder:
     # the sample rate of every noised round (its accountant's history, kept for resumed runs). Empty when off.
     client_dp: dict[str, Any] = field(default_factory=dict)
     client_dp_sample_rates: list[float] = field(default_factory=list)
+    # Secure aggregation (server/secure_releases.py): the trust assumption each securely summed release holds
+    # under, for the summary and the model card. Empty when off.
+    trust: dict[str, Any] = field(default_factory=dict)
     _sent_messages: list[Message] = field(default_factory=list)  # this round's training messages
 
     def expect_replies(self, messages: list[Message]) -> None:

@@ -33,7 +33,13 @@ def _opacus_epsilon(history, delta=1e-5):
 
 
 def test_every_mechanism_has_its_own_ledger_kind():
-    assert set(MECHANISMS) == {"dp-sgd", "feature-sum", "sufficient-stats"}
+    assert set(MECHANISMS) == {
+        "dp-sgd",
+        "feature-sum",
+        "sufficient-stats",
+        "secagg-feature-sum",
+        "secagg-sufficient-stats",
+    }
     assert SUFFICIENT_STATS.kind != FEATURE_SUM.kind
 
 
