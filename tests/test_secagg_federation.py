@@ -166,3 +166,27 @@ def test_without_noise_the_secure_sum_gives_the_plain_sums_model(tmp_path):
     assert secure["final"]["central-accuracy"] == pytest.approx(plain["final"]["central-accuracy"], abs=0.01)
     kinds = {c.kind for charges in _ledgers(plain).values() for c in charges}
     assert SUFFICIENT_STATS.kind in kinds
+
+
+def test_a_sweep_over_assumed_honest_sites_reports_each_beside_the_plain_closed_form(tmp_path, monkeypatch):
+    import contextlib
+    import csv
+    import io
+
+    from fedtl.cli.main import main
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text(
+        'name = "distrust"\ndata = "digits"\nbackbones = ["tiny"]\nepsilons = [4.0]\nsites = [3]\nseeds = [0]\n'
+        'methods = ["closed-form", "secagg-t1", "secagg"]\nbaselines = ["majority"]\n'
+        "[config]\nimage-size = 32\nfederated-evaluation = false\n"
+    )
+    monkeypatch.setenv("FEDTL_HOME", str(tmp_path / "home"))
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["sweep", str(spec), "--out", str(tmp_path / "out")]) == 0
+    with open(tmp_path / "out" / "results.csv", newline="") as fh:
+        methods = [row["method"] for row in csv.DictReader(fh)]
+    assert {"closed-form", "secagg-t1", "secagg"} <= set(methods)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "**closed-form**" in report
+    assert report.index("**secagg**") < report.index("**secagg-t1**")  # t = all sites, then t = 1, 2, ...
