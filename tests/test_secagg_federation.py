@@ -190,3 +190,31 @@ def test_a_sweep_over_assumed_honest_sites_reports_each_beside_the_plain_closed_
     report = (tmp_path / "out" / "report.md").read_text()
     assert "**closed-form**" in report
     assert report.index("**secagg**") < report.index("**secagg-t1**")  # t = all sites, then t = 1, 2, ...
+
+
+def test_sites_that_crash_mid_protocol_leave_the_sum_exact_and_are_named(tmp_path):
+    from fedtl.client.client_app import app
+    from fedtl.shared import constants as k
+
+    def crashing_sites(msg, context):
+        """fedtl's ClientApp, but site-5 crashes when asked for its masked vector, site-4 when asked to unmask."""
+        action = msg.content.config_records["config"].get(k.ACTION)
+        partition = context.node_config[k.PARTITION_ID]
+        if (partition, action) in ((5, k.ACTION_SECAGG_MASKED_INPUT), (4, k.ACTION_SECAGG_UNMASK)):
+            raise RuntimeError(f"site-{partition} crashed")
+        return app(msg, context)
+
+    cfg = RunConfig.from_mapping(
+        {**SMALL, "out": str(tmp_path), "secure-aggregation": True, "secagg-honest-sites": 5, "target-epsilon": 4.0}
+    )
+    summary = run_inprocess(cfg, num_sites=6, run_dir=tmp_path / "crash", client_app=crashing_sites)
+    trust = summary["secure-aggregation"]
+    assert (trust["sites"], trust["sites-in-sum"], trust["threshold"]) == (6, 5, 4)  # site-4's vector is in
+    assert set(trust["dropped"]) == {"site-4", "site-5"}  # named from the stages they finished
+    assert "secagg-masked-input" in trust["dropped"]["site-5"]
+    assert "secagg-unmask" in trust["dropped"]["site-4"]
+    ledgers = _ledgers(summary)
+    assert "site-5" not in ledgers  # it crashed before paying for anything
+    assert [c.kind for c in ledgers["site-4"]] == ["secagg-feature-sum", "secagg-sufficient-stats"]
+    assert sorted(summary["epsilon-per-site"]) == ["site-0", "site-1", "site-2", "site-3", "site-4"]
+    assert summary["final"]["central-accuracy"] > 0.3  # ten classes: the exact sum of five sites still solves
