@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedtl.shared.secure_sum import expand_mask, stats_length
+
 
 def run_cell(base: dict, keys: dict, *, sites: int, out: Path) -> dict:
     """Run one federation; return its held-out accuracy, largest site epsilon and wall time."""
@@ -74,14 +76,69 @@ def overhead(base: dict, *, sites: int, repeats: int, out: Path, projection_dims
                 cell = run_cell(base, {**keys, "secure-aggregation": secure}, sites=sites, out=out)
                 times[secure].append(cell["seconds"])
         plain, secure = statistics.median(times[False]), statistics.median(times[True])
+        length = stats_length(dim or 1280, 10)
         print(
             f"overhead, {sites} sites, projection-dim {dim}: plain {plain:.2f} s, secure aggregation {secure:.2f} s "
-            f"-> +{secure - plain:.2f} s per run (two secure sums: +{(secure - plain) / 2:.2f} s each); "
-            f"runs {[round(t, 2) for t in times[False]]} / {[round(t, 2) for t in times[True]]}",
+            f"-> +{secure - plain:.2f} s per run (a secure sum of the 1280-entry feature sum, one of the "
+            f"{length}-entry statistics); runs {[round(t, 2) for t in times[False]]} / "
+            f"{[round(t, 2) for t in times[True]]}",
             flush=True,
         )
         rows.append({"projection-dim": dim, "plain": times[False], "secure": times[True]})
+    # What dominates a large sum: n mask expansions per site and n at the server, of `length` words each.
+    length = stats_length(1280, 10)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        expand_mask(os.urandom(32), length)
+    per_mask = (time.perf_counter() - t0) / 5
+    print(
+        f"mask expansion here: {8 * length / per_mask / 1e6:.0f} MB/s (ChaCha20); a {sites}-site sum of {length} "
+        f"entries expands {sites * sites + sites} masks: {per_mask * (sites * sites + sites):.2f} s of it"
+    )
+    for dim in projection_dims:
+        m = stats_length(dim or 1280, 10)
+        seconds = statistics.median(protocol_seconds(sites, m, out) for _ in range(repeats))
+        print(
+            f"the protocol alone ({sites} sites and the server in one process, no release), {m} entries: "
+            f"{seconds:.2f} s"
+        )
     return rows
+
+
+def protocol_seconds(sites: int, length: int, out: Path) -> float:
+    """Return the wall time of one secure sum's four stages over `sites` in-process sites (zero vectors, no Flower)."""
+    import numpy as np
+
+    from fedtl.client import secagg
+    from fedtl.client.site import Site
+    from fedtl.server.secagg import SecureSum
+    from fedtl.shared import constants as k
+
+    root = Path(tempfile.mkdtemp(prefix="protocol-", dir=out))
+    members = [Site(name=f"s{i}", state_dir=root / f"s{i}", cache_dir=root, data="") for i in range(1, sites + 1)]
+    zeros = np.zeros(length, dtype=np.int64)
+    t0 = time.perf_counter()
+    server = SecureSum(sites, sites, "benchmark", length)
+
+    def plan(i: int) -> secagg.SessionPlan:
+        return secagg.SessionPlan(server.session, "benchmark", i, sites, server.threshold, sites, "benchmark")
+
+    server.receive_public_keys({i: secagg.setup_session(s, plan(i)) for i, s in enumerate(members, 1)})
+    request = server.share_keys_request()
+    keys = dict(zip(request[k.SECAGG_INDICES], zip(request[k.SECAGG_PUBLIC_KEYS_1], request[k.SECAGG_PUBLIC_KEYS_2])))
+    server.receive_shares_to_route({i: secagg.share_keys(s, server.session, keys) for i, s in enumerate(members, 1)})
+    masked = {}
+    for i, site in enumerate(members, 1):
+        request = server.masked_input_request(i)
+        incoming = dict(zip(request[k.SECAGG_SOURCES], request[k.SECAGG_CIPHERTEXTS]))
+        masked[i] = secagg.mask_input(site, server.session, incoming, lambda _plan: zeros)
+    server.receive_masked(masked)
+    request = server.unmask_request()
+    active, dropped = request[k.SECAGG_ACTIVE], request[k.SECAGG_DROPPED]
+    server.finish(
+        {i: secagg.unmask(s, server.session, active=active, dropped=dropped) for i, s in enumerate(members, 1)}
+    )
+    return time.perf_counter() - t0
 
 
 def accuracy(

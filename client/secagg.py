@@ -7,7 +7,8 @@ et al. 2017) over Flower's Message API, with every primitive from a maintained l
 1. `setup_session`: two fresh key pairs (Flower's EC P-384 helpers over `cryptography`): one agrees the pairwise
    mask secrets, one the keys that encrypt secret shares.
 2. `share_keys`: a fresh self-mask seed; Shamir shares (Flower's `create_shares`, pycryptodome) of the seed and
-   of the mask key, one per site, each encrypted (Fernet, keys from ECDH + HKDF: Flower's helpers) to its site.
+   of the mask key's private scalar, one per site, each encrypted (Fernet, keys from ECDH + HKDF: Flower's
+   helpers) to its site.
 3. `mask_input`: after the checks, the release is paid for and computed (its Skellam noise share included),
    then masked in Z_(2^64) (shared/secure_sum.py): + self-mask, +/- one pairwise mask per site that shared keys.
 4. `unmask`: once, for each site the server names, a share of its self-mask seed (it is in the sum) or of its
@@ -51,7 +52,7 @@ from flwr.supercore.primitives.asymmetric import (
 
 from fedtl.client.site import Site
 from fedtl.shared.errors import ReplyError
-from fedtl.shared.secure_sum import mask_vector, pairwise_sign, shamir_threshold
+from fedtl.shared.secure_sum import mask_vector, pairwise_sign, private_scalar, shamir_threshold
 
 log = logging.getLogger(__name__)
 
@@ -138,18 +139,21 @@ def share_keys(site: Site, session: str, public_keys: dict[int, tuple[bytes, byt
     seed = os.urandom(32)
     # One share per index 1..n, so share i is the Shamir point x = i (Flower's shares carry their index).
     seed_shares = create_shares(seed, threshold, state["num_sites"])
-    key_shares = create_shares(_unb64(state["sk1"]), threshold, state["num_sites"])
+    key_shares = create_shares(private_scalar(_unb64(state["sk1"])), threshold, state["num_sites"])
     sk2 = bytes_to_private_key(_unb64(state["sk2"]))
     out: dict[int, bytes] = {}
+    channels: dict[str, str] = {}  # the same ECDH key decrypts the shares coming back in stage 3
     for index, (_, pk2) in sorted(public_keys.items()):
         if index == me:
             continue
         secret = generate_shared_key(sk2, bytes_to_public_key(pk2))
+        channels[str(index)] = _b64(secret)
         plaintext = share_keys_plaintext_concat(me, index, seed_shares[index - 1], key_shares[index - 1])
         out[index] = encrypt(secret, plaintext)
     state.update(
         stage=SHARED,
         seed=_b64(seed),
+        channels=channels,
         peers={str(i): [_b64(a), _b64(b)] for i, (a, b) in public_keys.items()},
         seed_shares={str(me): _b64(seed_shares[me - 1])},
         key_shares={str(me): _b64(key_shares[me - 1])},
@@ -174,12 +178,11 @@ def mask_input(
     """
     state = _load(site, session, expected=SHARED)
     me, peers = state["index"], {int(i): v for i, v in state["peers"].items()}
-    sk2 = bytes_to_private_key(_unb64(state["sk2"]))
     seed_shares, key_shares = dict(state["seed_shares"]), dict(state["key_shares"])
     for source, ciphertext in sorted(ciphertexts.items()):
         if source not in peers or source == me:
             raise ReplyError(f"session {session}: a share from site index {source}, which did not share keys")
-        secret = generate_shared_key(sk2, bytes_to_public_key(_unb64(peers[source][1])))
+        secret = _unb64(state["channels"][str(source)])
         try:
             src, dst, seed_share, key_share = share_keys_plaintext_separate(decrypt(secret, ciphertext))
         except Exception as exc:  # cryptography's InvalidToken: altered or misrouted
@@ -244,7 +247,8 @@ def unmask(site: Site, session: str, *, active: list[int], dropped: list[int]) -
         raise ReplyError(f"session {session}: refusing to unmask: " + "; ".join(problems))
     shares = {i: _unb64(state["seed_shares"][str(i)]) for i in sorted(active_set)}
     shares.update({i: _unb64(state["key_shares"][str(i)]) for i in sorted(dropped_set)})
-    _write(_path(site, session), _tombstone(state))  # before the shares leave: a crash cannot answer twice
+    # Durable before the shares leave: even a power loss cannot make the site answer twice.
+    _write(_path(site, session), _tombstone(state), durable=True)
     return shares
 
 
@@ -322,17 +326,28 @@ def _load(site: Site, session: str, *, expected: str) -> dict[str, Any]:
     return state
 
 
-def _write(path: Path, state: dict[str, Any]) -> None:
-    """Replace `path` with `state` atomically, readable by the site's user only (0600, folder 0700)."""
+def _write(path: Path, state: dict[str, Any], *, durable: bool = False) -> None:
+    """Replace `path` with `state` atomically, readable by the site's user only (0600, folder 0700).
+
+    Only the tombstone must survive a power loss (`durable`): losing an earlier stage's state makes the site
+    drop out of the sum, which is safe (its release, if any, is already in its fsynced ledger).
+    """
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
+        if durable:  # the rename itself
+            folder = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

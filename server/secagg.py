@@ -32,13 +32,20 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.serverapp import Grid
-from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
 from fedtl.server.report import failure_reason, reply_site_name
 from fedtl.server.setup import ask
 from fedtl.shared import constants as k
 from fedtl.shared.errors import FederationError
-from fedtl.shared.secure_sum import expand_mask, from_ring, pairwise_sign, shamir_threshold, sum_ring
+from fedtl.shared.secure_sum import (
+    expand_mask,
+    from_ring,
+    pairwise_sign,
+    private_key_from_scalar,
+    shamir_threshold,
+    sum_ring,
+)
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +155,7 @@ class SecureSum:
         for owner in sorted(self.active):  # their self-masks
             total -= expand_mask(self._rebuild(owner, by_owner, "self-mask seed"), self.length)
         for owner in sorted(self.shared - self.active):  # the pairwise masks the active sites share with them
-            key = bytes_to_private_key(self._rebuild(owner, by_owner, "mask key"))
+            key = private_key_from_scalar(self._rebuild(owner, by_owner, "mask key"))
             for other in sorted(self.active):
                 secret = generate_shared_key(key, bytes_to_public_key(self.public_keys[other][0]))
                 # `other` added sign(other, owner) x the mask: take it away.

@@ -21,7 +21,7 @@ from fedtl.client.site import Site
 from fedtl.server.secagg import SecureSum
 from fedtl.shared import constants as k
 from fedtl.shared.errors import FederationError, ReplyError
-from fedtl.shared.secure_sum import expand_mask, from_ring, to_ring
+from fedtl.shared.secure_sum import expand_mask, from_ring, private_key_from_scalar, to_ring
 
 LENGTH = 512
 
@@ -206,7 +206,7 @@ def test_too_few_survivors_for_the_assumed_honest_sites_stop_the_sum(tmp_path):
 
 def test_a_server_that_claims_a_site_dropped_cannot_recover_its_values(tmp_path):
     from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
-    from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+    from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
     values = _values(np.random.default_rng(5), 5)
     run = Run(_sites(tmp_path, 5), values, honest=3)  # k = 4; a sum needs 4 sites
@@ -216,7 +216,7 @@ def test_a_server_that_claims_a_site_dropped_cannot_recover_its_values(tmp_path)
     seen = run.masked[1]  # site 1 sent its masked vector ...
     # ... but the server tells the others that site 1 dropped, to get its mask key and strip the pairwise masks.
     shares = {i: secagg.unmask(run.sites[i - 1], run.session, active=[2, 3, 4, 5], dropped=[1]) for i in (2, 3, 4, 5)}
-    key = bytes_to_private_key(combine_shares([shares[i][1] for i in (2, 3, 4, 5)]))
+    key = private_key_from_scalar(combine_shares([shares[i][1] for i in (2, 3, 4, 5)]))
     stripped = seen.copy()
     for other in (2, 3, 4, 5):
         secret = generate_shared_key(key, bytes_to_public_key(run.server.public_keys[other][0]))
