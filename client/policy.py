@@ -62,6 +62,10 @@ class SitePolicy:
     max_noise_free_releases_per_day: int = 200
     max_rounds_per_day: int = 200  # DP-SGD rounds over all runs in a rolling 24 hours
     schema: str = ""  # table rows: the federation's published schema file, pinned by the site; "" = none
+    # Secure aggregation: the most honest sites (this one included) the site counts on among those summed; it
+    # refuses a run whose distributed noise assumes more (secagg-honest-sites). 1: it trusts only itself, so it
+    # adds the full noise its epsilon needs.
+    min_honest_sites: int = 1
     source: str = "<built in code>"
 
     def __post_init__(self) -> None:
@@ -78,6 +82,8 @@ class SitePolicy:
             raise ConfigError(
                 f"{where}: `privacy.min-noise-multiplier` must be a number >= 0, got {self.min_noise_multiplier}"
             )
+        if self.min_honest_sites < 1:
+            raise ConfigError(f"{where}: `privacy.min-honest-sites` must be >= 1, got {self.min_honest_sites}")
         if self.max_rounds_per_run < 1:
             raise ConfigError(f"{where}: `privacy.max-rounds-per-run` must be >= 1, got {self.max_rounds_per_run}")
         if self.max_rounds_per_day < 1:
@@ -171,6 +177,13 @@ class SitePolicy:
                 f"the run sends {sent}, which differs from the schema {pinned.name!r} the policy pins ({self.schema}); "
                 "tables are read and encoded only under the schema the site approved"
             )
+        # secagg-honest-sites 0 means "all summed sites", at least 2: known before the sum starts to exceed 1.
+        assumed = settings.secagg_honest_sites or 2
+        if settings.secure_aggregation and not settings.non_private and assumed > self.min_honest_sites:
+            problems.append(
+                f"the run's secure aggregation assumes {settings.secagg_honest_sites or 'all summed'} honest sites but "
+                f"the policy counts on at most min-honest-sites {self.min_honest_sites}"
+            )
         if self.label_names and json.loads(settings.label_names) != list(self.label_names):
             problems.append(
                 f"the run trains classes {json.loads(settings.label_names)} but the policy declares "
@@ -190,6 +203,20 @@ class SitePolicy:
                 f"site {self.site_name} refuses backbone {name or '?'} with fingerprint {fingerprint}: it is not in "
                 f"the policy's backbones.allowed ({', '.join(f[:12] for f in self.allowed_backbones)}); the site "
                 "operator must add it after checking where the weights come from"
+            )
+
+    def check_honest_sites(self, honest_sites: int, *, what: str) -> None:
+        """Refuse distributed noise that counts on more honest sites than the policy's `min-honest-sites`.
+
+        Raises:
+            PolicyRefusal: `honest_sites` > `min-honest-sites`: the site would be less protected than it allows.
+        """
+        if honest_sites > self.min_honest_sites:
+            raise PolicyRefusal(
+                f"site {self.site_name} refuses {what}: its noise share assumes {honest_sites} honest sites in the "
+                "sum, "
+                f"but the policy counts on at most min-honest-sites {self.min_honest_sites} (raise it only if you "
+                "trust that many sites not to collude with the server)"
             )
 
     def check_noise(self, noise_multiplier: float, *, what: str) -> None:
@@ -231,6 +258,7 @@ _LAYOUT: dict[str, dict[str, tuple[str, type]]] = {
         "accountant": ("accountant", str),
         "allow-non-private": ("allow_non_private", bool),
         "release-evaluation-metrics": ("release_evaluation_metrics", bool),
+        "min-honest-sites": ("min_honest_sites", int),
     },
     "backbones": {"allowed": ("allowed_backbones", list)},
     "storage": {"state-dir": ("state_dir", str), "cache-dir": ("cache_dir", str), "secret-dir": ("secret_dir", str)},
@@ -373,6 +401,9 @@ accountant = "rdp"
 allow-non-private = false
 # Evaluation metrics, ranking and finetune scores are NOT covered by epsilon: false keeps them at the site.
 release-evaluation-metrics = false
+# Secure aggregation: the most honest sites (this one included) you count on among those summed. A run whose
+# distributed noise assumes more is refused. 1: trust only this site (it adds the full noise itself).
+min-honest-sites = 1
 
 [backbones]
 # SHA-256 fingerprints of the backbone weights this site accepts; anything else is refused before use.

@@ -45,6 +45,8 @@ class AdaptedModel:
     metrics: dict[str, Any] = field(default_factory=dict)
     # Client-level DP of the aggregation (server/client_dp.py): a different guarantee from `privacy`.
     client_dp: dict[str, Any] = field(default_factory=dict)
+    # Secure aggregation (server/secure_releases.py): the trust assumption the sites' epsilons hold under.
+    trust: dict[str, Any] = field(default_factory=dict)
     # Deeper fine-tuning (shared/deep.py): how the backbone was adapted, and the names of the backbone tensors
     # that changed (stored as `backbone.<name>` beside the head's); empty for a head on the frozen backbone.
     trainable_blocks: int = 0
@@ -161,6 +163,17 @@ def model_card(model: AdaptedModel) -> str:
         lines.append(
             f"| {site} | {'inf (non-private)' if not math.isfinite(eps) else f'{eps:.3f}'} | {spend.get('delta')} |"
         )
+    if model.trust:
+        trust = model.trust
+        lines += [
+            "",
+            "## Trust assumption (secure aggregation)",
+            "",
+            f"- {trust.get('assumption')}.",
+            f"- Mechanism: {trust.get('mechanism')}; noise multiplier {trust.get('noise-multiplier')} of the sum, each "
+            f"site adding 1/{trust.get('honest-sites')} of its variance; {trust.get('sites-in-sum')} of "
+            f"{trust.get('sites')} sites in the sum, {trust.get('threshold')} shares rebuild a site's masks.",
+        ]
     if model.adaptation.enabled:
         lines += [
             "",

@@ -53,6 +53,10 @@ class RoundSettings:
     lora_rank: int
     lora_alpha: float
     projection_dim: int  # closed-form head: the public projection of the features (0: none)
+    # Secure aggregation: releases go through the secure sum with distributed Skellam noise, assuming at least
+    # `secagg_honest_sites` honest sites among those summed (0: all of them; resolved when the sum starts).
+    secure_aggregation: bool
+    secagg_honest_sites: int
     # Table rows: the federation's schema as canonical JSON ("" for images and texts); the `tabular` backbone's
     # fingerprint is a hash of it, so a site that allows the fingerprint allows exactly this schema.
     schema: str = ""

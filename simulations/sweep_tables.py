@@ -85,7 +85,7 @@ TABLE_COLUMNS = {
 }
 
 # Federated methods and the baselines every report carries (values of the `method` column).
-FEDERATED_METHODS = ("fedavg", "fedprox", "fedadam", "fedper", "finetune")
+FEDERATED_METHODS = ("fedavg", "fedprox", "fedadam", "fedper", "finetune", "closed-form", "secagg")  # then secagg-tT
 MAJORITY = "majority"  # always predict the most frequent training class
 CENTRAL = "central"  # non-private, pooled training data
 CENTRAL_DP = "central-dp"  # pooled training data, DP-SGD at the same target epsilon
@@ -302,7 +302,8 @@ def natural_key(value: Any) -> tuple:
 
 def method_sort_key(method: str) -> tuple:
     """Return a sort key putting federated methods first, then the baselines, in METHOD_ORDER."""
-    rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    family = "secagg" if re.fullmatch(r"secagg-t\d+", method) else method  # secagg-t1, -t2, ... after secagg
+    rank = METHOD_ORDER.index(family) if family in METHOD_ORDER else len(METHOD_ORDER)
     return (rank, natural_key(method))
 
 
