@@ -45,10 +45,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """A handler that writes to whatever `sys.stderr` is when a line comes (a caller may swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # type: ignore[no-untyped-def]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+
 def show_progress(logger: logging.Logger) -> None:
     """Print the run's progress lines (one per round) on stderr as they come, whatever the log level."""
     if not any(getattr(h, "fedtl_progress", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler.fedtl_progress = True  # type: ignore[attr-defined]
         logger.addHandler(handler)

@@ -38,6 +38,7 @@ def _policy(name, root, min_honest_sites):
         allowed_backbones=None,
         state_dir=root / name,
         cache_dir=root / "cache",
+        secret_dir=root / "secrets" / name,
         min_honest_sites=min_honest_sites,
     )
 

@@ -16,6 +16,7 @@ from site_files import save_png
 
 from fedtl.client.admin import init_policy
 from fedtl.client.ledger import PrivacyLedger
+from fedtl.client.policy import load_policy
 from fedtl.shared.data import load_dataset
 from fedtl.shared.partitioners import partition_indices
 
@@ -89,7 +90,8 @@ def test_a_secure_closed_form_run_over_tls_sums_what_the_sites_release_and_state
     assert summary["final"]["central-accuracy"] > 0.3
     for name in SITES:
         state = tmp_path / name / "state"
-        charges = PrivacyLedger(state / "privacy" / "ledger.jsonl").charges()
+        secret = load_policy(policies[name]).secret_dir  # the ledger is keyed from the policy's secret-dir
+        charges = PrivacyLedger(state / "privacy" / "ledger.jsonl", secret_dir=secret).charges()
         assert [(c.kind, c.honest_sites, c.num_sites) for c in charges] == [
             ("secagg-feature-sum", 3, 3),
             ("secagg-sufficient-stats", 3, 3),
