@@ -186,8 +186,11 @@ def test_the_health_checks_tell_a_live_tls_server_from_a_wrong_certificate_and_a
     port = listener.getsockname()[1]
 
     def serve() -> None:
-        for _ in range(3):
-            conn, _ = listener.accept()
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # the listener was closed: done
+                return
             try:
                 with context.wrap_socket(conn, server_side=True):
                     pass
@@ -198,6 +201,7 @@ def test_the_health_checks_tell_a_live_tls_server_from_a_wrong_certificate_and_a
     assert healthcheck.main(["tls", f"127.0.0.1:{port}", str(certs.ca_cert)]) == 0
     assert healthcheck.main(["tls", f"127.0.0.1:{port}", str(other.ca_cert)]) == 1  # not our federation's
     assert healthcheck.main(["tcp", f"127.0.0.1:{port}"]) == 0
+    listener.shutdown(socket.SHUT_RDWR)  # wakes the thread's accept(); close() alone would not stop listening
     listener.close()
     assert healthcheck.main(["tcp", f"127.0.0.1:{port}"]) == 1
     assert healthcheck.main(["grpc", f"127.0.0.1:{port}"]) == 1

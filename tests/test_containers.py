@@ -202,10 +202,12 @@ class Stack:
         return int(json.loads(out.stdout[out.stdout.find("{") :])["run-id"])
 
     def status(self, run_id: int) -> str:
-        """Return the run's status as `flwr ls` reports it (e.g. 'finished:completed')."""
+        """Return the run's status as `flwr ls` reports it (e.g. 'finished:completed'), or 'unknown: why'."""
         out = self.flwr("ls", "federation", "--run-id", str(run_id), "--format", "json")
-        assert out.returncode == 0, out.stdout + out.stderr
-        (run,) = json.loads(out.stdout[out.stdout.find("{") :])["runs"]
+        try:
+            (run,) = json.loads(out.stdout[out.stdout.find("{") :])["runs"]
+        except (ValueError, KeyError):  # the CLI's own error (a timeout on a loaded machine): ask again
+            return f"unknown: {(out.stdout + out.stderr)[-500:]}"
         return str(run["status"])
 
     def wait(self, run_id: int, timeout: float) -> str:
@@ -213,7 +215,7 @@ class Stack:
         deadline = time.time() + timeout
         while not (status := self.status(run_id)).startswith("finished"):
             assert time.time() < deadline, f"run {run_id} still {status} after {timeout:.0f} s:\n" + self.logs()
-            time.sleep(10)
+            time.sleep(15)
         return status
 
     def run_dir(self, run_name: str) -> Path:
@@ -359,7 +361,7 @@ def test_a_site_container_killed_mid_round_restarts_and_its_ledger_keeps_the_cha
     # round-2 charge is on disk: mid-round, after the charge, before any reply.
     deadline = time.time() + 1800
     while not [c for c in stack.ledger("site-1").charges()[before["site-1"] :] if c.server_round == 2]:
-        assert time.time() < deadline and stack.status(run_id).startswith(("pending", "starting", "running"))
+        assert time.time() < deadline and stack.status(run_id).startswith(("pending", "starting", "running", "unknown"))
         time.sleep(1)
     os.kill(site["State"]["Pid"], signal.SIGKILL)
     # Docker's restart policy brings it back (a `docker stop` or `docker kill` would not: that is an order).
