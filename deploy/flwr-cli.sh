@@ -1,6 +1,7 @@
 #!/bin/sh
 # Entry point of docker-compose.yml's `flwr` service: Flower's CLI with one SuperLink connection,
-# `federation`, at $FEDTL_SUPERLINK over TLS verified against the federation's CA (a secret).
+# `federation`: the Control API at $FEDTL_CONTROL (the SuperLink's loopback), over TLS verified
+# against the federation's CA (a secret).
 #   docker-compose run --rm flwr supernode register /keys/supernode-site-1.pub federation
 #   docker-compose run --rm flwr run /opt/fedtl federation --run-config "..."
 set -eu
@@ -10,7 +11,7 @@ cat >"$FLWR_HOME/config.toml" <<EOF
 default = "federation"
 
 [superlink.federation]
-address = "${FEDTL_SUPERLINK:?set FEDTL_SUPERLINK=HOST:PORT of the SuperLink}"
+address = "${FEDTL_CONTROL:?set FEDTL_CONTROL=HOST:PORT of the SuperLink's Control API}"
 root-certificates = "/run/secrets/ca.crt"
 EOF
 exec flwr "$@"

@@ -1,7 +1,6 @@
 """docker-compose.yml and deploy/ without an engine: the compose file, the Dockerfile, and the helpers
 the images and their build use (tests/test_containers.py runs the whole stack on a real engine)."""
 
-import argparse
 import os
 import re
 import shutil
@@ -16,10 +15,11 @@ import flwr
 import pytest
 import yaml
 
+from fedtl.cli.main import build_parser
+from fedtl.cli.server import superlink_command
 from fedtl.client.policy import load_policy
+from fedtl.server.certs import generate_certificates
 from fedtl.shared.backbones import backbone_state_dict, build_backbone, fingerprint_state_dict
-from fedtl.shared.certs import generate_certificates
-from fedtl.simulations.cli import build_parser, superlink_command
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ("site-1", "site-2", "site-3")
@@ -59,16 +59,21 @@ def test_superlink_executor_and_three_sites_each_with_their_own_volumes_and_secr
     services = compose["services"]
     assert set(services) == {"superlink", "superexec", "flwr", *SITES}
     assert services["flwr"]["profiles"] == ["cli"]  # a tool, not started by `up`
-    link = " ".join(services["superlink"]["command"])
-    for flag in ("--certs=/run/secrets", "--isolation=process", "--superexec-auth-secret-file", "--database=/state"):
+    link = services["superlink"]["command"]
+    for flag in ("--certs=/run/secrets", "--isolation=process", "--database=/state/superlink.db"):
         assert flag in link
-    assert "--insecure" not in link and "--host=127.0.0.1" in link  # this machine only, unless FEDTL_BIND says
-    assert set(services["superlink"]["secrets"][i]["source"] for i in range(4)) == {
-        "ca.crt", "server.pem", "server.key", "superexec.secret",
-    }  # fmt: skip
+    assert "--superexec-auth-secret-file=/run/secrets/superexec.secret" in link and "--insecure" not in link
+    assert "--host=127.0.0.1" in link  # the Fleet API for this machine only, unless FEDTL_BIND says otherwise
+    control = next(f for f in link if f.startswith("--control-port=")).split("=")[1]
+    # The executor and the operator's flwr reach the SuperLink itself on loopback, never the Fleet address.
+    assert f"--runtime-api-address=127.0.0.1:{control}" in services["superexec"]["command"]
+    assert services["flwr"]["environment"]["FEDTL_CONTROL"] == f"127.0.0.1:{control}"
+    sources = {s if isinstance(s, str) else s["source"] for s in services["superlink"]["secrets"]}
+    assert sources == {"ca.crt", "server.pem", "server.key", "superexec.secret"}
     mounts = {}
     for name in SITES:
         site = services[name]
+        assert site["command"][0] == "start"  # the image's entry point is `fedtl site`
         command = " ".join(site["command"])
         assert f"--auth-key=/run/secrets/{name}.key" in command and "--insecure" not in command
         assert "--root-certificates=/run/secrets/ca.crt" in command and "--policy=/policy/policy.toml" in command
@@ -77,10 +82,11 @@ def test_superlink_executor_and_three_sites_each_with_their_own_volumes_and_secr
         mounts[name] = volumes
         assert any(v.endswith(f"{name}/data:/data:True") or v.endswith(f"{name}/data:/data:ro") for v in volumes)
         assert any(v.startswith(f"{name}-state:/state") for v in volumes)
+        assert any(v.startswith(f"{name}-secret:/secret") for v in volumes)  # the ledger's key, apart
         secrets = [s if isinstance(s, str) else s["source"] for s in site["secrets"]]
         assert set(secrets) == {"ca.crt", f"{name}.key"}  # a site sees its own key only
     flat = [v.split(":")[0] for vs in mounts.values() for v in vs]
-    assert len(flat) == len(set(flat))  # no data, policy or ledger volume shared between sites
+    assert len(flat) == len(set(flat))  # no data, policy, ledger or key volume shared between sites
     assert "ca.key" not in str(compose.get("secrets"))  # the CA's key never enters a container
 
 
@@ -90,7 +96,7 @@ def test_every_service_is_hardened_restarted_and_health_checked(compose):
         assert service["read_only"] is True and service["init"] is True, name
         if name != "flwr":
             assert service["restart"] == "unless-stopped", name
-            assert service["healthcheck"]["test"][:3] == ["CMD", "python3", "/opt/fedtl/deploy/healthcheck.py"]
+            assert service["healthcheck"]["test"][:3] == ["CMD", "python3", "/opt/fedtl-deploy/healthcheck.py"]
             assert service["logging"]["options"]["max-size"], name
 
 
@@ -111,6 +117,7 @@ def test_the_sites_policies_are_valid_and_allow_the_default_backbone():
     for name in SITES:
         policy = load_policy(ROOT / "deploy" / name / "policy.toml")
         assert (policy.site_name, policy.data, str(policy.state_dir)) == (name, "/data", "/state")
+        assert str(policy.secret_dir) == "/secret"  # the compose file's second volume of each site
         assert policy.allowed_backbones == (fingerprint,)
 
 
@@ -118,14 +125,13 @@ def test_fedtl_server_start_passes_the_executor_and_state_options_to_the_superli
     generate_certificates(tmp_path)
     args = build_parser().parse_args(
         ["server", "start", "--certs", str(tmp_path), "--isolation", "process",
-         "--superexec-auth-secret-file", "s.secret", "--database", "state/link.db"]
+         "--superexec-auth-secret-file", "/run/secrets/s.secret", "--database", "/state/link.db"]
     )  # fmt: skip
     command = superlink_command(args)
     assert command[command.index("--isolation") + 1] == "process"
-    assert command[command.index("--superexec-auth-secret-file") + 1] == str(Path("s.secret").resolve())
-    assert command[command.index("--database") + 1] == str(Path("state/link.db").resolve())
-    plain = superlink_command(argparse.Namespace(certs=str(tmp_path), host="127.0.0.1", port=9000))
-    assert "--isolation" not in plain and "--database" not in plain  # the defaults: Flower's own
+    assert command[command.index("--superexec-auth-secret-file") + 1] == "/run/secrets/s.secret"
+    assert command[command.index("--database") + 1] == "/state/link.db"
+    assert command[command.index("--host") + 1] == "127.0.0.1"  # the SuperLink itself stays on loopback
 
 
 def test_the_build_gets_local_indexes_served_first_and_remote_ones_unchanged(tmp_path):
