@@ -60,8 +60,8 @@ def test_superlink_executor_and_three_sites_each_with_their_own_volumes_and_secr
     assert set(services) == {"superlink", "superexec", "flwr", *SITES}
     assert services["flwr"]["profiles"] == ["cli"]  # a tool, not started by `up`
     link = services["superlink"]["command"]
-    for flag in ("--certs=/run/secrets", "--isolation=process", "--database=/state/superlink.db"):
-        assert flag in link
+    for flag in ("--certs=/run/secrets", "--isolation=process", "--database=:flwr-in-memory:"):
+        assert flag in link  # Flower's in-memory state unless FEDTL_SUPERLINK_DATABASE names a file
     assert "--superexec-auth-secret-file=/run/secrets/superexec.secret" in link and "--insecure" not in link
     assert "--host=127.0.0.1" in link  # the Fleet API for this machine only, unless FEDTL_BIND says otherwise
     control = next(f for f in link if f.startswith("--control-port=")).split("=")[1]

@@ -186,8 +186,16 @@ class Stack:
         )
 
     def logs(self, *services: str) -> str:
-        """Return the tail of the services' logs, for failure messages."""
-        return self.compose("logs", "--no-color", "--tail", "60", *services, check=False).stdout[-8000:]
+        """Save the services' whole logs beside the deployment; return their tails and where the rest is."""
+        full = self.compose("logs", "--no-color", "-t", *services, check=False).stdout
+        saved = self.deploy.parent / f"logs-{int(time.time())}.txt"
+        saved.write_text(full)
+        return f"(all logs: {saved})\n" + full[-6000:]
+
+    def run_log(self, run_id: int) -> str:
+        """Return the tail of the run's ServerApp log (`flwr log`), for failure messages."""
+        out = self.flwr("log", str(run_id), "federation", "--show")
+        return (out.stdout + out.stderr)[-4000:]
 
     def wait_healthy(self, services, timeout: float = 600) -> None:
         """Wait until every service's container reports `healthy`; remember the containers."""
@@ -226,6 +234,8 @@ class Stack:
         while not (status := self.status(run_id)).startswith("finished"):
             assert time.time() < deadline, f"run {run_id} still {status} after {timeout:.0f} s:\n" + self.logs()
             time.sleep(15)
+        if status != "finished:completed":
+            print(f"\nrun {run_id} {status}; its ServerApp log:\n{self.run_log(run_id)}\n{self.logs()}")
         return status
 
     def run_dir(self, run_name: str) -> Path:
@@ -270,7 +280,7 @@ def host_pip_servers() -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, request):
     if os.geteuid() != 0:
         pytest.fail("the container tests run as root: they give key files to the containers' uid 10001")
     if docker("info", check=False).returncode != 0:
@@ -309,6 +319,9 @@ def stack(tmp_path_factory):
             time.sleep(5)
         yield stack
     finally:
+        if os.environ.get("FEDTL_TEST_KEEP_ON_FAILURE") == "1" and request.session.testsfailed:
+            print(f"\nkept for inspection: Compose project {stack.project}, settings {stack.env}")
+            return
         stack.compose("down", "--volumes", "--remove-orphans", timeout=600, check=False)
         for role in ("superlink", "superexec", "site"):
             docker("image", "rm", f"fedtl-{role}:{stack.tag}", check=False)
