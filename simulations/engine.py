@@ -102,8 +102,8 @@ def simulate(
         Exception: whatever the ServerApp raised (Flower re-raises it here); Ray is shut down first.
     """
     gcs = parse_ray_address(cfg.ray_address)
-    cfg = start_simulation(cfg, num_sites)
-    federation = app(cfg, run_dir)
+    federation = start_simulation(cfg, num_sites, app, run_dir)
+    cfg = federation.cfg
 
     # Each Ray actor would otherwise start one torch thread per core and oversubscribe the CPU.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, int(client_cpus))))

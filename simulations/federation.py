@@ -51,6 +51,10 @@ class FederationApp:
             grid, self.cfg, run_dir=self.run_dir, record={SIMULATED_SITES: self.cfg.min_available_nodes}
         )
 
+    def prepare(self, num_sites: int) -> None:
+        """Extract the simulated sites' inputs before the engine starts (a run of `cfg.backbone` uses them)."""
+        prepare_simulated_sites(self.cfg, num_sites)
+
     def server_app(self) -> ServerApp:
         """Return the ServerApp (Flower calls its main with the Grid of whichever executor runs it)."""
         app = ServerApp()
@@ -100,14 +104,14 @@ def check_storage(*folders: Path) -> None:
             )
 
 
-def start_simulation(cfg: RunConfig, num_sites: int) -> RunConfig:
-    """Return the config of a simulated federation after checking its data and storage and preparing its sites.
+def start_simulation(cfg: RunConfig, num_sites: int, app: AppFactory, run_dir: Path | None) -> FederationApp:
+    """Return the server app of a simulated federation after checking its data and storage and preparing its sites.
 
-    What every executor does before its engine starts (`simulated_config`, then `prepare_simulated_sites`).
+    What every executor does before its engine starts (`simulated_config`, then the app's `prepare`).
     """
-    cfg = simulated_config(cfg, num_sites)
-    prepare_simulated_sites(cfg, num_sites)
-    return cfg
+    federation = app(simulated_config(cfg, num_sites), run_dir)
+    federation.prepare(num_sites)
+    return federation
 
 
 def prepare_simulated_sites(cfg: RunConfig, num_sites: int, *, progress: bool = True) -> None:

@@ -219,8 +219,8 @@ def run_inprocess(
     Raises:
         Exception: whatever the ServerApp raised.
     """
-    cfg = start_simulation(cfg, num_sites)
-    federation = app(cfg, run_dir)
+    federation = start_simulation(cfg, num_sites, app, run_dir)
+    cfg = federation.cfg
 
     run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
     run.primary_task_id = 1

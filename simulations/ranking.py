@@ -31,6 +31,9 @@ class RankingApp(FederationApp):
     candidates: list[str] = field(default_factory=list)
     what = "ranking"
 
+    def prepare(self, num_sites: int) -> None:
+        """Prepare nothing: the sites score each candidate's features in the run (never `cfg.backbone`'s)."""
+
     def run(self, grid: Grid) -> dict[str, Any]:
         """Rank the candidates on `grid`'s sites and return the summary."""
         return rank_backbones(grid, self.cfg, self.candidates, run_dir=self.run_dir)

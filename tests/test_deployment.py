@@ -209,11 +209,13 @@ def test_a_killed_site_a_stopped_run_and_its_resumption(deployment):
     assert [line["round"] for line in lines] == [0, 1, 2, 3, 4]  # each round once, across the stop
     assert set(lines[2]["sites"]) >= {"site-2", "site-3"}
     assert set(lines[3]["sites"]) == {"site-2", "site-3"}  # site-1 is down from then on
-    # Wherever site-1's missing update was noticed, it is logged by its name, with the reason.
+    # Wherever site-1's missing update was noticed, it is logged by its name, with the reason: killed before its
+    # reply, or while uploading it (Flower then finds the reply's objects missing). On a busy machine its round-2
+    # reply may have left before the kill; then round 2 counts it and no update of site-1 went missing.
     lost = [r for r in summary["rejected-replies"] if r["site"] == "site-1"]
-    # Killed before its reply, or while uploading it (Flower then finds the reply's objects missing).
     gone = ("Node Unavailable", "no reply", "Reply message objects are unavailable")
-    assert lost and all(any(g in r["reason"] for g in gone) for r in lost), lost
+    assert all(any(g in r["reason"] for g in gone) for r in lost), lost
+    assert lost or "site-1" in lines[2]["sites"], (summary["rejected-replies"], lines[2]["sites"])
 
     # site-1's ledger: the killed round's charge is there (written before training), nothing torn.
     mine = [c for c in _ledger(root, "site-1").charges()[before["site-1"] :] if c.accounted]
