@@ -22,7 +22,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -30,6 +30,8 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from fedtl.shared.distributed_noise import SKELLAM_ORDERS, skellam_rdp
 from fedtl.shared.errors import ConfigError, PrivacyBudgetError
+
+MAX_NOISE_MULTIPLIER = 1e4  # a noise search gives up above this (its errors say "1e4"): the budget cannot hold the work
 
 
 @dataclass(frozen=True)
@@ -117,12 +119,7 @@ def find_noise_multiplier(
         PrivacyBudgetError: the history alone already spends `target_epsilon`.
     """
     past = [s for s in history if s.steps > 0]
-    spent = compute_epsilon(past, delta=target_delta, accountant=accountant)
-    if spent >= target_epsilon:
-        raise PrivacyBudgetError(
-            f"privacy budget exhausted: epsilon already spent is {spent:.3f} >= target-epsilon "
-            f"{target_epsilon} (delta {target_delta}); raise the budget or start a new site ledger"
-        )
+    spent = _spent_within_budget(past, target_epsilon, target_delta, accountant)
 
     def eps_above_target(sigma: float) -> bool:
         """Return whether history + the planned steps at `sigma` spend more than `target_epsilon`."""
@@ -147,21 +144,9 @@ def find_noise_multiplier(
         if not eps_above_target(low):
             return low
     else:
-        low, high = 0.0, 1.0
-        while eps_above_target(high):
-            low, high = high, high * 2
-            if high > 1e4:
-                raise PrivacyBudgetError(
-                    f"no noise multiplier up to 1e4 meets target-epsilon {target_epsilon} over {steps} steps at "
-                    f"sample-rate {sample_rate:.4f} after {spent:.3f} already spent; plan fewer rounds or steps"
-                )
-    while high - low > precision:
-        mid = (low + high) / 2
-        if eps_above_target(mid):
-            low = mid
-        else:
-            high = mid
-    return high
+        what = f"{target_epsilon} over {steps} steps at sample-rate {sample_rate:.4f} after {spent:.3f} already spent"
+        low, high = _bracket_noise(eps_above_target, f"{what}; plan fewer rounds or steps")
+    return _bisect_noise(eps_above_target, low, high, precision)
 
 
 def find_skellam_noise_multiplier(
@@ -179,28 +164,44 @@ def find_skellam_noise_multiplier(
         PrivacyBudgetError: the history alone already spends `target_epsilon`, or no noise up to 1e4 fits.
     """
     past = [s for s in history if s.steps > 0]
-    spent = compute_epsilon(past, delta=target_delta)
-    if spent >= target_epsilon:
-        raise PrivacyBudgetError(
-            f"privacy budget exhausted: epsilon already spent is {spent:.3f} >= target-epsilon "
-            f"{target_epsilon} (delta {target_delta}); raise the budget or start a new site ledger"
-        )
+    spent = _spent_within_budget(past, target_epsilon, target_delta, "rdp")
 
     def eps_above_target(sigma: float) -> bool:
         release = PrivacyStep(sigma, 1.0, 1, l2_sensitivity=l2_sensitivity, l1_sensitivity=l1_sensitivity)
         return compute_epsilon(past + [release], delta=target_delta) > target_epsilon
 
+    low, high = _bracket_noise(
+        eps_above_target, f"{target_epsilon} for one Skellam release after {spent:.3f} already spent"
+    )
+    return _bisect_noise(eps_above_target, low, high, precision)
+
+
+def _spent_within_budget(past: list[PrivacyStep], target_epsilon: float, target_delta: float, accountant: str) -> float:
+    """Return the epsilon `past` spends; raise PrivacyBudgetError when it already reaches `target_epsilon`."""
+    spent = compute_epsilon(past, delta=target_delta, accountant=accountant)
+    if spent >= target_epsilon:
+        raise PrivacyBudgetError(
+            f"privacy budget exhausted: epsilon already spent is {spent:.3f} >= target-epsilon "
+            f"{target_epsilon} (delta {target_delta}); raise the budget or start a new site ledger"
+        )
+    return spent
+
+
+def _bracket_noise(above: Callable[[float], bool], what: str) -> tuple[float, float]:
+    """Return (low, high) with `above(high)` false, doubling from 1; `what` names the target in the error."""
     low, high = 0.0, 1.0
-    while eps_above_target(high):
+    while above(high):
         low, high = high, high * 2
-        if high > 1e4:
-            raise PrivacyBudgetError(
-                f"no noise multiplier up to 1e4 meets target-epsilon {target_epsilon} for one Skellam release after "
-                f"{spent:.3f} already spent"
-            )
+        if high > MAX_NOISE_MULTIPLIER:
+            raise PrivacyBudgetError(f"no noise multiplier up to 1e4 meets target-epsilon {what}")
+    return low, high
+
+
+def _bisect_noise(above: Callable[[float], bool], low: float, high: float, precision: float) -> float:
+    """Return the smallest noise (to `precision`) in (low, high] that `above` does not reject."""
     while high - low > precision:
         mid = (low + high) / 2
-        if eps_above_target(mid):
+        if above(mid):
             low = mid
         else:
             high = mid
