@@ -229,10 +229,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     """Print the final table: accuracy beside the majority-class rate, per-site epsilon, time."""
     banner = "NON-PRIVATE BASELINE (no DP): " if summary["non-private"] else ""
     print()
-    print(
-        f"{banner}run {summary['run-id']}: {len(summary['sites'])} sites, {summary['num-rounds']} rounds, "
-        f"backbone {summary['backbone']}"
-    )
+    trained, joined = len(summary["sites"]), len(summary.get("site-outcomes", {}))
+    sites = f"{trained} of {joined} sites trained" if joined > trained else f"{trained} sites"
+    print(f"{banner}run {summary['run-id']}: {sites}, {summary['num-rounds']} rounds, backbone {summary['backbone']}")
     print(f"{'site':<10} {'accuracy':>9} {'majority':>9} {'bal.acc':>8} {'epsilon':>9}  (local test split)")
     for site in summary["sites"]:
         scores = summary["final-per-site"].get(site, {})

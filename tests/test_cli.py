@@ -121,3 +121,11 @@ def test_site_init_check_status_and_ledger(tmp_path, capsys):
     assert "spent epsilon 0.000 of 24 at delta 1e-05; left 24.000" in capsys.readouterr().out
     assert main(["site", "ledger", "--policy", str(policy)]) == 0
     assert "no charges yet" in capsys.readouterr().out
+
+
+def test_the_table_says_how_many_of_the_sites_trained_when_rounds_sample_them(tmp_path, capsys):
+    argv = ["simulate", "--executor", "inprocess", "--backbone", "tiny", "--sites", "4", "--rounds", "1"]
+    argv += ["--set", "fraction-train=0.5", "--set", "federated-evaluation=false", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("run "))
+    assert ": 2 of 4 sites trained, 1 rounds, backbone tiny" in header
