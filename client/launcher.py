@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fedtl.client.approval import (
@@ -76,7 +77,9 @@ def run_site(policy: SitePolicy, supernode_command: list[str], runtime_port: int
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        client = _runtime_client(address, secret=secret_file.read_bytes())
+        # Claims give up when the SuperNode is gone (Flower's invoker would otherwise retry for ever), so that
+        # the launcher exits with it and a restart policy can start the site again.
+        client = _runtime_client(address, secret=secret_file.read_bytes(), give_up=lambda: supernode.poll() is not None)
         log.info("site %s: launcher serving the SuperNode's Runtime API at %s", policy.site_name, address)
         print(f"site {policy.site_name}: runs only approved apps, with the installed fedtl ClientApp", flush=True)
         while supernode.poll() is None:
@@ -102,8 +105,13 @@ def run_site(policy: SitePolicy, supernode_command: list[str], runtime_port: int
                 proc.kill()
 
 
-def _runtime_client(address: str, *, secret: bytes | None = None, token: str | None = None):  # type: ignore[no-untyped-def]
-    """Return a client of the SuperNode's Runtime API (loopback HTTP), signing task claims or carrying a token."""
+def _runtime_client(  # type: ignore[no-untyped-def]
+    address: str, *, secret: bytes | None = None, token: str | None = None, give_up: Callable[[], bool] | None = None
+):
+    """Return a client of the SuperNode's Runtime API (loopback HTTP), signing task claims or carrying a token.
+
+    `give_up`, when given, ends a call's retries as soon as it returns True (e.g. the SuperNode has exited).
+    """
     from flwr.supercore.interceptors import (
         RuntimeTokenHttpInterceptor,
         RuntimeVersionHttpInterceptor,
@@ -117,12 +125,16 @@ def _runtime_client(address: str, *, secret: bytes | None = None, token: str | N
         interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods={_ACQUIRE}))
     if token:
         interceptors.append(RuntimeTokenHttpInterceptor(token))
+    invoker = make_simple_http_retry_invoker()
+    if give_up is not None:
+        flower_rule = invoker.should_giveup
+        invoker.should_giveup = lambda exc: give_up() or bool(flower_rule and flower_rule(exc))
     return RuntimeHttpClient.from_server_address(
         server_address=address,
         insecure=True,  # loopback only: the SuperNode binds its Runtime API to 127.0.0.1
         root_certificates=None,
         interceptors=interceptors,
-        retry_invoker=make_simple_http_retry_invoker(),
+        retry_invoker=invoker,
     )
 
 

@@ -4,12 +4,15 @@ import hashlib
 import io
 import json
 import stat
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from fedtl.client import approval
+from fedtl.client.admin import init_policy
 from fedtl.client.approval import (
     FEDTL_CLIENTAPP,
     approve_app,
@@ -240,3 +243,24 @@ def test_server_start_refuses_one_port_for_both(tmp_path, capsys):
     capsys.readouterr()
     assert main(["server", "start", "--certs", str(tmp_path), "--port", "9093"]) == 2
     assert "--control-port 9093 equals --port" in capsys.readouterr().err
+
+
+def test_the_launcher_exits_with_its_supernode_so_a_restart_policy_can_start_the_site_again(tmp_path):
+    """A SuperNode that fails to activate (Flower exit 305, e.g. its old self still counted online) ends the site.
+
+    The launcher's task claims would otherwise retry the dead Runtime API for ever and the container
+    (docker-compose restart policy) would stay up, never reconnecting.
+    """
+    policy = init_policy(tmp_path / "site.toml", site_name="s", data="digits", backbones=["tiny"], label_names=[])
+    script = (
+        "import socket, sys\n"
+        "from fedtl.client.launcher import run_site, write_runtime_secret\n"
+        "from fedtl.client.policy import load_policy\n"
+        "policy = load_policy(sys.argv[1])\n"
+        "with socket.socket() as s:\n"
+        "    s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]  # nothing will listen there\n"
+        "dead = [sys.executable, '-c', 'import time, sys; time.sleep(1); sys.exit(305 % 256)']\n"
+        "sys.exit(run_site(policy, dead, port, write_runtime_secret(policy.state_dir)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(policy)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 305 % 256, done.stderr[-3000:]
