@@ -230,6 +230,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _read_only_folder(folder: Path) -> bool:
+    """Return whether `folder` is on a read-only mount (so no process can be appending to a ledger there)."""
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 class PrivacyLedger:
     """Append-only JSON-lines file of signed `PrivacyCharge`s; one file per site, its key and head elsewhere."""
 
@@ -372,7 +380,13 @@ class PrivacyLedger:
         if not self.lock_path.parent.is_dir():
             yield  # no ledger folder yet: nothing to read (its head is still checked), nobody writing
             return
-        with open(self.lock_path, "a") as lock:
+        read_only = mode == fcntl.LOCK_SH and _read_only_folder(self.lock_path.parent)
+        if read_only and not self.lock_path.exists():
+            yield  # a read-only copy never written through a lock (a backup): nobody is writing it
+            return
+        # On a read-only mount (a reviewer's view of a live site's volume) a read-only handle still takes the
+        # shared lock, which the site's writer, through the same file, honours.
+        with open(self.lock_path, "r" if read_only else "a") as lock:
             fcntl.flock(lock, mode)
             try:
                 yield

@@ -505,3 +505,27 @@ def test_a_lost_head_is_resealed_by_adoption_when_the_chain_verifies(tmp_path):
     ledger.adopt(adoption)
     assert ledger.epsilon(delta=1e-5) == pytest.approx(expected, rel=1e-9)
     assert json.loads(ledger.head_path.read_text())["records"] == 4
+
+
+def test_a_read_only_copy_of_a_ledger_can_be_read_and_verified(tmp_path):
+    """A reviewer mounts a site's state read-only: reading and verifying need no lock file written there."""
+    path = tmp_path / "state" / "privacy" / "ledger.jsonl"
+    written = [_charge("a", 0, 4.0, kind=FEATURE_SUM, rate=1.0, steps=1), _charge("a", 1, 1.1, rate=0.1, steps=30)]
+    for c in written:
+        PrivacyLedger(path).charge(c)
+    view = tmp_path / "view"
+    view.mkdir()
+    mounted = subprocess.run(["mount", "--bind", "-o", "ro", str(tmp_path / "state"), str(view)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot bind-mount read-only here: {mounted.stderr.decode().strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], check=False, capture_output=True)
+        with pytest.raises(OSError):
+            (view / "privacy" / "probe").write_text("")  # the view is read-only
+        secret = tmp_path / "state" / "privacy" / "secret"  # the key, where the lab keeps it (not on the view)
+        ledger = PrivacyLedger(view / "privacy" / "ledger.jsonl", secret_dir=secret)
+        assert ledger.charges() == written
+        (path.with_name(path.name + ".lock")).unlink()  # a copy that never had a lock file reads the same
+        assert ledger.charges() == written
+    finally:
+        subprocess.run(["umount", "-l", str(view)], check=False)
