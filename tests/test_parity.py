@@ -30,7 +30,7 @@ def test_parity(name, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("FEDTL_PARITY_FULL") != "1",
-    reason="the whole-job and deep parity runs are opt-in (minutes each): FEDTL_PARITY_FULL=1 runs them",
+    reason="the whole default job and the personalised run are opt-in (minutes each): FEDTL_PARITY_FULL=1",
 )
 @pytest.mark.parametrize("name", SLOW_CASES)
 def test_parity_slow(name, tmp_path):
