@@ -36,6 +36,7 @@ from fedtl.shared import constants as k
 from fedtl.shared.centering import MAX_CENTER_NOISE_NORM, center_noise_norm
 from fedtl.shared.config import RunConfig
 from fedtl.shared.heads import Head, build_head, head_arrays, load_head_arrays
+from fedtl.shared.metrics import classification_metrics
 from fedtl.shared.protocol import RoundSettings, SimulationSettings
 from fedtl.simulations.federation import lab_settings, lab_sites, simulated_sites
 
@@ -110,9 +111,9 @@ def load_lab_federation(cfg: RunConfig, num_sites: int) -> LabFederation:
     return LabFederation(cfg, backbone, label_names, settings, simulation, sites, central)
 
 
-def site_accuracies(lab: LabFederation, arrays: dict[str, np.ndarray]) -> dict[str, float]:
-    """Return the accuracy of one head (`arrays`) on every site's local test split."""
-    head = _head(lab)
+def site_accuracies(lab: LabFederation, arrays: dict[str, np.ndarray], head: Head | None = None) -> dict[str, float]:
+    """Return the accuracy of one head (`arrays`; into `head`, default the lab config's) on every site's test split."""
+    head = head if head is not None else _head(lab)
     load_head_arrays(head, arrays, source="a run's model")
     return {s.name: evaluate_model(head, s.test_features, s.test_labels)[k.ACCURACY] for s in lab.sites}
 
@@ -216,13 +217,25 @@ def _score(lab: LabFederation, method: str, eps: float, head: Head, *, spent: fl
 
 
 def _majority(lab: LabFederation, pooled_train_labels: np.ndarray) -> BaselineScore:
-    """Always predict the most frequent class of the pooled training data."""
+    """Always predict the most frequent class of the pooled training data; score it as every other row is scored.
+
+    Accuracy and balanced accuracy are both of that one predictor on the server's held-out split, by the
+    metrics every run uses (balanced accuracy is 1/C only when the split holds every class).
+    """
     majority = int(np.bincount(pooled_train_labels, minlength=lab.num_classes).argmax())
     per_site = {s.name: float(np.mean(s.test_labels == majority)) for s in lab.sites}
-    held_out = math.nan
+    held_out: dict[str, float] = {}
     if lab.central is not None:
-        held_out = float(np.mean(lab.central.labels == majority))
+        constant = np.zeros((len(lab.central.labels), lab.num_classes))
+        constant[:, majority] = 1.0
+        held_out = classification_metrics(lab.central.labels, constant)
     # Reading the pooled labels is not private: no epsilon bounds it.
     return BaselineScore(
-        MAJORITY, math.inf, held_out, 1.0 / lab.num_classes, pooled_accuracy(lab, per_site), per_site, math.inf
+        MAJORITY,
+        math.inf,
+        held_out.get(k.ACCURACY, math.nan),
+        held_out.get(k.BALANCED_ACCURACY, math.nan),
+        pooled_accuracy(lab, per_site),
+        per_site,
+        math.inf,
     )

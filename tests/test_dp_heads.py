@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from fedtl.client.training import train_head
+from fedtl.client.training import train_model
 from fedtl.shared.dp_heads import (
     MAX_CENTER_NOISE_NORM,
     MAX_MEAN_NOISE_NORM,
@@ -118,7 +118,7 @@ def test_noiseless_full_batch_dp_gd_equals_opacus_dp_sgd_at_sample_rate_one():
     head = build_head("linear", 6, 3, seed=0)
     w0 = head.layers[0].weight.detach().double().numpy().copy()
     b0 = head.layers[0].bias.detach().double().numpy().copy()
-    result = train_head(
+    result = train_model(
         head,
         u.astype(np.float32),
         y,
