@@ -35,9 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_lab_commands(sub)
     add_site_commands(sub)
     add_deployment_commands(sub)
-    pred = sub.add_parser("predict", help="label images with an adapted model file")
+    pred = sub.add_parser("predict", help="label images, texts or table rows with an adapted model file")
     pred.add_argument("model", help="model.safetensors written by a run")
-    pred.add_argument("images", nargs="+", help="image files")
+    pred.add_argument("images", nargs="+", help="image files; texts or .csv/.jsonl files of texts; .csv/.parquet rows")
     pred.add_argument(
         "--backbone-weights", help="backbone weights file (e.g. from a site cache) instead of the registry"
     )
@@ -45,10 +45,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """A handler that writes to whatever `sys.stderr` is when a line comes (a caller may swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # type: ignore[no-untyped-def]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+
 def show_progress(logger: logging.Logger) -> None:
     """Print the run's progress lines (one per round) on stderr as they come, whatever the log level."""
     if not any(getattr(h, "fedtl_progress", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler.fedtl_progress = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
@@ -58,9 +70,9 @@ def show_progress(logger: logging.Logger) -> None:
 
 def run_predict_command(args: argparse.Namespace) -> int:
     """Print label and probability per image (`fedtl predict`)."""
-    from fedtl.server.predict import predict_images
+    from fedtl.server.predict import predict_inputs
 
-    for p in predict_images(args.model, args.images, weights_file=args.backbone_weights, device=args.device):
+    for p in predict_inputs(args.model, args.images, weights_file=args.backbone_weights, device=args.device):
         print(f"{p.path}\t{p.label}\t{p.probability:.4f}")
     return 0
 

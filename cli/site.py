@@ -30,6 +30,7 @@ def add_site_commands(sub: argparse._SubParsersAction) -> None:
         help="registry backbone to allow (its fingerprint is computed here); repeatable; default efficientnet_lite0",
     )
     init.add_argument("--label-names", default="", help="comma-separated class names in the federation's order")
+    init.add_argument("--schema", default="", help="table rows: the federation's schema (JSON), pinned in the policy")
     init.add_argument("--state-dir", default="state", help="ledger folder (relative to the policy file)")
     init.add_argument(
         "--secret-dir",
@@ -113,6 +114,7 @@ def _run_site_command(args: argparse.Namespace) -> int:
             state_dir=args.state_dir,
             secret_dir=args.secret_dir,
             overwrite=args.force,
+            schema=args.schema,
         )
         print(f"wrote {path}; review it, then: fedtl site check --policy {path}")
         return 0

@@ -17,6 +17,8 @@ from fedtl.client.site import load_policy_data, site_from_policy
 from fedtl.shared.backbones import backbone_state_dict, build_backbone, fingerprint_state_dict
 from fedtl.shared.errors import ConfigError, DataError
 from fedtl.shared.loaders import check_site_source
+from fedtl.shared.named_data import named_source
+from fedtl.shared.tables import TableSchema, load_schema
 
 
 def init_policy(
@@ -29,6 +31,7 @@ def init_policy(
     state_dir: str = "state",
     secret_dir: str | None = None,
     overwrite: bool = False,
+    schema: str = "",
 ) -> Path:
     """Write a commented policy file allowing the named registry backbones (their fingerprints computed here).
 
@@ -43,8 +46,11 @@ def init_policy(
     path = Path(path).expanduser().resolve()
     if path.exists() and not overwrite:
         raise ConfigError(f"{path} exists; refusing to overwrite a site policy (pass --force to replace it)")
-    check_policy_data(path, data, label_names)
-    fingerprints = {name: fingerprint_state_dict(backbone_state_dict(build_backbone(name))) for name in backbones}
+    table = load_schema(Path(schema).expanduser().resolve()) if schema else None
+    check_policy_data(path, data, label_names, table)
+    fingerprints = {
+        name: fingerprint_state_dict(backbone_state_dict(build_backbone(name, schema=table))) for name in backbones
+    }
     text = policy_template(
         site_name=site_name,
         data=data,
@@ -52,6 +58,7 @@ def init_policy(
         fingerprints=fingerprints,
         label_names=label_names,
         secret_dir=secret_dir if secret_dir is not None else str(default_secret_dir(site_name)),
+        schema=str(Path(schema).expanduser().resolve()) if schema else "",
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
@@ -59,14 +66,14 @@ def init_policy(
     return path
 
 
-def check_policy_data(path: Path, data: str, label_names: list[str]) -> str:
+def check_policy_data(path: Path, data: str, label_names: list[str], schema: TableSchema | None = None) -> str:
     """Check the data a policy at `path` would name, resolved as load_policy resolves it; return what was found."""
     source = data
-    if data != "digits":  # as client.policy.load_policy: relative paths are relative to the policy's folder
+    if data != "digits" and named_source(data) is None:  # as load_policy: paths are relative to the policy's folder
         given = Path(data).expanduser()
         source = str(given if given.is_absolute() else path.parent / given)
     try:
-        return check_site_source(source, label_names=label_names or None)
+        return check_site_source(source, label_names=label_names or None, schema=schema)
     except DataError as exc:
         moved = Path(data).expanduser()
         if source != data and not Path(source).exists() and moved.exists():

@@ -26,11 +26,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
+from fedtl.client import secagg
 from fedtl.client.centering import feature_sum_round
 from fedtl.client.inputs import load_site_inputs
 from fedtl.client.policy import PolicyRefusal
 from fedtl.client.ranking import score_site
 from fedtl.client.release import ReleaseRequest, charge_release
+from fedtl.client.secagg import SessionPlan
+from fedtl.client.secure_releases import SecureRelease, secure_release
 from fedtl.client.site import Site, keep_private, resolve_site
 from fedtl.client.solvers.closed_form import sufficient_stats_round
 from fedtl.client.solvers.dp_sgd import evaluate_round, finetune_round, train_round
@@ -339,6 +342,101 @@ def _sufficient_stats(msg: Message, settings: RoundSettings, site: Site) -> Reco
     )
 
 
+def _wire(config: ConfigRecord, key: str, kind: type) -> object:
+    """Return `config[key]`, or a list of `kind` when `kind` is list-typed in the request (ReplyError otherwise)."""
+    value = config.get(key)
+    if isinstance(value, list):
+        if all(type(v) is kind for v in value):
+            return value
+    elif type(value) is kind:
+        return value
+    raise ReplyError(
+        f"malformed secure aggregation request: `{key}` should be {kind.__name__} (or a list), got {value!r}"
+    )
+
+
+def _secagg_setup(msg: Message, settings: RoundSettings, site: Site) -> RecordDict:
+    """Secure aggregation, stage 1: check the sum's plan against the run and the policy, reply two public keys."""
+    config = _config(msg)
+    plan = SessionPlan(
+        session=str(_wire(config, k.SECAGG_SESSION, str)),
+        run_id=settings.run_id,
+        index=int(_wire(config, k.SECAGG_INDEX, int)),  # type: ignore[arg-type]
+        num_sites=int(_wire(config, k.SECAGG_SITES, int)),  # type: ignore[arg-type]
+        threshold=int(_wire(config, k.SECAGG_THRESHOLD, int)),  # type: ignore[arg-type]
+        honest_sites=int(_wire(config, k.SECAGG_HONEST, int)),  # type: ignore[arg-type]
+        release=str(_wire(config, k.SECAGG_RELEASE, str)),
+    )
+    if not settings.secure_aggregation:
+        raise ReplyError(f"run {settings.run_id} did not announce secure-aggregation, yet a secure sum was started")
+    if plan.honest_sites != (settings.secagg_honest_sites or plan.num_sites):
+        raise ReplyError(
+            f"the secure sum assumes {plan.honest_sites} honest sites, but the run announced secagg-honest-sites "
+            f"{settings.secagg_honest_sites} over {plan.num_sites} sites"
+        )
+    pk1, pk2 = secagg.setup_session(site, plan)
+    record = ConfigRecord({k.PUBLIC_KEY_1: pk1, k.PUBLIC_KEY_2: pk2})
+    return RecordDict({k.SECAGG: record, k.SITE: _site_record(site, settings)})
+
+
+def _secagg_share_keys(msg: Message, settings: RoundSettings, site: Site) -> RecordDict:
+    """Secure aggregation, stage 2: reply the encrypted shares of this site's secrets, one per other site."""
+    config = _config(msg)
+    indices = _wire(config, k.SECAGG_INDICES, int)
+    keys1, keys2 = _wire(config, k.SECAGG_PUBLIC_KEYS_1, bytes), _wire(config, k.SECAGG_PUBLIC_KEYS_2, bytes)
+    if not (isinstance(indices, list) and isinstance(keys1, list) and isinstance(keys2, list)):
+        raise ReplyError("malformed secure aggregation request: indices and public keys must be lists")
+    if not len(indices) == len(keys1) == len(keys2):
+        raise ReplyError("malformed secure aggregation request: indices and public keys differ in length")
+    public_keys = {int(i): (a, b) for i, a, b in zip(indices, keys1, keys2)}
+    sent = secagg.share_keys(site, str(_wire(config, k.SECAGG_SESSION, str)), public_keys)
+    record = ConfigRecord({k.SECAGG_DESTINATIONS: list(sent), k.SECAGG_CIPHERTEXTS: list(sent.values())})
+    return RecordDict({k.SECAGG: record, k.SITE: _site_record(site, settings)})
+
+
+def _secagg_masked_input(msg: Message, settings: RoundSettings, site: Site) -> RecordDict:
+    """Secure aggregation, stage 3: pay for the release, add the noise share, reply it masked (uint64)."""
+    config = _config(msg)
+    sources, ciphertexts = _wire(config, k.SECAGG_SOURCES, int), _wire(config, k.SECAGG_CIPHERTEXTS, bytes)
+    if not (isinstance(sources, list) and isinstance(ciphertexts, list) and len(sources) == len(ciphertexts)):
+        raise ReplyError("malformed secure aggregation request: sources and ciphertexts must be lists of one length")
+    sigma = _wire(config, k.SECAGG_NOISE_MULTIPLIER, float)
+    center = None
+    record = msg.content.array_records.get(k.ARRAYS)
+    if record is not None and "center" in record:
+        center = record["center"].numpy().astype(np.float32)
+    paid: list[SecureRelease] = []
+
+    def release(plan: SessionPlan) -> np.ndarray:
+        paid.append(secure_release(site, settings, plan, noise_multiplier=float(sigma), center=center))  # type: ignore[arg-type]
+        return paid[0].values
+
+    masked = secagg.mask_input(
+        site, str(_wire(config, k.SECAGG_SESSION, str)), dict(zip(sources, ciphertexts)), release
+    )
+    metrics = MetricRecord(
+        {
+            k.NUM_EXAMPLES: paid[0].num_examples,  # declared public, as in every reply
+            k.EPSILON: paid[0].release.epsilon,
+            k.DELTA: paid[0].release.delta,
+            k.NOISE_MULTIPLIER: paid[0].release.noise_multiplier,
+        }
+    )
+    arrays = ArrayRecord({k.MASKED: Array(masked)})
+    return RecordDict({k.SECAGG: arrays, k.METRICS: metrics, k.SITE: _site_record(site, settings)})
+
+
+def _secagg_unmask(msg: Message, settings: RoundSettings, site: Site) -> RecordDict:
+    """Secure aggregation, stage 4 (answered once): the shares that remove the masks; then the secrets go."""
+    config = _config(msg)
+    active, dropped = _wire(config, k.SECAGG_ACTIVE, int), _wire(config, k.SECAGG_DROPPED, int)
+    if not (isinstance(active, list) and isinstance(dropped, list)):
+        raise ReplyError("malformed secure aggregation request: active and dropped sites must be lists")
+    shares = secagg.unmask(site, str(_wire(config, k.SECAGG_SESSION, str)), active=active, dropped=dropped)
+    record = ConfigRecord({k.SECAGG_OWNERS: list(shares), k.SECAGG_SHARES: list(shares.values())})
+    return RecordDict({k.SECAGG: record, k.SITE: _site_record(site, settings)})
+
+
 QueryHandler = Callable[[Message, RoundSettings, Site], RecordDict]
 QUERY_HANDLERS: dict[str, QueryHandler] = {
     k.ACTION_HAS_BACKBONE: _has_backbone,  # set-up
@@ -348,4 +446,8 @@ QUERY_HANDLERS: dict[str, QueryHandler] = {
     k.ACTION_RANK: _rank,  # non-DP scalars, refused unless release-evaluation-metrics
     k.ACTION_FINETUNE: _finetune,  # DP-SGD solver, after the last round (personalization = "finetune")
     k.ACTION_SUFFICIENT_STATS: _sufficient_stats,  # closed-form solver: one noised release, charged
+    k.ACTION_SECAGG_SETUP: _secagg_setup,  # secure aggregation (client/secagg.py): key pairs
+    k.ACTION_SECAGG_SHARE_KEYS: _secagg_share_keys,  # ... encrypted secret shares
+    k.ACTION_SECAGG_MASKED_INPUT: _secagg_masked_input,  # ... the release (charged), noised and masked
+    k.ACTION_SECAGG_UNMASK: _secagg_unmask,  # ... shares that remove the masks, once
 }

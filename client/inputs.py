@@ -19,8 +19,10 @@ import numpy as np
 
 from fedtl.client.canaries import refuse_canaries
 from fedtl.client.site import Site, load_site_data
+from fedtl.shared.backbones import TablePreprocessing, fingerprint_state_dict
 from fedtl.shared.cut import Cut, inputs_at_cut
-from fedtl.shared.errors import BackboneError, DataError
+from fedtl.shared.encoders import SchemaIdentity
+from fedtl.shared.errors import BackboneError, DataError, FingerprintMismatchError
 from fedtl.shared.features import FeatureCache, feature_cache_key
 from fedtl.shared.files import atomic_write_bytes
 from fedtl.shared.loaders import source_stamp
@@ -63,7 +65,15 @@ def load_site_inputs(
         )
     site.backbones.verify(settings.backbone_name, settings.backbone_fingerprint)  # its features are only as good
     cut = cut or Cut.of(settings)
-    index = data_index(site, expected)
+    schema = cut.preprocessing.schema if isinstance(cut.preprocessing, TablePreprocessing) else None
+    if schema is not None:  # the schema that was sent must be the one the approved fingerprint pins
+        pinned = fingerprint_state_dict(SchemaIdentity(schema).state_dict())
+        if pinned != settings.backbone_fingerprint:
+            raise FingerprintMismatchError(
+                f"the run's table schema {schema.name!r} hashes to backbone fingerprint {pinned[:12]}, but the run "
+                f"announced {settings.backbone_fingerprint[:12]}; refusing to read the data under it"
+            )
+    index = data_index(site, expected, schema.key() if schema is not None else "")
     if index is not None and index.is_file():  # the data was decoded and validated before, unchanged since
         recorded = json.loads(index.read_text())
         cache = FeatureCache(site.cache_dir / cut.cache_folder)
@@ -72,7 +82,7 @@ def load_site_inputs(
             (train_x, train_y), (test_x, test_y) = found  # type: ignore[misc]
             log.info("site %s: inputs at the cut of unchanged data from cache (data not decoded)", site.name)
             return SiteInputs(train_x, train_y, test_x, test_y, tuple(expected), 2)
-    train, test = load_site_data(site, tuple(expected))
+    train, test = load_site_data(site, tuple(expected), schema)
     if list(train.label_names) != expected:
         raise DataError(
             f"site {site.name} data {site.data} has {len(train.label_names)} classes {list(train.label_names)}, "
@@ -114,7 +124,7 @@ def load_site_inputs(
     return SiteInputs(out[0][0], out[0][1], out[1][0], out[1][1], tuple(train.label_names), hits)
 
 
-def data_index(site: Site, label_names: list[str]) -> Path | None:
+def data_index(site: Site, label_names: list[str], schema_key: str = "") -> Path | None:
     """Return where a real site records the fingerprints of its decoded, validated data (None: not indexed).
 
     Keyed by the files' names, sizes and modification times plus the loading settings, so unchanged data
@@ -126,7 +136,8 @@ def data_index(site: Site, label_names: list[str]) -> Path | None:
     stamp = source_stamp(policy.data)
     if stamp is None:
         return None
-    settings = json.dumps(
-        [stamp, list(policy.label_names or label_names), policy.bad_files, policy.test_fraction], sort_keys=True
-    )
+    loading = [stamp, list(policy.label_names or label_names), policy.bad_files, policy.test_fraction]
+    if schema_key:  # rows are parsed under the schema; images' and texts' index keys are unchanged
+        loading.append(schema_key)
+    settings = json.dumps(loading, sort_keys=True)
     return site.cache_dir / "data-index" / f"{hashlib.sha256(settings.encode()).hexdigest()}.json"

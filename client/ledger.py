@@ -84,9 +84,15 @@ RESTORE = "Restore it from a backup; never delete or edit the ledger to reset a 
 
 # Accounting fields first: a record cut short still carries them when they were written whole.
 _FIELD_ORDER = ("noise_multiplier", "sample_rate", "steps", "kind", "run_id", "server_round", "delta", "time", "note")
-_TORN_FIELD = re.compile(r'"(noise_multiplier|sample_rate|steps)": ([0-9.eE+-]+),')
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _NO_STEP = (0.0, 0.0, 0)  # the accounting fields of a record that is no DP step (noise-free, adopted)
+# A Skellam release (secure aggregation) writes its integer sensitivities before everything else, so a torn record
+# that still has its noise fields has them too (without them it would pass for a Gaussian step, counting less),
+# and its trust assumption (t honest of n summed sites) after the accounting fields. Gaussian records stay as
+# they were, byte for byte.
+_SKELLAM_FIELDS = ("l2_sensitivity", "l1_sensitivity")
+_TRUST_FIELDS = ("honest_sites", "num_sites")
+_TORN_FIELD = re.compile(r'"(l2_sensitivity|l1_sensitivity|noise_multiplier|sample_rate|steps)": ([0-9.eE+-]+),')
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,12 @@ class PrivacyCharge:
     time: float
     kind: str = "dp-sgd"  # a mechanism's kind (shared/mechanisms.py), TORN or ADOPTED
     note: str = ""  # for TORN records: the bytes that were cut short; for ADOPTED ones: what was adopted
+    # Skellam releases only (0 otherwise): integer L2 / L1 sensitivities, and the trust assumption the charge holds
+    # under: at least `honest_sites` honest sites' noise shares among the `num_sites` sites of the secure sum.
+    l2_sensitivity: float = 0.0
+    l1_sensitivity: float = 0.0
+    honest_sites: int = 0
+    num_sites: int = 0
 
     @property
     def accounted(self) -> bool:
@@ -114,11 +126,25 @@ class PrivacyCharge:
         """Return the accountant's view of this charge (zero steps for a record that is no DP step)."""
         if (self.noise_multiplier, self.sample_rate, self.steps) == _NO_STEP:
             return PrivacyStep(0.0, 1.0, 0)  # Opacus' RDP of q = 0 is 0 too: the same epsilon either way
-        return PrivacyStep(self.noise_multiplier, self.sample_rate, self.steps)
+        return PrivacyStep(
+            self.noise_multiplier,
+            self.sample_rate,
+            self.steps,
+            l2_sensitivity=self.l2_sensitivity,
+            l1_sensitivity=self.l1_sensitivity,
+        )
 
     def record(self) -> dict[str, Any]:
-        """Return the record's fields in ledger order (accounting fields first), without its MAC."""
-        return {name: getattr(self, name) for name in _FIELD_ORDER}
+        """Return the record's fields in ledger order (accounting fields first), without its MAC.
+
+        A Gaussian record has exactly the fields of earlier versions; a Skellam one leads with its sensitivities
+        and ends with its trust assumption.
+        """
+        if self.l2_sensitivity:
+            names = _SKELLAM_FIELDS + _FIELD_ORDER + _TRUST_FIELDS
+        else:
+            names = _FIELD_ORDER + tuple(n for n in _SKELLAM_FIELDS + _TRUST_FIELDS if getattr(self, n))
+        return {name: getattr(self, name) for name in names}
 
 
 @dataclass(frozen=True)
@@ -497,11 +523,12 @@ class PrivacyLedger:
         found = dict(_TORN_FIELD.findall(text))
         try:
             fields_ = (float(found["noise_multiplier"]), float(found["sample_rate"]), int(found["steps"]))
+            sensitivities = (float(found.get("l2_sensitivity", 0.0)), float(found.get("l1_sensitivity", 0.0)))
             if fields_ != _NO_STEP:  # a torn noise-free record costs nothing: its 0 steps are whole
-                PrivacyStep(*fields_)
+                PrivacyStep(*fields_, l2_sensitivity=sensitivities[0], l1_sensitivity=sensitivities[1])
             how = "its accounting fields were recovered"
         except (KeyError, ValueError):  # ConfigError is a ValueError
-            fields_ = (0.0, 1.0, 1)  # unknown cost: count it as unbounded
+            fields_, sensitivities = (0.0, 1.0, 1), (0.0, 0.0)  # unknown cost: count it as unbounded
             how = (
                 "its cost cannot be recovered, so it counts as unbounded (epsilon = inf); restore the ledger "
                 "from a backup to go on"
@@ -517,6 +544,8 @@ class PrivacyLedger:
             time=time.time(),
             kind=TORN,
             note=text[:2000],
+            l2_sensitivity=sensitivities[0],
+            l1_sensitivity=sensitivities[1],
         )
 
     # --- adopting --------------------------------------------------------------------------------
@@ -739,8 +768,8 @@ def _parse(raw: bytes) -> tuple[PrivacyCharge, dict[str, Any], str | None, bool]
     accounting = (charge.noise_multiplier, charge.sample_rate, charge.steps)
     if not charge.accounted and accounting != _NO_STEP:
         raise ValueError(f"a {charge.kind} record must carry noise 0, sample rate 0 and 0 steps, got {accounting}")
-    if accounting != _NO_STEP:
-        PrivacyStep(*accounting)  # validates noise, sample rate and steps
+    if accounting != _NO_STEP:  # validates noise, sample rate, steps (and a Skellam record's sensitivities)
+        PrivacyStep(*accounting, l2_sensitivity=charge.l2_sensitivity, l1_sensitivity=charge.l1_sensitivity)
     return charge, record, mac, crc is not None
 
 
@@ -753,6 +782,10 @@ def new_charge(
     steps: int,
     delta: float,
     kind: str = "dp-sgd",
+    l2_sensitivity: float = 0.0,
+    l1_sensitivity: float = 0.0,
+    honest_sites: int = 0,
+    num_sites: int = 0,
 ) -> PrivacyCharge:
     """Return a charge stamped with the current time."""
     return PrivacyCharge(
@@ -764,6 +797,10 @@ def new_charge(
         delta=delta,
         time=time.time(),
         kind=kind,
+        l2_sensitivity=l2_sensitivity,
+        l1_sensitivity=l1_sensitivity,
+        honest_sites=honest_sites,
+        num_sites=num_sites,
     )
 
 

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from fedtl.shared.errors import ConfigError, FedtlError
+from fedtl.shared.named_data import named_source
 from fedtl.shared.protocol import RoundSettings
+from fedtl.shared.tables import TableSchema, load_schema
 
 ACCOUNTANTS = ("rdp", "prv")
 BAD_FILES = ("error", "skip")
@@ -59,6 +61,11 @@ class SitePolicy:
     max_noise_free_releases_per_run: int = 60
     max_noise_free_releases_per_day: int = 200
     max_rounds_per_day: int = 200  # DP-SGD rounds over all runs in a rolling 24 hours
+    schema: str = ""  # table rows: the federation's published schema file, pinned by the site; "" = none
+    # Secure aggregation: the most honest sites (this one included) the site counts on among those summed; it
+    # refuses a run whose distributed noise assumes more (secagg-honest-sites). 1: it trusts only itself, so it
+    # adds the full noise its epsilon needs.
+    min_honest_sites: int = 1
     source: str = "<built in code>"
 
     def __post_init__(self) -> None:
@@ -75,6 +82,8 @@ class SitePolicy:
             raise ConfigError(
                 f"{where}: `privacy.min-noise-multiplier` must be a number >= 0, got {self.min_noise_multiplier}"
             )
+        if self.min_honest_sites < 1:
+            raise ConfigError(f"{where}: `privacy.min-honest-sites` must be >= 1, got {self.min_honest_sites}")
         if self.max_rounds_per_run < 1:
             raise ConfigError(f"{where}: `privacy.max-rounds-per-run` must be >= 1, got {self.max_rounds_per_run}")
         if self.max_rounds_per_day < 1:
@@ -115,6 +124,16 @@ class SitePolicy:
                     )
         if len(set(self.label_names)) != len(self.label_names):
             raise ConfigError(f"{where}: `site.label-names` has duplicates: {list(self.label_names)}")
+        if self.schema:
+            self.table_schema()  # a missing or invalid schema file is an error of the policy, found at once
+
+    def table_schema(self) -> TableSchema | None:
+        """Return the table schema the policy pins (None: it pins none).
+
+        Raises:
+            ConfigError: the schema file is missing or invalid.
+        """
+        return load_schema(self.schema) if self.schema else None
 
     def check_settings(self, settings: RoundSettings, *, action: str) -> None:
         """Refuse `action` when the server's settings ask for more than this policy allows.
@@ -151,6 +170,20 @@ class SitePolicy:
                 f"the run fixes noise-multiplier {settings.noise_multiplier:g} < the policy's min-noise-multiplier "
                 f"{self.min_noise_multiplier:g}"
             )
+        pinned = self.table_schema()
+        if pinned is not None and settings.schema != pinned.key():
+            sent = f"schema {json.loads(settings.schema).get('name')!r}" if settings.schema else "no table schema"
+            problems.append(
+                f"the run sends {sent}, which differs from the schema {pinned.name!r} the policy pins ({self.schema}); "
+                "tables are read and encoded only under the schema the site approved"
+            )
+        # secagg-honest-sites 0 means "all summed sites", at least 2: known before the sum starts to exceed 1.
+        assumed = settings.secagg_honest_sites or 2
+        if settings.secure_aggregation and not settings.non_private and assumed > self.min_honest_sites:
+            problems.append(
+                f"the run's secure aggregation assumes {settings.secagg_honest_sites or 'all summed'} honest sites but "
+                f"the policy counts on at most min-honest-sites {self.min_honest_sites}"
+            )
         if self.label_names and json.loads(settings.label_names) != list(self.label_names):
             problems.append(
                 f"the run trains classes {json.loads(settings.label_names)} but the policy declares "
@@ -170,6 +203,20 @@ class SitePolicy:
                 f"site {self.site_name} refuses backbone {name or '?'} with fingerprint {fingerprint}: it is not in "
                 f"the policy's backbones.allowed ({', '.join(f[:12] for f in self.allowed_backbones)}); the site "
                 "operator must add it after checking where the weights come from"
+            )
+
+    def check_honest_sites(self, honest_sites: int, *, what: str) -> None:
+        """Refuse distributed noise that counts on more honest sites than the policy's `min-honest-sites`.
+
+        Raises:
+            PolicyRefusal: `honest_sites` > `min-honest-sites`: the site would be less protected than it allows.
+        """
+        if honest_sites > self.min_honest_sites:
+            raise PolicyRefusal(
+                f"site {self.site_name} refuses {what}: its noise share assumes {honest_sites} honest sites in the "
+                "sum, "
+                f"but the policy counts on at most min-honest-sites {self.min_honest_sites} (raise it only if you "
+                "trust that many sites not to collude with the server)"
             )
 
     def check_noise(self, noise_multiplier: float, *, what: str) -> None:
@@ -198,6 +245,7 @@ _LAYOUT: dict[str, dict[str, tuple[str, type]]] = {
         "label-names": ("label_names", list),
         "bad-files": ("bad_files", str),
         "test-fraction": ("test_fraction", float),
+        "schema": ("schema", str),
     },
     "privacy": {
         "max-epsilon": ("max_epsilon", float),
@@ -210,6 +258,7 @@ _LAYOUT: dict[str, dict[str, tuple[str, type]]] = {
         "accountant": ("accountant", str),
         "allow-non-private": ("allow_non_private", bool),
         "release-evaluation-metrics": ("release_evaluation_metrics", bool),
+        "min-honest-sites": ("min_honest_sites", int),
     },
     "backbones": {"allowed": ("allowed_backbones", list)},
     "storage": {"state-dir": ("state_dir", str), "cache-dir": ("cache_dir", str), "secret-dir": ("secret_dir", str)},
@@ -253,8 +302,10 @@ def load_policy(path: str | Path) -> SitePolicy:
     cache_dir = _resolve(base, values.pop("cache_dir", str(state_dir / "cache")))
     secret_dir = _resolve(base, values.pop("secret_dir", str(default_secret_dir(values["site_name"]))))
     data = values.pop("data")
-    if data != "digits":  # sklearn's bundled digits: for trying a site out
-        data = str(_resolve(base, data))
+    if data != "digits" and not (named_source(data) is not None and not _resolve(base, data).exists()):
+        data = str(_resolve(base, data))  # not sklearn's digits nor a named data set (for trying a site out)
+    if values.get("schema"):
+        values["schema"] = str(_resolve(base, values["schema"]))
     values["label_names"] = tuple(values.get("label_names", ()))
     values["allowed_backbones"] = tuple(values["allowed_backbones"])
     values.setdefault("min_noise_multiplier", 0.0)
@@ -301,11 +352,13 @@ def policy_template(
     fingerprints: dict[str, str],
     label_names: list[str],
     secret_dir: str | None = None,
+    schema: str = "",
 ) -> str:
     """Return a commented policy file for `fedtl site init`."""
     allowed = "\n".join(f'  "{fp}",  # {name}' for name, fp in fingerprints.items())
     labels = json.dumps(label_names)
     secret = secret_dir if secret_dir is not None else str(default_secret_dir(site_name))
+    schema_line = f"schema = {json.dumps(schema)}" if schema else '# schema = "federation-schema.json"'
     return f"""\
 # fedtl site policy. This file belongs to the site: nothing the federation server sends can loosen it.
 # Point your SuperNode at it:  fedtl site start --policy /absolute/path/to/this.toml ...
@@ -316,8 +369,10 @@ def policy_template(
 # How this site appears in the server's logs and reports.
 name = "{site_name}"
 # Image folder (one sub-folder per class), CSV manifest (path,label[,split]; DICOM or image files),
-# or MedMNIST .npz.
+# MedMNIST .npz; texts: CSV text,label[,split] or JSON lines; table rows: CSV or Parquet under `schema`.
 data = "{data}"
+# Table rows only: the federation's published schema (JSON). Runs that send another schema are refused.
+{schema_line}
 # Class names in the federation's order; [] = take the federation's (the run must match the data).
 label-names = {labels}
 # "skip": leave unreadable or corrupt files out (reported by name and count); "error": refuse to train.
@@ -346,6 +401,9 @@ accountant = "rdp"
 allow-non-private = false
 # Evaluation metrics, ranking and finetune scores are NOT covered by epsilon: false keeps them at the site.
 release-evaluation-metrics = false
+# Secure aggregation: the most honest sites (this one included) you count on among those summed. A run whose
+# distributed noise assumes more is refused. 1: trust only this site (it adds the full noise itself).
+min-honest-sites = 1
 
 [backbones]
 # SHA-256 fingerprints of the backbone weights this site accepts; anything else is refused before use.

@@ -24,7 +24,7 @@ from fedtl.client.ledger import PrivacyCharge, new_charge
 from fedtl.client.policy import PolicyRefusal
 from fedtl.client.quotas import charge_noise_free
 from fedtl.client.site import Site
-from fedtl.shared.mechanisms import SERVER, Mechanism
+from fedtl.shared.mechanisms import SERVER, SKELLAM, Mechanism
 from fedtl.shared.privacy import find_noise_multiplier
 from fedtl.shared.protocol import RoundSettings
 from fedtl.shared.secure_noise import SecureRandom
@@ -53,6 +53,21 @@ class ReleaseRequest:
     # The caller knows no release was made for this run and round (a crash or kill after the write-ahead charge,
     # before anything left the site): a charge of this mechanism for exactly this round then pays for it.
     unreleased_charge_pays: bool = False
+    # A Skellam mechanism's integer L2 / L1 sensitivities, and the trust assumption it is charged under: at least
+    # `honest_sites` of the `num_sites` sites of the secure sum add their noise share (shared/distributed_noise.py).
+    l2_sensitivity: float = 0.0
+    l1_sensitivity: float = 0.0
+    honest_sites: int = 0
+    num_sites: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mechanism.accounting == SKELLAM and not (
+            self.l2_sensitivity > 0 and 1 <= self.honest_sites <= self.num_sites
+        ):
+            raise ValueError(
+                f"{self.what}: a Skellam release needs its l2-sensitivity (> 0, got {self.l2_sensitivity}) and "
+                f"1 <= honest-sites ({self.honest_sites}) <= num-sites ({self.num_sites})"
+            )
 
 
 @dataclass(frozen=True)
@@ -128,6 +143,8 @@ def charge_release(site: Site, settings: RoundSettings, request: ReleaseRequest)
         noise = plan_noise(site, settings, request, book.charges, accountant=accountant)
         if policy is not None and not settings.non_private:
             policy.check_noise(noise, what=request.what)
+        if policy is not None and request.mechanism.accounting == SKELLAM:
+            policy.check_honest_sites(request.honest_sites, what=request.what)
         if noise == 0:
             if policy is not None and not policy.allow_non_private:  # check_settings refuses such runs first
                 raise PolicyRefusal(f"site {site.name} refuses {request.what}: no noise, and allow-non-private = false")
@@ -144,6 +161,10 @@ def charge_release(site: Site, settings: RoundSettings, request: ReleaseRequest)
             steps=request.steps,
             delta=settings.target_delta,
             kind=request.mechanism.kind,
+            l2_sensitivity=request.l2_sensitivity if noise > 0 else 0.0,
+            l1_sensitivity=request.l1_sensitivity if noise > 0 else 0.0,
+            honest_sites=request.honest_sites,
+            num_sites=request.num_sites,
         )
         # The run's target epsilon is at most the policy's max-epsilon and its delta at most the policy's
         # (SitePolicy.check_settings), so staying within the run's target keeps the site within its lifetime

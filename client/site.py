@@ -24,6 +24,7 @@ from fedtl.shared.features import FeatureCache
 from fedtl.shared.files import atomic_write_bytes
 from fedtl.shared.loaders import SiteData, load_site_dataset
 from fedtl.shared.protocol import SimulationSettings
+from fedtl.shared.tables import TableSchema, load_schema
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +221,10 @@ class BackboneStore:
         return sorted(p.stem for p in self.root.glob("*.safetensors"))
 
 
-def load_site_data(site: Site, label_names: tuple[str, ...]) -> tuple[ImageDataset, ImageDataset]:
-    """Return the site's (train, local test) data, validated against the federation's `label_names`.
+def load_site_data(
+    site: Site, label_names: tuple[str, ...], schema: TableSchema | None = None
+) -> tuple[ImageDataset, ImageDataset]:
+    """Return the site's (train, local test) data, validated against the federation's `label_names` (and `schema`).
 
     Simulated site 0 of a run with `audit-canaries` also holds that run's included canaries (client/canaries).
 
@@ -231,7 +234,9 @@ def load_site_data(site: Site, label_names: tuple[str, ...]) -> tuple[ImageDatas
     """
     if site.simulation is not None:
         sim = site.simulation
-        splits = _shared_dataset(sim.data, sim.seed, sim.test_fraction, tuple(label_names), _file_stamp(sim.data))
+        schema_key = schema.key() if schema is not None else ""
+        stamp = _file_stamp(sim.data)
+        splits = _shared_dataset(sim.data, sim.seed, sim.test_fraction, tuple(label_names), stamp, schema_key)
         permuted = {int(p) for p in sim.permuted_label_sites.split(",") if p.strip()}
         train, test = site_split(
             splits.train,
@@ -249,7 +254,7 @@ def load_site_data(site: Site, label_names: tuple[str, ...]) -> tuple[ImageDatas
     if policy is None:
         raise ConfigError(f"site {site.name} has neither a policy nor simulation settings; see `resolve_site`")
     refuse_canaries(site.name, site.audit_canaries)
-    splits = load_policy_data(policy, label_names).splits
+    splits = load_policy_data(policy, label_names, schema).splits
     if splits.test is None or len(splits.test) == 0:
         raise DataError(f"site data {policy.data} has no local test split; give it test rows or a test/ folder")
     return splits.train, splits.test
@@ -257,14 +262,20 @@ def load_site_data(site: Site, label_names: tuple[str, ...]) -> tuple[ImageDatas
 
 @functools.lru_cache(maxsize=2)
 def _shared_dataset(
-    data: str, seed: int, test_fraction: float, label_names: tuple[str, ...], stamp: tuple[int, int] | None
+    data: str,
+    seed: int,
+    test_fraction: float,
+    label_names: tuple[str, ...],
+    stamp: tuple[int, int] | None,
+    schema_key: str = "",
 ):
     """Return the lab's shared dataset, decoded once per process (simulated sites all slice the same one).
 
     Simulation only: a thousand simulated sites would otherwise decode the same file a thousand times a
     round. `stamp` (the file's size and mtime) is part of the key, so an edited file is read again.
     """
-    return load_dataset(data, seed=seed, test_fraction=test_fraction, label_names=label_names or None)
+    schema = load_schema(schema_key) if schema_key else None
+    return load_dataset(data, seed=seed, test_fraction=test_fraction, label_names=label_names or None, schema=schema)
 
 
 def _file_stamp(data: str) -> tuple[int, int] | None:
@@ -275,12 +286,18 @@ def _file_stamp(data: str) -> tuple[int, int] | None:
     return info.st_size, info.st_mtime_ns
 
 
-def load_policy_data(policy: SitePolicy, label_names: tuple[str, ...] | None = None) -> SiteData:
-    """Load and validate the data a policy names, in the policy's class order (else `label_names`)."""
+def load_policy_data(
+    policy: SitePolicy, label_names: tuple[str, ...] | None = None, schema: TableSchema | None = None
+) -> SiteData:
+    """Load and validate the data a policy names, in the policy's class order (else `label_names`).
+
+    Table rows are read under `schema` (the run's, already checked against the policy's) or the policy's own.
+    """
     return load_site_dataset(
         policy.data,
         label_names=policy.label_names or label_names or None,
         bad_files=policy.bad_files,
         seed=0,
         test_fraction=policy.test_fraction,
+        schema=schema or policy.table_schema(),
     )

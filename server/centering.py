@@ -15,6 +15,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedtl.server.report import failure_reason, reply_site_name
+from fedtl.server.secure_releases import secure_feature_center
 from fedtl.server.setup import ask, query_sites
 from fedtl.shared import constants as k
 from fedtl.shared.centering import (
@@ -40,6 +41,8 @@ def estimate_feature_center(
     Raises:
         FederationError: no site released a usable sum (each site's reason is in the message).
     """
+    if cfg.secure_aggregation:  # the server sees only the sum (server/secure_releases.py)
+        return secure_feature_center(grid, node_ids, config, cfg, dim=dim, timeout=timeout)
     sigma = 0.0 if cfg.non_private else run_centering_noise(cfg)
     if sigma is None:
         log.warning(

@@ -13,7 +13,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save
 from torch import nn
 
-from fedtl.shared.backbones import Preprocessing
+from fedtl.shared.backbones import AnyPreprocessing, preprocessing_from_dict
 from fedtl.shared.deep import Adaptation, build_adapted_backbone, split_wire_arrays
 from fedtl.shared.errors import ModelFileError
 from fedtl.shared.files import atomic_write_bytes
@@ -21,6 +21,7 @@ from fedtl.shared.heads import PROJECTED, Head, build_head, load_head_arrays
 from fedtl.shared.protocol import jsonable
 
 FORMAT = "fedtl-adapted-model/1"
+_PREDICT_ITEMS = {"images": "IMAGE", "texts": "TEXT-OR-FILE", "rows": "TABLE-FILE"}
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class AdaptedModel:
 
     backbone_name: str
     backbone_fingerprint: str
-    preprocessing: Preprocessing
+    preprocessing: AnyPreprocessing  # images, texts (tokenizer) or rows (the table schema)
     feature_dim: int
     head: str
     head_hidden: int
@@ -44,6 +45,8 @@ class AdaptedModel:
     metrics: dict[str, Any] = field(default_factory=dict)
     # Client-level DP of the aggregation (server/client_dp.py): a different guarantee from `privacy`.
     client_dp: dict[str, Any] = field(default_factory=dict)
+    # Secure aggregation (server/secure_releases.py): the trust assumption the sites' epsilons hold under.
+    trust: dict[str, Any] = field(default_factory=dict)
     # Deeper fine-tuning (shared/deep.py): how the backbone was adapted, and the names of the backbone tensors
     # that changed (stored as `backbone.<name>` beside the head's); empty for a head on the frozen backbone.
     trainable_blocks: int = 0
@@ -135,7 +138,7 @@ def load_model(path: str | Path) -> AdaptedModel:
         }
         return AdaptedModel(
             arrays=dict(arrays),
-            preprocessing=Preprocessing.from_dict(meta.pop("preprocessing")),
+            preprocessing=preprocessing_from_dict(meta.pop("preprocessing")),
             label_names=tuple(meta.pop("label_names")),
             sites=tuple(meta.pop("sites")),
             changed_tensors=tuple(meta.pop("changed_tensors", ())),
@@ -155,8 +158,7 @@ def model_card(model: AdaptedModel) -> str:
         + ("(frozen)" if not model.adaptation.enabled else f"(pretrained; fine-tuned: {model.adaptation.describe()})")
         + f", fingerprint `{model.backbone_fingerprint}`"
         + (" (of the pretrained weights)" if model.adaptation.enabled else ""),
-        f"- Preprocessing: {model.preprocessing.image_size}x{model.preprocessing.image_size} px, "
-        f"mean {list(model.preprocessing.mean)}, std {list(model.preprocessing.std)}",
+        f"- Preprocessing: {model.preprocessing.describe()}",
         f"- Head: {model.head}"
         + (f" (hidden {model.head_hidden})" if model.head == "mlp" else "")
         + (
@@ -179,6 +181,17 @@ def model_card(model: AdaptedModel) -> str:
         lines.append(
             f"| {site} | {'inf (non-private)' if not math.isfinite(eps) else f'{eps:.3f}'} | {spend.get('delta')} |"
         )
+    if model.trust:
+        trust = model.trust
+        lines += [
+            "",
+            "## Trust assumption (secure aggregation)",
+            "",
+            f"- {trust.get('assumption')}.",
+            f"- Mechanism: {trust.get('mechanism')}; noise multiplier {trust.get('noise-multiplier')} of the sum, each "
+            f"site adding 1/{trust.get('honest-sites')} of its variance; {trust.get('sites-in-sum')} of "
+            f"{trust.get('sites')} sites in the sum, {trust.get('threshold')} shares rebuild a site's masks.",
+        ]
     if model.adaptation.enabled:
         lines += [
             "",
@@ -214,7 +227,8 @@ def model_card(model: AdaptedModel) -> str:
         "",
         "## Use",
         "",
-        f"`fedtl predict {model.run_id}/model.safetensors IMAGE...` (needs the backbone with the fingerprint above).",
+        f"`fedtl predict {model.run_id}/model.safetensors {_PREDICT_ITEMS[model.preprocessing.kind]}...` "
+        "(needs the backbone with the fingerprint above).",
         "",
         ("Only the head was trained. " if not model.adaptation.enabled else "")
         + "The backbone's ImageNet weights are public; the guarantee above covers each",

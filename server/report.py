@@ -54,6 +54,9 @@ class RunRecorder:
     client_dp_sample_rates: list[float] = field(default_factory=list)
     num_rounds: int = 0  # for the progress line "round r/N"
     _round_started: float = field(default_factory=time.monotonic)
+    # Secure aggregation (server/secure_releases.py): the trust assumption each securely summed release holds
+    # under, for the summary and the model card. Empty when off.
+    trust: dict[str, Any] = field(default_factory=dict)
     _sent_messages: list[Message] = field(default_factory=list)  # this round's training messages
 
     def expect_replies(self, messages: list[Message]) -> None:

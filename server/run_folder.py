@@ -131,6 +131,7 @@ def export_run(
         strategy=cfg.strategy,
         metrics=final_metrics,
         client_dp=dict(recorder.client_dp),
+        trust=dict(recorder.trust),
         **_adaptation_fields(cfg, final_arrays),
     )
     if cfg.personalization == k.FEDPER:  # no single model: every site holds its own last layer
@@ -152,6 +153,9 @@ def export_run(
         "head-bytes-per-site-per-round": 2 * head_bytes,  # down to the site and back up
         "epsilon-per-site": dict(sorted(recorder.site_epsilon.items())),
         "epsilon-max": max(recorder.site_epsilon.values(), default=math.nan),
+        # Secure aggregation: the assumption epsilon holds under, stated beside it (empty: each site's own noise).
+        "trust-assumption": recorder.trust.get("assumption", "none: every site's noise protects it on its own"),
+        **({"secure-aggregation": dict(recorder.trust)} if recorder.trust else {}),
         "delta": cfg.target_delta,
         "majority-rate": majority,
         "final": final_metrics,

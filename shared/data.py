@@ -24,8 +24,17 @@ from fedtl.shared.dataset import (
 from fedtl.shared.errors import ConfigError, DataError
 from fedtl.shared.images import IMAGE_EXTENSIONS, load_image_file
 from fedtl.shared.labels import MIN_CLASSES, check_label_names
-from fedtl.shared.loaders import CSV_EXTENSION, NPZ_EXTENSION, LoadReport, SiteData, load_site_dataset
+from fedtl.shared.loaders import (
+    CSV_EXTENSION,
+    JSONL_EXTENSION,
+    NPZ_EXTENSION,
+    LoadReport,
+    SiteData,
+    load_site_dataset,
+)
+from fedtl.shared.named_data import NAMED_SOURCES, named_source
 from fedtl.shared.npz import NPZ_LAYOUT
+from fedtl.shared.tables import TABLE_EXTENSIONS, TableSchema
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -44,7 +53,9 @@ __all__ = [
 ACCEPTED_SOURCES = (
     f"'{DIGITS}' (sklearn's bundled 8x8 digits), a path to {NPZ_LAYOUT}, "
     "a directory of images with one sub-folder per class (optionally split into train/ and test/), "
-    "or a CSV manifest path,label[,split][,site]; folders and manifests may list DICOM files"
+    "or a CSV manifest path,label[,split][,site]; folders and manifests may list DICOM files; texts: a CSV "
+    "text,label[,split] or a .jsonl file; table rows: a .csv or .parquet file under the federation's `schema`; "
+    f"or a named data set: {', '.join(NAMED_SOURCES)}"
 )
 
 
@@ -70,6 +81,7 @@ def load_dataset(
     seed: int = 0,
     test_fraction: float = 0.2,
     label_names: Sequence[str] | None = None,
+    schema: TableSchema | None = None,
 ) -> DataSplits:
     """Load 'digits', a MedMNIST-style .npz file, an image folder or a CSV manifest as train/test splits.
 
@@ -81,6 +93,7 @@ def load_dataset(
         test_fraction: share of images held out as test where the source has no test split, in (0, 1).
         label_names: the federation's declared classes, in any order, which becomes the class order;
             every label must be one of them. None: derived from the data (shared.labels rules).
+        schema: the federation's table schema, under which a .csv or .parquet source is read as table rows.
 
     Returns:
         DataSplits; `train` is the pool to partition over sites, `test` the held-out set (None only for
@@ -91,7 +104,8 @@ def load_dataset(
         DataError: unknown source, missing keys, bad, clashing or unknown labels, fewer than 2 classes with
             training images, corrupt/empty/mixed-size images.
     """
-    return _read_federation_data(source, seed=seed, test_fraction=test_fraction, label_names=label_names).splits
+    read = _read_federation_data(source, seed=seed, test_fraction=test_fraction, label_names=label_names, schema=schema)
+    return read.splits
 
 
 def check_federation_data(
@@ -104,6 +118,7 @@ def check_federation_data(
     test_fraction: float = 0.2,
     local_test_fraction: float = 0.2,
     permuted_label_sites: Sequence[int] = (),
+    schema: TableSchema | None = None,
 ) -> FederationData:
     """Check a simulated federation's data before any site trains: classes, images, and every site's share.
 
@@ -135,7 +150,7 @@ def check_federation_data(
             "fix: name existing sites"
         )
     declared = tuple(label_names) or None
-    read = _read_federation_data(data, seed=seed, test_fraction=test_fraction, label_names=declared)
+    read = _read_federation_data(data, seed=seed, test_fraction=test_fraction, label_names=declared, schema=schema)
     train = read.splits.train
     sizes = []
     for partition_id in range(num_sites):
@@ -153,7 +168,12 @@ def check_federation_data(
 
 
 def _read_federation_data(
-    source: str | Path, *, seed: int, test_fraction: float, label_names: Sequence[str] | None
+    source: str | Path,
+    *,
+    seed: int,
+    test_fraction: float,
+    label_names: Sequence[str] | None,
+    schema: TableSchema | None = None,
 ) -> SiteData:
     """The data and load report of a federation's shared pool, with at least MIN_CLASSES classes to train."""
     check_split_settings(seed=seed, test_fraction=test_fraction)
@@ -162,14 +182,21 @@ def _read_federation_data(
         read = load_site_dataset(DIGITS, label_names=declared, seed=seed, test_fraction=test_fraction)
     elif not isinstance(source, (str, Path)):
         raise DataError(f"data source must be a string or path, got {source!r}; accepted: {ACCEPTED_SOURCES}")
+    elif named_source(source) is not None and not Path(source).expanduser().exists():
+        read = load_site_dataset(
+            source, label_names=declared, seed=seed, test_fraction=test_fraction, require_test=False, schema=schema
+        )
     else:
         path = Path(source).expanduser()
         suffix = path.suffix.lower()
-        if not (path.is_dir() or (path.is_file() and suffix in (CSV_EXTENSION, NPZ_EXTENSION))):
-            reason = "is a file but not a .npz or .csv" if path.is_file() else "does not exist"
+        accepted = (CSV_EXTENSION, NPZ_EXTENSION, JSONL_EXTENSION, *TABLE_EXTENSIONS)
+        if not (path.is_dir() or (path.is_file() and suffix in accepted)):
+            reason = f"is a file but not one of {', '.join(accepted)}" if path.is_file() else "does not exist"
             raise DataError(f"data source {str(source)!r} {reason}; accepted: {ACCEPTED_SOURCES}")
         # Image folders, CSV manifests, DICOM and .npz: the same loader and validation a real site uses.
-        read = load_site_dataset(path, label_names=declared, seed=seed, test_fraction=test_fraction, require_test=False)
+        read = load_site_dataset(
+            path, label_names=declared, seed=seed, test_fraction=test_fraction, require_test=False, schema=schema
+        )
     _check_training_classes(read.splits.train)
     return read
 

@@ -1,4 +1,10 @@
-"""Image data sets in memory: validated images and labels, their train/test splits and the sites' shares."""
+"""Data sets in memory: validated raw inputs (images, texts or table rows) and labels, splits and sites' shares.
+
+A data set's raw inputs are of one kind (`input_kind`): uint8 images (N, H, W[, 3]), texts (an (N,) object
+array of str), or table rows (an (N, C) float64 array in a declared schema's column order, numbers as read
+and categories as their index in the schema's list: a coding that reads nothing from the data, see
+shared.tables). The backbone's preprocessing turns them into a batch (shared.backbones, shared.encoders).
+"""
 
 from __future__ import annotations
 
@@ -18,10 +24,15 @@ from fedtl.shared.partitioners import NATURAL, parse_partition, partition_indice
 
 __all__ = [
     "DIGITS",
+    "IMAGES",
+    "INPUT_KINDS",
+    "ROWS",
+    "TEXTS",
     "DataSplits",
     "ImageDataset",
     "cast_integer_labels",
     "check_split_settings",
+    "input_kind",
     "load_digits_splits",
     "site_split",
     "split_dataset",
@@ -29,13 +40,32 @@ __all__ = [
 ]
 
 DIGITS = "digits"
+IMAGES, TEXTS, ROWS = "images", "texts", "rows"
+INPUT_KINDS = (IMAGES, TEXTS, ROWS)
+
+
+def input_kind(inputs: object) -> str | None:
+    """Return the kind of raw inputs an array holds (IMAGES, TEXTS or ROWS), or None when it is none of them."""
+    if not isinstance(inputs, np.ndarray):
+        return None
+    if inputs.dtype == np.uint8 and (inputs.ndim == 3 or (inputs.ndim == 4 and inputs.shape[-1] == 3)):
+        return IMAGES
+    if inputs.dtype == object and inputs.ndim == 1 and all(isinstance(t, str) for t in inputs):
+        return TEXTS
+    if inputs.dtype == np.float64 and inputs.ndim == 2:
+        return ROWS
+    return None
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class ImageDataset:
-    """Images with integer class labels (and optionally the site id of each image), validated at construction."""
+    """Raw inputs with integer class labels (and optionally the site id of each), validated at construction.
 
-    images: np.ndarray  # uint8, (N, H, W) grey or (N, H, W, 3) RGB
+    `images` keeps its name for the many callers that read images, but holds raw inputs of any kind
+    (`input_kind`); `inputs` and `kind` name them generally.
+    """
+
+    images: np.ndarray  # uint8 (N, H, W) grey or (N, H, W, 3) RGB; (N,) object array of str; (N, C) float64 rows
     labels: np.ndarray  # int64, (N,)
     label_names: tuple[str, ...]
     source: str  # human-readable origin, used in error messages
@@ -43,13 +73,15 @@ class ImageDataset:
 
     def __post_init__(self) -> None:
         images, labels = self.images, self.labels
-        if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        if input_kind(images) in (TEXTS, ROWS):
+            pass  # texts and rows are checked by their loaders (shared.texts, shared.tables) before they get here
+        elif not isinstance(images, np.ndarray) or images.dtype != np.uint8:
             got = images.dtype if isinstance(images, np.ndarray) else type(images).__name__
             raise DataError(
-                f"{self.source}: `images` must be a uint8 numpy array, got {got}; "
-                "fix: convert pixel values to 0..255 and cast with .astype(np.uint8)"
+                f"{self.source}: `images` must be a uint8 numpy array, got {got}; fix: convert pixel values to "
+                "0..255 and cast with .astype(np.uint8) (texts: an object array of str; rows: float64 (N, C))"
             )
-        if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
+        elif not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
             raise DataError(
                 f"{self.source}: `images` must have shape (N,H,W) or (N,H,W,3), got {images.shape}; "
                 "fix: squeeze single-channel axes or convert images to RGB"
@@ -82,13 +114,23 @@ class ImageDataset:
             object.__setattr__(self, "groups", validate_groups(self.groups, images.shape[0], source=self.source))
 
     def __len__(self) -> int:
-        """Number of images."""
+        """Number of examples."""
         return int(self.images.shape[0])
+
+    @property
+    def inputs(self) -> np.ndarray:
+        """Return the raw inputs (the `images` field, whatever their kind)."""
+        return self.images
+
+    @property
+    def kind(self) -> str:
+        """Return the kind of the raw inputs: IMAGES, TEXTS or ROWS."""
+        return input_kind(self.images) or IMAGES
 
     def __repr__(self) -> str:
         sites = "" if self.groups is None else f", sites={np.unique(self.groups).size}"
         return (
-            f"ImageDataset(n={len(self)}, image_shape={self.images.shape[1:]}, "
+            f"ImageDataset(n={len(self)}, kind={self.kind}, shape={self.images.shape[1:]}, "
             f"classes={len(self.label_names)}{sites}, source={self.source!r})"
         )
 
@@ -111,7 +153,18 @@ class ImageDataset:
         Site ids (`groups`) are left out: they change neither features nor labels, and this fingerprint keys
         the feature cache and names a test set in reports, which should not move when a site column is added.
         """
-        digest = hashlib.sha256(b"fedtl.ImageDataset.v1\0")
+        if self.kind == TEXTS:  # strings have no fixed-width bytes: hash each one, length-prefixed
+            digest = hashlib.sha256(b"fedtl.TextDataset.v1\0")
+            for text in self.images:
+                raw = text.encode("utf-8")
+                digest.update(len(raw).to_bytes(8, "little"))
+                digest.update(raw)
+            labels = np.ascontiguousarray(self.labels)
+            digest.update(f"labels:{labels.dtype.str}:{labels.shape}\0".encode())
+            digest.update(labels.tobytes())
+            digest.update(json.dumps(list(self.label_names)).encode())
+            return digest.hexdigest()
+        digest = hashlib.sha256(b"fedtl.ImageDataset.v1\0")  # rows hash like images: dtype, shape and bytes
         for name, array in (("images", self.images), ("labels", self.labels)):
             array = np.ascontiguousarray(array)
             digest.update(f"{name}:{array.dtype.str}:{array.shape}\0".encode())
@@ -120,7 +173,7 @@ class ImageDataset:
         return digest.hexdigest()
 
     def class_counts(self) -> list[int]:
-        """Images per class, indexed like `label_names`."""
+        """Examples per class, indexed like `label_names`."""
         return np.bincount(self.labels, minlength=len(self.label_names)).tolist()
 
 
@@ -139,6 +192,11 @@ class DataSplits:
             raise DataError(
                 f"test split {test.source} has label_names {test.label_names!r} but train split "
                 f"{self.train.source} has {self.train.label_names!r}; fix: use the same classes in both"
+            )
+        if test.kind != self.train.kind:
+            raise DataError(
+                f"test split {test.source} holds {test.kind} but train split {self.train.source} holds "
+                f"{self.train.kind}; fix: give both splits the same kind of data"
             )
         if test.images.shape[1:] != self.train.images.shape[1:]:
             raise DataError(

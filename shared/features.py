@@ -16,7 +16,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fedtl.shared.backbones import Preprocessing
+from fedtl.shared.backbones import AnyPreprocessing
+from fedtl.shared.dataset import IMAGES, input_kind
+from fedtl.shared.errors import DataError
 from fedtl.shared.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -37,18 +39,24 @@ def resolve_device(device: str = "auto") -> torch.device:
 def extract_features(
     backbone: nn.Module,
     images: np.ndarray,
-    preprocessing: Preprocessing,
+    preprocessing: AnyPreprocessing,
     *,
     batch_size: int = 64,
     device: str | torch.device = "auto",
     progress: bool = True,
     desc: str = "features",
 ) -> np.ndarray:
-    """Run the frozen backbone over `images` in batches and return float32 features (N, D).
+    """Run the frozen backbone over raw inputs (`images`, texts or rows) in batches; return float32 features (N, D).
 
-    The backbone is put in eval() so BatchNorm uses its ImageNet running statistics and never
-    updates them from private data. On CUDA the forward pass runs under bf16 autocast.
+    The preprocessing turns each batch of raw inputs into the backbone's input (resized, normalised
+    images; token ids and masks; schema-encoded rows). The backbone is put in eval() so BatchNorm uses
+    its ImageNet running statistics and never updates them from private data. On CUDA the forward pass
+    runs under bf16 autocast.
+
+    Raises:
+        DataError: the raw inputs are not of the kind the backbone reads (texts given to an image backbone...).
     """
+    check_input_kind(images, preprocessing)
     dev = resolve_device(device) if isinstance(device, str) else device
     backbone.eval()
     # channels-last convolutions run ~1.5x faster on CPU here (and suit GPU tensor cores); the
@@ -58,8 +66,9 @@ def extract_features(
     # A bar where someone watches (a terminal), nothing in logs and captured output (tqdm's disable=None).
     bar = tqdm(total=len(images), desc=desc, unit="img", disable=None if progress else True, leave=False)
     for start in range(0, len(images), batch_size):
-        batch = preprocessing.apply(images[start : start + batch_size]).to(dev)  # (B, 3, S, S)
-        batch = batch.contiguous(memory_format=torch.channels_last)
+        batch = preprocessing.apply(images[start : start + batch_size]).to(dev)  # (B, 3, S, S), (B, 2, L) or (B, D)
+        if batch.dim() == 4:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             feats = backbone(batch)  # (B, D)
         chunks.append(feats.float().cpu().numpy())
@@ -67,13 +76,23 @@ def extract_features(
     bar.close()
     if not chunks:
         # No images: still report the backbone's feature width, so callers build heads of the right size.
-        side = preprocessing.image_size
-        width = backbone(torch.zeros((1, 3, side, side), device=dev)).shape[1]
+        width = backbone(preprocessing.example_batch().to(dev)).shape[1]
         return np.zeros((0, width), dtype=np.float32)
     return np.concatenate(chunks).astype(np.float32, copy=False)
 
 
-def feature_cache_key(backbone_fingerprint: str, data_fingerprint: str, preprocessing: Preprocessing) -> str:
+def check_input_kind(inputs: np.ndarray, preprocessing: AnyPreprocessing) -> None:
+    """Raise DataError when raw inputs are not of the kind the backbone's preprocessing reads."""
+    expected, got = getattr(preprocessing, "kind", IMAGES), input_kind(inputs) or IMAGES
+    if got != expected:
+        hint = {"texts": "minilm_l6", "rows": "tabular"}.get(got, "an image backbone such as efficientnet_lite0")
+        raise DataError(
+            f"the data holds {got} but the run's backbone reads {expected}; fix: choose a backbone for {got} "
+            f"(backbone = {hint!r})"
+        )
+
+
+def feature_cache_key(backbone_fingerprint: str, data_fingerprint: str, preprocessing: AnyPreprocessing) -> str:
     """Return the cache key: SHA-256 over backbone fingerprint, data fingerprint and preprocessing."""
     payload = json.dumps(
         {
@@ -124,7 +143,7 @@ def cached_features(
     images: np.ndarray,
     labels: np.ndarray,
     data_fingerprint: str,
-    preprocessing: Preprocessing,
+    preprocessing: AnyPreprocessing,
     batch_size: int = 64,
     device: str = "auto",
     progress: bool = True,
@@ -134,6 +153,7 @@ def cached_features(
 
     `load_backbone` is only called on a cache miss, so a hit costs neither weights nor a forward pass.
     """
+    check_input_kind(images, preprocessing)  # before a cache hit can hide a mismatch
     key = feature_cache_key(backbone_fingerprint, data_fingerprint, preprocessing)
     found = cache.load(key)
     if found is not None:

@@ -1,4 +1,9 @@
-"""Site data loaders: image folders, CSV manifests, DICOM and MedMNIST .npz, validated before any training.
+"""Site data loaders: image folders, CSV manifests, DICOM, MedMNIST .npz, texts and tables, validated before training.
+
+Texts (a CSV with text,label columns or JSON lines; shared.texts) and table rows (CSV or Parquet under
+the federation's declared schema; shared.tables) are read by their own modules and become data sets
+here, with the same label, split and report rules as images. So do the named bank data sets of
+shared.named_data (`cfpb-complaints`, `german-credit`).
 
 A real site's data is read here and checked once, at the boundary: unknown or inconsistent labels
 (shared.labels), missing or corrupt files, mixed sizes and empty splits are errors that name the files and
@@ -12,6 +17,7 @@ the site operator (`fedtl site check`) and must not be sent to the server.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import logging
@@ -32,6 +38,9 @@ from pydicom.pixels import apply_modality_lut
 
 from fedtl.shared.dataset import (
     DIGITS,
+    IMAGES,
+    ROWS,
+    TEXTS,
     DataSplits,
     ImageDataset,
     check_split_settings,
@@ -48,7 +57,10 @@ from fedtl.shared.images import (
     scale_to_uint8,
 )
 from fedtl.shared.labels import MIN_CLASSES, check_known_labels, check_label_names, derive_label_names
+from fedtl.shared.named_data import NAMED_SOURCES, NamedSource, named_source, named_source_files, schema_path
 from fedtl.shared.npz import FILE, INDICES, MEDMNIST, NpzSplits, map_onto_label_names, read_npz
+from fedtl.shared.tables import TABLE_EXTENSIONS, TableSchema, load_schema, read_table_rows
+from fedtl.shared.texts import TEXT_LAYOUT, is_text_csv, read_text_records
 
 __all__ = [
     "BAD_FILES_MODES",
@@ -64,7 +76,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SITE_FORMATS = ("folder", "csv", "dicom", "npz", "digits")
+SITE_FORMATS = ("folder", "csv", "dicom", "npz", "digits", "text", "table")
+JSONL_EXTENSION = ".jsonl"
 BAD_FILES_MODES = ("error", "skip")
 DICOM_EXTENSION = ".dcm"
 CSV_EXTENSION = ".csv"
@@ -86,7 +99,9 @@ VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
 ACCEPTED_SITE_SOURCES = (
     "a directory with one sub-folder per class (root/<class>/<file>, or root/train/<class>/... and "
     "root/test/<class>/...), a .csv manifest with columns path,label (optional split and site), "
-    "a MedMNIST-style .npz file, or 'digits' (sklearn's bundled digits, to try a site out)"
+    "a MedMNIST-style .npz file, or 'digits' (sklearn's bundled digits, to try a site out); texts: "
+    f"{TEXT_LAYOUT}; table rows: a .csv or .parquet file with the columns of the federation's schema; or a named "
+    f"data set: {', '.join(NAMED_SOURCES)}"
 )
 MANIFEST_LAYOUT = (
     "a header row path,label (optional split with values train, test or val, and optional site naming the "
@@ -117,16 +132,19 @@ class LoadReport:
     notes: tuple[str, ...] = ()
     classes_from: str = ""  # where label_names came from: declared, derived from the labels, the file...
     pixel_depth: str = ""  # bit depth of the images read and how it was found (shared.images)
+    inputs: str = IMAGES  # the kind of raw inputs: images, texts or rows
+    details: str = ""  # texts: their lengths; rows: the schema
 
     def summary(self) -> str:
         """Human-readable text: counts per split and class, skipped files and notes."""
-        shape = "x".join(str(d) for d in self.image_shape[1::-1])  # width x height
-        colour = "RGB" if len(self.image_shape) == 3 else "grey"
         splits = ", ".join(f"{n} {split}" for split, n in self.split_counts.items())
-        lines = [
-            f"source: {self.source} ({self.format})",
-            f"images: {splits}; {shape} {colour}",
-        ]
+        lines = [f"source: {self.source} ({self.format})"]
+        if self.inputs == IMAGES:
+            shape = "x".join(str(d) for d in self.image_shape[1::-1])  # width x height
+            colour = "RGB" if len(self.image_shape) == 3 else "grey"
+            lines.append(f"images: {splits}; {shape} {colour}")
+        else:
+            lines.append(f"{self.inputs}: {splits}" + (f"; {self.details}" if self.details else ""))
         if self.pixel_depth:
             lines.append(f"pixels: {self.pixel_depth}")
         from_ = f", {self.classes_from}" if self.classes_from else ""
@@ -173,8 +191,9 @@ def load_site_dataset(
     seed: int = 0,
     test_fraction: float = 0.2,
     require_test: bool = True,
+    schema: TableSchema | None = None,
 ) -> SiteData:
-    """Load and validate a site's images from a folder, a CSV manifest or a MedMNIST .npz.
+    """Load and validate a site's images from a folder, a CSV manifest or a MedMNIST .npz, or its texts or rows.
 
     Format, from `source`: a directory is an image folder (root/<class>/<file>, searched recursively, or
     root/train/<class>/... + root/test/<class>/... with an optional root/val/ merged into train); a .csv
@@ -196,6 +215,9 @@ def load_site_dataset(
         seed, test_fraction: the stratified train/test split when the source has no split of its own.
         require_test: refuse an .npz without test images (a site needs a local test split; the lab's
             shared pool may have none).
+        schema: the federation's table schema: a .csv or .parquet source is then read as table rows under it
+            (shared.tables). Without it a .csv holding a `text` column, or a .jsonl file, is read as texts
+            (shared.texts). A named data set (shared.named_data) brings its own.
 
     Returns:
         SiteData with the splits (train and a non-empty test) and the LoadReport.
@@ -217,7 +239,24 @@ def load_site_dataset(
         return _load_array_site(DIGITS, DIGITS, declared, seed=seed, test_fraction=test_fraction, require_test=True)
     if not isinstance(source, (str, Path)):
         raise DataError(f"site data source must be a path, got {source!r}; accepted: {ACCEPTED_SITE_SOURCES}")
+    named = named_source(source)
+    if named is not None and not Path(source).expanduser().exists():
+        return _load_named_site(named, declared, schema, seed=seed, test_fraction=test_fraction)
     path = Path(source).expanduser()
+    suffix = path.suffix.lower()
+    if path.is_file() and schema is not None and suffix in TABLE_EXTENSIONS:
+        rows = read_table_rows(path, schema)
+        parts = [(rows.rows, rows.labels, rows.splits, rows.origins)]
+        return _load_records_site(path, ROWS, parts, rows.notes, declared, seed, test_fraction, require_test, schema)
+    if path.is_file() and (suffix == JSONL_EXTENSION or (suffix == CSV_EXTENSION and is_text_csv(path))):
+        texts = read_text_records(path)
+        parts = [(texts.texts, texts.labels, texts.splits, texts.origins)]
+        return _load_records_site(path, TEXTS, parts, texts.notes, declared, seed, test_fraction, require_test, None)
+    if path.is_file() and suffix in TABLE_EXTENSIONS[1:]:
+        raise DataError(
+            f"site data source {path} is a table, which is read under the federation's schema; fix: give the schema "
+            "(run config `schema`, site policy `site.schema`)"
+        )
     if path.is_dir():
         entries, found, notes = _folder_entries(path)
         container = "folder"
@@ -239,7 +278,9 @@ def load_site_dataset(
     return _load_entries(path, container, entries, found, notes, declared, bad_files, seed, test_fraction)
 
 
-def check_site_source(source: str | Path, *, label_names: Sequence[str] | None = None) -> str:
+def check_site_source(
+    source: str | Path, *, label_names: Sequence[str] | None = None, schema: TableSchema | None = None
+) -> str:
     """Check a site's data without decoding its images; return one line saying what was found.
 
     What `fedtl site init` can check at once: the source exists and is a folder, manifest, .npz or
@@ -254,6 +295,17 @@ def check_site_source(source: str | Path, *, label_names: Sequence[str] | None =
     if isinstance(source, str) and source.strip().lower() == DIGITS:
         return "sklearn digits (10 classes)"
     path = Path(source).expanduser()
+    suffix = path.suffix.lower()
+    if named_source(source) is not None or (
+        path.is_file()
+        and (
+            suffix in (JSONL_EXTENSION, *TABLE_EXTENSIONS[1:])
+            or (suffix == CSV_EXTENSION and (schema is not None or is_text_csv(path)))
+        )
+    ):
+        data = load_site_dataset(source, label_names=declared, schema=schema)
+        found = sum(data.report.split_counts.values())
+        return f"{data.report.source}: {data.report.inputs} ({found}), classes {list(data.report.label_names)}"
     if path.is_dir():
         entries, found, _ = _folder_entries(path)
         container = "folder"
@@ -297,7 +349,10 @@ def source_stamp(source: str | Path) -> str | None:
             if path.suffix.lower() == CSV_EXTENSION:
                 digest.update(path.read_bytes())
                 with path.open(newline="", encoding="utf-8") as handle:
-                    for row in csv.DictReader(handle):
+                    reader = csv.DictReader(handle)
+                    if "path" not in (reader.fieldnames or ()):
+                        return digest.hexdigest()  # texts or table rows: the file itself is the data
+                    for row in reader:
                         listed = Path(row["path"].strip()).expanduser()
                         listed = listed if listed.is_absolute() else path.parent / listed
                         if listed.is_file():
@@ -804,6 +859,114 @@ def _load_array_site(
     images = "uint8 arrays in the .npz" if fmt == "npz" else "sklearn digits 0..16 scaled to 0..255"
     report = _report(Path(path), fmt, splits, (), notes, classes_from=classes_from, pixel_depth=f"8-bit ({images})")
     return SiteData(splits, report)
+
+
+# --- texts and table rows ------------------------------------------------------------------------------
+
+
+def _load_named_site(
+    named: NamedSource, declared: tuple[str, ...] | None, schema: TableSchema | None, *, seed: int, test_fraction: float
+) -> SiteData:
+    """A named data set (shared.named_data): its installed, hash-checked files read as texts or table rows."""
+    files = named_source_files(named)
+    parts, notes = [], []
+    if named.kind == ROWS:
+        own = load_schema(schema_path(named))
+        if schema is not None and schema.key() != own.key():
+            raise DataError(
+                f"data {named.name!r} is read under its own schema {own.name!r}, but the federation declares another "
+                f"schema {schema.name!r}; fix: leave `schema` empty for {named.name!r} or point `data` at a file"
+            )
+        for path, split in files:
+            rows = read_table_rows(path, own)
+            parts.append(
+                (rows.rows, rows.labels, rows.splits or ([split] * len(rows.labels) if split else None), rows.origins)
+            )
+            notes.extend(rows.notes)
+        schema = own
+    else:
+        for path, split in files:
+            texts = read_text_records(path, text_column=named.text_column, label_column=named.label_column)
+            parts.append((texts.texts, texts.labels, [split] * len(texts.labels) if split else None, texts.origins))
+            notes.extend(texts.notes)
+    notes.append(f"named data set {named.name!r}: {named.licence}")
+    return _load_records_site(
+        Path(named.name), named.kind, parts, tuple(notes), declared, seed, test_fraction, True, schema, fmt=named.name
+    )
+
+
+def _load_records_site(
+    source: Path,
+    kind: str,
+    parts: list[tuple[object, list[str], list[str] | None, list[str]]],
+    notes: tuple[str, ...],
+    declared: tuple[str, ...] | None,
+    seed: int,
+    test_fraction: float,
+    require_test: bool,
+    schema: TableSchema | None,
+    *,
+    fmt: str = "",
+) -> SiteData:
+    """Texts or rows (with their label texts, split values and origins) as checked train/test splits and a report."""
+    if kind == TEXTS:
+        inputs = np.empty(sum(len(p[1]) for p in parts), dtype=object)
+        inputs[:] = [text for part in parts for text in part[0]]  # (N,) str; filled so numpy keeps them as objects
+    else:
+        inputs = np.concatenate([np.asarray(p[0], dtype=np.float64) for p in parts])  # (N, C)
+    labels = [label for p in parts for label in p[1]]
+    origins = [o if len(parts) == 1 else f"{o} of file {i + 1}" for i, p in enumerate(parts) for o in p[3]]
+    has_split = [p[2] is not None for p in parts]
+    if any(has_split) and not all(has_split):
+        raise DataError(f"{source}: some files have a split column and some do not; fix: give every file one")
+    splits = [v for p in parts for v in p[2]] if all(has_split) else None
+    carriers: dict[str, list[str]] = {}
+    for label, origin in zip(labels, origins):
+        carriers.setdefault(label, []).append(origin)
+    if declared is not None:
+        check_known_labels(carriers, declared, source=str(source))
+        names, classes_from = declared, "declared (label-names)"
+    else:
+        names = derive_label_names(carriers, source=str(source))
+        classes_from = "derived from the labels (no label-names declared: the federation's must match)"
+    index = {name: i for i, name in enumerate(names)}
+    coded = np.array([index[label] for label in labels], dtype=np.int64)
+    dataset = ImageDataset(inputs, coded, names, str(source))
+    notes = list(notes)
+    if splits is None:
+        if len(dataset) < 2:
+            raise DataError(f"{source}: {len(dataset)} example(s) cannot be split into train and test; fix: add more")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            data = split_dataset(dataset, seed=seed, test_fraction=test_fraction)
+        for warning in caught:
+            notes.append(str(warning.message))
+            warnings.warn(warning.message, stacklevel=3)
+    else:
+        mask = np.array([v == "test" for v in splits], dtype=bool)
+        if not (~mask).any():
+            raise DataError(
+                f"{source}: no rows in the train split; fix: mark some rows train (or drop the split column)"
+            )
+        if not mask.any() and require_test:
+            raise DataError(
+                f"{source}: no rows in the test split; a site needs both; fix: mark some rows test, or drop the "
+                "split column to split by seed"
+            )
+        train, test = dataset.subset(np.flatnonzero(~mask)), dataset.subset(np.flatnonzero(mask))
+        data = DataSplits(
+            train=ImageDataset(train.images, train.labels, names, f"{source} (train)"),
+            test=ImageDataset(test.images, test.labels, names, f"{source} (test)") if mask.any() else None,
+        )
+    if kind == TEXTS:
+        lengths = [len(t) for t in inputs]
+        details = f"{int(np.median(lengths))} characters median, {max(lengths)} longest"
+        container = "text"
+    else:
+        details = f"{inputs.shape[1]} columns of schema {schema.name!r} ({schema.width} encoded features)"
+        container = "table"
+    report = _report(source, fmt or container, data, (), notes, classes_from=classes_from, pixel_depth="")
+    return SiteData(data, dataclasses.replace(report, inputs=kind, details=details))
 
 
 # --- DICOM --------------------------------------------------------------------------------------------

@@ -39,11 +39,13 @@ __all__ = [
 ]
 
 IID, DIRICHLET, QUANTITY, CLASSES, NATURAL = "iid", "dirichlet", "quantity", "classes", "natural"
-PARTITION_KINDS = (IID, DIRICHLET, QUANTITY, CLASSES, NATURAL)
+SAMPLE = "sample"  # lab only: each site draws k examples; sites may share examples (scale studies)
+PARTITION_KINDS = (IID, DIRICHLET, QUANTITY, CLASSES, NATURAL, SAMPLE)
 ACCEPTED_PARTITIONS = (
     "'iid'; 'dirichlet:<alpha>' (label skew, alpha > 0, e.g. 'dirichlet:0.5'); 'quantity:<alpha>' (quantity "
     "skew: site sizes ~ Dirichlet(alpha), e.g. 'quantity:0.5'); 'classes:<k>' (k classes per site, integer "
-    "k >= 1, e.g. 'classes:2'); 'natural' (one site per site id of the data)"
+    "k >= 1, e.g. 'classes:2'); 'natural' (one site per site id of the data); 'sample:<k>' (lab scale studies: "
+    "each site draws k distinct examples, sites may share examples, more sites than examples allowed)"
 )
 CLASS_COUNTS = "class-counts"  # JSON key of count_partitions' rows, next to PARTITION_ID and NUM_EXAMPLES
 # Seeded redraws of a flwr-datasets partitioner before giving up. A Dirichlet redraw is itself up to 11
@@ -52,6 +54,7 @@ MAX_PARTITIONER_ATTEMPTS = 20
 # Literature minimum site size (Li et al. 2022, NIID-Bench `min_require_size = 10`).
 LITERATURE_MIN_SIZE = 10
 PARTITION_CACHE_SIZE = 32
+MAX_SAMPLED_SITES = 1_000_000  # 'sample:k' allows more sites than examples, up to this many
 _LABEL, _INDEX = "label", "index"  # columns of the Hugging Face dataset handed to flwr-datasets
 
 
@@ -82,13 +85,13 @@ def parse_partition(scheme: str | PartitionSpec) -> PartitionSpec:
     name, sep, raw = (part.strip() for part in scheme.strip().lower().partition(":"))
     if name in (IID, NATURAL) and not sep:
         return PartitionSpec(name)
-    if name in (DIRICHLET, QUANTITY, CLASSES) and sep:
+    if name in (DIRICHLET, QUANTITY, CLASSES, SAMPLE) and sep:
         number: float | int
         try:
-            number = int(raw) if name == CLASSES else float(raw)
+            number = int(raw) if name in (CLASSES, SAMPLE) else float(raw)
         except ValueError:
-            what = "k" if name == CLASSES else "alpha"
-            kind = "an integer" if name == CLASSES else "a number"
+            what = "k" if name in (CLASSES, SAMPLE) else "alpha"
+            kind = "an integer" if name in (CLASSES, SAMPLE) else "a number"
             raise ConfigError(
                 f"partition scheme {scheme!r}: {name} {what} {raw!r} is not {kind}; accepted: {ACCEPTED_PARTITIONS}"
             ) from None
@@ -104,6 +107,13 @@ def _check_spec(kind: str, parameter: object, *, shown: str) -> None:
     if kind in (IID, NATURAL):
         if parameter is not None:
             raise ConfigError(f"partition scheme {shown!r}: {kind} takes no parameter; accepted: {ACCEPTED_PARTITIONS}")
+        return
+    if kind == SAMPLE:
+        if isinstance(parameter, bool) or not isinstance(parameter, numbers.Integral) or parameter < 2:
+            raise ConfigError(
+                f"partition scheme {shown!r}: sample k must be an integer >= 2, got {parameter!r}; k = the examples "
+                "each site draws (a training and a local test split need 2 at least)"
+            )
         return
     if kind == CLASSES:
         if isinstance(parameter, bool) or not isinstance(parameter, numbers.Integral) or parameter < 1:
@@ -217,7 +227,7 @@ def partition_indices(
     elif (
         isinstance(num_partitions, bool)
         or not isinstance(num_partitions, numbers.Integral)
-        or not 1 <= num_partitions <= n
+        or not 1 <= num_partitions <= (MAX_SAMPLED_SITES if spec.kind == SAMPLE else n)
     ):
         raise ConfigError(
             f"`num_partitions` must be an integer in [1, {n}] (the number of samples), got {num_partitions!r}; "
@@ -287,10 +297,26 @@ def _compute_partition(
         parts = _iid_partition(y.size, num_partitions, seed)
     elif spec.kind == QUANTITY:
         parts = _quantity_partition(y, num_partitions, float(spec.parameter), seed)  # type: ignore[arg-type]
+    elif spec.kind == SAMPLE:
+        return _sample_partition(y.size, num_partitions, int(spec.parameter), seed)  # type: ignore[arg-type]
     else:
         parts = _skewed_partition(y, num_partitions, spec, seed)
     assert _covers_once(parts, y.size), "partitions must cover every sample exactly once"
     return parts
+
+
+def _sample_partition(n: int, num_partitions: int, k: int, seed: int) -> list[np.ndarray]:
+    """Each site draws k distinct examples, independently of the others (sites may share examples).
+
+    A lab scheme for scale studies only: many more sites than examples. Sites that share an example are not
+    separate people's data, so the federation's privacy claims do not hold across them; the README says so.
+    """
+    if k > n:
+        raise ConfigError(f"partition scheme 'sample:{k}': each site draws {k} examples, but the data has {n}")
+    return [
+        np.sort(np.random.default_rng([seed, 0x5A3, site]).choice(n, size=k, replace=False))
+        for site in range(num_partitions)
+    ]
 
 
 def _iid_partition(n: int, num_partitions: int, seed: int) -> list[np.ndarray]:

@@ -1,5 +1,10 @@
 """Privacy maths: cumulative epsilon of a DP-SGD history, the noise that meets a budget, client-level DP.
 
+A history may also hold Skellam releases (the distributed noise of secure aggregation,
+shared/distributed_noise.py): such a history is accounted by RDP at integer orders, where the Skellam bound
+holds, summing Opacus' sampled-Gaussian RDP for the Gaussian stretches; a history of Gaussian stretches only
+takes the path below, unchanged.
+
 Pure functions over (noise_multiplier, sample_rate, steps) histories, computed with Opacus'
 accountants (RDP: Mironov 2017, "Renyi Differential Privacy"; Mironov et al. 2019 for the sampled
 Gaussian mechanism; PRV: Gopi et al. 2021, "Numerical Composition of Differential Privacy").
@@ -23,16 +28,23 @@ import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
+from fedtl.shared.distributed_noise import SKELLAM_ORDERS, skellam_rdp
 from fedtl.shared.errors import ConfigError, PrivacyBudgetError
 
 
 @dataclass(frozen=True)
 class PrivacyStep:
-    """One homogeneous stretch of DP-SGD: `steps` steps at one noise and sample rate."""
+    """One homogeneous stretch of DP-SGD: `steps` steps at one noise and sample rate.
+
+    With `l2_sensitivity` > 0 it is instead `steps` Skellam releases (shared/distributed_noise.py) of variance
+    (noise_multiplier x l2_sensitivity)^2 on an integer vector of those L2 / L1 sensitivities, unsampled.
+    """
 
     noise_multiplier: float
     sample_rate: float
     steps: int
+    l2_sensitivity: float = 0.0  # > 0: a Skellam release, in its integer units
+    l1_sensitivity: float = 0.0
 
     def __post_init__(self) -> None:
         if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
@@ -41,6 +53,23 @@ class PrivacyStep:
             raise ConfigError(f"`sample-rate` must be in (0, 1], got {self.sample_rate}")
         if self.steps < 0:
             raise ConfigError(f"`steps` must be >= 0, got {self.steps}")
+        if self.l2_sensitivity or self.l1_sensitivity:
+            if not (math.isfinite(self.l2_sensitivity) and self.l2_sensitivity > 0):
+                raise ConfigError(
+                    f"a Skellam step's `l2-sensitivity` must be a finite number > 0, got {self.l2_sensitivity}"
+                )
+            if not (math.isfinite(self.l1_sensitivity) and self.l1_sensitivity >= self.l2_sensitivity):
+                raise ConfigError(
+                    f"a Skellam step's `l1-sensitivity` must be >= its l2-sensitivity {self.l2_sensitivity}, got "
+                    f"{self.l1_sensitivity} (the L1 norm bounds the L2 norm)"
+                )
+            if self.sample_rate != 1:
+                raise ConfigError(f"a Skellam step is unsampled (sample rate 1), got sample-rate {self.sample_rate}")
+
+    @property
+    def is_skellam(self) -> bool:
+        """True for a Skellam release (distributed noise), False for a sampled Gaussian stretch."""
+        return self.l2_sensitivity > 0
 
 
 def compute_epsilon(history: Iterable[PrivacyStep], *, delta: float, accountant: str = "rdp") -> float:
@@ -59,6 +88,8 @@ def compute_epsilon(history: Iterable[PrivacyStep], *, delta: float, accountant:
         return 0.0
     if any(s.noise_multiplier == 0 for s in steps):
         return math.inf
+    if any(s.is_skellam for s in steps):
+        return _integer_order_epsilon(steps, delta=delta)
     if accountant == "rdp":
         return _scan_rdp(steps, delta=delta, threshold=None)
     acc = _make_accountant(accountant)
@@ -96,11 +127,11 @@ def find_noise_multiplier(
     def eps_above_target(sigma: float) -> bool:
         """Return whether history + the planned steps at `sigma` spend more than `target_epsilon`."""
         planned = past + [PrivacyStep(sigma, sample_rate, steps)]
-        if accountant == "rdp":
+        if accountant == "rdp" and not any(s.is_skellam for s in past):
             return _exceeds_rdp(planned, delta=target_delta, target=target_epsilon)
         return compute_epsilon(planned, delta=target_delta, accountant=accountant) > target_epsilon
 
-    if accountant == "prv":
+    if accountant == "prv" and not any(s.is_skellam for s in past):
         # PRV is at least as tight as RDP, so RDP's answer bounds PRV's from above; PRV evaluations at
         # small noise take minutes, so the search stays within [sigma_rdp / 2, sigma_rdp].
         high = find_noise_multiplier(
@@ -131,6 +162,77 @@ def find_noise_multiplier(
         else:
             high = mid
     return high
+
+
+def find_skellam_noise_multiplier(
+    *,
+    target_epsilon: float,
+    target_delta: float,
+    l2_sensitivity: float,
+    l1_sensitivity: float,
+    history: Iterable[PrivacyStep] = (),
+    precision: float = 0.005,
+) -> float:
+    """Return the smallest noise multiplier (to `precision`) of one Skellam release keeping history + it in budget.
+
+    Raises:
+        PrivacyBudgetError: the history alone already spends `target_epsilon`, or no noise up to 1e4 fits.
+    """
+    past = [s for s in history if s.steps > 0]
+    spent = compute_epsilon(past, delta=target_delta)
+    if spent >= target_epsilon:
+        raise PrivacyBudgetError(
+            f"privacy budget exhausted: epsilon already spent is {spent:.3f} >= target-epsilon "
+            f"{target_epsilon} (delta {target_delta}); raise the budget or start a new site ledger"
+        )
+
+    def eps_above_target(sigma: float) -> bool:
+        release = PrivacyStep(sigma, 1.0, 1, l2_sensitivity=l2_sensitivity, l1_sensitivity=l1_sensitivity)
+        return compute_epsilon(past + [release], delta=target_delta) > target_epsilon
+
+    low, high = 0.0, 1.0
+    while eps_above_target(high):
+        low, high = high, high * 2
+        if high > 1e4:
+            raise PrivacyBudgetError(
+                f"no noise multiplier up to 1e4 meets target-epsilon {target_epsilon} for one Skellam release after "
+                f"{spent:.3f} already spent"
+            )
+    while high - low > precision:
+        mid = (low + high) / 2
+        if eps_above_target(mid):
+            low = mid
+        else:
+            high = mid
+    return high
+
+
+def _integer_order_epsilon(history: Sequence[PrivacyStep], *, delta: float) -> float:
+    """Return the epsilon of a history with Skellam releases: RDP summed at integer orders, converted once.
+
+    The Skellam bound holds at integer orders only (Agarwal et al. 2021, Theorem 3.5), so the whole history is
+    accounted there: Opacus' `compute_rdp` for the sampled Gaussian stretches, `skellam_rdp` for the releases,
+    and Opacus' `get_privacy_spent` for the conversion. RDP bounds at a subset of orders remain valid bounds.
+    Whatever the requested accountant, such a history is accounted by RDP (no PRV of the Skellam mechanism).
+    """
+    orders = list(SKELLAM_ORDERS)
+    rdp = np.zeros(len(orders))
+    for s in history:
+        if s.is_skellam:
+            curve = [
+                skellam_rdp(
+                    a,
+                    noise_multiplier=s.noise_multiplier,
+                    l2_sensitivity=s.l2_sensitivity,
+                    l1_sensitivity=s.l1_sensitivity,
+                )
+                for a in orders
+            ]
+            rdp = rdp + np.array(curve) * s.steps
+        else:
+            rdp = rdp + compute_rdp(q=s.sample_rate, noise_multiplier=s.noise_multiplier, steps=s.steps, orders=orders)
+    eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+    return float(eps)
 
 
 # --- RDP accounting on cached curves ----------------------------------------------------------------

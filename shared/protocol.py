@@ -53,6 +53,13 @@ class RoundSettings:
     lora_rank: int
     lora_alpha: float
     projection_dim: int  # closed-form head: the public projection of the features (0: none)
+    # Secure aggregation: releases go through the secure sum with distributed Skellam noise, assuming at least
+    # `secagg_honest_sites` honest sites among those summed (0: all of them; resolved when the sum starts).
+    secure_aggregation: bool
+    secagg_honest_sites: int
+    # Table rows: the federation's schema as canonical JSON ("" for images and texts); the `tabular` backbone's
+    # fingerprint is a hash of it, so a site that allows the fingerprint allows exactly this schema.
+    schema: str = ""
 
     @classmethod
     def for_run(
@@ -63,6 +70,7 @@ class RoundSettings:
         backbone_fingerprint: str,
         image_size: int,
         label_names: tuple[str, ...],
+        schema: str = "",
     ) -> RoundSettings:
         """Return the settings of run `run_id`: the run config's fields by name, plus what the server resolved."""
         given = {
@@ -72,6 +80,7 @@ class RoundSettings:
             "image_size": image_size,
             "num_classes": len(label_names),
             "label_names": json.dumps(list(label_names)),
+            "schema": schema,
         }
         return cls(**_from_run_config(cls, cfg, given))
 

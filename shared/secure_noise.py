@@ -18,6 +18,7 @@ import os
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from scipy.special import gammaln
 
 _MANTISSA = 2.0**-53
 HARDENING_DRAWS = 4  # Holohan & Braghin's 2n draws with n = 2; their sum over 2 has the variance of one draw
@@ -51,6 +52,55 @@ class SecureRandom:
             return np.full(shape, float(loc))
         total = sum(self.standard_normal(count) for _ in range(HARDENING_DRAWS))
         return (loc + scale * total / math.sqrt(HARDENING_DRAWS)).reshape(shape)
+
+    def poisson(self, lam: float, size: int | tuple[int, ...] = 1) -> np.ndarray:
+        """Return Poisson(lam) draws of shape `size` (int64): the Skellam shares of secure aggregation.
+
+        The algorithms numpy uses, fed by this generator's uniforms: for lam >= 10 Hormann's transformed
+        rejection with squeeze (PTRS; Hormann 1993, "The transformed rejection method for generating Poisson
+        random variables"), exact; below, Knuth's multiplication of uniforms.
+        """
+        shape = (size,) if isinstance(size, int) else tuple(size)
+        count = int(np.prod(shape)) if shape else 1
+        if not (lam >= 0 and math.isfinite(lam)):
+            raise ValueError(f"poisson: lam must be a finite number >= 0, got {lam}")
+        out = self._poisson_ptrs(lam, count) if lam >= 10 else self._poisson_small(lam, count)
+        return out.reshape(shape)
+
+    def _poisson_small(self, lam: float, count: int) -> np.ndarray:
+        limit = math.exp(-lam)
+        out = np.zeros(count, dtype=np.int64)
+        product = np.ones(count)
+        pending = np.arange(count)
+        while pending.size:
+            product[pending] *= self.uniform(pending.size)
+            going = product[pending] > limit
+            out[pending[going]] += 1
+            pending = pending[going]
+        return out
+
+    def _poisson_ptrs(self, lam: float, count: int) -> np.ndarray:
+        slam, loglam = math.sqrt(lam), math.log(lam)
+        b = 0.931 + 2.53 * slam
+        a = -0.059 + 0.02483 * b
+        log_invalpha = math.log(1.1239 + 1.1328 / (b - 3.4))
+        vr = 0.9277 - 3.6224 / (b - 2)
+        out = np.zeros(count, dtype=np.int64)
+        pending = np.arange(count)
+        while pending.size:
+            u = self.uniform(pending.size) - 0.5
+            v = self.uniform(pending.size)
+            us = 0.5 - np.abs(u)
+            k = np.floor((2 * a / us + b) * u + lam + 0.43)
+            quick = (us >= 0.07) & (v <= vr)
+            usable = ~quick & (k >= 0) & ~((us < 0.013) & (v > us))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                lhs = np.log(v) + log_invalpha - np.log(a / (us * us) + b)
+                rhs = -lam + k * loglam - gammaln(np.where(usable, k, 0) + 1)
+            accept = quick | (usable & (lhs <= rhs))
+            out[pending[accept]] = k[accept].astype(np.int64)
+            pending = pending[~accept]
+        return out
 
     def bernoulli(self, size: int, p: float) -> np.ndarray:
         """Return a boolean mask of `size` independent coins with probability `p` (Poisson sampling)."""

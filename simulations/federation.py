@@ -21,11 +21,13 @@ from fedtl.server.app import run_federation
 from fedtl.server.evaluation import CentralEvaluation
 from fedtl.server.setup import Backbone, federation_label_names, load_server_backbone, load_server_data
 from fedtl.shared import constants as k
+from fedtl.shared.backbones import get_backbone_spec
 from fedtl.shared.config import RunConfig, fedtl_home
 from fedtl.shared.cut import Cut
 from fedtl.shared.data import check_federation_data
 from fedtl.shared.errors import ConfigError, FedtlError, StorageError
 from fedtl.shared.files import storage_error
+from fedtl.shared.named_data import federation_schema
 from fedtl.shared.protocol import RoundSettings, SimulationSettings
 
 
@@ -146,6 +148,7 @@ def lab_settings(
         backbone_fingerprint=backbone.fingerprint,
         image_size=backbone.preprocessing.image_size,
         label_names=label_names,
+        schema=backbone.schema,
     )
     with tempfile.TemporaryDirectory(prefix="fedtl-lab-") as tmp:  # no run folder: the lab writes no site state
         simulation = SimulationSettings.for_run(cfg, run_dir=Path(tmp))
@@ -181,7 +184,7 @@ def simulated_config(cfg: RunConfig, num_sites: int) -> RunConfig:
         raise ConfigError(f"`sites` must be >= 1, got {num_sites}")
     check_storage(fedtl_home(), Path(cfg.out))
     if cfg.data and not cfg.resume:
-        check_federation_data(
+        checked = check_federation_data(
             cfg.data,
             label_names=cfg.label_name_list,
             num_sites=num_sites,
@@ -190,7 +193,15 @@ def simulated_config(cfg: RunConfig, num_sites: int) -> RunConfig:
             test_fraction=cfg.test_fraction,
             local_test_fraction=cfg.local_test_fraction,
             permuted_label_sites=cfg.permuted_label_site_ids,
+            schema=federation_schema(cfg.schema, cfg.data),
         )
+        reads = get_backbone_spec(cfg.backbone).kind
+        if checked.report.inputs != reads:
+            hint = {"texts": "minilm_l6", "rows": "tabular"}.get(checked.report.inputs, "efficientnet_lite0")
+            raise ConfigError(
+                f"`data` {cfg.data!r} holds {checked.report.inputs} but backbone {cfg.backbone!r} reads {reads}; "
+                f"fix: backbone = {hint!r} (--backbone {hint})"
+            )
     return cfg.replace(min_available_nodes=num_sites)
 
 

@@ -16,7 +16,7 @@ Spec (TOML):
     partitions = ["iid"]                # iid, dirichlet:A, quantity:A, classes:K, natural
     alphas = [0.1, 1.0]                 # shorthand: adds dirichlet:A for each
     seeds = [0, 1, 2]
-    methods = ["fedavg"]                # fedavg, fedprox, fedadam, fedper, finetune
+    methods = ["fedavg"]                # fedavg, fedprox, fedadam, fedper, finetune, closed-form, secagg, secagg-tT
     baselines = ["majority", "central", "central-dp", "local", "federated-nonprivate"]  # default: all
     executor = "inprocess"              # or "flower" (Flower's simulation engine, Ray)
     [config]                            # any run-config key, for every run
@@ -65,7 +65,28 @@ METHODS: dict[str, dict[str, Any]] = {
     "fedadam": {"strategy": "fedadam"},
     "fedper": {"strategy": "fedavg", "personalization": k.FEDPER},
     "finetune": {"strategy": "fedavg", "personalization": k.FINETUNE},
+    "closed-form": {"strategy": "fedavg", "head-solver": "closed-form"},
+    # Secure aggregation with distributed noise, every site assuming all summed sites honest; `secagg-tT` assumes
+    # T honest sites instead: sweeping T shows the price of distrust (each site adds 1/T of the noise).
+    "secagg": {"strategy": "fedavg", "head-solver": "closed-form", "secure-aggregation": True},
 }
+SECAGG_METHOD = re.compile(r"secagg-t([1-9][0-9]*)")
+
+
+def method_keys(method: str) -> dict[str, Any]:
+    """Return the run-config keys of `method`: a METHODS entry, or `secagg-tT` (secure aggregation assuming T honest).
+
+    Raises:
+        ConfigError: an unknown method.
+    """
+    if method in METHODS:
+        return METHODS[method]
+    match = SECAGG_METHOD.fullmatch(method)
+    if match:
+        return {**METHODS["secagg"], "secagg-honest-sites": int(match.group(1))}
+    raise ConfigError(f"unknown method {method!r}; methods: {', '.join(METHODS)}, secagg-tT (T honest sites)")
+
+
 EXECUTORS = ("inprocess", "flower")
 # Keys the grid sets per run; in [config] they would be silently overridden.
 GRID_KEYS = ("backbone", "partition", "seed", "target-epsilon", "data", "non-private", "strategy", "personalization")
@@ -167,8 +188,10 @@ def _axis(raw: dict, key: str, kind: Any, source: str, *, default: list | None =
 
 def _check_spec(spec: SweepSpec, source: str) -> None:
     for name in spec.methods:
-        if name not in METHODS:
-            raise ConfigError(f"{source}: unknown method {name!r}; methods: {', '.join(METHODS)}")
+        try:
+            method_keys(name)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
     for name in spec.baselines:
         if name not in bl.BASELINES:
             raise ConfigError(f"{source}: unknown baseline {name!r}; baselines: {', '.join(bl.BASELINES)}")
@@ -187,7 +210,7 @@ def _check_spec(spec: SweepSpec, source: str) -> None:
     # Every run config of the grid must be valid before the first run starts.
     for method in spec.methods:
         for backbone in spec.backbones:
-            spec.run_config(backbone=backbone, **METHODS[method])
+            spec.run_config(backbone=backbone, **method_keys(method))
 
 
 @dataclass
@@ -232,7 +255,7 @@ def _run_cell(
     runs = []
     for eps in spec.epsilons:
         for method in spec.methods:
-            cfg = base.replace(target_epsilon=eps, **_snake(METHODS[method]))
+            cfg = base.replace(target_epsilon=eps, **_snake(method_keys(method)))
             runs.append((method, eps, cfg))
     if bl.FEDERATED_NONPRIVATE in spec.baselines:
         runs.append((bl.FEDERATED_NONPRIVATE, math.inf, base.replace(non_private=True)))

@@ -85,7 +85,7 @@ TABLE_COLUMNS = {
 }
 
 # Federated methods and the baselines every report carries (values of the `method` column).
-FEDERATED_METHODS = ("fedavg", "fedprox", "fedadam", "fedper", "finetune")
+FEDERATED_METHODS = ("fedavg", "fedprox", "fedadam", "fedper", "finetune", "closed-form", "secagg")  # then secagg-tT
 MAJORITY = "majority"  # always predict the most frequent training class
 CENTRAL = "central"  # non-private, pooled training data
 CENTRAL_DP = "central-dp"  # pooled training data, DP-SGD at the same target epsilon
@@ -96,28 +96,17 @@ EPSILON_FREE_METHODS = (MAJORITY, CENTRAL, FEDERATED_NONPRIVATE)  # target_epsil
 METHOD_ORDER = FEDERATED_METHODS + (CENTRAL_DP, LOCAL, FEDERATED_NONPRIVATE, CENTRAL, MAJORITY)
 
 _INT_COLUMNS = frozenset({"sites", "seed", "round", "n_train", "n_test"})
-_FLOAT_COLUMNS = frozenset(
-    {
-        "alpha",
-        "target_epsilon",
-        "accuracy",
-        "balanced_accuracy",
-        "site_accuracy",
-        "majority_rate",
-        "epsilon_spent",
-        "client_epsilon",
-        "seconds",
-        "epsilon",
-        "federated_accuracy",
-        "local_accuracy",
-        "transfer_gain",
-        "gain_stderr",
-        "personalized_accuracy",
-    }
-)
+_TEXT_COLUMNS = frozenset({"run", "method", "backbone", "data", "partition", "site"})
 _BOOL_COLUMNS = frozenset({"negative_transfer"})
 _INT_LIST_COLUMNS = frozenset({"class_counts"})
-# Every other column (run, method, backbone, data, partition, site) is text.
+# Every column of a table not named above holds a number.
+_FLOAT_COLUMNS = frozenset(
+    set(RESULTS_COLUMNS + ROUNDS_COLUMNS + SITE_ROUNDS_COLUMNS + SITES_COLUMNS)
+    - _TEXT_COLUMNS
+    - _INT_COLUMNS
+    - _BOOL_COLUMNS
+    - _INT_LIST_COLUMNS
+)
 
 _EXPECTED = {
     "int": "an integer or None",
@@ -313,7 +302,8 @@ def natural_key(value: Any) -> tuple:
 
 def method_sort_key(method: str) -> tuple:
     """Return a sort key putting federated methods first, then the baselines, in METHOD_ORDER."""
-    rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    family = "secagg" if re.fullmatch(r"secagg-t\d+", method) else method  # secagg-t1, -t2, ... after secagg
+    rank = METHOD_ORDER.index(family) if family in METHOD_ORDER else len(METHOD_ORDER)
     return (rank, natural_key(method))
 
 

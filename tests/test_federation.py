@@ -14,7 +14,10 @@ from fedtl.server.model_file import load_model
 from fedtl.shared import mechanisms
 from fedtl.shared.backbones import backbone_state_dict, build_backbone, fingerprint_state_dict
 from fedtl.shared.config import RunConfig
+from fedtl.simulations import federation as lab
 from fedtl.simulations.engine import simulate
+
+pytestmark = pytest.mark.slow  # whole federations on Flower's engine
 
 DP_SGD = mechanisms.DP_SGD.kind
 
@@ -47,7 +50,11 @@ def federation(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FEDTL_HOME", str(home))
         mp.setattr(report.RunRecorder, "screen_train", spy)
-        first = simulate(cfg, num_sites=2)
+        # The first run skips the lab's preparation (which installs the backbone at each site before the engine
+        # starts): its sites start empty, as deployed ones do, so the server must send them the weights.
+        with pytest.MonkeyPatch.context() as unprepared:
+            unprepared.setattr(lab, "prepare_simulated_sites", lambda *args, **kwargs: None)
+            first = simulate(cfg, num_sites=2)
         second = simulate(cfg.replace(num_rounds=1), num_sites=2)
     return {"home": home, "first": first, "second": second, "replies": replies}
 

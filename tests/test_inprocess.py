@@ -54,6 +54,7 @@ def _metrics(summary: dict) -> list[dict]:
     return [json.loads(line) for line in (Path(summary["run-dir"]) / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_inprocess_equals_flower_engine_for_one_seed(both_engines):
     flower, inprocess = both_engines["flower"], both_engines["inprocess"]
     assert flower["run-dir"] != inprocess["run-dir"]

@@ -215,6 +215,7 @@ def _spawn(target, args_per_worker) -> list:
     return [p.exitcode for p in procs]
 
 
+@pytest.mark.slow
 def test_concurrent_appends_from_processes_lose_nothing(tmp_path):
     path = tmp_path / "ledger.jsonl"
     workers, count = 2, 30
@@ -237,6 +238,7 @@ def _charge_within(path: str, budget: float, barrier, results) -> None:
         results.put("refused")
 
 
+@pytest.mark.slow
 def test_two_processes_cannot_both_spend_the_last_of_a_budget(tmp_path):
     path = tmp_path / "ledger.jsonl"
     one = oracle_epsilon([(1.0, 1.0, 1)], 1e-5)

@@ -19,6 +19,7 @@ def _compare(name, tmp_path):
     assert got["ledgers"] == expected["ledgers"], f"{name}: ledger records differ"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FAST)
 def test_parity(name, tmp_path):
     _compare(name, tmp_path)

@@ -17,6 +17,8 @@ from fedtl.shared.heads import personal_array_names
 from fedtl.simulations import baselines as bl
 from fedtl.simulations.inprocess import run_inprocess
 
+pytestmark = pytest.mark.slow  # whole federations with personalised heads
+
 DP_SGD = mechanisms.DP_SGD.kind
 
 ROUNDS = 2

@@ -192,6 +192,7 @@ def random_history(rng: random.Random) -> list[PrivacyStep]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Optimal order is the")
 def test_compute_epsilon_is_bit_identical_to_opacus_over_random_histories():
     rng = random.Random(13)
@@ -243,6 +244,7 @@ FIND_GRID = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Optimal order is the")
 @pytest.mark.parametrize("case", FIND_GRID, ids=lambda c: "-".join(f"{v}" for k, v in c.items() if k != "history"))
 def test_find_noise_multiplier_takes_the_same_bisection_decisions_as_opacus(case):

@@ -21,6 +21,8 @@ from fedtl.shared.config import RunConfig
 from fedtl.shared.errors import ConfigError
 from fedtl.simulations.engine import GCS_PROBE_SECONDS, RAY_ADDRESS_ENV, parse_ray_address, simulate
 
+pytestmark = pytest.mark.slow  # a Ray head and worker started and stopped
+
 RAY = Path(sys.executable).with_name("ray")
 START_SECONDS = 120.0  # both nodes up (two `ray start` on two shared cores)
 STOP_SECONDS = 60.0

@@ -33,7 +33,16 @@ def _opacus_epsilon(history, delta=1e-5):
 
 
 def test_every_mechanism_has_its_own_ledger_kind():
-    assert set(MECHANISMS) == {"dp-sgd", "feature-sum", "sufficient-stats", "evaluation", "ranking", "finetune-scores"}
+    assert set(MECHANISMS) == {
+        "dp-sgd",
+        "feature-sum",
+        "sufficient-stats",
+        "secagg-feature-sum",
+        "secagg-sufficient-stats",
+        "evaluation",
+        "ranking",
+        "finetune-scores",
+    }
     assert SUFFICIENT_STATS.kind != FEATURE_SUM.kind
     assert {kind for kind, m in MECHANISMS.items() if not m.accounted} == {"evaluation", "ranking", "finetune-scores"}
 

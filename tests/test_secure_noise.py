@@ -31,3 +31,19 @@ def test_two_generators_draw_independent_streams_and_zero_scale_is_exact():
 def test_poisson_masks_have_the_sample_rate():
     mask = SecureRandom().bernoulli(100_000, 0.05)
     assert mask.dtype == bool and mask.mean() == pytest.approx(0.05, abs=0.003)
+
+
+@pytest.mark.parametrize("lam", [0.7, 4.0, 12.0, 400.0, 2.5e5])
+def test_poisson_draws_have_the_poisson_distribution(lam):
+    draws = SecureRandom().poisson(lam, size=(100, 400))
+    assert draws.shape == (100, 400) and draws.dtype == np.int64 and draws.min() >= 0
+    assert draws.mean() == pytest.approx(lam, rel=0.01 + 3 / np.sqrt(lam * draws.size))
+    assert draws.var() == pytest.approx(lam, rel=0.05)
+    # Against the exact pmf over the bulk of the distribution (chi-square, bins with >= 20 expected draws).
+    support = np.arange(int(stats.poisson.ppf(1e-4, lam)), int(stats.poisson.ppf(1 - 1e-4, lam)) + 1)
+    expected = stats.poisson.pmf(support, lam) * draws.size
+    keep = expected >= 20
+    if keep.sum() >= 5 and lam < 1e4:
+        observed = np.array([(draws == v).sum() for v in support[keep]])
+        scaled = expected[keep] * observed.sum() / expected[keep].sum()
+        assert stats.chisquare(observed, scaled).pvalue > 1e-4

@@ -10,6 +10,8 @@ from fedtl.cli.main import main
 from fedtl.shared.errors import ConfigError
 from fedtl.simulations.sweep import parse_spec
 
+pytestmark = pytest.mark.slow  # a whole sweep with baselines through the CLI
+
 SPEC = """
 name = "tiny"
 data = "digits"

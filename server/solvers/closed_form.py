@@ -16,6 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedtl.server.report import RunRecorder, failure_reason, reply_site_name
+from fedtl.server.secure_releases import fit_secure_closed_form_head
 from fedtl.server.setup import ask, query_sites
 from fedtl.server.solvers.base import Federation, SolverResult, plan_as_configured
 from fedtl.shared import constants as k
@@ -109,6 +110,18 @@ def fit_closed_form_head(
     Raises:
         FederationError: fewer sites than min-train-sites (at least one) released usable statistics.
     """
+    if cfg.secure_aggregation:  # the server sees only the sum (server/secure_releases.py)
+        return fit_secure_closed_form_head(
+            grid,
+            node_ids,
+            config,
+            cfg,
+            feature_dim=feature_dim,
+            num_classes=num_classes,
+            center=center,
+            recorder=recorder,
+            timeout=timeout,
+        )
     projection = random_projection(feature_dim, cfg.projection_dim, seed=cfg.seed)
     dim = feature_dim if projection is None else cfg.projection_dim
     content = RecordDict({k.CONFIG: ask(config, k.ACTION_SUFFICIENT_STATS)})

@@ -1,0 +1,173 @@
+"""What a site puts into a secure sum: its feature sum or closed-form statistics, quantised, with its noise share.
+
+Called by `client/secagg.mask_input` once the secure sum's keys check out. Each release is charged first
+through the one release path (client/release.py) as a Skellam mechanism (shared/mechanisms.py): the central
+noise multiplier the server chose by its public rule, the integer sensitivities of the quantised release, and
+the trust assumption (t honest of n sites) the charge holds under. Then the site adds its share, Skellam of
+variance (noise_multiplier x l2_sensitivity)^2 / t (shared/distributed_noise.py). No Flower here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedtl.client.centering import CENTER_ROUND
+from fedtl.client.inputs import load_site_inputs
+from fedtl.client.release import Release, ReleaseRequest, charge_release
+from fedtl.client.secagg import SessionPlan
+from fedtl.client.site import Site
+from fedtl.client.solvers.closed_form import STATS_ROUND
+from fedtl.shared.closed_form import prepare_features, random_projection
+from fedtl.shared.cut import Cut
+from fedtl.shared.distributed_noise import sample_skellam, share_variance
+from fedtl.shared.errors import ReplyError
+from fedtl.shared.mechanisms import SECURE_FEATURE_SUM, SECURE_SUFFICIENT_STATS, Mechanism
+from fedtl.shared.protocol import RoundSettings
+from fedtl.shared.secure_sum import (
+    IntegerRelease,
+    feature_sum_release,
+    feature_sum_scale,
+    stats_release,
+    stats_scale,
+)
+
+log = logging.getLogger(__name__)
+
+FEATURE_SUM = "feature-sum"
+SUFFICIENT_STATS = "sufficient-stats"
+
+
+@dataclass(frozen=True)
+class SecureRelease:
+    """A site's input to a secure sum: its integer vector (noise share in it), example count and paid release."""
+
+    values: np.ndarray  # (m,) int64
+    num_examples: int  # declared public, as in every reply (README, privacy model)
+    release: Release
+
+
+def secure_release(
+    site: Site, settings: RoundSettings, plan: SessionPlan, *, noise_multiplier: float, center: np.ndarray | None
+) -> SecureRelease:
+    """Charge, compute, quantise and noise the release `plan.release` names.
+
+    Raises:
+        ReplyError: an unknown release, or a `center` that does not fit the site's features.
+        PrivacyBudgetError, PolicyRefusal: from the release path, before anything is computed.
+    """
+    if plan.release not in RELEASES:
+        raise ReplyError(f"unknown secure release {plan.release!r}; expected one of {', '.join(RELEASES)}")
+    return RELEASES[plan.release](site, settings, plan, noise_multiplier, center)
+
+
+def _feature_sum(
+    site: Site, settings: RoundSettings, plan: SessionPlan, noise_multiplier: float, center: np.ndarray | None
+) -> SecureRelease:
+    """The sum of the site's L2-normalised training features at the cut that trains (the feature centre)."""
+    features = load_site_inputs(site, settings, cut=Cut.of(settings).at_end_cut()).train_x  # (N, D)
+    rows = _unit_rows(features)
+    scale = feature_sum_scale(noise_multiplier)
+    return _noised(
+        site,
+        settings,
+        plan,
+        SECURE_FEATURE_SUM,
+        CENTER_ROUND,
+        noise_multiplier,
+        lambda: feature_sum_release(rows, scale),
+        len(rows),
+    )
+
+
+def _sufficient_stats(
+    site: Site, settings: RoundSettings, plan: SessionPlan, noise_multiplier: float, center: np.ndarray | None
+) -> SecureRelease:
+    """The closed form's statistics of the head's inputs (normalised, centred, projected, clipped to norm 1)."""
+    inputs = load_site_inputs(site, settings)
+    dim = inputs.train_x.shape[1]
+    if center is not None and (center.shape != (dim,) or not np.all(np.isfinite(center))):
+        raise ReplyError(f"the feature centre sent has shape {center.shape} or non-finite values; expected ({dim},)")
+    projection = random_projection(dim, settings.projection_dim, seed=settings.seed)
+    rows = prepare_features(inputs.train_x, center=center, projection=projection)  # (N, d), norms <= 1
+    scale = stats_scale(noise_multiplier)
+    return _noised(
+        site,
+        settings,
+        plan,
+        SECURE_SUFFICIENT_STATS,
+        STATS_ROUND,
+        noise_multiplier,
+        lambda: stats_release(rows, inputs.train_y, settings.num_classes, scale),
+        len(rows),
+    )
+
+
+def _noised(
+    site: Site,
+    settings: RoundSettings,
+    plan: SessionPlan,
+    mechanism: Mechanism,
+    server_round: int,
+    noise_multiplier: float,
+    compute: Callable[[], IntegerRelease],
+    rows_count: int,
+) -> SecureRelease:
+    """Compute the exact integers (they stay here), charge the release, then add this site's noise share.
+
+    The integer sensitivities depend only on the public scale and dimension, never on the data, and the charge
+    is on disk before anything leaves the site (write-ahead, as every release).
+    """
+    exact = compute()
+    release = charge_release(
+        site,
+        settings,
+        ReleaseRequest(
+            mechanism=mechanism,
+            server_round=server_round,
+            sample_rate=1.0,
+            steps=1,
+            what=f"the securely summed {plan.release} of run {settings.run_id}",
+            noise_multiplier=noise_multiplier,
+            l2_sensitivity=exact.l2_sensitivity,
+            l1_sensitivity=exact.l1_sensitivity,
+            honest_sites=plan.honest_sites,
+            num_sites=plan.num_sites,
+        ),
+    )
+    variance = share_variance(
+        noise_multiplier=release.noise_multiplier, l2_sensitivity=exact.l2_sensitivity, honest_sites=plan.honest_sites
+    )
+    values = exact.values + sample_skellam(release.rng(), variance=variance, size=len(exact.values))
+    count = int(rows_count)
+    log.info(
+        "site %s: %s in secure sum %s: %d entries of %d examples, noise multiplier %.3f (its share: 1/%d of the "
+        "variance), cumulative epsilon %.3f if at least %d of the %d sites are honest",
+        site.name,
+        plan.release,
+        plan.session,
+        len(values),
+        count,
+        release.noise_multiplier,
+        plan.honest_sites,
+        release.epsilon,
+        plan.honest_sites,
+        plan.num_sites,
+    )
+    return SecureRelease(values, count, release)
+
+
+def _unit_rows(features: np.ndarray) -> np.ndarray:
+    """Return features (N, D) scaled to unit L2 norm in float64 (zero rows stay zero)."""
+    x = np.asarray(features, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0)
+
+
+RELEASES: dict[str, Callable[..., SecureRelease]] = {
+    FEATURE_SUM: _feature_sum,  # the feature centre's sum (server/centering.py under secure aggregation)
+    SUFFICIENT_STATS: _sufficient_stats,  # the closed form's statistics (server/solvers/closed_form.py)
+}
