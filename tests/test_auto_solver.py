@@ -23,6 +23,7 @@ from fedtl.shared.public_basis import centre_features, project_features
 from fedtl.simulations.inprocess import run_inprocess
 
 SITES = 3
+ROUNDS = 2  # the plan keeps the configured rounds and splits its 50 steps over them: 25 per round
 
 
 class CountingApp:
@@ -53,6 +54,7 @@ def _auto_run(home: Path, out: Path, *, target_epsilon: float) -> tuple[dict, Co
     cfg = RunConfig(
         backbone="tiny",
         image_size=32,
+        num_rounds=ROUNDS,
         target_epsilon=target_epsilon,
         federated_evaluation=False,
         device="cpu",
@@ -99,7 +101,8 @@ def test_the_plan_is_printed_and_recorded_with_the_keys_it_overrides(auto_eps1):
     config = stored["config"]
     assert config["head"] == "projected" and config["projection-dim"] == plan["projection-dim"] == 16
     assert config["batch-size"] == max(plan["site-sizes"].values())  # full batch at every site
-    assert config["learning-rate"] == plan["learning-rate"] and config["num-rounds"] == plan["num-rounds"] == 10
+    assert config["learning-rate"] == plan["learning-rate"] and config["num-rounds"] == plan["num-rounds"] == ROUNDS
+    assert config["local-epochs"] == plan["local-steps"] == 25 and plan["steps"] == 50
     assert plan["overrides"]["learning-rate"] == {"asked": 8.0, "planned": plan["learning-rate"]}
 
 
@@ -108,14 +111,16 @@ def test_a_fresh_sites_ledger_spends_exactly_the_plans_epsilon(auto_eps1):
     plan = _plan(summary)
     # Oracle: the plan recomputed from the public counts alone, and the accountant over each ledger.
     sizes = list(plan["site-sizes"].values())
-    again = plan_dp_head(target_epsilon=1.0, target_delta=1e-5, site_sizes=sizes, feature_dim=32, num_classes=10)
+    again = plan_dp_head(
+        target_epsilon=1.0, target_delta=1e-5, site_sizes=sizes, feature_dim=32, num_classes=10, rounds=ROUNDS
+    )
     assert again.noise_multiplier == plan["noise-multiplier"]
     for site in summary["sites"]:
         ledger = PrivacyLedger(Path(summary["run-dir"]) / "sites" / site / "privacy" / "ledger.jsonl").charges()
         kinds = Counter(c.kind for c in ledger)
-        assert kinds == {"feature-sum": 1, "dp-sgd": 10}
+        assert kinds == {"feature-sum": 1, "dp-sgd": ROUNDS}
         assert {c.noise_multiplier for c in ledger if c.kind == "dp-sgd"} == {plan["noise-multiplier"]}
-        assert {(c.sample_rate, c.steps) for c in ledger if c.kind == "dp-sgd"} == {(1.0, 5)}
+        assert {(c.sample_rate, c.steps) for c in ledger if c.kind == "dp-sgd"} == {(1.0, 25)}
         spent = compute_epsilon([c.step for c in ledger], delta=1e-5)
         assert spent == pytest.approx(plan["epsilon"], rel=1e-9)
         assert summary["epsilon-per-site"][site] == pytest.approx(plan["epsilon"], rel=1e-9) and spent <= 1.0 + 1e-9
@@ -125,7 +130,7 @@ def test_the_sites_are_asked_their_count_once_and_a_k_dim_centre_once(auto_eps1)
     summary, app = auto_eps1
     assert app.messages[("query", k.ACTION_COUNT_EXAMPLES)] == SITES
     assert app.messages[("query", k.ACTION_FEATURE_SUM)] == SITES
-    assert app.messages[("train", "")] == SITES * 10
+    assert app.messages[("train", "")] == SITES * ROUNDS
     assert _plan(summary)["center-noise-multiplier"] is not None
 
 
@@ -207,6 +212,8 @@ def test_projected_head_needs_the_auto_solver_and_a_width_below_the_features():
         ({"personalization": "finetune"}, "personalization = 'finetune'"),
         ({"head": "mlp"}, 'head = "mlp"'),
         ({"strategy": "fedadam"}, "strategy = fedadam"),
+        ({"client_dp": "server"}, "client-dp = 'server'"),
+        ({"backbone": "minilm_l6"}, "backbone 'minilm_l6' reads texts"),
     ],
 )
 def test_auto_runs_dp_sgd_as_configured_where_the_plan_does_not_apply(changes, why):
@@ -218,4 +225,6 @@ def test_auto_runs_dp_sgd_as_configured_where_the_plan_does_not_apply(changes, w
 
 def test_auto_fixes_the_schedule_before_any_site_is_asked():
     cfg = AutoSolver().configure(RunConfig(num_rounds=3, local_epochs=1, noise_multiplier=2.0))
-    assert (cfg.num_rounds, cfg.local_epochs, cfg.noise_multiplier, cfg.feature_centering) == (10, 5, None, False)
+    # The configured rounds (a site's policy checks them at set-up), ceil(50 / 3) full-batch steps in each.
+    assert (cfg.num_rounds, cfg.local_epochs, cfg.noise_multiplier, cfg.feature_centering) == (3, 17, None, False)
+    assert AutoSolver().configure(RunConfig()).local_epochs == 5  # the default 10 rounds: the tuned 5 steps each

@@ -5,10 +5,10 @@ counts (declared public: every training reply carries them), the feature dimensi
 and the backbone's public weights; never from anyone's data (shared/dp_heads.py has the rules and how each
 constant was chosen). It composes the DP-SGD solver:
 
-1. `configure` (before any site is asked anything): the plan's fixed schedule (rounds, steps per round,
-   clip 1, noise planned by each site, no D-dim feature-centre round); or, where the plan does not apply
-   (deeper fine-tuning, personalisation, an mlp head, FedAdam, a feature dim too small), DP-SGD as
-   configured, said in the run output;
+1. `configure` (before any site is asked anything): the plan's fixed schedule (the configured rounds, at least
+   50 steps split over them, clip 1, noise planned by each site, no D-dim feature-centre round); or, where the
+   plan does not apply (deeper fine-tuning, personalisation, an mlp head, FedAdam, client-level DP, a backbone
+   that does not read images or whose feature dim is too small), DP-SGD as configured, said in the run output;
 2. `plan` (after set-up, before any release): every site's example count -> `plan_dp_head` -> the projected
    head's width k, full-batch DP-GD (batch size >= every count), the learning rate; printed with its reason
    and the keys it overrides, and recorded in config.json and summary.json;
@@ -40,7 +40,8 @@ from fedtl.shared import constants as k
 from fedtl.shared.backbones import get_backbone_spec
 from fedtl.shared.config import RunConfig, fedtl_home
 from fedtl.shared.cut import Cut, inputs_at_cut
-from fedtl.shared.dp_heads import LOCAL_STEPS, MAX_GRAD_NORM, PROJECTION_DIMS, STEPS, HeadPlan, plan_dp_head
+from fedtl.shared.dataset import IMAGES
+from fedtl.shared.dp_heads import MAX_GRAD_NORM, PROJECTION_DIMS, STEPS, HeadPlan, plan_dp_head
 from fedtl.shared.errors import FederationError
 from fedtl.shared.heads import PROJECTED
 from fedtl.shared.public_basis import (
@@ -77,10 +78,10 @@ class AutoSolver:
         if self.fallback is not None:
             progress.info("head-solver auto: DP-SGD as configured, because %s", self.fallback)
             return self._dp_sgd.configure(cfg)
-        # Independent of the counts, so sites check the same rounds at set-up as they will train.
+        # Independent of the counts, so sites check the same rounds at set-up as they will train. Rounds stay
+        # the run config's: with full batches, lr x steps sets progress and noise, not how steps are split.
         return cfg.replace(
-            num_rounds=STEPS // LOCAL_STEPS,
-            local_epochs=LOCAL_STEPS,
+            local_epochs=math.ceil(STEPS / cfg.num_rounds),
             max_grad_norm=MAX_GRAD_NORM,
             noise_multiplier=None,
             feature_centering=False,
@@ -122,6 +123,7 @@ class AutoSolver:
             feature_dim=backbone.feature_dim,
             num_classes=len(label_names),
             accountant=cfg.accountant,
+            rounds=cfg.num_rounds,
         )
         self.head_plan = plan
         planned = cfg.replace(
@@ -140,7 +142,7 @@ class AutoSolver:
         if overrides:
             progress.info(
                 "head-solver auto sets %s",
-                ", ".join(f"{key} = {new!r} (was {old!r})" for key, (old, new) in overrides.items()),
+                ", ".join(f"{key} = {_shown(new)} (was {_shown(old)})" for key, (old, new) in overrides.items()),
             )
         record = {
             **{key.replace("_", "-"): value for key, value in dataclasses.asdict(plan).items()},
@@ -203,7 +205,17 @@ def fallback_reason(cfg: RunConfig) -> str | None:
         return 'head = "mlp": the plan trains a linear head on a public projection'
     if cfg.strategy == "fedadam":
         return "strategy = fedadam: the plan's learning rate assumes the server averages the updates"
-    dim = get_backbone_spec(cfg.backbone).feature_dim
+    if cfg.client_dp != "off":
+        return (
+            f"client-dp = {cfg.client_dp!r} clips each round's update to client-clipping-norm, which the plan's "
+            "learning rate does not account for"
+        )
+    spec = get_backbone_spec(cfg.backbone)
+    if spec.kind != IMAGES:
+        return (
+            f"backbone {cfg.backbone!r} reads {spec.kind}; the plan's public basis is its features of synthetic images"
+        )
+    dim = spec.feature_dim
     if dim <= min(PROJECTION_DIMS):
         return f"the backbone's {dim} features leave no projection dim of {PROJECTION_DIMS} below them"
     return None
@@ -213,6 +225,11 @@ def overridden_keys(asked: RunConfig, planned: RunConfig) -> dict[str, tuple[Any
     """Return kebab-case key -> (asked, planned) for every run-config value the plan changed."""
     before, after = asked.to_mapping(), planned.to_mapping()
     return {key: (before[key], after[key]) for key in after if before[key] != after[key]}
+
+
+def _shown(value: Any) -> str:
+    """Return a run-config value as the run output shows it: floats to 4 significant digits, others as repr."""
+    return f"{value:.4g}" if isinstance(value, float) else repr(value)
 
 
 def count_examples(
@@ -241,13 +258,22 @@ def count_examples(
     return counts, refused
 
 
+# (backbone fingerprint, preprocessing, device, k) -> (P, centre): public, deterministic, a few MiB at most.
+_PUBLIC_BASES: dict[tuple[str, str, str, int], tuple[np.ndarray, np.ndarray]] = {}
+
+
 def public_basis(backbone: Backbone, cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
     """Return the public projection P (k, D) float32 and its synthetic centre (k,) float32 for the run's backbone.
 
     The backbone's features of fedtl's seeded synthetic images (shared/public_basis.py), extracted once per
-    backbone and preprocessing and cached with the server's other features. Nothing private enters, so it
-    costs no privacy; the server sends P to the sites, so nothing can differ between machines.
+    backbone and preprocessing, cached with the server's other features (and the basis kept in this process).
+    Nothing private enters, so it costs no privacy; the server sends P to the sites, so nothing can differ
+    between machines.
     """
+    key = (backbone.fingerprint, backbone.preprocessing.key(), cfg.device, cfg.projection_dim)
+    if key in _PUBLIC_BASES:  # the same public inputs give the same basis: a sweep computes it once
+        projection, center = _PUBLIC_BASES[key]
+        return projection.copy(), center.copy()
     images = generate_synthetic_images()
     features, _, _ = inputs_at_cut(
         fedtl_home() / "server-cache",
@@ -264,4 +290,5 @@ def public_basis(backbone: Backbone, cfg: RunConfig) -> tuple[np.ndarray, np.nda
     projection = compute_public_basis(features, dim=cfg.projection_dim).projection.astype(np.float32)
     # The centre is computed with the float32 projection every party applies.
     center = project_features(features, projection).mean(axis=0).astype(np.float32)
+    _PUBLIC_BASES[key] = (projection.copy(), center.copy())
     return projection, center
