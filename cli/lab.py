@@ -267,7 +267,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     import dataclasses
     from datetime import datetime
 
-    from fedtl.simulations.sweep import parse_spec, run_sweep, sweep_negative_transfer
+    from fedtl.simulations.sweep import parse_spec, run_sweep, sweep_negative_transfer, transfer_assessed
 
     path = Path(args.spec)
     if not path.is_file():
@@ -285,7 +285,9 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     lines = sweep_negative_transfer(out)
     for line in lines:
         print(line)
-    if not lines:
+    if not lines and not transfer_assessed(out):
+        print('negative transfer not assessed: no local-only baseline ran (add "local" to the spec\'s baselines)')
+    elif not lines:
         print("no negative transfer: every site gained from the federation (or matched its local-only model)")
     return 0
 

@@ -28,6 +28,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 
 from fedtl.client import secagg
 from fedtl.client.centering import feature_sum_round
+from fedtl.client.inputs import load_site_inputs
 from fedtl.client.policy import PolicyRefusal
 from fedtl.client.ranking import score_site
 from fedtl.client.release import ReleaseRequest, charge_release
@@ -37,7 +38,9 @@ from fedtl.client.site import Site, keep_private, resolve_site
 from fedtl.client.solvers.closed_form import sufficient_stats_round
 from fedtl.client.solvers.dp_sgd import evaluate_round, finetune_round, train_round
 from fedtl.shared import constants as k
+from fedtl.shared.cut import Cut
 from fedtl.shared.errors import FedtlError, ReplyError
+from fedtl.shared.heads import check_incoming_tensor
 from fedtl.shared.mechanisms import EVALUATION, FINETUNE_SCORES, RANKING, Mechanism
 from fedtl.shared.protocol import RoundSettings, SimulationSettings, decode
 
@@ -244,11 +247,20 @@ def _install_backbone(msg: Message, settings: RoundSettings, site: Site) -> Reco
 
 
 def _feature_sum(msg: Message, settings: RoundSettings, site: Site) -> RecordDict:
-    """Release the noised sum of the site's normalised features (charged to its budget first)."""
+    """Release the noised sum of the site's normalised features (charged to its budget first).
+
+    Under the auto plan the message carries the public projection (ArrayRecord `arrays`, tensor
+    `projection`, (projection-dim, D)): the sum is then of the projected, clipped features.
+    """
     sigma = _config(msg).get(k.CENTERING_NOISE_MULTIPLIER)
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
         raise ReplyError(f"the {k.ACTION_FEATURE_SUM} query needs a number `{k.CENTERING_NOISE_MULTIPLIER}`")
-    total, count, release = feature_sum_round(site, settings, noise_multiplier=float(sigma))
+    projection = None
+    record = msg.content.array_records.get(k.ARRAYS)
+    if record is not None and "projection" in record:
+        shape = (settings.projection_dim, Cut.of(settings).feature_dim)
+        projection = check_incoming_tensor("projection", record["projection"].numpy(), shape, source="the server")
+    total, count, release = feature_sum_round(site, settings, noise_multiplier=float(sigma), projection=projection)
     return RecordDict(
         {
             k.ARRAYS: numpy_to_arrays({k.FEATURE_SUM: total}),
@@ -256,6 +268,17 @@ def _feature_sum(msg: Message, settings: RoundSettings, site: Site) -> RecordDic
             k.SITE: _site_record(site, settings),
         }
     )
+
+
+def _count_examples(msg: Message, settings: RoundSettings, site: Site) -> RecordDict:
+    """Reply with the number of the site's training examples, which the auto plan is computed from.
+
+    The count is declared public (every training reply carries it to weight the average; README, privacy
+    model), so it is no release of its own; the site loads its inputs at the cut to count them (and caches
+    them for the run), and refuses like any other request when it cannot.
+    """
+    count = len(load_site_inputs(site, settings, cut=Cut.of(settings).at_end_cut()).train_y)
+    return RecordDict({k.METRICS: MetricRecord({k.NUM_EXAMPLES: count}), k.SITE: _site_record(site, settings)})
 
 
 def _rank(msg: Message, settings: RoundSettings, site: Site) -> RecordDict:
@@ -418,6 +441,7 @@ QueryHandler = Callable[[Message, RoundSettings, Site], RecordDict]
 QUERY_HANDLERS: dict[str, QueryHandler] = {
     k.ACTION_HAS_BACKBONE: _has_backbone,  # set-up
     k.ACTION_INSTALL_BACKBONE: _install_backbone,
+    k.ACTION_COUNT_EXAMPLES: _count_examples,  # auto plan: the public training-example count
     k.ACTION_FEATURE_SUM: _feature_sum,  # centring: one noised release, charged
     k.ACTION_RANK: _rank,  # non-DP scalars, refused unless release-evaluation-metrics
     k.ACTION_FINETUNE: _finetune,  # DP-SGD solver, after the last round (personalization = "finetune")

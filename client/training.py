@@ -8,11 +8,13 @@ for, is this one loop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -23,7 +25,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedtl.shared.heads import predict_proba
+from fedtl.shared.heads import PROJECTED, Head, predict_proba
 from fedtl.shared.metrics import classification_metrics
 from fedtl.shared.secure_noise import SecureRandom
 
@@ -108,7 +110,7 @@ def train_model(
         generator.seed()  # OS entropy
     else:
         generator.manual_seed(seed)
-    dataset = TensorDataset(torch.as_tensor(inputs, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.long))
+    dataset = _Rows(torch.as_tensor(inputs, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.long))
     sample_rate, per_epoch = steps_per_epoch(num_examples, batch_size)
     model.train()
     optimizer = torch.optim.SGD(model.param_groups(learning_rate), lr=learning_rate)
@@ -128,7 +130,9 @@ def train_model(
         # fires on outputs only; Opacus' per-sample gradients need nothing more.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         if private:
-            loader = DataLoader(dataset, batch_size=min(batch_size, num_examples), generator=generator)
+            loader = DataLoader(
+                dataset, batch_size=min(batch_size, num_examples), generator=generator, collate_fn=_stacked
+            )
             runner, optimizer, loader = PrivacyEngine(accountant="rdp").make_private(
                 module=model,
                 optimizer=optimizer,
@@ -148,12 +152,19 @@ def train_model(
                     f"ledger was charged for {sample_rate} over {per_epoch}: refusing to train (a fedtl bug)"
                 )
         else:
-            loader = DataLoader(dataset, batch_size=min(batch_size, num_examples), shuffle=True, generator=generator)
+            loader = DataLoader(
+                dataset,
+                batch_size=min(batch_size, num_examples),
+                shuffle=True,
+                generator=generator,
+                collate_fn=_stacked,
+            )
             runner = model
         try:
-            losses, steps = _run_epochs(
-                runner, optimizer, loader, epochs=epochs, anchor=anchor, proximal_mu=proximal_mu, private=private
-            )
+            with _intra_op_threads(1 if isinstance(model, Head) and model.kind == PROJECTED else None):
+                losses, steps = _run_epochs(
+                    runner, optimizer, loader, epochs=epochs, anchor=anchor, proximal_mu=proximal_mu, private=private
+                )
         finally:
             if isinstance(runner, GradSampleModule):
                 runner._close()  # remove Opacus' hooks and per-sample gradients from the caller's model
@@ -171,6 +182,46 @@ def train_model(
         sample_rate=sample_rate,
         noise_multiplier=noise_multiplier if private else 0.0,
     )
+
+
+@contextlib.contextmanager
+def _intra_op_threads(count: int | None) -> Iterator[None]:
+    """Run the block on `count` intra-op threads (None: as set), then restore the setting.
+
+    A projected head's steps (the auto plan) are tiny matrix products (hundreds of rows, k <= 256 columns):
+    parallelising them costs more than it saves, and on a loaded machine torch's waiting threads made 50
+    full-batch steps of a 16-dim head 25x slower (11.4 s against 0.43 s on one thread, 2 busy cores). Only
+    projected heads: the thread count can change the order of float sums, and other heads' runs are pinned
+    bit for bit (tests/parity/); one thread also makes a projected head's run the same on any machine.
+    """
+    before = torch.get_num_threads()
+    if count is None or count == before:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Rows(TensorDataset):
+    """A TensorDataset that gives a batch's rows in one indexing per tensor (DataLoader calls `__getitems__`).
+
+    The same batches, bit for bit, as fetching row by row and stacking them; full-batch DP-GD (the auto plan)
+    otherwise spends most of each step fetching and stacking hundreds of single rows.
+    """
+
+    def __getitems__(self, indices: list[int]) -> list[list[torch.Tensor]]:
+        if not len(indices):
+            return []  # an empty Poisson batch: Opacus' collate wrapper makes it from the first batch's shapes
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return [[tensor[index] for tensor in self.tensors]]
+
+
+def _stacked(batch: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Return the one already-stacked [inputs, labels] `_Rows.__getitems__` made (default_collate's structure)."""
+    return batch[0]
 
 
 def _run_epochs(

@@ -3,9 +3,10 @@
 The phases of `run_federation`, each in its own module:
 1. the run's folder, new or resumed (server/run_folder.py);
 2. set-up: the backbone, the federation's classes, the sites' settings, backbone distribution and
-   the sites' policy checks (server/setup.py);
-3. the feature centre, one noised release per site (server/centering.py);
-4. the head solver named by `head-solver` (server/solvers/): DP-SGD rounds, or the closed form;
+   the sites' policy checks (server/setup.py); then the solver's plan from public set-up answers (auto:
+   the sites' example counts fix the schedule), before any release;
+3. the feature centre, one noised release per site (server/centering.py), where the run config asks for it;
+4. the head solver named by `head-solver` (server/solvers/): auto (the default), DP-SGD rounds, the closed form;
 5. the model file, model card and summary (server/run_folder.py).
 """
 
@@ -40,7 +41,7 @@ from fedtl.shared import constants as k
 from fedtl.shared.config import RunConfig
 from fedtl.shared.deep import check_deep_run
 from fedtl.shared.errors import FederationError
-from fedtl.shared.heads import personal_array_names
+from fedtl.shared.heads import FROZEN_ARRAYS, personal_array_names
 from fedtl.shared.metrics import majority_rate
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,6 @@ def run_federation(
     backbone = load_server_backbone(cfg)
     splits = load_server_data(cfg)
     label_names = federation_label_names(cfg, splits)
-    if run.checkpoint is None:
-        write_run_config(run, backbone, label_names, record)
     config = round_config(cfg, backbone, label_names, run_id=run.run_id, run_dir=run.run_dir)
 
     node_ids = wait_for_nodes(grid, cfg.min_available_nodes, timeout=cfg.round_timeout)
@@ -100,6 +99,18 @@ def run_federation(
             f"only {len(node_ids)} site(s) accepted run {run.run_id} (min-train-sites {cfg.min_train_sites}); "
             f"refusals: {list(setup.refused.values())}"
         )
+    # The solver may fix the schedule from public set-up answers (auto: the sites' example counts), before any release.
+    planned = solver.plan(
+        grid, cfg, setup, node_ids=node_ids, config=config, backbone=backbone, label_names=label_names
+    )
+    if planned.cfg != cfg:
+        cfg = planned.cfg
+        run = RunFolder(run.run_id, run.run_dir, cfg, run.checkpoint)
+        config = round_config(cfg, backbone, label_names, run_id=run.run_id, run_dir=run.run_dir)
+    setup = planned.setup
+    node_ids = setup.accepted(node_ids)
+    if run.checkpoint is None:
+        write_run_config(run, backbone, label_names, {**(record or {}), **planned.record})
 
     initial = initial_arrays(cfg, backbone, label_names)
     if run.checkpoint is not None:
@@ -116,7 +127,7 @@ def run_federation(
         run_dir=run.run_dir,
         expected_arrays={name: (tuple(v.shape), "float32") for name, v in initial.items()},
         non_private=cfg.non_private,
-        frozen_arrays=("center",) if "center" in initial else (),
+        frozen_arrays=tuple(name for name in FROZEN_ARRAYS if name in initial),
         max_update_norm=cfg.max_update_norm,
         node_names=dict(setup.names),
         num_rounds=cfg.num_rounds,
@@ -150,6 +161,7 @@ def run_federation(
             "sites": result.personalization,
             **weighted_site_metrics(list(result.personalization.values())),
         }
+    summary.update(planned.record)
     summary["refused-sites"] = sorted(setup.refused.values())
     summary["site-outcomes"] = site_outcomes(setup, recorder)
     summary["all-sites-completed"] = all(o["status"] == COMPLETED for o in summary["site-outcomes"].values())

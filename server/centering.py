@@ -11,7 +11,7 @@ import logging
 import math
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedtl.server.report import failure_reason, reply_site_name
@@ -52,31 +52,7 @@ def estimate_feature_center(
             cfg.target_epsilon,
         )
         return np.zeros(dim, dtype=np.float32)
-    request = ask(config, k.ACTION_FEATURE_SUM, **{k.CENTERING_NOISE_MULTIPLIER: sigma})
-    replies = query_sites(grid, node_ids, RecordDict({k.CONFIG: request}), timeout)
-    total, count, used, reasons = None, 0, 0, []
-    # In site order, so the float sum does not depend on the order replies arrived in.
-    for reply in sorted(replies.values(), key=lambda m: (reply_site_name(m), m.metadata.src_node_id)):
-        reason = failure_reason(reply)
-        if reason is not None:
-            log.warning("site %s did not release its feature sum: %s", reply_site_name(reply), reason)
-            reasons.append(f"{reply_site_name(reply)}: {reason}")
-            continue
-        problem = _check_feature_sum(reply, dim, sigma=sigma)
-        if problem:
-            log.warning("site %s sent an unusable feature sum, ignored: %s", reply_site_name(reply), problem)
-            reasons.append(f"{reply_site_name(reply)}: unusable feature sum ({problem})")
-            continue
-        arr = reply.content.array_records[k.ARRAYS][k.FEATURE_SUM].numpy().astype(np.float64)  # (D,)
-        n = int(reply.content.metric_records[k.METRICS][k.NUM_EXAMPLES])
-        total = arr if total is None else total + arr
-        count += n
-        used += 1
-    if total is None:
-        raise FederationError(
-            f"no site released its feature sum, so run {config[k.RUN_ID]} cannot start: "
-            + ("; ".join(reasons) or "no site answered in time")
-        )
+    total, count, used = collect_feature_sums(grid, node_ids, config, sigma=sigma, dim=dim, timeout=timeout)
     released = used
     noise = center_noise_norm(noise_multiplier=sigma, dim=dim, num_sites=released, count=count)
     if noise > MAX_CENTER_NOISE_NORM:
@@ -91,6 +67,54 @@ def estimate_feature_center(
         return np.zeros(dim, dtype=np.float32)
     log.info("feature mean estimated from %d examples at %d sites (noise norm %.3f)", count, released, noise)
     return (total / count).astype(np.float32)
+
+
+def collect_feature_sums(
+    grid: Grid,
+    node_ids: list[int],
+    config: ConfigRecord,
+    *,
+    sigma: float,
+    dim: int,
+    timeout: float,
+    projection: np.ndarray | None = None,
+) -> tuple[np.ndarray, int, int]:
+    """Ask every site for its noised feature sum at noise `sigma`; return (sum of sums, examples, sites used).
+
+    With a `projection` (dim, D) the sites sum their projected, clipped features (client/centering.py).
+    Sums are added in site order, so the float sum does not depend on the order replies arrived in.
+
+    Raises:
+        FederationError: no site released a usable sum (each site's reason is in the message).
+    """
+    request = ask(config, k.ACTION_FEATURE_SUM, **{k.CENTERING_NOISE_MULTIPLIER: sigma})
+    content = RecordDict({k.CONFIG: request})
+    if projection is not None:
+        content[k.ARRAYS] = ArrayRecord({"projection": Array(np.asarray(projection, dtype=np.float32))})
+    replies = query_sites(grid, node_ids, content, timeout)
+    total, count, used, reasons = None, 0, 0, []
+    for reply in sorted(replies.values(), key=lambda m: (reply_site_name(m), m.metadata.src_node_id)):
+        reason = failure_reason(reply)
+        if reason is not None:
+            log.warning("site %s did not release its feature sum: %s", reply_site_name(reply), reason)
+            reasons.append(f"{reply_site_name(reply)}: {reason}")
+            continue
+        problem = _check_feature_sum(reply, dim, sigma=sigma)
+        if problem:
+            log.warning("site %s sent an unusable feature sum, ignored: %s", reply_site_name(reply), problem)
+            reasons.append(f"{reply_site_name(reply)}: unusable feature sum ({problem})")
+            continue
+        arr = reply.content.array_records[k.ARRAYS][k.FEATURE_SUM].numpy().astype(np.float64)  # (dim,)
+        n = int(reply.content.metric_records[k.METRICS][k.NUM_EXAMPLES])
+        total = arr if total is None else total + arr
+        count += n
+        used += 1
+    if total is None:
+        raise FederationError(
+            f"no site released its feature sum, so run {config[k.RUN_ID]} cannot start: "
+            + ("; ".join(reasons) or "no site answered in time")
+        )
+    return total, count, used
 
 
 def run_centering_noise(cfg: RunConfig) -> float | None:

@@ -17,7 +17,7 @@ from fedtl.shared.backbones import AnyPreprocessing, preprocessing_from_dict
 from fedtl.shared.deep import Adaptation, build_adapted_backbone, split_wire_arrays
 from fedtl.shared.errors import ModelFileError
 from fedtl.shared.files import atomic_write_bytes
-from fedtl.shared.heads import Head, build_head, load_head_arrays
+from fedtl.shared.heads import PROJECTED, Head, build_head, load_head_arrays
 from fedtl.shared.protocol import jsonable
 
 FORMAT = "fedtl-adapted-model/1"
@@ -67,9 +67,21 @@ class AdaptedModel:
         """Return how the backbone was adapted (head only when nothing changed in it)."""
         return Adaptation.of(self)
 
+    @property
+    def projection_dim(self) -> int:
+        """Return k of a projected head (its stored public projection is (k, D)); 0 for other heads."""
+        projection = self.arrays.get("projection")
+        return int(projection.shape[0]) if self.head == PROJECTED and projection is not None else 0
+
     def build_head(self) -> Head:
-        """Return the head module with this model's weights loaded."""
-        head = build_head(self.head, self.feature_dim, len(self.label_names), hidden=self.head_hidden)
+        """Return the head module with this model's weights (and frozen buffers: centre, projection) loaded."""
+        head = build_head(
+            self.head,
+            self.feature_dim,
+            len(self.label_names),
+            hidden=self.head_hidden,
+            projection_dim=self.projection_dim,
+        )
         load_head_arrays(head, split_wire_arrays(self.arrays)[0], source="the model file")
         return head
 
@@ -149,6 +161,12 @@ def model_card(model: AdaptedModel) -> str:
         f"- Preprocessing: {model.preprocessing.describe()}",
         f"- Head: {model.head}"
         + (f" (hidden {model.head_hidden})" if model.head == "mlp" else "")
+        + (
+            f" on {model.projection_dim} public directions (stored `projection`: the backbone's features of seeded "
+            "synthetic images, no private data)"
+            if model.head == PROJECTED
+            else ""
+        )
         + f", {model.feature_dim} -> {len(model.label_names)} classes",
         f"- Labels: {', '.join(model.label_names)}",
         f"- Federation: {len(model.sites)} sites, {model.num_rounds} rounds, strategy {model.strategy}",

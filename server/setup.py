@@ -69,6 +69,7 @@ class Backbone:
             load_backbone=self.build,
             seed=cfg.seed,
             head_seed=head_seed,
+            projection_dim=cfg.projection_dim,
         )
 
 

@@ -14,12 +14,12 @@ from typing import Any, Mapping
 from fedtl.shared.errors import ConfigError
 from fedtl.shared.partitioners import parse_partition
 
-HEADS = ("linear", "mlp")
+HEADS = ("linear", "mlp", "projected")  # projected: set by head-solver "auto" (shared/dp_heads.py)
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 ACCOUNTANTS = ("rdp", "prv")
 CLIENT_DP_MODES = ("off", "server", "client")  # Flower's DifferentialPrivacy{Server,Client}SideFixedClipping
 PERSONALIZATIONS = ("none", "fedper", "finetune")
-HEAD_SOLVERS = ("dp-sgd", "closed-form")
+HEAD_SOLVERS = ("auto", "dp-sgd", "closed-form")
 CLOSED_FORMS = ("ridge", "lda")
 DEVICES = ("auto", "cpu", "cuda")
 AUTO = "auto"
@@ -88,12 +88,14 @@ class RunConfig:
     finetune_epochs: int = 2
     permuted_label_sites: str = ""  # simulation only: comma-separated site numbers whose labels are permuted
     ray_address: str = ""  # simulation only: an existing Ray cluster (HOST:PORT or "auto"); "" starts one
-    # How each site's head is fitted: DP-SGD rounds, or one noised release of sufficient statistics
-    # solved in closed form by the server (ridge regression or LDA on the sites' summed statistics).
-    head_solver: str = "dp-sgd"
+    # How each site's head is fitted: "auto" plans DP-GD on a public projection from public quantities only
+    # (server/solvers/auto.py, shared/dp_heads.py); DP-SGD rounds as configured; or one noised release of
+    # sufficient statistics solved in closed form by the server (ridge regression or LDA on the summed statistics).
+    head_solver: str = "auto"
     closed_form: str = "ridge"
     closed_form_ridge: float = 1.0  # ridge penalty lambda (also regularises LDA's covariance)
-    projection_dim: int = 0  # closed form: public seeded random projection of features to this many dims; 0 = none
+    # closed form: public seeded random projection of features to this many dims (0 = none); set by the auto plan
+    projection_dim: int = 0
     # Deeper fine-tuning under DP: the last `trainable-blocks` backbone blocks train with the head, and/or
     # LoRA adapters of rank `lora-rank` (peft) on the backbone; 0 and 0 = head only (cached features).
     trainable_blocks: int = 0
@@ -129,6 +131,12 @@ class RunConfig:
                 raise ConfigError(f"`{_kebab(name)}` must be >= 0, got {getattr(self, name)}")
         if self.head_solver == "closed-form":
             _check_closed_form(self)
+        if self.head == "projected" and (self.head_solver != "auto" or self.projection_dim < 1):
+            raise ConfigError(
+                f'`head = "projected"` is the head the auto plan chooses (with its public projection-dim), got '
+                f"head-solver = {self.head_solver!r} and projection-dim = {self.projection_dim}; set "
+                'head-solver = "auto" and leave `head` to the plan, or choose head = "linear" or "mlp"'
+            )
         if self.secure_aggregation and self.head_solver != "closed-form":
             raise ConfigError(
                 "`secure-aggregation = true` covers the feature centre and the closed form's statistics; DP-SGD "

@@ -16,6 +16,7 @@ ACTION_INSTALL_BACKBONE = "install-backbone"
 ACTION_FEATURE_SUM = "feature-sum"
 ACTION_FINETUNE = "finetune"  # after the last round: finetune the final head locally, score both (personalization)
 ACTION_RANK = "rank"  # before training: transferability scores of the announced backbone on the site's features
+ACTION_COUNT_EXAMPLES = "count-examples"  # auto plan: the site's training-example count (declared public)
 ACTION_SUFFICIENT_STATS = "sufficient-stats"  # closed-form head: one noised release of Gram, class sums, counts
 
 # Secure aggregation (SecAgg+, server/secagg.py <-> client/secagg.py): one query action per stage.

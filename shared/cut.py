@@ -19,7 +19,7 @@ from torch import nn
 from fedtl.shared.backbones import AnyPreprocessing, get_backbone_spec, resolve_preprocessing
 from fedtl.shared.deep import Adaptation, AdaptedHead, adapt_backbone, cut_fingerprint, split_backbone
 from fedtl.shared.features import FeatureCache, cached_features
-from fedtl.shared.heads import Head, build_head
+from fedtl.shared.heads import PROJECTED, Head, build_head
 from fedtl.shared.named_data import federation_schema
 
 
@@ -126,14 +126,23 @@ def build_model(
     load_backbone: Callable[[], nn.Module],
     seed: int,
     head_seed: int = 0,
+    projection_dim: int = 0,
 ) -> Head | AdaptedHead:
     """Return the model above the cut: the head alone, or [trainable blocks (or their LoRA adapters) + head].
 
     `seed` seeds the LoRA adapters (every site and the server build the same ones); `head_seed` the head's
-    initial weights (the server's initial model; sites load the server's tensors over them).
+    initial weights (the server's initial model; sites load the server's tensors over them);
+    `projection_dim` the width of a "projected" head's public projection (ignored by other heads).
     `load_backbone` is only called when blocks of the backbone train.
     """
-    top = build_head(head, cut.feature_dim, num_classes, hidden=head_hidden, seed=head_seed)
+    top = build_head(
+        head,
+        cut.feature_dim,
+        num_classes,
+        hidden=head_hidden,
+        seed=head_seed,
+        projection_dim=projection_dim if head == PROJECTED else 0,
+    )
     if cut.at_end:
         return top
     _, trainable = adapt_backbone(cut.backbone_name, load_backbone(), cut.adaptation, seed=seed)

@@ -42,8 +42,8 @@ LOGIT_NOISE = 0.75  # lr x steps = LOGIT_NOISE / eta: the std the DP-GD noise le
 MAX_LR_STEPS = 1000.0  # beyond it more progress is not worth its noise even at large epsilon
 CENTER_SHARE = 0.1  # the k-dim centre release, when made, has this share of the one-release budget
 MAX_CENTER_NOISE_NORM = 0.25  # above this expected noise norm the public synthetic centre is used instead
-STEPS = 50  # full-batch DP-GD steps per site over the run (q = 1: the same noise for any count, see the rule)
-LOCAL_STEPS = 5  # steps between averagings: 10 rounds
+STEPS = 50  # full-batch DP-GD steps per site over the run, at least (q = 1: the same noise for any count)
+LOCAL_STEPS = 5  # steps between averagings at the default 10 rounds; num-rounds stays the run config's (below)
 MAX_GRAD_NORM = 1.0
 
 
@@ -108,6 +108,7 @@ def plan_dp_head(
     num_classes: int,
     history: Sequence[PrivacyStep] = (),
     accountant: str = "rdp",
+    rounds: int = STEPS // LOCAL_STEPS,
 ) -> HeadPlan:
     """Return the DP head plan (`head-solver = "auto"`) for these public inputs, within target epsilon.
 
@@ -117,8 +118,10 @@ def plan_dp_head(
     3. The k-dim centre: released at noise sigma / sqrt(CENTER_SHARE) when its expected noise norm
        sigma_c sqrt(K k) / N is at most MAX_CENTER_NOISE_NORM, else not released (the synthetic images' centre,
        public, is used). Decided before anything is released, from public numbers only.
-    4. STEPS full-batch DP-GD steps at the noise that keeps history + centre + steps within target epsilon
-       (the accountant searches it), learning rate = min(LOGIT_NOISE / eta, MAX_LR_STEPS) / STEPS.
+    4. `rounds` x ceil(STEPS / rounds) full-batch DP-GD steps (at least STEPS) at the noise that keeps history +
+       centre + steps within target epsilon (the accountant searches it), learning rate =
+       min(LOGIT_NOISE / eta, MAX_LR_STEPS) / steps. Rounds are the run config's (a site's policy caps them):
+       with full batches progress and noise depend on lr x steps, not on how the steps are split (Panda et al.).
 
     Args:
         target_epsilon, target_delta: the run's per-site budget.
@@ -127,6 +130,7 @@ def plan_dp_head(
         num_classes: C (recorded in the reason; the rules do not depend on it: one example moves one class).
         history: the site's earlier releases (ledger); the plan spends what they leave.
         accountant: "rdp" or "prv".
+        rounds: federation rounds (FedAvg between them); the default 10 gives the tuned 5 steps per round.
 
     Raises:
         ConfigError: no sites, or a site with no examples.
@@ -135,6 +139,10 @@ def plan_dp_head(
     sizes = [int(n) for n in site_sizes]
     if not sizes or min(sizes) < 1:
         raise ConfigError(f"`site_sizes` must list at least one site with >= 1 example, got {sizes}")
+    if rounds < 1:
+        raise ConfigError(f"`num-rounds` must be >= 1 for a DP head plan, got {rounds}")
+    local_steps = math.ceil(STEPS / rounds)
+    steps = rounds * local_steps
     past = list(history)
     sigma = find_noise_multiplier(
         target_epsilon=target_epsilon,
@@ -154,13 +162,13 @@ def plan_dp_head(
         target_epsilon=target_epsilon,
         target_delta=target_delta,
         sample_rate=1.0,
-        steps=STEPS,
+        steps=steps,
         history=past + centre,
         accountant=accountant,
     )
     lr_steps = min(LOGIT_NOISE / eta, MAX_LR_STEPS)
     epsilon = compute_epsilon(
-        past + centre + [PrivacyStep(noise, 1.0, STEPS)], delta=target_delta, accountant=accountant
+        past + centre + [PrivacyStep(noise, 1.0, steps)], delta=target_delta, accountant=accountant
     )
     centre_text = (
         f"the {k}-dim feature centre is released at noise {center_sigma:.2f} ({CENTER_SHARE:.0%} of the budget; "
@@ -173,8 +181,8 @@ def plan_dp_head(
         f"{DP_GD}: {num_sites} sites, {total} examples, {num_classes} classes, epsilon {target_epsilon:g} at delta "
         f"{target_delta:g}: one release would need noise {sigma:.2f}, so a mean of unit vectors carries noise "
         f"eta = {eta:.4f} per coordinate; features are projected on the top {k} public synthetic-image directions "
-        f"(largest k with eta sqrt(k) <= {MAX_MEAN_NOISE_NORM}); {centre_text}; {STEPS} full-batch DP-GD steps "
-        f"({STEPS // LOCAL_STEPS} rounds of {LOCAL_STEPS}) at noise {noise:.2f}, learning rate {lr_steps / STEPS:.3g} "
+        f"(largest k with eta sqrt(k) <= {MAX_MEAN_NOISE_NORM}); {centre_text}; {steps} full-batch DP-GD steps "
+        f"({rounds} rounds of {local_steps}) at noise {noise:.2f}, learning rate {lr_steps / steps:.3g} "
         f"(lr x steps = {lr_steps:.0f} = min({LOGIT_NOISE} / eta, {MAX_LR_STEPS:g})); planned epsilon {epsilon:.3f}"
     )
     return HeadPlan(
@@ -182,9 +190,9 @@ def plan_dp_head(
         projection_dim=k,
         center_noise_multiplier=centre[0].noise_multiplier if centre else None,
         noise_multiplier=noise,
-        steps=STEPS,
-        local_steps=LOCAL_STEPS,
-        learning_rate=lr_steps / STEPS,
+        steps=steps,
+        local_steps=local_steps,
+        learning_rate=lr_steps / steps,
         max_grad_norm=MAX_GRAD_NORM,
         mean_noise=eta,
         epsilon=epsilon,

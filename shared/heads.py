@@ -9,7 +9,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedtl.shared.errors import ReplyError
+from fedtl.shared.errors import ConfigError, ReplyError
+
+PROJECTED = "projected"  # the auto plan's head on a public projection of the features (shared/dp_heads.py)
+FROZEN_ARRAYS = ("center", "projection")  # buffers the server fixes for a whole run; sites send them back unchanged
 
 
 class Head(nn.Module):
@@ -20,10 +23,16 @@ class Head(nn.Module):
     share one dominant direction (cosine ~0.9 to their mean on digits), so the head also subtracts
     `center`, the mean normalised feature of all sites. That statistic is NOT public: the server
     estimates it from Gaussian-noised per-site sums that every site charges to its privacy budget
-    (see `fedtl.client.rounds.feature_sum_round`). `center` is a buffer, never trained.
+    (see `fedtl.client.centering.feature_sum_round`). `center` is a buffer, never trained.
+
+    The "projected" head (head-solver "auto", shared/dp_heads.py) first maps the normalised feature onto
+    k public directions, `projection` (k, D), clips it to norm 1 and subtracts a k-dim `center`: both
+    buffers, set by the server, so every site and the model file apply the same map.
     """
 
-    def __init__(self, kind: str, in_features: int, num_classes: int, hidden: int = 128) -> None:
+    def __init__(
+        self, kind: str, in_features: int, num_classes: int, hidden: int = 128, *, projection_dim: int = 0
+    ) -> None:
         super().__init__()
         if kind == "linear":
             self.layers = nn.Sequential(nn.Linear(in_features, num_classes))
@@ -31,16 +40,31 @@ class Head(nn.Module):
             self.layers = nn.Sequential(
                 nn.Linear(in_features, hidden), nn.ReLU(inplace=False), nn.Linear(hidden, num_classes)
             )
+        elif kind == PROJECTED:
+            if not 1 <= projection_dim < in_features:
+                raise ConfigError(
+                    f"a projected head needs 1 <= projection-dim < the feature dim {in_features}, got {projection_dim}"
+                )
+            self.layers = nn.Sequential(nn.Linear(projection_dim, num_classes))
         else:
-            raise ValueError(f"`head` must be one of linear, mlp; got {kind!r}")
+            raise ValueError(f"`head` must be one of linear, mlp, {PROJECTED}; got {kind!r}")
         self.kind = kind
-        self.register_buffer("center", torch.zeros(in_features))  # (D,)
+        if kind == PROJECTED:
+            # P (k, D), the public synthetic basis (shared/public_basis.py), set by the server; never trained.
+            self.register_buffer("projection", torch.zeros(projection_dim, in_features))
+            self.register_buffer("center", torch.zeros(projection_dim))  # (k,)
+        else:
+            self.register_buffer("center", torch.zeros(in_features))  # (D,)
 
     # What the training loop and evaluation ask of any model above the cut (shared/deep.AdaptedHead too).
     clipping = "flat"  # one clipping bound over all trainable tensors (Opacus "flat")
     predict_batch_size = 4096
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, C)
+        if self.kind == PROJECTED:  # W normalise(clip1(P normalise(x)) - c) + b (shared/public_basis.py)
+            z = F.normalize(features, dim=1) @ self.projection.T  # (B, k)
+            z = z / z.norm(dim=1, keepdim=True).clamp(min=1.0)  # whitened rows of P can lengthen z: clip to 1
+            return self.layers(F.normalize(z - self.center, dim=1))
         return self.layers(F.normalize(F.normalize(features, dim=1) - self.center, dim=1))
 
     def param_groups(self, learning_rate: float) -> list[dict]:
@@ -64,14 +88,24 @@ class Head(nn.Module):
         load_head_arrays(self, arrays, source=source)
 
 
-def build_head(kind: str, in_features: int, num_classes: int, *, hidden: int = 128, seed: int = 0) -> Head:
-    """Return a freshly initialised head; the same seed gives the same initial weights everywhere."""
+def build_head(
+    kind: str, in_features: int, num_classes: int, *, hidden: int = 128, seed: int = 0, projection_dim: int = 0
+) -> Head:
+    """Return a freshly initialised head; the same seed gives the same initial weights everywhere.
+
+    A projected head starts at zero, as the auto plan's full-batch DP-GD was tuned (benchmarks/dp_heads.py):
+    its first step is then the clipped class means' direction, not a random start's.
+    """
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        head = Head(kind, in_features, num_classes, hidden)
+        head = Head(kind, in_features, num_classes, hidden, projection_dim=projection_dim)
     finally:
         torch.random.set_rng_state(gen_state)
+    if kind == PROJECTED:
+        with torch.no_grad():
+            for p in head.layers.parameters():
+                p.zero_()
     return head
 
 

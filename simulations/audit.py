@@ -37,6 +37,7 @@ from fedtl.shared.config import RunConfig
 from fedtl.shared.errors import ConfigError, DataError, ModelFileError
 from fedtl.shared.features import extract_features
 from fedtl.shared.files import atomic_write_bytes
+from fedtl.shared.heads import FROZEN_ARRAYS, head_arrays
 from fedtl.shared.loaders import load_site_dataset
 from fedtl.shared.protocol import jsonable
 from fedtl.simulations.attacks import (
@@ -383,9 +384,14 @@ def _lira(
     keep = shadow_assignments(shadows, len(pool_y), seed=seed)
     epsilon = None if lab.cfg.non_private else lab.cfg.target_epsilon
     confidences = np.empty((shadows, len(pool_y)))
+    # The run's frozen buffers (an auto run's public projection and centre): the shadows share the target's map.
+    arrays = head_arrays(head)
+    frozen = {name: arrays[name] for name in FROZEN_ARRAYS} if "projection" in arrays else None
     for j in range(shadows):
         t0 = time.perf_counter()
-        shadow = train_baseline_head(lab, pool_x[keep[j]], pool_y[keep[j]], target_epsilon=epsilon, seed=seed + 7 + j)
+        shadow = train_baseline_head(
+            lab, pool_x[keep[j]], pool_y[keep[j]], target_epsilon=epsilon, seed=seed + 7 + j, frozen=frozen
+        )
         confidences[j] = logit_confidence(head_logits(shadow.head, pool_x), pool_y)
         log.info("shadow %d/%d trained in %.1f s", j + 1, shadows, time.perf_counter() - t0)
     target = logit_confidence(head_logits(head, pool_x), pool_y)
@@ -404,7 +410,13 @@ def _shadow_note(cfg: RunConfig, shadows: int) -> str:
     return (
         f"LiRA: {shadows} shadow heads, each trained centrally on a random half of members + non-members with the "
         f"run's schedule ({cfg.num_rounds} rounds x {cfg.local_epochs} local epochs, batch {cfg.batch_size}, "
-        f"learning rate {cfg.learning_rate:g}, clipping {cfg.max_grad_norm:g}), {dp}, {variance}. A shadow "
+        f"learning rate {cfg.learning_rate:g}, clipping {cfg.max_grad_norm:g}"
+        + (
+            f"; the run's {cfg.projection_dim}-dim public projection and centre, frozen"
+            if cfg.head == "projected"
+            else ""
+        )
+        + f"), {dp}, {variance}. A shadow "
         "approximates the federated target (sites training apart, their heads averaged); it does not replicate it."
     )
 

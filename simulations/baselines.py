@@ -35,7 +35,9 @@ from fedtl.server.setup import Backbone, federation_label_names, load_server_bac
 from fedtl.shared import constants as k
 from fedtl.shared.centering import MAX_CENTER_NOISE_NORM, center_noise_norm
 from fedtl.shared.config import RunConfig
-from fedtl.shared.heads import Head, build_head, head_arrays, load_head_arrays
+from fedtl.shared.errors import ConfigError
+from fedtl.shared.heads import FROZEN_ARRAYS, PROJECTED, Head, build_head, head_arrays, load_head_arrays
+from fedtl.shared.metrics import classification_metrics
 from fedtl.shared.protocol import RoundSettings, SimulationSettings
 from fedtl.simulations.federation import lab_settings, lab_sites, simulated_sites
 
@@ -110,9 +112,9 @@ def load_lab_federation(cfg: RunConfig, num_sites: int) -> LabFederation:
     return LabFederation(cfg, backbone, label_names, settings, simulation, sites, central)
 
 
-def site_accuracies(lab: LabFederation, arrays: dict[str, np.ndarray]) -> dict[str, float]:
-    """Return the accuracy of one head (`arrays`) on every site's local test split."""
-    head = _head(lab)
+def site_accuracies(lab: LabFederation, arrays: dict[str, np.ndarray], head: Head | None = None) -> dict[str, float]:
+    """Return the accuracy of one head (`arrays`; into `head`, default the lab config's) on every site's test split."""
+    head = head if head is not None else _head(lab)
     load_head_arrays(head, arrays, source="a run's model")
     return {s.name: evaluate_model(head, s.test_features, s.test_labels)[k.ACCURACY] for s in lab.sites}
 
@@ -153,7 +155,13 @@ class BaselineHead:
 
 
 def train_baseline_head(
-    lab: LabFederation, features: np.ndarray, labels: np.ndarray, *, target_epsilon: float | None, seed: int
+    lab: LabFederation,
+    features: np.ndarray,
+    labels: np.ndarray,
+    *,
+    target_epsilon: float | None,
+    seed: int,
+    frozen: dict[str, np.ndarray] | None = None,
 ) -> BaselineHead:
     """Train one head on (features, labels) as a single site of the run would, over the run's whole schedule.
 
@@ -162,9 +170,20 @@ def train_baseline_head(
     noise rule and its "too noisy: no centre" rule) and DP-SGD's noise is planned so that both together
     spend at most the target, through the sites' release path with a scratch ledger (seeded by `seed`);
     without one, the exact mean and plain SGD (the non-private baseline).
+    `frozen`: buffers the run fixed (a planned projected head's public projection and its centre, from the
+    run's model file), loaded before training and never trained; a projected head needs them.
     """
     cfg = lab.cfg
     head = _head(lab, seed=cfg.seed)
+    if frozen:
+        arrays = head_arrays(head)
+        arrays.update({name: value for name, value in frozen.items() if name in FROZEN_ARRAYS})
+        load_head_arrays(head, arrays, source="the run's frozen buffers")
+    elif cfg.head == PROJECTED:
+        raise ConfigError(
+            'a baseline of a projected head (head-solver "auto") needs the run\'s public projection and centre: '
+            "pass `frozen` from the run's model file"
+        )
     epochs = cfg.num_rounds * cfg.local_epochs
     private = target_epsilon is not None
     settings = dataclasses.replace(
@@ -197,7 +216,14 @@ def train_baseline_head(
 
 def _head(lab: LabFederation, seed: int = 0) -> Head:
     cfg = lab.cfg
-    return build_head(cfg.head, lab.backbone.feature_dim, lab.num_classes, hidden=cfg.head_hidden, seed=seed)
+    return build_head(
+        cfg.head,
+        lab.backbone.feature_dim,
+        lab.num_classes,
+        hidden=cfg.head_hidden,
+        seed=seed,
+        projection_dim=cfg.projection_dim if cfg.head == PROJECTED else 0,
+    )
 
 
 def _score(lab: LabFederation, method: str, eps: float, head: Head, *, spent: float) -> BaselineScore:
@@ -216,13 +242,25 @@ def _score(lab: LabFederation, method: str, eps: float, head: Head, *, spent: fl
 
 
 def _majority(lab: LabFederation, pooled_train_labels: np.ndarray) -> BaselineScore:
-    """Always predict the most frequent class of the pooled training data."""
+    """Always predict the most frequent class of the pooled training data; score it as every other row is scored.
+
+    Accuracy and balanced accuracy are both of that one predictor on the server's held-out split, by the
+    metrics every run uses (balanced accuracy is 1/C only when the split holds every class).
+    """
     majority = int(np.bincount(pooled_train_labels, minlength=lab.num_classes).argmax())
     per_site = {s.name: float(np.mean(s.test_labels == majority)) for s in lab.sites}
-    held_out = math.nan
+    held_out: dict[str, float] = {}
     if lab.central is not None:
-        held_out = float(np.mean(lab.central.labels == majority))
+        constant = np.zeros((len(lab.central.labels), lab.num_classes))
+        constant[:, majority] = 1.0
+        held_out = classification_metrics(lab.central.labels, constant)
     # Reading the pooled labels is not private: no epsilon bounds it.
     return BaselineScore(
-        MAJORITY, math.inf, held_out, 1.0 / lab.num_classes, pooled_accuracy(lab, per_site), per_site, math.inf
+        MAJORITY,
+        math.inf,
+        held_out.get(k.ACCURACY, math.nan),
+        held_out.get(k.BALANCED_ACCURACY, math.nan),
+        pooled_accuracy(lab, per_site),
+        per_site,
+        math.inf,
     )

@@ -307,8 +307,8 @@ def _site_scores(
     personalized = {name: float(s[k.PERSONALIZED_ACCURACY]) for name, s in personal.items()}
     if method == "fedper":  # the site's model IS its personalised head
         return {s.name: personalized.get(s.name, math.nan) for s in lab.sites}, personalized
-    arrays = load_model(summary["model"]).arrays
-    return bl.site_accuracies(lab, arrays), personalized
+    model = load_model(summary["model"])  # its own head: an auto run's is the planned projected one
+    return bl.site_accuracies(lab, model.arrays, model.build_head()), personalized
 
 
 def _baseline_row(spec: SweepSpec, cell: dict, score: bl.BaselineScore, lab: bl.LabFederation) -> dict[str, Any]:
@@ -436,3 +436,9 @@ def _write_tables(out_dir: Path, tables: SweepTables) -> None:
 def sweep_negative_transfer(out_dir: Path) -> list[str]:
     """Return the CLI's lines naming every site with negative transfer in a finished sweep."""
     return negative_transfer_lines(read_table(out_dir / "sites.csv"))
+
+
+def transfer_assessed(out_dir: Path) -> bool:
+    """Return True when a finished sweep compared some site's federated model with its local-only one."""
+    rows = read_table(out_dir / "sites.csv")
+    return any(isinstance(r.get("local_accuracy"), (int, float)) and math.isfinite(r["local_accuracy"]) for r in rows)

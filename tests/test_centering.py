@@ -44,7 +44,10 @@ def test_small_budget_runs_train_and_drop_a_centre_too_noisy_to_use(tmp_path, ta
     # With a fixed sigma of 4 the centre release alone would cost ~1.01, so at these budgets every site
     # refused it; now it costs a quarter of the budget. Whether its estimate is kept depends on the
     # noise expected in the mean of ~1,400 digits in the tiny backbone's dimensions.
-    cfg = RunConfig(backbone="tiny", num_rounds=1, target_epsilon=target, out=str(tmp_path / "runs"))
+    # DP-SGD's D-dim centre and its budget share (the auto plan decides its own k-dim centre: test_auto_solver).
+    cfg = RunConfig(
+        backbone="tiny", head_solver="dp-sgd", num_rounds=1, target_epsilon=target, out=str(tmp_path / "runs")
+    )
     summary = run_inprocess(cfg, num_sites=3)
     run_dir = Path(summary["run-dir"])
     center = load_checkpoint(run_dir).arrays["center"]

@@ -31,7 +31,7 @@ def test_unknown_key_names_the_key_and_suggests_the_nearest():
         ({"num-rounds": 0}, r"`num-rounds` must be >= 1, got 0"),
         ({"target-epsilon": -1.0}, r"`target-epsilon` must be > 0.0, got -1.0"),
         ({"target-delta": 1.0}, r"`target-delta` must be > 0.0 and < 1.0, got 1.0"),
-        ({"head": "transformer"}, r"`head` must be one of linear, mlp; got 'transformer'"),
+        ({"head": "transformer"}, r"`head` must be one of linear, mlp, projected; got 'transformer'"),
         ({"noise-multiplier": "lots"}, r"`noise-multiplier` must be a number >= 0 or \"auto\", got 'lots'"),
         ({"non-private": 1}, r"`non-private` must be true or false, got 1"),
         ({"strategy": "fedsgd"}, r"`strategy` must be one of fedavg, fedprox, fedadam; got 'fedsgd'"),

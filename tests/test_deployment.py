@@ -112,7 +112,9 @@ def _run_dir(out: Path, name: str) -> Path:
 
 
 def _run_config(out: Path, **values) -> str:
+    # DP-SGD as configured: these runs check the configured noise and rounds in every ledger.
     base = dict(backbone="tiny", data="digits", out=str(out), local_epochs=1, min_available_nodes=3, min_train_sites=2)
+    base["head_solver"] = "dp-sgd"
     base.update(values)
     return " ".join(f"{k.replace('_', '-')}={json.dumps(v)}" for k, v in base.items())
 

@@ -53,8 +53,17 @@ def test_the_plan_spends_only_what_the_ledger_leaves():
 
 def test_the_plan_reads_only_public_inputs_and_is_deterministic():
     public = {"target_epsilon", "target_delta", "site_sizes", "feature_dim", "num_classes", "history", "accountant"}
+    public |= {"rounds"}  # the run config's num-rounds
     assert set(inspect.signature(plan_dp_head).parameters) == public
     assert _plan(3.0) == _plan(3.0)
+
+
+@pytest.mark.parametrize(("rounds", "local_steps"), [(1, 50), (2, 25), (3, 17), (10, 5), (60, 1)])
+def test_the_configured_rounds_split_at_least_50_steps_with_the_same_lr_times_steps(rounds, local_steps):
+    plan, default = _plan(3.0, rounds=rounds), _plan(3.0)
+    assert (plan.num_rounds, plan.local_steps, plan.steps) == (rounds, local_steps, rounds * local_steps)
+    assert plan.learning_rate * plan.steps == pytest.approx(default.learning_rate * default.steps)
+    assert compute_epsilon(plan.releases(), delta=DELTA) == pytest.approx(plan.epsilon) and plan.epsilon <= 3.0
 
 
 def test_the_projection_dim_follows_the_noise_in_a_mean_of_unit_vectors():

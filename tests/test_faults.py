@@ -120,7 +120,8 @@ def test_resume_after_kill_9_continues_the_run_with_its_own_sites(tmp_path, caps
     env = {**os.environ, "FEDTL_HOME": str(tmp_path / "home"), "FLWR_LOG_LEVEL": "INFO"}
     out = tmp_path / "runs"
     command = [sys.executable, "-m", "fedtl.cli.main", "simulate", *TINY_RUN, "--sites", "3", "--rounds", "6"]
-    command += ["--set", "local-epochs=20", "--out", str(out)]
+    # DP-SGD with 20 local epochs: rounds slow enough to kill the run between them (auto's are faster).
+    command += ["--set", "head-solver=dp-sgd", "--set", "local-epochs=20", "--out", str(out)]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     try:

@@ -113,14 +113,18 @@ def test_backbone_is_bit_identical_after_training(federation):
 
 
 def test_only_head_tensors_travel(federation):
+    # The default head-solver "auto": a linear head on k public directions, which travel with it, frozen.
+    plan = federation["first"]["head-plan"]
+    assert plan["method"] == "dp-gd" and plan["reason"].startswith("dp-gd: 2 sites")
+    dim = plan["projection-dim"]
     head_keys = set(load_model(federation["first"]["model"]).arrays)
-    assert head_keys == {"center", "layers.0.weight", "layers.0.bias"}
+    assert head_keys == {"center", "projection", "layers.0.weight", "layers.0.bias"}
     replies = federation["replies"]
     assert len(replies) == 2 * ROUNDS + 2  # two runs: 3 rounds, then 1 round
     for reply in replies:
         assert reply["array_records"] == ["arrays"]
         assert set(reply["arrays"]) == head_keys
-        assert reply["arrays"]["layers.0.weight"] == (10, 32)
+        assert reply["arrays"]["layers.0.weight"] == (10, dim) and reply["arrays"]["projection"] == (dim, 32)
     assert max(r["bytes"] for r in replies) < 4096
 
 

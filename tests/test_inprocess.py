@@ -24,8 +24,9 @@ SITES = 3
 
 
 def _dp_config(out: Path) -> RunConfig:
-    """A DP run with noise derived from the target epsilon, federated evaluation on, every site every round."""
+    """A DP-SGD run with noise derived from the target epsilon, federated evaluation on, every site every round."""
     return RunConfig(
+        head_solver="dp-sgd",  # rounds in which a failing site's reply is rejected (auto leaves it out at its plan)
         backbone="tiny",
         data="digits",
         num_rounds=2,

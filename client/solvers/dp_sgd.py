@@ -71,6 +71,7 @@ def round_model(site: Site, settings: RoundSettings, arrays: dict[str, np.ndarra
         num_classes=settings.num_classes,
         load_backbone=lambda: site.backbones.load(settings.backbone_name, settings.backbone_fingerprint),
         seed=settings.seed,
+        projection_dim=settings.projection_dim,
     )
     model.load_arrays(arrays, source=source)
     return model

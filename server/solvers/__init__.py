@@ -8,13 +8,15 @@ side of its requests (client/solvers/ and client/client_app.QUERY_HANDLERS).
 
 from __future__ import annotations
 
-from fedtl.server.solvers.base import Federation, HeadSolver, SolverResult
+from fedtl.server.solvers.auto import AutoSolver
+from fedtl.server.solvers.base import Federation, HeadSolver, RunPlan, SolverResult
 from fedtl.server.solvers.closed_form import ClosedFormSolver
 from fedtl.server.solvers.dp_sgd import DpSgdSolver
 
 SOLVERS: dict[str, type[HeadSolver]] = {
+    "auto": AutoSolver,  # planned from public quantities: DP-GD on a public projection (shared/dp_heads.py)
     "dp-sgd": DpSgdSolver,  # rounds of DP-SGD at every site, aggregated by a Flower strategy
     "closed-form": ClosedFormSolver,  # one noised release of sufficient statistics, solved once
 }
 
-__all__ = ["SOLVERS", "Federation", "HeadSolver", "SolverResult"]
+__all__ = ["SOLVERS", "Federation", "HeadSolver", "RunPlan", "SolverResult"]

@@ -1,9 +1,13 @@
-"""What every head solver gets and gives: the set-up federation in, the final model's tensors out."""
+"""What every head solver gets and gives: the run config in, a plan after set-up, the final model's tensors out.
+
+A solver is asked three times: `configure` (before any site is asked anything), `plan` (after set-up, before
+any release: the auto solver reads the sites' public example counts here and fixes the schedule), `fit`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord
@@ -34,6 +38,20 @@ class Federation:
 
 
 @dataclass(frozen=True)
+class RunPlan:
+    """What a solver fixed after set-up: the run config the sites receive, who takes part, and a record of why."""
+
+    cfg: RunConfig
+    setup: SiteSetup  # set-up answers, with any site that refused the solver's own set-up request
+    record: dict[str, Any] = field(default_factory=dict)  # written into config.json and summary.json
+
+
+def plan_as_configured(grid: Grid, cfg: RunConfig, setup: SiteSetup, **_: Any) -> RunPlan:
+    """Return the run as configured: a solver whose schedule needs nothing from the sites' answers."""
+    return RunPlan(cfg, setup)
+
+
+@dataclass(frozen=True)
 class SolverResult:
     """The final model, and each site's personalised scores where the solver has them."""
 
@@ -47,6 +65,20 @@ class HeadSolver(Protocol):
     @staticmethod
     def configure(cfg: RunConfig) -> RunConfig:
         """Return the run config the solver runs with (checked before any site is asked anything)."""
+        ...
+
+    def plan(
+        self,
+        grid: Grid,
+        cfg: RunConfig,
+        setup: SiteSetup,
+        *,
+        node_ids: list[int],
+        config: ConfigRecord,
+        backbone: Backbone,
+        label_names: tuple[str, ...],
+    ) -> RunPlan:
+        """Return the run's final config after set-up, before any release (public set-up answers only)."""
         ...
 
     def fit(self, fed: Federation) -> SolverResult:

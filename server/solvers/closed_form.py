@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from fedtl.server.report import RunRecorder, failure_reason, reply_site_name
 from fedtl.server.secure_releases import fit_secure_closed_form_head
 from fedtl.server.setup import ask, query_sites
-from fedtl.server.solvers.base import Federation, SolverResult
+from fedtl.server.solvers.base import Federation, SolverResult, plan_as_configured
 from fedtl.shared import constants as k
 from fedtl.shared.backbones import get_backbone_spec
 from fedtl.shared.closed_form import (
@@ -53,6 +53,8 @@ class ClosedFormSolver:
         if cfg.projection_dim:
             check_projection_dim(get_backbone_spec(cfg.backbone).feature_dim, cfg.projection_dim)
         return cfg.replace(num_rounds=1)
+
+    plan = staticmethod(plan_as_configured)
 
     def fit(self, fed: Federation) -> SolverResult:
         """Fit the head in one release, record that round (central scores, per-site epsilon) and checkpoint nothing."""

@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 from fedtl.server.checkpoint import Checkpoint, restore_strategy_state, save_checkpoint, strategy_state
 from fedtl.server.report import RunRecorder, failure_reason
 from fedtl.server.setup import ask, query_sites
-from fedtl.server.solvers.base import Federation, SolverResult
+from fedtl.server.solvers.base import Federation, SolverResult, plan_as_configured
 from fedtl.server.strategy import make_strategy
 from fedtl.shared import constants as k
 from fedtl.shared.config import RunConfig
@@ -33,6 +33,8 @@ class DpSgdSolver:
     def configure(cfg: RunConfig) -> RunConfig:
         """Return `cfg` unchanged: the rounds, strategy and schedule are the run config's."""
         return cfg
+
+    plan = staticmethod(plan_as_configured)
 
     def fit(self, fed: Federation) -> SolverResult:
         """Run the remaining rounds, checkpointing after each; then the personalisation phase, if any.

@@ -1,0 +1,294 @@
+"""The auto head solver (issue 17): the method and schedule planned from public quantities only, then run.
+
+`head-solver = "auto"` (the default) chooses from target epsilon and delta, the sites' training-example
+counts (declared public: every training reply carries them), the feature dimension, the number of classes
+and the backbone's public weights; never from anyone's data (shared/dp_heads.py has the rules and how each
+constant was chosen). It composes the DP-SGD solver:
+
+1. `configure` (before any site is asked anything): the plan's fixed schedule (the configured rounds, at least
+   50 steps split over them, clip 1, noise planned by each site, no D-dim feature-centre round); or, where the
+   plan does not apply (deeper fine-tuning, personalisation, an mlp head, FedAdam, client-level DP, a backbone
+   that does not read images or whose feature dim is too small), DP-SGD as configured, said in the run output;
+2. `plan` (after set-up, before any release): every site's example count -> `plan_dp_head` -> the projected
+   head's width k, full-batch DP-GD (batch size >= every count), the learning rate; printed with its reason
+   and the keys it overrides, and recorded in config.json and summary.json;
+3. `fit`: the public basis (the backbone's features of seeded synthetic images, shared/public_basis.py) and
+   the k-dim centre (the sites' noised projected sums when the plan releases one, else the synthetic images'
+   own centre) go into the initial model as frozen buffers; then the DP-SGD solver's rounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, RecordDict
+from flwr.serverapp import Grid
+
+from fedtl.server.centering import collect_feature_sums
+from fedtl.server.report import failure_reason, reply_site_name
+from fedtl.server.setup import Backbone, SiteSetup, ask, query_sites
+from fedtl.server.solvers.base import Federation, RunPlan, SolverResult
+from fedtl.server.solvers.dp_sgd import DpSgdSolver
+from fedtl.shared import constants as k
+from fedtl.shared.backbones import get_backbone_spec
+from fedtl.shared.config import RunConfig, fedtl_home
+from fedtl.shared.cut import Cut, inputs_at_cut
+from fedtl.shared.dataset import IMAGES
+from fedtl.shared.dp_heads import MAX_GRAD_NORM, PROJECTION_DIMS, STEPS, HeadPlan, plan_dp_head
+from fedtl.shared.errors import FederationError
+from fedtl.shared.heads import PROJECTED
+from fedtl.shared.public_basis import (
+    SYNTHETIC_COUNT,
+    SYNTHETIC_SEED,
+    SYNTHETIC_SIZE,
+    WHITENING,
+    compute_public_basis,
+    generate_synthetic_images,
+    project_features,
+)
+
+log = logging.getLogger(__name__)
+progress = logging.getLogger("fedtl.progress")  # the user's terminal (cli/main.show_progress)
+
+HEAD_PLAN = "head-plan"  # config.json and summary.json key
+
+
+class AutoSolver:
+    """Plan DP-GD on a public projection from public quantities (shared/dp_heads.py), then run DP-SGD rounds."""
+
+    def __init__(self) -> None:
+        self._dp_sgd = DpSgdSolver()
+        self.fallback: str | None = None  # why DP-SGD runs as configured instead of the plan
+        self.head_plan: HeadPlan | None = None
+        self._asked: RunConfig | None = None  # the run config before the plan, to report what it overrides
+
+    def configure(self, cfg: RunConfig) -> RunConfig:
+        """Return the config with the plan's fixed schedule, or DP-SGD's as configured where the plan does not apply."""
+        self._asked = cfg
+        if cfg.resume and cfg.head == PROJECTED:  # a resumed run: its stored config was planned when it started
+            return cfg
+        self.fallback = fallback_reason(cfg)
+        if self.fallback is not None:
+            progress.info("head-solver auto: DP-SGD as configured, because %s", self.fallback)
+            return self._dp_sgd.configure(cfg)
+        # Independent of the counts, so sites check the same rounds at set-up as they will train. Rounds stay
+        # the run config's: with full batches, lr x steps sets progress and noise, not how steps are split.
+        return cfg.replace(
+            local_epochs=math.ceil(STEPS / cfg.num_rounds),
+            max_grad_norm=MAX_GRAD_NORM,
+            noise_multiplier=None,
+            feature_centering=False,
+        )
+
+    def plan(
+        self,
+        grid: Grid,
+        cfg: RunConfig,
+        setup: SiteSetup,
+        *,
+        node_ids: list[int],
+        config: ConfigRecord,
+        backbone: Backbone,
+        label_names: tuple[str, ...],
+    ) -> RunPlan:
+        """Ask every site its training-example count, plan the head from the counts, return the planned config.
+
+        Raises:
+            FederationError: fewer than min-train-sites (at least one) sites said how many examples they hold.
+        """
+        if self.fallback is not None:
+            return RunPlan(cfg, setup, {HEAD_PLAN: {"method": "dp-sgd", "reason": self.fallback}})
+        if cfg.resume and cfg.head == PROJECTED:
+            stored = json.loads((Path(cfg.resume) / "config.json").read_text()).get(HEAD_PLAN, {})
+            return RunPlan(cfg, setup, {HEAD_PLAN: stored} if stored else {})
+        counts, refused = count_examples(grid, node_ids, config, timeout=cfg.round_timeout)
+        setup = dataclasses.replace(setup, refused={**setup.refused, **refused})
+        if len(counts) < max(cfg.min_train_sites, 1):
+            raise FederationError(
+                f"only {len(counts)} site(s) said how many training examples they hold (min-train-sites "
+                f"{cfg.min_train_sites}), so the auto plan cannot be made; refusals: {sorted(refused.values())}"
+            )
+        sizes = [counts[n] for n in sorted(counts)]
+        plan = plan_dp_head(
+            target_epsilon=cfg.target_epsilon,
+            target_delta=cfg.target_delta,
+            site_sizes=sizes,
+            feature_dim=backbone.feature_dim,
+            num_classes=len(label_names),
+            accountant=cfg.accountant,
+            rounds=cfg.num_rounds,
+        )
+        self.head_plan = plan
+        planned = cfg.replace(
+            head=PROJECTED,
+            projection_dim=plan.projection_dim,
+            batch_size=max(sizes),  # sample rate 1 at every site: full-batch DP-GD
+            local_epochs=plan.local_steps,
+            learning_rate=plan.learning_rate,
+            num_rounds=plan.num_rounds,
+            max_grad_norm=plan.max_grad_norm,
+            noise_multiplier=None,  # each site plans its own within its ledger; a fresh site lands on the plan's
+            feature_centering=False,
+        )
+        overrides = overridden_keys(self._asked or cfg, planned)
+        progress.info("head-solver auto: %s", plan.reason)
+        if overrides:
+            progress.info(
+                "head-solver auto sets %s",
+                ", ".join(f"{key} = {_shown(new)} (was {_shown(old)})" for key, (old, new) in overrides.items()),
+            )
+        record = {
+            **{key.replace("_", "-"): value for key, value in dataclasses.asdict(plan).items()},
+            "num-rounds": plan.num_rounds,
+            "site-sizes": {setup.names.get(n, f"node-{n}"): counts[n] for n in sorted(counts)},
+            "overrides": {key: {"asked": old, "planned": new} for key, (old, new) in overrides.items()},
+            "public-basis": {
+                "synthetic-images": SYNTHETIC_COUNT,
+                "seed": SYNTHETIC_SEED,
+                "size": SYNTHETIC_SIZE,
+                "whitening": WHITENING,
+            },
+        }
+        return RunPlan(planned, setup, {HEAD_PLAN: record})
+
+    def fit(self, fed: Federation) -> SolverResult:
+        """Put the public basis and the k-dim centre into the initial model (a new run), then run DP-SGD rounds."""
+        if self.head_plan is not None and fed.run.checkpoint is None:
+            projection, public_center = public_basis(fed.backbone, fed.cfg)
+            fed.initial["projection"] = projection
+            fed.initial["center"] = self._center(fed, projection, public_center)
+        return self._dp_sgd.fit(fed)
+
+    def _center(self, fed: Federation, projection: np.ndarray, public_center: np.ndarray) -> np.ndarray:
+        """Return the k-dim centre: the sites' noised projected sums if the plan releases them, else the public one."""
+        plan = self.head_plan
+        assert plan is not None
+        if plan.center_noise_multiplier is None:
+            progress.info("head-solver auto: centre of the synthetic images' projected features (public, no release)")
+            return public_center
+        sigma = 0.0 if fed.cfg.non_private else plan.center_noise_multiplier
+        total, count, used = collect_feature_sums(
+            fed.grid,
+            fed.node_ids,
+            fed.config,
+            sigma=sigma,
+            dim=plan.projection_dim,
+            timeout=fed.cfg.round_timeout,
+            projection=projection,
+        )
+        noise = sigma * math.sqrt(used * plan.projection_dim) / count
+        progress.info(
+            "head-solver auto: %d-dim centre from %d examples at %d sites (noise %.2f, expected noise norm %.3f)",
+            plan.projection_dim,
+            count,
+            used,
+            sigma,
+            noise,
+        )
+        return (total / count).astype(np.float32)
+
+
+def fallback_reason(cfg: RunConfig) -> str | None:
+    """Return why the auto plan (a linear head on frozen features, FedAvg) does not apply to `cfg`, or None."""
+    if cfg.trainable_blocks or cfg.lora_rank:
+        return "deeper fine-tuning (trainable-blocks, lora-rank) trains backbone tensors; the plan is for a head"
+    if cfg.personalization != "none":
+        return f"personalization = {cfg.personalization!r} adds local steps the plan does not schedule"
+    if cfg.head == "mlp":
+        return 'head = "mlp": the plan trains a linear head on a public projection'
+    if cfg.strategy == "fedadam":
+        return "strategy = fedadam: the plan's learning rate assumes the server averages the updates"
+    if cfg.client_dp != "off":
+        return (
+            f"client-dp = {cfg.client_dp!r} clips each round's update to client-clipping-norm, which the plan's "
+            "learning rate does not account for"
+        )
+    spec = get_backbone_spec(cfg.backbone)
+    if spec.kind != IMAGES:
+        return (
+            f"backbone {cfg.backbone!r} reads {spec.kind}; the plan's public basis is its features of synthetic images"
+        )
+    dim = spec.feature_dim
+    if dim <= min(PROJECTION_DIMS):
+        return f"the backbone's {dim} features leave no projection dim of {PROJECTION_DIMS} below them"
+    return None
+
+
+def overridden_keys(asked: RunConfig, planned: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """Return kebab-case key -> (asked, planned) for every run-config value the plan changed."""
+    before, after = asked.to_mapping(), planned.to_mapping()
+    return {key: (before[key], after[key]) for key in after if before[key] != after[key]}
+
+
+def _shown(value: Any) -> str:
+    """Return a run-config value as the run output shows it: floats to 4 significant digits, others as repr."""
+    return f"{value:.4g}" if isinstance(value, float) else repr(value)
+
+
+def count_examples(
+    grid: Grid, node_ids: list[int], config: ConfigRecord, *, timeout: float
+) -> tuple[dict[int, int], dict[int, str]]:
+    """Ask every site for its training-example count; return (node id -> count, node id -> "site: refusal")."""
+    replies = query_sites(grid, node_ids, RecordDict({k.CONFIG: ask(config, k.ACTION_COUNT_EXAMPLES)}), timeout)
+    counts: dict[int, int] = {}
+    refused: dict[int, str] = {}
+    for node_id in node_ids:
+        reply = replies.get(node_id)
+        if reply is None:
+            refused[node_id] = f"node-{node_id}: no answer to the example-count query within {timeout:.0f} s"
+            continue
+        name = reply_site_name(reply)
+        reason = failure_reason(reply)
+        metrics = None if reason else reply.content.metric_records.get(k.METRICS)
+        count = metrics.get(k.NUM_EXAMPLES) if metrics is not None else None
+        if reason is None and (not isinstance(count, int) or isinstance(count, bool) or count < 1):
+            reason = f"malformed example-count reply: `{k.NUM_EXAMPLES}` must be a count >= 1, got {count!r}"
+        if reason is not None:
+            log.warning("site %s refused the example-count query and is left out of this run: %s", name, reason)
+            refused[node_id] = f"{name}: {reason}"
+            continue
+        counts[node_id] = int(count)  # type: ignore[arg-type]
+    return counts, refused
+
+
+# (backbone fingerprint, preprocessing, device, k) -> (P, centre): public, deterministic, a few MiB at most.
+_PUBLIC_BASES: dict[tuple[str, str, str, int], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def public_basis(backbone: Backbone, cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Return the public projection P (k, D) float32 and its synthetic centre (k,) float32 for the run's backbone.
+
+    The backbone's features of fedtl's seeded synthetic images (shared/public_basis.py), extracted once per
+    backbone and preprocessing, cached with the server's other features (and the basis kept in this process).
+    Nothing private enters, so it costs no privacy; the server sends P to the sites, so nothing can differ
+    between machines.
+    """
+    key = (backbone.fingerprint, backbone.preprocessing.key(), cfg.device, cfg.projection_dim)
+    if key in _PUBLIC_BASES:  # the same public inputs give the same basis: a sweep computes it once
+        projection, center = _PUBLIC_BASES[key]
+        return projection.copy(), center.copy()
+    images = generate_synthetic_images()
+    features, _, _ = inputs_at_cut(
+        fedtl_home() / "server-cache",
+        Cut(backbone.name, backbone.fingerprint, backbone.preprocessing),
+        backbone.build,
+        images=images,
+        labels=np.zeros(len(images), dtype=np.int64),
+        data_fingerprint="synthetic-images/" + hashlib.sha256(images.tobytes()).hexdigest(),
+        batch_size=cfg.feature_batch_size,
+        device=cfg.device,
+        progress=False,
+        desc="public synthetic images",
+    )
+    projection = compute_public_basis(features, dim=cfg.projection_dim).projection.astype(np.float32)
+    # The centre is computed with the float32 projection every party applies.
+    center = project_features(features, projection).mean(axis=0).astype(np.float32)
+    _PUBLIC_BASES[key] = (projection.copy(), center.copy())
+    return projection, center
