@@ -13,7 +13,7 @@ features at 64 px:
   seeing only the sum). The target: secagg within two standard errors of central;
 - the price of distrust: secagg assuming t = 1 .. 5 honest sites (each site adds 1/t of the noise).
 
-    python benchmarks/secure_aggregation.py --home /work/wt/secagg-home            # all of it, 3 seeds
+    python benchmarks/secure_aggregation.py --home ~/.cache/fedtl-secagg            # all of it, 3 seeds
     python benchmarks/secure_aggregation.py --skip-accuracy                         # the overhead only
     python benchmarks/secure_aggregation.py --skip-overhead --data ../shared/data/pneumoniamnist_reassembled.npz \\
         --epsilons 1 --distrust-epsilon 1
