@@ -413,10 +413,14 @@ def test_a_site_container_killed_mid_round_restarts_and_its_ledger_keeps_the_cha
     summary = json.loads((run_dir / "summary.json").read_text())
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines] == [0, 1, 2, 3]
-    assert "train" not in lines[2]["sites"].get("site-1", {})  # its round-2 update never came
+    # Its round-2 update never came, and is logged with the reason; unless, on a quiet machine, the reply left
+    # between the charge landing on disk and the kill: then round 2 counts it and nothing went missing.
     lost = [r for r in summary["rejected-replies"] if r["site"] == "site-1"]
     gone = ("Node Unavailable", "no reply", "Reply message objects are unavailable")
-    assert [r["round"] for r in lost] == [2] and any(g in lost[0]["reason"] for g in gone), lost
+    if "train" in lines[2]["sites"].get("site-1", {}):
+        assert lost == [], lost
+    else:
+        assert [r["round"] for r in lost] == [2] and any(g in lost[0]["reason"] for g in gone), lost
     for name in SITES:
         charges = stack.ledger(name).charges()
         assert all(c.kind in (FEATURE_SUM, DP_SGD) for c in charges)  # nothing torn, nothing noise-free
