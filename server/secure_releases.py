@@ -243,6 +243,11 @@ def fit_secure_closed_form_head(
         dim,
         stats.noise_std,
     )
+    return solve_configured_head(cfg, stats, feature_dim=feature_dim, center=center, projection=projection)
+
+
+def solve_configured_head(cfg: RunConfig, stats, *, feature_dim: int, center, projection):  # type: ignore[no-untyped-def]
+    """Return the closed-form head of `cfg` (method, ridge) solved from summed statistics, plain or secure."""
     return solve_head(
         stats,
         method=cfg.closed_form,

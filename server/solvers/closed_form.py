@@ -16,7 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedtl.server.report import RunRecorder, failure_reason, reply_site_name
-from fedtl.server.secure_releases import fit_secure_closed_form_head
+from fedtl.server.secure_releases import fit_secure_closed_form_head, solve_configured_head
 from fedtl.server.setup import ask, query_sites
 from fedtl.server.solvers.base import Federation, SolverResult, plan_as_configured
 from fedtl.shared import constants as k
@@ -27,7 +27,6 @@ from fedtl.shared.closed_form import (
     check_projection_dim,
     check_release,
     random_projection,
-    solve_head,
     sum_stats,
 )
 from fedtl.shared.config import RunConfig
@@ -168,14 +167,7 @@ def fit_closed_form_head(
         total.noise_std,
         cfg.closed_form_ridge,
     )
-    return solve_head(
-        total,
-        method=cfg.closed_form,
-        ridge=cfg.closed_form_ridge,
-        feature_dim=feature_dim,
-        center=center,
-        projection=projection,
-    )
+    return solve_configured_head(cfg, total, feature_dim=feature_dim, center=center, projection=projection)
 
 
 def _reply_problem(reply: Message, *, dim: int, num_classes: int) -> str | None:
