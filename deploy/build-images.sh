@@ -40,7 +40,7 @@ done
 
 secrets=()
 server_pid=""
-settings=$(mktemp -d /tmp/fedtl-pip.XXXXXX)
+settings=$(mktemp -d "${TMPDIR:-/tmp}/fedtl-pip.XXXXXX")
 logs=${TMPDIR:-/tmp}/fedtl-build-$tag
 mkdir -p "$logs"
 cleanup() {
