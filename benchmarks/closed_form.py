@@ -22,15 +22,13 @@ Figures are printed, never asserted.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from federation_bench import federation_parser, open_home, write_json
 
 
 @dataclass(frozen=True)
@@ -127,32 +125,13 @@ def print_table(results: dict, epsilons: list[float], labels: list[str], seeds: 
 
 def main() -> None:
     """Parse the arguments, run every cell, print the tables."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="efficientnet_lite0")
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--data", default="digits")
-    parser.add_argument("--sites", type=int, default=5)
-    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser = federation_parser(__doc__, epsilons=[1.0, 3.0, 8.0], seeds=[0])
     parser.add_argument("--projection-dims", type=int, nargs="+", default=[0, 64])
     parser.add_argument("--methods", nargs="+", default=["ridge", "lda"])
     parser.add_argument("--no-centre-dim", type=int, default=64, help="projection of the no-centre variants; -1: none")
     parser.add_argument("--skip-dp-sgd", action="store_true")
-    parser.add_argument("--home", default="", help="FEDTL_HOME to reuse (warm feature caches); default: a temp dir")
-    parser.add_argument("--json", default="", help="also write every cell to this file")
     args = parser.parse_args()
-
-    logging.basicConfig(level=logging.ERROR)
-    home = args.home or tempfile.mkdtemp(prefix="fedtl-closed-form-")
-    os.environ["FEDTL_HOME"] = home
-    out = Path(tempfile.mkdtemp(prefix="runs-", dir=home))
-    base = {
-        "backbone": args.backbone,
-        "image-size": args.image_size,
-        "data": args.data,
-        "device": "cpu",
-        "federated-evaluation": False,
-    }
+    home, out, base = open_home(args, prefix="fedtl-closed-form-")
     chosen = variants(args.projection_dims, args.methods, None if args.no_centre_dim < 0 else args.no_centre_dim)
     if not args.skip_dp_sgd:
         chosen = [Variant("dp-sgd", {})] + chosen
@@ -174,9 +153,7 @@ def main() -> None:
                     flush=True,
                 )
     print_table(results, args.epsilons, [v.label for v in chosen], args.seeds)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"args": vars(args), "cells": rows}, indent=2) + "\n")
+    write_json(args.json, {"args": vars(args), "cells": rows})
 
 
 if __name__ == "__main__":

@@ -23,8 +23,6 @@ Figures are printed, never asserted.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 import os
@@ -32,6 +30,8 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from federation_bench import federation_parser, open_home, write_json
 
 from fedtl.shared.secure_sum import expand_mask, stats_length
 
@@ -189,13 +189,7 @@ def accuracy(
 
 def main() -> None:
     """Parse the arguments, run the overhead and accuracy cells, print the figures."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="efficientnet_lite0")
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--data", default="digits")
-    parser.add_argument("--sites", type=int, default=5)
-    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser = federation_parser(__doc__, epsilons=[1.0, 3.0], seeds=[0, 1, 2])
     parser.add_argument("--projection-dim", type=int, default=64)
     parser.add_argument("--closed-form", default="ridge")
     parser.add_argument("--distrust-epsilon", type=float, default=1.0, help="epsilon of the t sweep; -1: none")
@@ -204,23 +198,9 @@ def main() -> None:
     parser.add_argument("--overhead-projection-dims", type=int, nargs="+", default=[64, 0])
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--skip-accuracy", action="store_true")
-    parser.add_argument("--home", default="", help="FEDTL_HOME to reuse (warm feature caches); default: a temp dir")
-    parser.add_argument("--json", default="", help="also write every cell to this file")
     args = parser.parse_args()
-
-    logging.basicConfig(level=logging.ERROR)
-    home = args.home or tempfile.mkdtemp(prefix="fedtl-secagg-")
-    os.environ["FEDTL_HOME"] = home
-    out = Path(tempfile.mkdtemp(prefix="runs-", dir=home))
-    base = {
-        "backbone": args.backbone,
-        "image-size": args.image_size,
-        "data": args.data,
-        "device": "cpu",
-        "federated-evaluation": False,
-        "head-solver": "closed-form",
-        "closed-form": args.closed_form,
-    }
+    home, out, base = open_home(args, prefix="fedtl-secagg-")
+    base = {**base, "head-solver": "closed-form", "closed-form": args.closed_form}
     print(f"{args.data} at {args.image_size} px, {args.backbone}, closed form {args.closed_form}; FEDTL_HOME={home}")
     print(f"torch threads {__import__('torch').get_num_threads()}, cpus {os.cpu_count()}")
     report: dict = {"args": vars(args)}
@@ -241,9 +221,7 @@ def main() -> None:
             distrust_epsilon=None if args.distrust_epsilon < 0 else args.distrust_epsilon,
             out=out,
         )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.json, report)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from fedtl.server.setup import (
     round_config,
     wait_for_nodes,
 )
-from fedtl.server.solvers import SOLVERS, Federation
+from fedtl.server.solvers import SOLVERS, Federation, PlanInputs
 from fedtl.shared import constants as k
 from fedtl.shared.config import RunConfig
 from fedtl.shared.deep import check_deep_run
@@ -100,9 +100,7 @@ def run_federation(
             f"refusals: {list(setup.refused.values())}"
         )
     # The solver may fix the schedule from public set-up answers (auto: the sites' example counts), before any release.
-    planned = solver.plan(
-        grid, cfg, setup, node_ids=node_ids, config=config, backbone=backbone, label_names=label_names
-    )
+    planned = solver.plan(cfg, PlanInputs(grid, setup, node_ids, config, backbone, label_names))
     if planned.cfg != cfg:
         cfg = planned.cfg
         run = RunFolder(run.run_id, run.run_dir, cfg, run.checkpoint)

@@ -16,31 +16,24 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
-from fedtl.server.report import RunRecorder, reply_site_name
 from fedtl.server.secagg import SecureSumResult, secure_sum
 from fedtl.shared import constants as k
 from fedtl.shared.centering import CENTERING_BUDGET_SHARE, MAX_CENTER_NOISE_NORM
-from fedtl.shared.closed_form import SENSITIVITY, random_projection, solve_head
 from fedtl.shared.config import RunConfig
 from fedtl.shared.distributed_noise import quantization_shrink
-from fedtl.shared.errors import FederationError, PrivacyBudgetError
+from fedtl.shared.errors import PrivacyBudgetError
 from fedtl.shared.privacy import PrivacyStep, compute_epsilon, find_skellam_noise_multiplier
 from fedtl.shared.secure_sum import (
     feature_sum_scale,
     feature_sum_sensitivities,
     read_feature_sum,
-    read_stats,
-    stats_length,
-    stats_scale,
-    stats_sensitivities,
 )
 
 log = logging.getLogger(__name__)
@@ -159,105 +152,6 @@ def secure_feature_center(
     return (total / count).astype(np.float32)
 
 
-def fit_secure_closed_form_head(
-    grid: Grid,
-    node_ids: list[int],
-    config: ConfigRecord,
-    cfg: RunConfig,
-    *,
-    feature_dim: int,
-    num_classes: int,
-    center: np.ndarray | None,
-    recorder: RunRecorder | None,
-    timeout: float,
-) -> "OrderedDict[str, np.ndarray]":
-    """Securely sum the sites' quantised, Skellam-noised sufficient statistics once and solve the head.
-
-    The noise multiplier is the run's `noise-multiplier` when fixed, else the smallest that keeps the run's
-    centre release (if any) plus this one within target-epsilon: a public rule every site checks through its
-    release path (policy, budget) before adding its share.
-
-    Raises:
-        FederationError: the secure sum failed, or fewer than min-train-sites sites are in it.
-    """
-    projection = random_projection(feature_dim, cfg.projection_dim, seed=cfg.seed)
-    dim = feature_dim if projection is None else cfg.projection_dim
-    history, sigma_centre = _centre_history(cfg, feature_dim)
-    sensitivities = lambda sigma: stats_sensitivities(dim, stats_scale(sigma))  # noqa: E731
-    if cfg.non_private:
-        sigma = 0.0
-    elif cfg.noise_multiplier is not None:
-        sigma = float(cfg.noise_multiplier)
-    else:
-        sigma = plan_secure_noise(
-            target_epsilon=cfg.target_epsilon,
-            target_delta=cfg.target_delta,
-            sensitivities=sensitivities,
-            history=history,
-        )
-    arrays = None
-    if center is not None:
-        arrays = ArrayRecord({"center": Array(np.asarray(center, dtype=np.float32))})
-    result = secure_sum(
-        grid,
-        node_ids,
-        config,
-        release=SUFFICIENT_STATS,
-        length=stats_length(dim, num_classes),
-        honest_sites=cfg.secagg_honest_sites,
-        noise_multiplier=sigma,
-        arrays=arrays,
-        timeout=timeout,
-    )
-    if len(result.replies) < max(cfg.min_train_sites, 1):
-        raise FederationError(
-            f"only {len(result.replies)} sites are in the secure sum of sufficient statistics "
-            f"(min-train-sites {cfg.min_train_sites})"
-        )
-    scale = stats_scale(sigma)
-    shrink = quantization_shrink(dim, scale)
-    summed = len(result.replies)
-    noise_std = sigma * SENSITIVITY * math.sqrt(summed / result.honest_sites) / shrink**2
-    stats = read_stats(result.total, dim=dim, num_classes=num_classes, scale=scale, shrink=shrink, noise_std=noise_std)
-    examples = 0
-    for reply in result.replies.values():
-        metrics = reply.content.metric_records[k.METRICS]
-        examples += int(metrics[k.NUM_EXAMPLES])
-        if recorder is not None:
-            recorder.site_epsilon[reply_site_name(reply)] = float(metrics[k.EPSILON])
-            recorder.site_delta[reply_site_name(reply)] = float(metrics[k.DELTA])
-    if recorder is not None:
-        recorder.trust.update(
-            trust_record(
-                cfg, result, sigma=sigma, sigma_centre=sigma_centre, history=history, sensitivities=sensitivities
-            )
-        )
-    log.info(
-        "closed-form %s head from a secure sum of %d of %d sites (t = %d honest assumed), %d examples, %d dims, "
-        "noise std %.3f per entry",
-        cfg.closed_form,
-        summed,
-        result.num_sites,
-        result.honest_sites,
-        examples,
-        dim,
-        stats.noise_std,
-    )
-    return solve_configured_head(cfg, stats, feature_dim=feature_dim, center=center, projection=projection)
-
-
-def solve_configured_head(cfg: RunConfig, stats, *, feature_dim: int, center, projection):  # type: ignore[no-untyped-def]
-    """Return the closed-form head of `cfg` (method, ridge) solved from summed statistics, plain or secure."""
-    return solve_head(
-        stats,
-        method=cfg.closed_form,
-        ridge=cfg.closed_form_ridge,
-        feature_dim=feature_dim,
-        center=center,
-        projection=projection,
-    )
-
-
 def trust_record(
     cfg: RunConfig,
     result: SecureSumResult,
@@ -295,7 +189,7 @@ def trust_record(
     }
 
 
-def _centre_history(cfg: RunConfig, feature_dim: int) -> tuple[list[PrivacyStep], float | None]:
+def secure_centre_history(cfg: RunConfig, feature_dim: int) -> tuple[list[PrivacyStep], float | None]:
     """Return the run's securely summed centre release as the accountant sees it (empty without one)."""
     if cfg.non_private or not cfg.feature_centering:
         return [], None

@@ -9,7 +9,7 @@ side of its requests (client/solvers/ and client/client_app.QUERY_HANDLERS).
 from __future__ import annotations
 
 from fedtl.server.solvers.auto import AutoSolver
-from fedtl.server.solvers.base import Federation, HeadSolver, RunPlan, SolverResult
+from fedtl.server.solvers.base import Federation, HeadSolver, PlanInputs, RunPlan, SolverResult
 from fedtl.server.solvers.closed_form import ClosedFormSolver
 from fedtl.server.solvers.dp_sgd import DpSgdSolver
 
@@ -19,4 +19,4 @@ SOLVERS: dict[str, type[HeadSolver]] = {
     "closed-form": ClosedFormSolver,  # one noised release of sufficient statistics, solved once
 }
 
-__all__ = ["SOLVERS", "Federation", "HeadSolver", "RunPlan", "SolverResult"]
+__all__ = ["SOLVERS", "Federation", "HeadSolver", "PlanInputs", "RunPlan", "SolverResult"]

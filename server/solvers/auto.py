@@ -33,8 +33,8 @@ from flwr.serverapp import Grid
 
 from fedtl.server.centering import collect_feature_sums
 from fedtl.server.report import failure_reason, reply_site_name
-from fedtl.server.setup import Backbone, SiteSetup, ask, query_sites
-from fedtl.server.solvers.base import Federation, RunPlan, SolverResult
+from fedtl.server.setup import Backbone, ask, query_sites
+from fedtl.server.solvers.base import Federation, PlanInputs, RunPlan, SolverResult
 from fedtl.server.solvers.dp_sgd import DpSgdSolver
 from fedtl.shared import constants as k
 from fedtl.shared.backbones import get_backbone_spec
@@ -87,29 +87,19 @@ class AutoSolver:
             feature_centering=False,
         )
 
-    def plan(
-        self,
-        grid: Grid,
-        cfg: RunConfig,
-        setup: SiteSetup,
-        *,
-        node_ids: list[int],
-        config: ConfigRecord,
-        backbone: Backbone,
-        label_names: tuple[str, ...],
-    ) -> RunPlan:
+    def plan(self, cfg: RunConfig, inputs: PlanInputs) -> RunPlan:
         """Ask every site its training-example count, plan the head from the counts, return the planned config.
 
         Raises:
             FederationError: fewer than min-train-sites (at least one) sites said how many examples they hold.
         """
         if self.fallback is not None:
-            return RunPlan(cfg, setup, {HEAD_PLAN: {"method": "dp-sgd", "reason": self.fallback}})
+            return RunPlan(cfg, inputs.setup, {HEAD_PLAN: {"method": "dp-sgd", "reason": self.fallback}})
         if cfg.resume and cfg.head == PROJECTED:
             stored = json.loads((Path(cfg.resume) / "config.json").read_text()).get(HEAD_PLAN, {})
-            return RunPlan(cfg, setup, {HEAD_PLAN: stored} if stored else {})
-        counts, refused = count_examples(grid, node_ids, config, timeout=cfg.round_timeout)
-        setup = dataclasses.replace(setup, refused={**setup.refused, **refused})
+            return RunPlan(cfg, inputs.setup, {HEAD_PLAN: stored} if stored else {})
+        counts, refused = count_examples(inputs.grid, inputs.node_ids, inputs.config, timeout=cfg.round_timeout)
+        setup = dataclasses.replace(inputs.setup, refused={**inputs.setup.refused, **refused})
         if len(counts) < max(cfg.min_train_sites, 1):
             raise FederationError(
                 f"only {len(counts)} site(s) said how many training examples they hold (min-train-sites "
@@ -120,8 +110,8 @@ class AutoSolver:
             target_epsilon=cfg.target_epsilon,
             target_delta=cfg.target_delta,
             site_sizes=sizes,
-            feature_dim=backbone.feature_dim,
-            num_classes=len(label_names),
+            feature_dim=inputs.backbone.feature_dim,
+            num_classes=len(inputs.label_names),
             accountant=cfg.accountant,
             rounds=cfg.num_rounds,
         )

@@ -38,6 +38,18 @@ class Federation:
 
 
 @dataclass(frozen=True)
+class PlanInputs:
+    """What a solver may plan from after set-up: public set-up answers, never a release."""
+
+    grid: Grid
+    setup: SiteSetup  # the set-up answers
+    node_ids: list[int]  # the sites that accepted the run
+    config: ConfigRecord  # the round settings every site receives
+    backbone: Backbone
+    label_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class RunPlan:
     """What a solver fixed after set-up: the run config the sites receive, who takes part, and a record of why."""
 
@@ -46,9 +58,9 @@ class RunPlan:
     record: dict[str, Any] = field(default_factory=dict)  # written into config.json and summary.json
 
 
-def plan_as_configured(grid: Grid, cfg: RunConfig, setup: SiteSetup, **_: Any) -> RunPlan:
+def plan_as_configured(cfg: RunConfig, inputs: PlanInputs) -> RunPlan:
     """Return the run as configured: a solver whose schedule needs nothing from the sites' answers."""
-    return RunPlan(cfg, setup)
+    return RunPlan(cfg, inputs.setup)
 
 
 @dataclass(frozen=True)
@@ -67,17 +79,7 @@ class HeadSolver(Protocol):
         """Return the run config the solver runs with (checked before any site is asked anything)."""
         ...
 
-    def plan(
-        self,
-        grid: Grid,
-        cfg: RunConfig,
-        setup: SiteSetup,
-        *,
-        node_ids: list[int],
-        config: ConfigRecord,
-        backbone: Backbone,
-        label_names: tuple[str, ...],
-    ) -> RunPlan:
+    def plan(self, cfg: RunConfig, inputs: PlanInputs) -> RunPlan:
         """Return the run's final config after set-up, before any release (public set-up answers only)."""
         ...
 

@@ -12,11 +12,11 @@ import math
 from collections import OrderedDict
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import Array, ArrayRecord, Message, RecordDict
 
-from fedtl.server.report import RunRecorder, failure_reason, reply_site_name
-from fedtl.server.secure_releases import fit_secure_closed_form_head, solve_configured_head
+from fedtl.server.report import failure_reason, reply_site_name
+from fedtl.server.secagg import secure_sum
+from fedtl.server.secure_releases import SUFFICIENT_STATS, plan_secure_noise, secure_centre_history, trust_record
 from fedtl.server.setup import ask, query_sites
 from fedtl.server.solvers.base import Federation, SolverResult, plan_as_configured
 from fedtl.shared import constants as k
@@ -27,10 +27,13 @@ from fedtl.shared.closed_form import (
     check_projection_dim,
     check_release,
     random_projection,
+    solve_head,
     sum_stats,
 )
 from fedtl.shared.config import RunConfig
+from fedtl.shared.distributed_noise import quantization_shrink
 from fedtl.shared.errors import FederationError
+from fedtl.shared.secure_sum import read_stats, stats_length, stats_scale, stats_sensitivities
 
 log = logging.getLogger(__name__)
 
@@ -57,51 +60,24 @@ class ClosedFormSolver:
 
     def fit(self, fed: Federation) -> SolverResult:
         """Fit the head in one release, record that round (central scores, per-site epsilon) and checkpoint nothing."""
-        arrays = fit_closed_form_head(
-            fed.grid,
-            fed.node_ids,
-            fed.config,
-            fed.cfg,
-            feature_dim=fed.backbone.feature_dim,
-            num_classes=len(fed.label_names),
-            center=fed.initial.get("center"),
-            recorder=fed.recorder,
-            timeout=fed.cfg.round_timeout,
-        )
+        arrays = fit_closed_form_head(fed)
         record = ArrayRecord({name: Array(v) for name, v in arrays.items()})
         scores = fed.central(record) if fed.central is not None else None
         fed.recorder.finish_round(STATS_ROUND, scores)
         return SolverResult(record)
 
 
-def fit_closed_form_head(
-    grid: Grid,
-    node_ids: list[int],
-    config: ConfigRecord,
-    cfg: RunConfig,
-    *,
-    feature_dim: int,
-    num_classes: int,
-    center: np.ndarray | None = None,
-    recorder: RunRecorder | None = None,
-    timeout: float = 3600.0,
-) -> "OrderedDict[str, np.ndarray]":
+def fit_closed_form_head(fed: Federation) -> "OrderedDict[str, np.ndarray]":
     """Ask every site for its noised sufficient statistics once, sum them in site order, and solve the head.
 
     Each site charges its release to its own ledger before making it (client/solvers/closed_form.py); the
     server only validates, adds and solves, which is post-processing. A reply that is a refusal, an error, or
     fails `check_release` (names, shapes, finite values, symmetry, a plausible norm) is logged and left out.
 
-    Args:
-        grid: Flower's Grid.
-        node_ids: the sites taking part (those that accepted the run at set-up).
-        config: the round config every site receives.
-        cfg: the run configuration (closed-form, closed-form-ridge, projection-dim, seed).
-        feature_dim: D, the backbone's feature dimension.
-        num_classes: C.
-        center: the federation's feature centre (D,), sent to the sites; None: no centre.
-        recorder: when given, each accepted site's cumulative epsilon and delta go into it.
-        timeout: seconds to wait for the replies.
+    `fed` gives the sites taking part, the round config they receive, the run configuration (closed-form,
+    closed-form-ridge, projection-dim, seed), D (the backbone's feature dimension), C (its labels), the
+    feature centre sent to the sites (`fed.initial["center"]`, absent: none) and the recorder that each
+    accepted site's cumulative epsilon and delta go into.
 
     Returns:
         The tensors of a "linear" head (`layers.0.weight` (C, D), `layers.0.bias` (C,), `center` (D,)).
@@ -109,18 +85,11 @@ def fit_closed_form_head(
     Raises:
         FederationError: fewer sites than min-train-sites (at least one) released usable statistics.
     """
-    if cfg.secure_aggregation:  # the server sees only the sum (server/secure_releases.py)
-        return fit_secure_closed_form_head(
-            grid,
-            node_ids,
-            config,
-            cfg,
-            feature_dim=feature_dim,
-            num_classes=num_classes,
-            center=center,
-            recorder=recorder,
-            timeout=timeout,
-        )
+    if fed.cfg.secure_aggregation:  # the server sees only the sum (server/secure_releases.py)
+        return fit_secure_closed_form_head(fed)
+    grid, node_ids, config, cfg, recorder = fed.grid, fed.node_ids, fed.config, fed.cfg, fed.recorder
+    feature_dim, num_classes, center = fed.backbone.feature_dim, len(fed.label_names), fed.initial.get("center")
+    timeout = cfg.round_timeout
     projection = random_projection(feature_dim, cfg.projection_dim, seed=cfg.seed)
     dim = feature_dim if projection is None else cfg.projection_dim
     content = RecordDict({k.CONFIG: ask(config, k.ACTION_SUFFICIENT_STATS)})
@@ -188,4 +157,95 @@ def _reply_problem(reply: Message, *, dim: int, num_classes: int) -> str | None:
         num_classes=num_classes,
         num_examples=float(metrics[k.NUM_EXAMPLES]),
         noise_multiplier=float(metrics[k.NOISE_MULTIPLIER]),
+    )
+
+
+def fit_secure_closed_form_head(fed: Federation) -> "OrderedDict[str, np.ndarray]":
+    """Securely sum the sites' quantised, Skellam-noised sufficient statistics once and solve the head.
+
+    The noise multiplier is the run's `noise-multiplier` when fixed, else the smallest that keeps the run's
+    centre release (if any) plus this one within target-epsilon: a public rule every site checks through its
+    release path (policy, budget) before adding its share.
+
+    Raises:
+        FederationError: the secure sum failed, or fewer than min-train-sites sites are in it.
+    """
+    grid, node_ids, config, cfg, recorder = fed.grid, fed.node_ids, fed.config, fed.cfg, fed.recorder
+    feature_dim, num_classes, center = fed.backbone.feature_dim, len(fed.label_names), fed.initial.get("center")
+    timeout = cfg.round_timeout
+    projection = random_projection(feature_dim, cfg.projection_dim, seed=cfg.seed)
+    dim = feature_dim if projection is None else cfg.projection_dim
+    history, sigma_centre = secure_centre_history(cfg, feature_dim)
+    sensitivities = lambda sigma: stats_sensitivities(dim, stats_scale(sigma))  # noqa: E731
+    if cfg.non_private:
+        sigma = 0.0
+    elif cfg.noise_multiplier is not None:
+        sigma = float(cfg.noise_multiplier)
+    else:
+        sigma = plan_secure_noise(
+            target_epsilon=cfg.target_epsilon,
+            target_delta=cfg.target_delta,
+            sensitivities=sensitivities,
+            history=history,
+        )
+    arrays = None
+    if center is not None:
+        arrays = ArrayRecord({"center": Array(np.asarray(center, dtype=np.float32))})
+    result = secure_sum(
+        grid,
+        node_ids,
+        config,
+        release=SUFFICIENT_STATS,
+        length=stats_length(dim, num_classes),
+        honest_sites=cfg.secagg_honest_sites,
+        noise_multiplier=sigma,
+        arrays=arrays,
+        timeout=timeout,
+    )
+    if len(result.replies) < max(cfg.min_train_sites, 1):
+        raise FederationError(
+            f"only {len(result.replies)} sites are in the secure sum of sufficient statistics "
+            f"(min-train-sites {cfg.min_train_sites})"
+        )
+    scale = stats_scale(sigma)
+    shrink = quantization_shrink(dim, scale)
+    summed = len(result.replies)
+    noise_std = sigma * SENSITIVITY * math.sqrt(summed / result.honest_sites) / shrink**2
+    stats = read_stats(result.total, dim=dim, num_classes=num_classes, scale=scale, shrink=shrink, noise_std=noise_std)
+    examples = 0
+    for reply in result.replies.values():
+        metrics = reply.content.metric_records[k.METRICS]
+        examples += int(metrics[k.NUM_EXAMPLES])
+        if recorder is not None:
+            recorder.site_epsilon[reply_site_name(reply)] = float(metrics[k.EPSILON])
+            recorder.site_delta[reply_site_name(reply)] = float(metrics[k.DELTA])
+    if recorder is not None:
+        recorder.trust.update(
+            trust_record(
+                cfg, result, sigma=sigma, sigma_centre=sigma_centre, history=history, sensitivities=sensitivities
+            )
+        )
+    log.info(
+        "closed-form %s head from a secure sum of %d of %d sites (t = %d honest assumed), %d examples, %d dims, "
+        "noise std %.3f per entry",
+        cfg.closed_form,
+        summed,
+        result.num_sites,
+        result.honest_sites,
+        examples,
+        dim,
+        stats.noise_std,
+    )
+    return solve_configured_head(cfg, stats, feature_dim=feature_dim, center=center, projection=projection)
+
+
+def solve_configured_head(cfg: RunConfig, stats, *, feature_dim: int, center, projection):  # type: ignore[no-untyped-def]
+    """Return the closed-form head of `cfg` (method, ridge) solved from summed statistics, plain or secure."""
+    return solve_head(
+        stats,
+        method=cfg.closed_form,
+        ridge=cfg.closed_form_ridge,
+        feature_dim=feature_dim,
+        center=center,
+        projection=projection,
     )
