@@ -59,6 +59,7 @@ from fedtl.shared.images import (
 from fedtl.shared.labels import MIN_CLASSES, check_known_labels, check_label_names, derive_label_names
 from fedtl.shared.named_data import NAMED_SOURCES, NamedSource, named_source, named_source_files, schema_path
 from fedtl.shared.npz import FILE, INDICES, MEDMNIST, NpzSplits, map_onto_label_names, read_npz
+from fedtl.shared.rows import SPLIT_COLUMN, SPLIT_VALUES, listing
 from fedtl.shared.tables import TABLE_EXTENSIONS, TableSchema, load_schema, read_table_rows
 from fedtl.shared.texts import TEXT_LAYOUT, is_text_csv, read_text_records
 
@@ -83,12 +84,8 @@ DICOM_EXTENSION = ".dcm"
 CSV_EXTENSION = ".csv"
 NPZ_EXTENSION = ".npz"
 MANIFEST_COLUMNS = ("path", "label")
-SPLIT_COLUMN = "split"
 SITE_COLUMN = "site"  # optional: the image's site id, for the 'natural' partition of simulated federations
-# Manifest split values; a site's validation rows join its training pool, as MedMNIST's val split does.
-SPLIT_VALUES = {"train": "train", "val": "train", "test": "test"}
 SPLITS = ("train", "test")
-MAX_LISTED = 5
 SKIP_HINT = (
     'a site may set bad-files = "skip" in its policy (bad_files="skip" in load_site_dataset) to leave them out, '
     "listed in its report"
@@ -439,7 +436,7 @@ def _folder_entries(root: Path) -> tuple[list[_Entry], list[str], list[str]]:
     if ignored:
         notes.append(
             f"{len(ignored)} file(s) ignored (not an image of {', '.join(IMAGE_EXTENSIONS)}, not DICOM, or "
-            f"outside the class folders): {_listing([str(f.relative_to(root)) for f in ignored])}"
+            f"outside the class folders): {listing([str(f.relative_to(root)) for f in ignored])}"
         )
     return entries, sorted(found), notes
 
@@ -607,7 +604,7 @@ def _load_entries(
         where = f"; relative paths are resolved against the manifest's folder {source.parent}" if relative else ""
         raise DataError(
             f"{source}: {len(missing)} listed file(s) cannot be read: "
-            f"{_listing([f'{e.path} ({e.origin}: {_missing_reason(e.path)})' for e in missing])}{where}; "
+            f"{listing([f'{e.path} ({e.origin}: {_missing_reason(e.path)})' for e in missing])}{where}; "
             f"fix: correct the paths or remove those rows/links; {SKIP_HINT}"
         )
     skipped.extend(SkippedFile(str(e.path), _missing_reason(e.path)) for e in missing)
@@ -631,7 +628,7 @@ def _load_entries(
         kept.append(entry)
     if failed and bad_files == "error":
         raise DataError(
-            f"{source}: {len(failed)} file(s) cannot be read: {_listing([reason for _, reason in failed], sep=' | ')}"
+            f"{source}: {len(failed)} file(s) cannot be read: {listing([reason for _, reason in failed], sep=' | ')}"
             f"; fix: re-export or remove these files; {SKIP_HINT}"
         )
     skipped.extend(SkippedFile(str(e.path), reason) for e, reason in failed)
@@ -640,12 +637,12 @@ def _load_entries(
             '%s: skipped %d missing or unreadable file(s) (bad-files = "skip"): %s',
             source,
             len(skipped),
-            _listing([s.path for s in skipped]),
+            listing([s.path for s in skipped]),
         )
     if not decoded:
         raise DataError(
             f"{source}: all {len(skipped)} listed file(s) were skipped as missing or unreadable "
-            f"({_listing([s.path for s in skipped])}); fix: repair or replace these files"
+            f"({listing([s.path for s in skipped])}); fix: repair or replace these files"
         )
 
     # One bit depth for the set's undeclared 16-bit images, so every image is scaled alike (shared.images).
@@ -727,7 +724,7 @@ def _check_sizes(source: Path, entries: list[_Entry], arrays: list[np.ndarray]) 
     if odd:
         raise DataError(
             f"{source}: images must all have the same size; most are {majority[0]}x{majority[1]} (width x height) "
-            f"but {len(odd)} differ: {_listing([f'{e.path} ({w}x{h})' for e, (w, h) in odd])}; "
+            f"but {len(odd)} differ: {listing([f'{e.path} ({w}x{h})' for e, (w, h) in odd])}; "
             f"fix: resize them to {majority[0]}x{majority[1]} (e.g. PIL Image.resize) or remove them"
         )
 
@@ -812,12 +809,6 @@ def _report(
         classes_from=classes_from,
         pixel_depth=pixel_depth,
     )
-
-
-def _listing(items: list[str], *, limit: int = MAX_LISTED, sep: str = ", ") -> str:
-    """The first `limit` items joined, with 'and N more' when there are more."""
-    more = f" and {len(items) - limit} more" if len(items) > limit else ""
-    return sep.join(items[:limit]) + more
 
 
 # --- .npz ---------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from fedtl.shared.errors import ConfigError, DataError
+from fedtl.shared.rows import SPLIT_COLUMN, listing, row_label, row_split
 
 __all__ = [
     "CATEGORY",
@@ -40,10 +41,7 @@ __all__ = [
 NUMBER, CATEGORY = "number", "category"
 COLUMN_TYPES = (NUMBER, CATEGORY)
 SCALES = ("linear", "log")  # log: log1p(x) between log1p(min) and log1p(max), for amounts spanning decades
-SPLIT_COLUMN = "split"
-SPLIT_VALUES = {"train": "train", "val": "train", "test": "test"}
 TABLE_EXTENSIONS = (".csv", ".parquet", ".pq")
-MAX_LISTED = 5
 SCHEMA_LAYOUT = (
     'a JSON object {"name": ..., "label": <label column>, "columns": [{"name": ..., "type": "number", "min": ..., '
     '"max": ..., "scale": "linear"|"log"} or {"name": ..., "type": "category", "categories": [...]}, ...]}'
@@ -298,26 +296,15 @@ def read_table_rows(path: Path, schema: TableSchema, *, require_label: bool = Tr
             else:
                 text = str(value).strip()
                 if text not in index[col.name]:
-                    allowed = list(col.categories)
-                    more = f" and {len(allowed) - MAX_LISTED} more" if len(allowed) > MAX_LISTED else ""
                     raise DataError(
                         f"table {path} {where}: column {col.name!r} has {text!r}, which is not one of its declared "
-                        f"categories {allowed[:MAX_LISTED]}{more}; fix: recode the value, or ask the federation to add "
-                        "the category to its schema"
+                        f"categories ({listing([repr(c) for c in col.categories])}); fix: recode the value, or ask "
+                        "the federation to add the category to its schema"
                     )
                 coded[r, j] = index[col.name][text]
-        label = record.get(schema.label, "" if not require_label else None)
-        if require_label and (label is None or not str(label).strip()):
-            raise DataError(f"table {path} {where}: the label column {schema.label!r} is empty; fix: label the row")
-        labels.append(str(label or "").strip())
+        labels.append(row_label(record, schema.label, f"table {path} {where}", require=require_label))
         if SPLIT_COLUMN in header:
-            split = str(record.get(SPLIT_COLUMN) or "").strip().lower()
-            if split not in SPLIT_VALUES:
-                raise DataError(
-                    f"table {path} {where}: column {SPLIT_COLUMN!r} must be one of {sorted(SPLIT_VALUES)}, got "
-                    f"{record.get(SPLIT_COLUMN)!r}"
-                )
-            splits.append(SPLIT_VALUES[split])
+            splits.append(row_split(record, f"table {path} {where}"))
         origins.append(where)
     notes = tuple(
         f"column {name!r}: {low} value(s) below the declared min and {high} above the declared max are clipped to "

@@ -9,16 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedtl.shared.errors import DataError
+from fedtl.shared.rows import SPLIT_COLUMN, listing, row_label, row_split
 
 __all__ = ["TEXT_EXTENSIONS", "MAX_TEXT_CHARS", "TextRecords", "is_text_csv", "read_text_records"]
 
 TEXT_EXTENSIONS = (".csv", ".jsonl")
-TEXT_COLUMN, LABEL_COLUMN, SPLIT_COLUMN = "text", "label", "split"
-SPLIT_VALUES = {"train": "train", "val": "train", "test": "test"}
+TEXT_COLUMN, LABEL_COLUMN = "text", "label"
 # Texts longer than this are cut (and counted in the report): an encoder reads a few hundred tokens at most
 # (all-MiniLM-L6-v2: 128 word pieces, ~600 characters of English), so the rest only costs memory and time.
 MAX_TEXT_CHARS = 5000
-MAX_LISTED = 5
 TEXT_LAYOUT = (
     "a CSV with a header row text,label (optional split: train, test or val) and one row per text, or a .jsonl "
     'file with one object {"text": ..., "label": ...[, "split": ...]} per line; UTF-8'
@@ -91,25 +90,15 @@ def read_text_records(
             continue
         if len(value) > max_chars:
             value, cut = value[:max_chars], cut + 1
-        label = record.get(label_column, "" if not require_label else None)
-        if require_label and (label is None or not str(label).strip()):
-            raise DataError(f"text file {path} {where}: the `{label_column}` is empty; fix: label every text")
+        label = row_label(record, label_column, f"text file {path} {where}", require=require_label)
         if has_split:
-            split = str(record.get(SPLIT_COLUMN) or "").strip().lower()
-            if split not in SPLIT_VALUES:
-                raise DataError(
-                    f"text file {path} {where}: `{SPLIT_COLUMN}` must be one of {sorted(SPLIT_VALUES)}, got "
-                    f"{record.get(SPLIT_COLUMN)!r}"
-                )
-            splits.append(SPLIT_VALUES[split])
+            splits.append(row_split(record, f"text file {path} {where}"))
         texts.append(value)
-        labels.append(str(label).strip())
+        labels.append(label)
         origins.append(where)
     if empty:
-        more = f" and {len(empty) - MAX_LISTED} more" if len(empty) > MAX_LISTED else ""
         raise DataError(
-            f"text file {path}: {len(empty)} empty or whitespace-only text(s) at "
-            f"{', '.join(empty[:MAX_LISTED])}{more}; "
+            f"text file {path}: {len(empty)} empty or whitespace-only text(s) at {listing(empty)}; "
             "an empty text carries nothing to learn from; fix: remove those rows or fill them in"
         )
     notes = ()

@@ -76,10 +76,10 @@ def test_over_long_texts_are_cut_and_counted(tmp_path):
     ("content", "name", "match"),
     [
         ("body,label\nhi,a\n", "t.csv", r"has no column\(s\) \['text'\]"),
-        ("text,label\nhi,\n", "t.csv", r"line 2: the `label` is empty"),
+        ("text,label\nhi,\n", "t.csv", r"line 2: the label column 'label' is empty"),
         ('{"text": "hi", "label": "a"}\n{"text": "hi"\n', "t.jsonl", r"line 2 is not JSON"),
         ('["hi", "a"]\n', "t.jsonl", r"line 1 must be a JSON object"),
-        ("text,label,split\nhi,a,train\nho,b,later\n", "t.csv", r"line 3: `split` must be one of"),
+        ("text,label,split\nhi,a,train\nho,b,later\n", "t.csv", r"line 3: column 'split' must be one of"),
         ("text,label\n", "t.csv", r"holds no texts"),
     ],
 )
