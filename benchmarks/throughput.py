@@ -2,7 +2,7 @@
 
 Prints figures, asserts nothing about timings. One run measures, on the same digits images:
 
-1. DP head on cached features: `train_head` (DP-SGD, Poisson sampling) on precomputed backbone features.
+1. DP head on cached features: `train_model` (DP-SGD, Poisson sampling) on precomputed backbone features.
 2. Forward every step: the naive alternative, the frozen backbone run on each DP-SGD step's images,
    then the Opacus-wrapped head step.
 3. Feature extraction: `extract_features` over the images (what (1) pays once per site and dataset).
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -38,7 +39,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedtl.client.training import steps_per_epoch, train_head
+from fedtl.client.training import steps_per_epoch, train_model
 from fedtl.shared.backbones import (
     Preprocessing,
     backbone_state_dict,
@@ -99,6 +100,16 @@ class FinetuneResult:
 # --- helpers ---------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class DpSettings:
+    """The DP-SGD settings every section trains with."""
+
+    learning_rate: float
+    max_grad_norm: float
+    noise_multiplier: float
+    seed: int
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) global generators."""
     random.seed(seed)
@@ -144,7 +155,7 @@ def make_private_step(
     def step(indices: torch.Tensor, labels: torch.Tensor) -> int:
         optimizer.zero_grad(set_to_none=True)
         if len(labels) == 0:
-            # An empty Poisson batch is still a step: Opacus adds pure noise (as train_head does).
+            # An empty Poisson batch is still a step: Opacus adds pure noise (as train_model does).
             loss = model(torch.zeros((0, *empty_input_shape), device=device)).sum()
         else:
             loss = criterion(logits_of(indices), labels.to(device))
@@ -156,18 +167,10 @@ def make_private_step(
 
 
 def poisson_private(
-    module: nn.Module,
-    *,
-    num_examples: int,
-    labels: np.ndarray,
-    batch_size: int,
-    learning_rate: float,
-    noise_multiplier: float,
-    max_grad_norm: float,
-    seed: int,
-    device: torch.device,
+    module: nn.Module, labels: np.ndarray, dp: DpSettings, *, batch_size: int, device: torch.device
 ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
     """Wrap `module` with Opacus over a Poisson-sampled loader of (image index, label) pairs."""
+    num_examples, seed = len(labels), dp.seed
     dataset = TensorDataset(torch.arange(num_examples), torch.as_tensor(labels, dtype=torch.long))
     # Batch sampling stays on a CPU generator; noise is drawn where the parameters live, and Opacus
     # needs its noise generator on that device.
@@ -175,15 +178,15 @@ def poisson_private(
         dataset, batch_size=min(batch_size, num_examples), generator=torch.Generator().manual_seed(seed)
     )
     noise_generator = torch.Generator(device=device).manual_seed(seed + 1)
-    optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=learning_rate)
+    optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=dp.learning_rate)
     with quiet_opacus():
         engine = PrivacyEngine(accountant="rdp")
         return engine.make_private(
             module=module,
             optimizer=optimizer,
             data_loader=loader,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
             poisson_sampling=True,
             noise_generator=noise_generator,
         )
@@ -234,32 +237,28 @@ def measure_cached_head(
     num_classes: int,
     epochs: int,
     batch_size: int,
-    learning_rate: float,
-    max_grad_norm: float,
-    noise_multiplier: float,
-    seed: int,
+    dp: DpSettings,
     repeats: int,
 ) -> tuple[Throughput, float]:
-    """(1) Time train_head (DP-SGD on cached features, PrivacyEngine set-up included) as a site's round does.
+    """(1) Time train_model (DP-SGD on cached features, PrivacyEngine set-up included) as a site's round does.
 
     One call is short and easily disturbed by other processes, so the median of `repeats` calls is
-    reported, with the fastest call's seconds beside it. train_head runs on the CPU.
+    reported, with the fastest call's seconds beside it. train_model runs on the CPU.
     """
 
     def run(run_epochs: int) -> tuple[float, int]:
-        head = build_head(HEAD, features.shape[1], num_classes, seed=seed)
+        head = build_head(HEAD, features.shape[1], num_classes, seed=dp.seed)
         start = time.perf_counter()
-        with quiet_opacus():  # train_head filters them itself (since 124cceb); kept for older versions
-            result = train_head(
+        with (
+            quiet_opacus()
+        ):  # train_model filters them itself (since 124cceb; train_head then); kept for older versions
+            result = train_model(
                 head,
                 features,
                 labels,
                 epochs=run_epochs,
                 batch_size=batch_size,
-                learning_rate=learning_rate,
-                max_grad_norm=max_grad_norm,
-                noise_multiplier=noise_multiplier,
-                seed=seed,
+                **dataclasses.asdict(dp),
             )
         return time.perf_counter() - start, result.steps
 
@@ -280,10 +279,7 @@ def measure_forward_every_step(
     num_classes: int,
     epochs: int,
     batch_size: int,
-    learning_rate: float,
-    max_grad_norm: float,
-    noise_multiplier: float,
-    seed: int,
+    dp: DpSettings,
     max_steps: int,
     device: torch.device,
 ) -> tuple[Throughput, int]:
@@ -293,19 +289,9 @@ def measure_forward_every_step(
     max_steps is 0) after one warm-up step, and the number of steps the full run would take.
     """
     num_examples = len(labels)
-    head = build_head(HEAD, feature_dim, num_classes, seed=seed).to(device).train()
+    head = build_head(HEAD, feature_dim, num_classes, seed=dp.seed).to(device).train()
     backbone.eval().to(device)
-    model, optimizer, loader = poisson_private(
-        head,
-        num_examples=num_examples,
-        labels=labels,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm,
-        seed=seed,
-        device=device,
-    )
+    model, optimizer, loader = poisson_private(head, labels, dp, batch_size=batch_size, device=device)
 
     def logits_of(indices: torch.Tensor) -> torch.Tensor:
         x = preprocessing.apply(images[indices.numpy()]).to(device)  # (B, 3, S, S)
@@ -396,10 +382,7 @@ def measure_full_finetune(
     image_size: int,
     num_classes: int,
     batch_size: int,
-    learning_rate: float,
-    max_grad_norm: float,
-    noise_multiplier: float,
-    seed: int,
+    dp: DpSettings,
     min_steps: int,
     device: torch.device,
 ) -> FinetuneResult:
@@ -412,7 +395,7 @@ def measure_full_finetune(
     num_examples = len(labels)
     for candidate, build in finetune_candidates(name):
         try:
-            seed_everything(seed)
+            seed_everything(dp.seed)
             backbone, weights = build()
             spec = get_backbone_spec(candidate)
             preprocessing = Preprocessing(
@@ -424,15 +407,7 @@ def measure_full_finetune(
                 model_bytes = count_state_bytes(backbone_state_dict(model))
                 # fp32 throughout: per-sample gradients and clipping in full precision.
                 model, optimizer, loader = poisson_private(
-                    model.to(device),
-                    num_examples=num_examples,
-                    labels=labels,
-                    batch_size=batch_size,
-                    learning_rate=learning_rate,
-                    noise_multiplier=noise_multiplier,
-                    max_grad_norm=max_grad_norm,
-                    seed=seed,
-                    device=device,
+                    model.to(device), labels, dp, batch_size=batch_size, device=device
                 )
             setup_seconds = time.perf_counter() - start
 
@@ -520,7 +495,7 @@ def print_report(figures: dict[str, Any]) -> None:
     print()
     rows = [
         (
-            "(1) DP head on cached features (train_head, CPU)",
+            "(1) DP head on cached features (train_model, CPU)",
             sec["cached-head"],
             f"median of {cfg['head-repeats']} calls (fastest {figures['cached-head-fastest-seconds']:.3f} s), "
             "set-up incl.",
@@ -654,12 +629,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     image_size = args.image_size or spec.preprocessing.image_size
     preprocessing = Preprocessing(image_size=image_size, mean=spec.preprocessing.mean, std=spec.preprocessing.std)
     backbone = build_backbone(args.backbone)
-    dp = {
-        "learning_rate": args.learning_rate,
-        "max_grad_norm": args.max_grad_norm,
-        "noise_multiplier": args.noise_multiplier,
-        "seed": args.seed,
-    }
+    dp = DpSettings(
+        learning_rate=args.learning_rate,
+        max_grad_norm=args.max_grad_norm,
+        noise_multiplier=args.noise_multiplier,
+        seed=args.seed,
+    )
 
     print(f"[3] feature extraction on {device} ...", file=sys.stderr, flush=True)
     extraction, features = measure_extraction(
@@ -673,7 +648,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         epochs=args.epochs,
         batch_size=args.batch_size,
         repeats=args.head_repeats,
-        **dp,
+        dp=dp,
     )
     print("[2] forward every step ...", file=sys.stderr, flush=True)
     forward, full_steps = measure_forward_every_step(
@@ -687,7 +662,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         batch_size=args.batch_size,
         max_steps=args.forward_steps,
         device=device,
-        **dp,
+        dp=dp,
     )
     print("[4] full-network DP fine-tuning ...", file=sys.stderr, flush=True)
     n_ft = min(args.finetune_samples, args.samples)
@@ -700,7 +675,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         batch_size=args.finetune_batch_size,
         min_steps=3,
         device=device,
-        **dp,
+        dp=dp,
     )
     byte_figures = measure_bytes(
         backbone,
