@@ -58,13 +58,11 @@ def release_feature_sum(
     release = charge_release(
         site,
         settings,
-        ReleaseRequest(
-            mechanism=FEATURE_SUM,
-            server_round=CENTER_ROUND,
-            sample_rate=1.0,
-            steps=1,
-            what=f"the {'projected ' if projection is not None else ''}feature-mean release of run {settings.run_id}",
-            noise_multiplier=noise_multiplier,
+        ReleaseRequest.once(
+            FEATURE_SUM,
+            CENTER_ROUND,
+            f"the {'projected ' if projection is not None else ''}feature-mean release of run {settings.run_id}",
+            noise_multiplier,
             num_examples=len(features),
         ),
     )

@@ -60,7 +60,7 @@ import socket
 import time
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
@@ -105,7 +105,7 @@ class PrivacyCharge:
     sample_rate: float  # 0.0 only for a record that is no DP step (with 0 steps)
     steps: int
     delta: float
-    time: float
+    time: float = field(default_factory=time.time)  # when it was charged (set on creation)
     kind: str = "dp-sgd"  # a mechanism's kind (shared/mechanisms.py), TORN or ADOPTED
     note: str = ""  # for TORN records: the bytes that were cut short; for ADOPTED ones: what was adopted
     # Skellam releases only (0 otherwise): integer L2 / L1 sensitivities, and the trust assumption the charge holds
@@ -645,7 +645,7 @@ class PrivacyLedger:
                 f"adopted {len(adoption.charges)} record(s): {adoption.reason}; {adoption.unchecked} unchecked; "
                 f"file sha256 {adoption.sha256}; copy kept at {backup}; by {_operator()}"
             )
-            adopted = PrivacyCharge("ledger-adopt", 0, *_NO_STEP, delta=0.0, time=time.time(), kind=ADOPTED, note=note)
+            adopted = PrivacyCharge("ledger-adopt", 0, *_NO_STEP, delta=0.0, kind=ADOPTED, note=note)
             previous, out = GENESIS, []
             for charge in (*adoption.charges, adopted):
                 line, previous = _signed_line(key, previous, charge)
@@ -787,41 +787,8 @@ def _parse(raw: bytes) -> tuple[PrivacyCharge, dict[str, Any], str | None, bool]
     return charge, record, mac, crc is not None
 
 
-def new_charge(
-    *,
-    run_id: str,
-    server_round: int,
-    noise_multiplier: float,
-    sample_rate: float,
-    steps: int,
-    delta: float,
-    kind: str = "dp-sgd",
-    l2_sensitivity: float = 0.0,
-    l1_sensitivity: float = 0.0,
-    honest_sites: int = 0,
-    num_sites: int = 0,
-) -> PrivacyCharge:
-    """Return a charge stamped with the current time."""
-    return PrivacyCharge(
-        run_id=run_id,
-        server_round=server_round,
-        noise_multiplier=noise_multiplier,
-        sample_rate=sample_rate,
-        steps=steps,
-        delta=delta,
-        time=time.time(),
-        kind=kind,
-        l2_sensitivity=l2_sensitivity,
-        l1_sensitivity=l1_sensitivity,
-        honest_sites=honest_sites,
-        num_sites=num_sites,
-    )
-
-
 def noise_free_charge(*, run_id: str, server_round: int, kind: str, delta: float) -> PrivacyCharge:
     """Return the record of a noise-free release (no DP step: noise 0, sample rate 0, 0 steps)."""
     if MECHANISMS[kind].accounted:
         raise ValueError(f"{kind!r} is a DP mechanism, not a noise-free release")
-    return new_charge(
-        run_id=run_id, server_round=server_round, noise_multiplier=0.0, sample_rate=0.0, steps=0, delta=delta, kind=kind
-    )
+    return PrivacyCharge(run_id, server_round, *_NO_STEP, delta=delta, kind=kind)

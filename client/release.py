@@ -17,10 +17,11 @@ import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from fedtl.client.ledger import PrivacyCharge, new_charge
+from fedtl.client.ledger import PrivacyCharge
 from fedtl.client.policy import PolicyRefusal
 from fedtl.client.quotas import charge_noise_free
 from fedtl.client.site import Site
@@ -68,6 +69,13 @@ class ReleaseRequest:
                 f"{self.what}: a Skellam release needs its l2-sensitivity (> 0, got {self.l2_sensitivity}) and "
                 f"1 <= honest-sites ({self.honest_sites}) <= num-sites ({self.num_sites})"
             )
+
+    @classmethod
+    def once(
+        cls, mechanism: Mechanism, server_round: int, what: str, noise_multiplier: float | None, **more: Any
+    ) -> ReleaseRequest:
+        """Return the request of a release computed once over all the site's examples (sample rate 1, one step)."""
+        return cls(mechanism, server_round, 1.0, 1, what, noise_multiplier, **more)
 
 
 @dataclass(frozen=True)
@@ -153,7 +161,7 @@ def charge_release(site: Site, settings: RoundSettings, request: ReleaseRequest)
             budget, budget_name = settings.target_epsilon, "the run's target-epsilon"
             if policy is not None and policy.max_epsilon < budget:  # check_settings refuses such runs first
                 budget, budget_name = policy.max_epsilon, "the policy's max-epsilon"
-        charge = new_charge(
+        charge = PrivacyCharge(
             run_id=settings.run_id,
             server_round=request.server_round,
             noise_multiplier=noise,

@@ -125,13 +125,11 @@ def _noised(
     release = charge_release(
         site,
         settings,
-        ReleaseRequest(
-            mechanism=mechanism,
-            server_round=server_round,
-            sample_rate=1.0,
-            steps=1,
-            what=f"the securely summed {plan.release} of run {settings.run_id}",
-            noise_multiplier=noise_multiplier,
+        ReleaseRequest.once(
+            mechanism,
+            server_round,
+            f"the securely summed {plan.release} of run {settings.run_id}",
+            noise_multiplier,
             l2_sensitivity=exact.l2_sensitivity,
             l1_sensitivity=exact.l1_sensitivity,
             honest_sites=plan.honest_sites,

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from fedtl.client.ledger import TORN, PrivacyCharge, PrivacyLedger, new_charge, noise_free_charge
+from fedtl.client.ledger import TORN, PrivacyCharge, PrivacyLedger, noise_free_charge
 from fedtl.shared import mechanisms
 from fedtl.shared.errors import DataError, PrivacyBudgetError
 from fedtl.shared.privacy import PrivacyStep
@@ -41,7 +41,7 @@ def oracle_epsilon(stretches: list[tuple[float, float, int]], delta: float) -> f
 def _charge(
     run_id: str, server_round: int, noise: float, *, kind: str = DP_SGD, rate: float = 0.1, steps: int = 10
 ) -> PrivacyCharge:
-    return new_charge(
+    return PrivacyCharge(
         run_id=run_id,
         server_round=server_round,
         noise_multiplier=noise,

@@ -6,7 +6,7 @@ import pytest
 from builders import round_settings
 from opacus.accountants import RDPAccountant
 
-from fedtl.client.ledger import PrivacyLedger, new_charge
+from fedtl.client.ledger import PrivacyCharge, PrivacyLedger
 from fedtl.client.policy import PolicyRefusal
 from fedtl.client.release import ReleaseRequest, charge_release, round_seed
 from fedtl.client.site import Site
@@ -50,7 +50,9 @@ def test_every_mechanism_has_its_own_ledger_kind():
 def test_the_first_release_of_a_run_plans_the_noise_for_the_whole_run_and_later_ones_reuse_it(tmp_path):
     site = _site(tmp_path)
     ledger = site.ledger
-    ledger.charge(new_charge(run_id="old", server_round=1, noise_multiplier=1.5, sample_rate=0.2, steps=30, delta=1e-5))
+    ledger.charge(
+        PrivacyCharge(run_id="old", server_round=1, noise_multiplier=1.5, sample_rate=0.2, steps=30, delta=1e-5)
+    )
     settings = round_settings(FP, target_epsilon=6.0)
     first = charge_release(site, settings, _request())
     second = charge_release(site, settings, _request(server_round=2))

@@ -68,13 +68,11 @@ def release_sufficient_stats(
     release = charge_release(
         site,
         settings,
-        ReleaseRequest(
-            mechanism=SUFFICIENT_STATS,
-            server_round=STATS_ROUND,
-            sample_rate=1.0,
-            steps=1,
-            what=f"the sufficient-statistics release of run {settings.run_id}",
-            noise_multiplier=settings.noise_multiplier,
+        ReleaseRequest.once(
+            SUFFICIENT_STATS,
+            STATS_ROUND,
+            f"the sufficient-statistics release of run {settings.run_id}",
+            settings.noise_multiplier,
             num_examples=len(labels),
         ),
     )
