@@ -120,12 +120,15 @@ class RunConfig:
             "min_train_sites",
             "finetune_epochs",
         )
-        _check_choice(self, "client_dp", CLIENT_DP_MODES)
-        _check_choice(self, "personalization", PERSONALIZATIONS)
-        _check_choice(self, "head_solver", HEAD_SOLVERS)
-        _check_choice(self, "closed_form", CLOSED_FORMS)
-        _check_range(self, "closed_form_ridge", low=0.0, low_open=True)
-        _check_range(self, "lora_alpha", low=0.0, low_open=True)
+        for name, choices in _CHOICES.items():
+            _check_choice(self, name, choices)
+        for name in _POSITIVE:
+            _check_range(self, name, low=0.0, low_open=True)
+        for name in _NON_NEGATIVE:
+            _check_range(self, name, low=0.0)
+        for name in _OPEN_FRACTIONS:
+            _check_range(self, name, low=0.0, high=1.0, low_open=True, high_open=True)
+        _check_range(self, "fraction_train", low=0.0, high=1.0, low_open=True)
         for name in ("projection_dim", "trainable_blocks", "lora_rank", "audit_canaries", "secagg_honest_sites"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"`{_kebab(name)}` must be >= 0, got {getattr(self, name)}")
@@ -143,9 +146,6 @@ class RunConfig:
                 'rounds are not securely aggregated yet, so it needs head-solver = "closed-form", got '
                 f"{self.head_solver!r}"
             )
-        _check_range(self, "client_noise_multiplier", low=0.0)
-        _check_range(self, "client_clipping_norm", low=0.0, low_open=True)
-        _check_range(self, "client_dp_delta", low=0.0, high=1.0, low_open=True, high_open=True)
         if self.personalization == "fedper" and self.head != "mlp":
             raise ConfigError(
                 '`personalization = "fedper"` keeps the head\'s last layer at each site and shares the others, '
@@ -157,22 +157,6 @@ class RunConfig:
                 "FedAdam's adaptive step does not match the noise calibrated to clipping-norm / sampled sites"
             )
         self.permuted_label_site_ids  # raises ConfigError naming the value
-        _check_choice(self, "head", HEADS)
-        _check_choice(self, "strategy", STRATEGIES)
-        _check_choice(self, "accountant", ACCOUNTANTS)
-        _check_choice(self, "device", DEVICES)
-        _check_range(self, "learning_rate", low=0.0, low_open=True)
-        _check_range(self, "max_grad_norm", low=0.0, low_open=True)
-        _check_range(self, "target_epsilon", low=0.0, low_open=True)
-        _check_range(self, "target_delta", low=0.0, high=1.0, low_open=True, high_open=True)
-        _check_range(self, "test_fraction", low=0.0, high=1.0, low_open=True, high_open=True)
-        _check_range(self, "local_test_fraction", low=0.0, high=1.0, low_open=True, high_open=True)
-        _check_range(self, "fraction_train", low=0.0, high=1.0, low_open=True)
-        _check_range(self, "proximal_mu", low=0.0)
-        _check_range(self, "centering_noise_multiplier", low=0.0, low_open=True)
-        _check_range(self, "server_learning_rate", low=0.0, low_open=True)
-        _check_range(self, "round_timeout", low=0.0, low_open=True)
-        _check_range(self, "max_update_norm", low=0.0)
         if self.min_train_sites > self.min_available_nodes:
             raise ConfigError(
                 f"`min-train-sites` ({self.min_train_sites}) must be <= `min-available-nodes` "
@@ -301,6 +285,32 @@ def _check_positive_int(cfg: RunConfig, *names: str) -> None:
         value = getattr(cfg, name)
         if value < 1:
             raise ConfigError(f"`{_kebab(name)}` must be >= 1, got {value}")
+
+
+# The run config's enumerated and bounded keys, checked in __post_init__ (errors name the key in kebab case).
+_CHOICES = {
+    "client_dp": CLIENT_DP_MODES,
+    "personalization": PERSONALIZATIONS,
+    "head_solver": HEAD_SOLVERS,
+    "closed_form": CLOSED_FORMS,
+    "head": HEADS,
+    "strategy": STRATEGIES,
+    "accountant": ACCOUNTANTS,
+    "device": DEVICES,
+}
+_POSITIVE = (  # > 0
+    "closed_form_ridge",
+    "lora_alpha",
+    "client_clipping_norm",
+    "learning_rate",
+    "max_grad_norm",
+    "target_epsilon",
+    "centering_noise_multiplier",
+    "server_learning_rate",
+    "round_timeout",
+)
+_NON_NEGATIVE = ("client_noise_multiplier", "proximal_mu", "max_update_norm")  # >= 0
+_OPEN_FRACTIONS = ("client_dp_delta", "target_delta", "test_fraction", "local_test_fraction")  # in (0, 1)
 
 
 def _check_choice(cfg: RunConfig, name: str, choices: tuple[str, ...]) -> None:

@@ -100,6 +100,13 @@ def parse_partition(scheme: str | PartitionSpec) -> PartitionSpec:
     raise ConfigError(f"unknown partition scheme {scheme!r}; accepted: {ACCEPTED_PARTITIONS}")
 
 
+# The schemes whose parameter is an integer k: its least value and what k means.
+_INTEGER_K = {
+    SAMPLE: (2, "k = the examples each site draws (a training and a local test split need 2 at least)"),
+    CLASSES: (1, "k = the number of classes on each site (1 or 2 is the pathological split of McMahan et al. 2017)"),
+}
+
+
 def _check_spec(kind: str, parameter: object, *, shown: str) -> None:
     """Raise ConfigError unless (kind, parameter) is a valid scheme; `shown` is the text the user gave."""
     if kind not in PARTITION_KINDS:
@@ -108,18 +115,11 @@ def _check_spec(kind: str, parameter: object, *, shown: str) -> None:
         if parameter is not None:
             raise ConfigError(f"partition scheme {shown!r}: {kind} takes no parameter; accepted: {ACCEPTED_PARTITIONS}")
         return
-    if kind == SAMPLE:
-        if isinstance(parameter, bool) or not isinstance(parameter, numbers.Integral) or parameter < 2:
+    if kind in _INTEGER_K:
+        least, meaning = _INTEGER_K[kind]
+        if isinstance(parameter, bool) or not isinstance(parameter, numbers.Integral) or parameter < least:
             raise ConfigError(
-                f"partition scheme {shown!r}: sample k must be an integer >= 2, got {parameter!r}; k = the examples "
-                "each site draws (a training and a local test split need 2 at least)"
-            )
-        return
-    if kind == CLASSES:
-        if isinstance(parameter, bool) or not isinstance(parameter, numbers.Integral) or parameter < 1:
-            raise ConfigError(
-                f"partition scheme {shown!r}: classes k must be an integer >= 1, got {parameter!r}; "
-                "k = the number of classes on each site (1 or 2 is the pathological split of McMahan et al. 2017)"
+                f"partition scheme {shown!r}: {kind} k must be an integer >= {least}, got {parameter!r}; {meaning}"
             )
         return
     if isinstance(parameter, bool) or not isinstance(parameter, numbers.Real) or not math.isfinite(parameter):

@@ -42,30 +42,15 @@ RESULTS_COLUMNS = (
     "client_epsilon",
     "seconds",
 )
+# The columns that name a run in the per-round and per-site tables.
+RUN_COLUMNS = ("run", "method", "backbone", "sites", "partition", "target_epsilon", "seed")
 # One row per run and round (round 0 = the initial model), server held-out accuracy.
-ROUNDS_COLUMNS = ("run", "method", "backbone", "sites", "partition", "target_epsilon", "seed", "round", "accuracy")
+ROUNDS_COLUMNS = (*RUN_COLUMNS, "round", "accuracy")
 # One row per run, round and site: that site's cumulative sample-level epsilon after the round.
-SITE_ROUNDS_COLUMNS = (
-    "run",
-    "method",
-    "backbone",
-    "sites",
-    "partition",
-    "target_epsilon",
-    "seed",
-    "round",
-    "site",
-    "epsilon",
-)
+SITE_ROUNDS_COLUMNS = (*RUN_COLUMNS, "round", "site", "epsilon")
 # One row per run and site: federated vs local-only accuracy on the site's own test split.
 SITES_COLUMNS = (
-    "run",
-    "method",
-    "backbone",
-    "sites",
-    "partition",
-    "target_epsilon",
-    "seed",
+    *RUN_COLUMNS,
     "site",
     "n_train",
     "n_test",
