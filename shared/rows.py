@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Mapping
+from pathlib import Path
 
 from fedtl.shared.errors import DataError
 
@@ -35,3 +38,48 @@ def row_label(record: Mapping, column: str, where: str, *, require: bool) -> str
     if require and (label is None or not str(label).strip()):
         raise DataError(f"{where}: the label column {column!r} is empty; fix: label the row")
     return str(label or "").strip()
+
+
+def read_utf8(path: Path, what: str) -> str:
+    """Return the file's text; DataError naming the line and offset of bytes that are not UTF-8 (a BOM is dropped)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{what} {path} cannot be read ({exc})") from exc
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{what} {path}: byte(s) {raw[exc.start : exc.end]!r} at offset {exc.start} (line {line}) are not "
+            "UTF-8; fix: save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8), or remove the line"
+        ) from None
+
+
+def csv_rows(
+    path: Path, text: str, what: str, *, layout: str, quoting: str
+) -> tuple[list[str], list[tuple[int, list]]]:
+    """Return the stripped header and every non-blank row with its line number.
+
+    Raises:
+        DataError: text that is not CSV, no header (`layout` says what is expected), or a row whose field count
+            differs from the header's (`quoting` says how to fix it).
+    """
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        rows = list(reader)
+    except csv.Error as exc:
+        raise DataError(f"{what} {path} is not valid CSV at line {reader.line_num}: {exc}") from exc
+    if not rows:
+        raise DataError(f"{what} {path} is empty; expected {layout}")
+    header = [h.strip() for h in rows[0]]
+    kept = []
+    for number, row in enumerate(rows[1:], start=2):
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue  # a blank line (a row of empty fields is a row, and its checks say what it lacks)
+        if len(row) != len(header):
+            raise DataError(
+                f"{what} {path} line {number}: {len(row)} field(s) but the header has {len(header)}; fix: {quoting}"
+            )
+        kept.append((number, row))
+    return header, kept

@@ -12,9 +12,7 @@ bounds" assumption; computing them from the data would need its own noised, char
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import math
 import numbers
@@ -25,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from fedtl.shared.errors import ConfigError, DataError
-from fedtl.shared.rows import SPLIT_COLUMN, listing, row_label, row_split
+from fedtl.shared.rows import SPLIT_COLUMN, csv_rows, listing, read_utf8, row_label, row_split
 
 __all__ = [
     "CATEGORY",
@@ -353,34 +351,14 @@ def _number(value: object) -> float | None:
 
 def _csv_records(path: Path):
     """(header, rows as dicts, origin of row i) of a UTF-8 CSV file."""
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise DataError(
-            f"table {path}: bytes at offset {exc.start} (line {line}) are not UTF-8; fix: save the file as UTF-8"
-        ) from None
-    except OSError as exc:
-        raise DataError(f"table {path} cannot be read ({exc})") from exc
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        rows = list(reader)
-    except csv.Error as exc:
-        raise DataError(f"table {path} is not valid CSV at line {reader.line_num}: {exc}") from exc
-    if not rows:
-        raise DataError(f"table {path} is empty; fix: a header row with the schema's columns, then one row per record")
-    header = [h.strip() for h in rows[0]]
-    records, lines = [], []
-    for number, row in enumerate(rows[1:], start=2):
-        if not any(cell.strip() for cell in row):
-            continue  # blank line
-        if len(row) != len(header):
-            raise DataError(
-                f"table {path} line {number}: {len(row)} field(s) but the header has {len(header)}; fix the quoting"
-            )
-        records.append(dict(zip(header, row)))
-        lines.append(number)
-    return header, records, lambda i: f"line {lines[i]}"
+    header, rows = csv_rows(
+        path,
+        read_utf8(path, "table"),
+        "table",
+        layout="a header row with the schema's columns, then one row per record",
+        quoting="quote values that hold commas",
+    )
+    return header, [dict(zip(header, row)) for _, row in rows], lambda i: f"line {rows[i][0]}"
 
 
 def _parquet_records(path: Path):

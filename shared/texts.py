@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedtl.shared.errors import DataError
-from fedtl.shared.rows import SPLIT_COLUMN, listing, row_label, row_split
+from fedtl.shared.rows import SPLIT_COLUMN, csv_rows, listing, read_utf8, row_label, row_split
 
 __all__ = ["TEXT_EXTENSIONS", "MAX_TEXT_CHARS", "TextRecords", "is_text_csv", "read_text_records"]
 
@@ -60,18 +59,7 @@ def read_text_records(
         DataError: bytes that are not UTF-8 (line and offset named), a missing column, bad JSON, an empty
             or whitespace-only text, an empty label, a bad split value, or no texts at all.
     """
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"text file {path} cannot be read ({exc})") from exc
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(
-            f"text file {path}: byte(s) {raw[exc.start : exc.end]!r} at offset {exc.start} (line {line}) are not "
-            "UTF-8; fix: save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8), or remove the line"
-        ) from None
+    text = read_utf8(path, "text file")
     if path.suffix.lower() == ".jsonl":
         records = _jsonl_records(path, text)
     else:
@@ -109,14 +97,13 @@ def read_text_records(
 
 def _csv_records(path: Path, text: str, text_column: str, label_column: str) -> list[tuple[str, dict]]:
     """(origin, row) of every non-blank CSV row; the header must name the text and label columns."""
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        rows = list(reader)
-    except csv.Error as exc:
-        raise DataError(f"text file {path} is not valid CSV at line {reader.line_num}: {exc}") from exc
-    if not rows:
-        raise DataError(f"text file {path} is empty; expected {TEXT_LAYOUT}")
-    header = [h.strip() for h in rows[0]]
+    header, rows = csv_rows(
+        path,
+        text,
+        "text file",
+        layout=TEXT_LAYOUT,
+        quoting='quote texts that hold commas or newlines ("...")',
+    )
     # Header names are matched case-insensitively ("Text", "LABEL"); rows keep their own column names.
     lower = {h.lower(): h for h in header}
     missing = [c for c in (text_column, label_column) if c and c.lower() not in lower]
@@ -126,17 +113,7 @@ def _csv_records(path: Path, text: str, text_column: str, label_column: str) -> 
             "the columns"
         )
     rename = {lower[c.lower()]: c for c in (text_column, label_column, SPLIT_COLUMN) if c and c.lower() in lower}
-    out = []
-    for number, row in enumerate(rows[1:], start=2):
-        if not row or (len(row) == 1 and not row[0].strip()):
-            continue  # blank line
-        if len(row) != len(header):
-            raise DataError(
-                f"text file {path} line {number}: {len(row)} field(s) but the header has {len(header)}; fix: quote "
-                'texts that hold commas or newlines ("...")'
-            )
-        out.append((f"line {number}", {rename.get(h, h): v for h, v in zip(header, row)}))
-    return out
+    return [(f"line {number}", {rename.get(h, h): v for h, v in zip(header, row)}) for number, row in rows]
 
 
 def _jsonl_records(path: Path, text: str) -> list[tuple[str, dict]]:

@@ -106,6 +106,7 @@ def test_loader_names_missing_and_undeclared_columns(tmp_path):
         ("100,,rent,good", r"line 2: column 'months' is empty"),
         ("100,12,rent,", r"line 2: the label column 'risk' is empty"),
         ("100,12,rent", r"line 2: 3 field\(s\) but the header has 4"),
+        (",,,", r"line 2: column 'amount' is empty"),  # a row of empty fields is a row, not a blank line
     ],
 )
 def test_loader_names_the_line_column_and_value_of_a_bad_cell(tmp_path, row, match):
