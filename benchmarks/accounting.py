@@ -28,7 +28,7 @@ from typing import Callable
 from opacus.accountants import RDPAccountant
 
 from fedtl.shared import privacy
-from fedtl.shared.privacy import PrivacyStep, compute_epsilon, find_noise_multiplier
+from fedtl.shared.privacy import PrivacyStep, bisect_noise, bracket_noise, compute_epsilon, find_noise_multiplier
 
 Q, STEPS_PER_ROUND, ROUNDS, TARGET_EPSILON, DELTA = 64 / 287, 20, 10, 8.0, 1e-5
 
@@ -48,19 +48,11 @@ def old_find_noise_multiplier(
 ) -> float:
     """Return the noise as fedtl's find_noise_multiplier did before issue 13 (rdp, no history)."""
 
-    def eps_at(sigma: float) -> float:
-        return old_compute_epsilon([PrivacyStep(sigma, sample_rate, steps)], delta=target_delta)
+    def above(sigma: float) -> bool:
+        return old_compute_epsilon([PrivacyStep(sigma, sample_rate, steps)], delta=target_delta) > target_epsilon
 
-    low, high = 0.0, 1.0
-    while eps_at(high) > target_epsilon:
-        low, high = high, high * 2
-    while high - low > precision:
-        mid = (low + high) / 2
-        if eps_at(mid) > target_epsilon:
-            low = mid
-        else:
-            high = mid
-    return high
+    low, high = bracket_noise(above, f"{target_epsilon}")  # the search is today's; only epsilon is the old one
+    return bisect_noise(above, low, high, precision)
 
 
 def time_call(fn: Callable[[], object], *, repeats: int, cold: bool) -> tuple[float, object]:

@@ -524,15 +524,13 @@ def _check_state_dict(module: nn.Module, state_dict: Mapping, *, name: str, sour
         for k in expected
         if k in state_dict and state_dict[k].shape == expected[k].shape and state_dict[k].dtype != expected[k].dtype
     ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys (first: {missing[:5]})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys (first: {unexpected[:5]})")
-    if wrong_shape:
-        problems.append(f"{len(wrong_shape)} wrong shapes (first: {wrong_shape[:5]})")
-    if wrong_dtype:
-        problems.append(f"{len(wrong_dtype)} wrong dtypes (first: {wrong_dtype[:5]})")
+    found = {
+        "missing keys": missing,
+        "unexpected keys": unexpected,
+        "wrong shapes": wrong_shape,
+        "wrong dtypes": wrong_dtype,
+    }
+    problems = [f"{len(items)} {what} (first: {items[:5]})" for what, items in found.items() if items]
     if problems:
         raise BackboneError(
             f"{source} does not fit backbone {name!r}: {'; '.join(problems)}. "

@@ -145,8 +145,8 @@ def find_noise_multiplier(
             return low
     else:
         what = f"{target_epsilon} over {steps} steps at sample-rate {sample_rate:.4f} after {spent:.3f} already spent"
-        low, high = _bracket_noise(eps_above_target, f"{what}; plan fewer rounds or steps")
-    return _bisect_noise(eps_above_target, low, high, precision)
+        low, high = bracket_noise(eps_above_target, f"{what}; plan fewer rounds or steps")
+    return bisect_noise(eps_above_target, low, high, precision)
 
 
 def find_skellam_noise_multiplier(
@@ -170,10 +170,10 @@ def find_skellam_noise_multiplier(
         release = PrivacyStep(sigma, 1.0, 1, l2_sensitivity=l2_sensitivity, l1_sensitivity=l1_sensitivity)
         return compute_epsilon(past + [release], delta=target_delta) > target_epsilon
 
-    low, high = _bracket_noise(
+    low, high = bracket_noise(
         eps_above_target, f"{target_epsilon} for one Skellam release after {spent:.3f} already spent"
     )
-    return _bisect_noise(eps_above_target, low, high, precision)
+    return bisect_noise(eps_above_target, low, high, precision)
 
 
 def _spent_within_budget(past: list[PrivacyStep], target_epsilon: float, target_delta: float, accountant: str) -> float:
@@ -187,7 +187,7 @@ def _spent_within_budget(past: list[PrivacyStep], target_epsilon: float, target_
     return spent
 
 
-def _bracket_noise(above: Callable[[float], bool], what: str) -> tuple[float, float]:
+def bracket_noise(above: Callable[[float], bool], what: str) -> tuple[float, float]:
     """Return (low, high) with `above(high)` false, doubling from 1; `what` names the target in the error."""
     low, high = 0.0, 1.0
     while above(high):
@@ -197,7 +197,7 @@ def _bracket_noise(above: Callable[[float], bool], what: str) -> tuple[float, fl
     return low, high
 
 
-def _bisect_noise(above: Callable[[float], bool], low: float, high: float, precision: float) -> float:
+def bisect_noise(above: Callable[[float], bool], low: float, high: float, precision: float) -> float:
     """Return the smallest noise (to `precision`) in (low, high] that `above` does not reject."""
     while high - low > precision:
         mid = (low + high) / 2

@@ -320,13 +320,15 @@ def _check_columns(path: Path, header: Sequence[str], schema: TableSchema, *, re
     missing = [c for c in needed if c not in header]
     extra = [c for c in header if c not in expected and c != SPLIT_COLUMN]
     duplicated = sorted({c for c in header if list(header).count(c) > 1})
-    problems = []
-    if missing:
-        problems.append(f"lacks the column(s) {missing}")
-    if extra:
-        problems.append(f"has column(s) {extra} that the schema does not declare")
-    if duplicated:
-        problems.append(f"repeats the column(s) {duplicated}")
+    problems = [
+        text
+        for items, text in (
+            (missing, f"lacks the column(s) {missing}"),
+            (extra, f"has column(s) {extra} that the schema does not declare"),
+            (duplicated, f"repeats the column(s) {duplicated}"),
+        )
+        if items
+    ]
     if problems:
         raise DataError(
             f"table {path} does not match the federation's schema {schema.name!r}: {'; '.join(problems)}; fix: give "
