@@ -113,25 +113,17 @@ def export_run(
         {f"federated-{key}": v for key, v in last.get("evaluate", {}).items() if key != k.NUM_EXAMPLES}
     )
     model = AdaptedModel(
-        backbone_name=backbone.name,
-        backbone_fingerprint=backbone.fingerprint,
-        preprocessing=backbone.preprocessing,
-        feature_dim=backbone.feature_dim,
-        head=cfg.head,
-        head_hidden=cfg.head_hidden,
         label_names=label_names,
         arrays=final_arrays,
         privacy={
             site: {"epsilon": eps, "delta": recorder.site_delta[site]} for site, eps in recorder.site_epsilon.items()
         },
-        non_private=cfg.non_private,
-        num_rounds=cfg.num_rounds,
         sites=tuple(sorted(recorder.site_epsilon)),
         run_id=run_id,
-        strategy=cfg.strategy,
         metrics=final_metrics,
         client_dp=dict(recorder.client_dp),
         trust=dict(recorder.trust),
+        **_setup_fields(cfg, backbone),
         **_adaptation_fields(cfg, final_arrays),
     )
     if cfg.personalization == k.FEDPER:  # no single model: every site holds its own last layer
@@ -216,6 +208,21 @@ def resume_run(cfg: RunConfig) -> RunFolder:
     if checkpoint.server_round >= resumed.num_rounds:
         raise ConfigError(f"run {run_dir.name} already finished all {resumed.num_rounds} rounds; nothing to resume")
     return RunFolder(str(stored["run-id"]), run_dir, resumed, checkpoint)
+
+
+def _setup_fields(cfg: RunConfig, backbone: Backbone) -> dict[str, Any]:
+    """Return the AdaptedModel fields fixed before any round: the backbone it reads, its head, privacy mode, rounds."""
+    return {
+        "backbone_name": backbone.name,
+        "backbone_fingerprint": backbone.fingerprint,
+        "preprocessing": backbone.preprocessing,
+        "feature_dim": backbone.feature_dim,
+        "head": cfg.head,
+        "head_hidden": cfg.head_hidden,
+        "non_private": cfg.non_private,
+        "num_rounds": cfg.num_rounds,
+        "strategy": cfg.strategy,
+    }
 
 
 def _adaptation_fields(cfg: RunConfig, arrays: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ garbage corrupts the sum unnoticed, a known limit of secure aggregation without 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -65,16 +66,13 @@ def plan_secure_noise(
     Raises:
         PrivacyBudgetError: no noise meets the target after `history`.
     """
+    search = functools.partial(
+        find_skellam_noise_multiplier, target_epsilon=target_epsilon, target_delta=target_delta, history=history
+    )
     sigma = 1.0
     for _ in range(16):
         l2, l1 = sensitivities(sigma)
-        found = find_skellam_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=target_delta,
-            l2_sensitivity=l2,
-            l1_sensitivity=l1,
-            history=history,
-        )
+        found = search(l2_sensitivity=l2, l1_sensitivity=l1)
         if sensitivities(found) == (l2, l1):
             return found
         sigma = found

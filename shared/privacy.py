@@ -121,30 +121,30 @@ def find_noise_multiplier(
     past = [s for s in history if s.steps > 0]
     spent = _spent_within_budget(past, target_epsilon, target_delta, accountant)
 
-    def eps_above_target(sigma: float) -> bool:
-        """Return whether history + the planned steps at `sigma` spend more than `target_epsilon`."""
-        planned = past + [PrivacyStep(sigma, sample_rate, steps)]
-        if accountant == "rdp" and not any(s.is_skellam for s in past):
-            return _exceeds_rdp(planned, delta=target_delta, target=target_epsilon)
-        return compute_epsilon(planned, delta=target_delta, accountant=accountant) > target_epsilon
+    skellam = any(s.is_skellam for s in past)
 
-    if accountant == "prv" and not any(s.is_skellam for s in past):
+    def above_with(method: str) -> Callable[[float], bool]:
+        """Return sigma -> whether history + the planned steps at sigma spend more than `target_epsilon`."""
+
+        def above(sigma: float) -> bool:
+            planned = past + [PrivacyStep(sigma, sample_rate, steps)]
+            if method == "rdp" and not skellam:
+                return _exceeds_rdp(planned, delta=target_delta, target=target_epsilon)
+            return compute_epsilon(planned, delta=target_delta, accountant=method) > target_epsilon
+
+        return above
+
+    eps_above_target = above_with(accountant)
+    what = f"{target_epsilon} over {steps} steps at sample-rate {sample_rate:.4f} after {spent:.3f} already spent"
+    if accountant == "prv" and not skellam:
         # PRV is at least as tight as RDP, so RDP's answer bounds PRV's from above; PRV evaluations at
         # small noise take minutes, so the search stays within [sigma_rdp / 2, sigma_rdp].
-        high = find_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=target_delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            history=past,
-            accountant="rdp",
-            precision=precision,
-        )
+        rdp_above = above_with("rdp")
+        high = bisect_noise(rdp_above, *bracket_noise(rdp_above, f"{what}; plan fewer rounds or steps"), precision)
         low = high / 2
         if not eps_above_target(low):
             return low
     else:
-        what = f"{target_epsilon} over {steps} steps at sample-rate {sample_rate:.4f} after {spent:.3f} already spent"
         low, high = bracket_noise(eps_above_target, f"{what}; plan fewer rounds or steps")
     return bisect_noise(eps_above_target, low, high, precision)
 

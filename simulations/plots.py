@@ -23,20 +23,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter, Percent
 
 from fedtl.shared.errors import DataError
 from fedtl.shared.files import atomic_write_bytes
-from fedtl.simulations.sweep_tables import (
-    CENTRAL,
-    CENTRAL_DP,
-    FEDERATED_NONPRIVATE,
-    LOCAL,
-    MAJORITY,
-    describe_config,
-    format_epsilon,
-    group_facets,
-    is_epsilon_free,
-    is_finite_number,
-    method_sort_key,
-    natural_key,
-)
+from fedtl.simulations import sweep_tables as tables
 
 Row = Mapping[str, Any]
 
@@ -53,19 +40,19 @@ _METHOD_STYLE = {
     "fedadam": ("#CC79A7", "^"),
     "fedper": ("#56B4E9", "D"),
     "finetune": ("#A08800", "v"),
-    CENTRAL_DP: ("#D55E00", "P"),
-    LOCAL: ("#E69F00", "X"),
+    tables.CENTRAL_DP: ("#D55E00", "P"),
+    tables.LOCAL: ("#E69F00", "X"),
 }
 # Epsilon-free baselines are horizontal lines: colour and dash pattern.
 _BASELINE_STYLE = {
-    CENTRAL: ("#000000", "--"),
-    FEDERATED_NONPRIVATE: ("#0072B2", (0, (6, 2, 1, 2))),
-    MAJORITY: ("#7F7F7F", ":"),
+    tables.CENTRAL: ("#000000", "--"),
+    tables.FEDERATED_NONPRIVATE: ("#0072B2", (0, (6, 2, 1, 2))),
+    tables.MAJORITY: ("#7F7F7F", ":"),
 }
 _BASELINE_LABEL = {
-    CENTRAL: "central (non-private)",
-    FEDERATED_NONPRIVATE: "federated (non-private)",
-    MAJORITY: "majority class",
+    tables.CENTRAL: "central (non-private)",
+    tables.FEDERATED_NONPRIVATE: "federated (non-private)",
+    tables.MAJORITY: "majority class",
 }
 _FALLBACK_COLOURS = ("#332288", "#117733", "#882255", "#44AA99", "#999933", "#AA4499")
 _POSITIVE = "#0072B2"
@@ -102,10 +89,8 @@ def plot_accuracy_vs_epsilon(results: Sequence[Row], out_png: str | Path) -> Pat
     Raises:
         DataError: no row of `results` has a site_accuracy.
     """
-    rows = [row for row in results if is_finite_number(row.get("site_accuracy"))]
-    if not rows:
-        raise DataError("results.csv: no row has a `site_accuracy`; nothing to plot (did every run fail?)")
-    facets = group_facets(rows, ("backbone", "data", "sites", "partition", "alpha"))
+    rows = _rows_with(results, "site_accuracy", tables.RESULTS_CSV, hint="did every run fail?")
+    facets = tables.group_facets(rows, ("backbone", "data", "sites", "partition", "alpha"))
     show_data = len({row.get("data") for row in rows}) > 1
     seeds_per_point = set()
     with matplotlib.rc_context(_STYLE):
@@ -114,19 +99,19 @@ def plot_accuracy_vs_epsilon(results: Sequence[Row], out_png: str | Path) -> Pat
         for ax, (facet, facet_rows) in zip(axes, facets):
             backbone, data, sites, partition, alpha = facet
             ax.set_title(
-                describe_config(
+                tables.describe_config(
                     backbone=backbone, data=data if show_data else None, sites=sites, partition=partition, alpha=alpha
                 )
             )
             curves: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
             flat: dict[str, list[float]] = defaultdict(list)
             for row in facet_rows:
-                if is_epsilon_free(row):
+                if tables.is_epsilon_free(row):
                     flat[row["method"]].append(row["site_accuracy"])
                 else:
                     curves[row["method"]][row["target_epsilon"]].append(row["site_accuracy"])
             epsilons = sorted({eps for by_eps in curves.values() for eps in by_eps})
-            for method in sorted(curves, key=method_sort_key):
+            for method in sorted(curves, key=tables.method_sort_key):
                 colour, marker = _method_style(method)
                 xs = sorted(curves[method])
                 values = [curves[method][x] for x in xs]
@@ -138,7 +123,7 @@ def plot_accuracy_vs_epsilon(results: Sequence[Row], out_png: str | Path) -> Pat
                 else:  # a band over one x is invisible: draw the same min-max as an error bar
                     ax.errorbar(xs, mean, yerr=[mean - low, high - mean], color=colour, capsize=3, linewidth=1)
                 legend.setdefault(line.get_label(), line)
-            for method in sorted(flat, key=method_sort_key):
+            for method in sorted(flat, key=tables.method_sort_key):
                 colour, dashes = _BASELINE_STYLE.get(method, (_method_style(method)[0], "--"))
                 seeds_per_point.add(len(flat[method]))
                 line = ax.axhline(
@@ -172,12 +157,10 @@ def plot_accuracy_vs_round(rounds: Sequence[Row], out_png: str | Path) -> Path:
     Raises:
         DataError: no row of `rounds` has an accuracy.
     """
-    rows = [row for row in rounds if is_finite_number(row.get("accuracy"))]
-    if not rows:
-        raise DataError("rounds.csv: no row has an `accuracy`; nothing to plot (was central evaluation off?)")
+    rows = _rows_with(rounds, "accuracy", tables.ROUNDS_CSV, hint="was central evaluation off?")
     panels = []
-    for facet, facet_rows in group_facets(rows, ("backbone", "sites", "partition")):
-        for method in sorted({row["method"] for row in facet_rows}, key=method_sort_key):
+    for facet, facet_rows in tables.group_facets(rows, ("backbone", "sites", "partition")):
+        for method in sorted({row["method"] for row in facet_rows}, key=tables.method_sort_key):
             panels.append((facet, method, [row for row in facet_rows if row["method"] == method]))
     epsilon_colour = _epsilon_colours(rows)
     seeds_per_point = set()
@@ -186,9 +169,8 @@ def plot_accuracy_vs_round(rounds: Sequence[Row], out_png: str | Path) -> Path:
         legend: dict[str, Any] = {}
         for ax, (facet, method, panel_rows) in zip(axes, panels):
             backbone, sites, partition = facet
-            ax.set_title(
-                f"{_method_label(method)}\n{describe_config(backbone=backbone, sites=sites, partition=partition)}"
-            )
+            config = tables.describe_config(backbone=backbone, sites=sites, partition=partition)
+            ax.set_title(f"{_method_label(method)}\n{config}")
             by_epsilon: dict[float, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
             for row in panel_rows:
                 by_epsilon[_epsilon_key(row)][row["round"]].append(row["accuracy"])
@@ -227,7 +209,9 @@ def plot_site_epsilon(site_rounds: Sequence[Row], out_png: str | Path) -> Path:
     Raises:
         DataError: no row has a finite target epsilon and an epsilon.
     """
-    rows = [row for row in site_rounds if not is_epsilon_free(row) and is_finite_number(row.get("epsilon"))]
+    rows = [
+        row for row in site_rounds if not tables.is_epsilon_free(row) and tables.is_finite_number(row.get("epsilon"))
+    ]
     if not rows:
         raise DataError("site_rounds.csv: no row of a DP run (finite target_epsilon) has an `epsilon`; nothing to plot")
     by_epsilon: dict[float, list[Row]] = defaultdict(list)
@@ -237,7 +221,9 @@ def plot_site_epsilon(site_rounds: Sequence[Row], out_png: str | Path) -> Path:
     for target in sorted(by_epsilon):
         run = min(
             {_run_identity(row) for row in by_epsilon[target]},
-            key=lambda ident: (method_sort_key(ident[1]),) + tuple(natural_key(v) for v in ident[2:]) + (ident[0],),
+            key=lambda ident: (
+                (tables.method_sort_key(ident[1]),) + tuple(tables.natural_key(v) for v in ident[2:]) + (ident[0],)
+            ),
         )
         panels.append((target, run, [row for row in by_epsilon[target] if _run_identity(row) == run]))
     with matplotlib.rc_context(_STYLE):
@@ -247,18 +233,16 @@ def plot_site_epsilon(site_rounds: Sequence[Row], out_png: str | Path) -> Path:
             curves: dict[str, dict[int, float]] = defaultdict(dict)
             for row in run_rows:
                 curves[row["site"]][row["round"]] = row["epsilon"]
-            names = sorted(curves, key=natural_key)
+            names = sorted(curves, key=tables.natural_key)
             final = {name: curves[name][max(curves[name])] for name in names}
             drawn = names
-            subtitle = (
-                f"{_method_label(method)} · {describe_config(backbone=backbone, sites=sites, partition=partition)}"
-            )
-            subtitle += f" · seed {seed}"
+            config = tables.describe_config(backbone=backbone, sites=sites, partition=partition)
+            subtitle = f"{_method_label(method)} · {config} · seed {seed}"
             if len(names) > MAX_SITE_LINES:
                 # Spread the drawn sites over the ranking of final epsilon (lowest and highest included).
-                ranked = sorted(names, key=lambda name: (final[name], natural_key(name)))
+                ranked = sorted(names, key=lambda name: (final[name], tables.natural_key(name)))
                 picks = np.unique(np.linspace(0, len(ranked) - 1, MAX_SITE_LINES).round().astype(int))
-                drawn = sorted((ranked[i] for i in picks), key=natural_key)
+                drawn = sorted((ranked[i] for i in picks), key=tables.natural_key)
                 all_rounds = sorted({r for name in names for r in curves[name]})
                 low = [min(curves[n][r] for n in names if r in curves[n]) for r in all_rounds]
                 high = [max(curves[n][r] for n in names if r in curves[n]) for r in all_rounds]
@@ -280,7 +264,7 @@ def plot_site_epsilon(site_rounds: Sequence[Row], out_png: str | Path) -> Path:
             ax.axhline(target, color="black", linestyle="--", linewidth=1.2, label="target ε")
             top = max(target, max(final.values()), max(max(c.values()) for c in curves.values()))
             ax.set_ylim(0, top * 1.1)
-            ax.set_title(f"target ε = {format_epsilon(target)}\n{subtitle}")
+            ax.set_title(f"target ε = {tables.format_epsilon(target)}\n{subtitle}")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.legend(loc="lower right", fontsize=8, ncols=2 if len(drawn) > 5 else 1)
         _label_bottom_axes(axes, "round")
@@ -298,13 +282,13 @@ def plot_transfer_gain(sites: Sequence[Row], out_png: str | Path) -> Path:
     Raises:
         DataError: no row of `sites` has a transfer_gain.
     """
-    rows = [row for row in sites if is_finite_number(row.get("transfer_gain"))]
-    if not rows:
-        raise DataError("sites.csv: no row has a `transfer_gain`; nothing to plot (was the local-only baseline run?)")
+    rows = _rows_with(sites, "transfer_gain", tables.SITES_CSV, hint="was the local-only baseline run?")
     panels = []
-    for facet, facet_rows in group_facets(rows, ("method", "backbone", "sites", "partition", "target_epsilon")):
+    for facet, facet_rows in tables.group_facets(rows, ("method", "backbone", "sites", "partition", "target_epsilon")):
         panels.append((facet, facet_rows))
-    panels.sort(key=lambda panel: (method_sort_key(panel[0][0]),) + tuple(natural_key(v) for v in panel[0][1:]))
+    panels.sort(
+        key=lambda panel: (tables.method_sort_key(panel[0][0]),) + tuple(tables.natural_key(v) for v in panel[0][1:])
+    )
     with matplotlib.rc_context(_STYLE):
         fig, axes, note = _panel_grid(len(panels), sharey=True, width=5.0)
         for ax, ((method, backbone, n_sites, partition, target), panel_rows) in zip(axes, panels):
@@ -313,10 +297,10 @@ def plot_transfer_gain(sites: Sequence[Row], out_png: str | Path) -> Path:
             for row in panel_rows:
                 gains[row["site"]].append(row["transfer_gain"])
                 stderrs[row["site"]].append(row.get("gain_stderr"))
-            names = sorted(gains, key=natural_key)
+            names = sorted(gains, key=tables.natural_key)
             mean = {name: float(np.mean(gains[name])) for name in names}
             if len(names) > MAX_LABELLED_SITES:
-                names = sorted(names, key=lambda name: (mean[name], natural_key(name)))
+                names = sorted(names, key=lambda name: (mean[name], tables.natural_key(name)))
             xs = np.arange(len(names))
             heights = np.array([mean[name] for name in names])
             errors = np.array([_mean_stderr(stderrs[name]) for name in names])  # nan where a stderr is missing
@@ -368,8 +352,8 @@ def plot_transfer_gain(sites: Sequence[Row], out_png: str | Path) -> Path:
                     ha="right" if len(names) > 6 else "center",
                 )
             ax.yaxis.set_major_formatter(FuncFormatter(_format_points))
-            title = f"{_method_label(method)} · ε = {format_epsilon(target)}\n"
-            title += describe_config(backbone=backbone, sites=n_sites, partition=partition)
+            title = f"{_method_label(method)} · ε = {tables.format_epsilon(target)}\n"
+            title += tables.describe_config(backbone=backbone, sites=n_sites, partition=partition)
             ax.set_title(title + f" · {int(negative.sum())} negative")
         fig.supylabel("transfer gain: federated − local-only\naccuracy (percentage points)")
         fig.suptitle(f"Per-site transfer gain{note}")
@@ -430,9 +414,19 @@ def _method_style(method: str) -> tuple[str, str]:
     return _FALLBACK_COLOURS[sum(map(ord, method)) % len(_FALLBACK_COLOURS)], "o"
 
 
+def _rows_with(rows: Sequence[Row], column: str, table: str, *, hint: str) -> list[Row]:
+    """Return the rows whose `column` is a finite number; DataError naming the table and a likely cause if none is."""
+    kept = [row for row in rows if tables.is_finite_number(row.get(column))]
+    if not kept:
+        raise DataError(f"{table}: no row has a value in `{column}`; nothing to plot ({hint})")
+    return kept
+
+
 def _method_label(method: str) -> str:
     """Return the legend label of a method of the DP runs."""
-    return {CENTRAL_DP: "central DP-SGD (pooled)", LOCAL: "local only (each site alone)"}.get(method, method)
+    return {tables.CENTRAL_DP: "central DP-SGD (pooled)", tables.LOCAL: "local only (each site alone)"}.get(
+        method, method
+    )
 
 
 def _flat_label(method: str) -> str:
@@ -442,7 +436,7 @@ def _flat_label(method: str) -> str:
 
 def _epsilon_key(row: Row) -> float:
     """Return a row's target epsilon with empty/nan read as inf (non-private)."""
-    return math.inf if is_epsilon_free(row) else float(row["target_epsilon"])
+    return math.inf if tables.is_epsilon_free(row) else float(row["target_epsilon"])
 
 
 def _epsilon_colours(rows: Sequence[Row]) -> dict[float, Any]:
@@ -472,7 +466,7 @@ def _run_identity(row: Row) -> tuple:
 
 def _mean_stderr(stderrs: Sequence[float | None]) -> float:
     """Return the standard error of a mean of independent estimates, sqrt(sum se^2) / n (nan if any is missing)."""
-    if not stderrs or any(not is_finite_number(se) for se in stderrs):
+    if not stderrs or any(not tables.is_finite_number(se) for se in stderrs):
         return math.nan
     return math.sqrt(sum(se * se for se in stderrs)) / len(stderrs)
 
