@@ -252,6 +252,12 @@ def _tokenizer(sha256: str, max_length: int):
     return tokenizer
 
 
+def minilm_words() -> list[str]:
+    """Return the pinned tokenizer's whole lower-case words of 3+ letters (its vocabulary, no word pieces), sorted."""
+    vocab = _tokenizer(MINILM_TOKENIZER[1], MINILM_MAX_LENGTH).get_vocab()
+    return sorted(w for w in vocab if len(w) >= 3 and w.isascii() and w.isalpha() and w.islower())
+
+
 def new_text_encoder() -> nn.Module:
     """Return all-MiniLM-L6-v2's architecture with random weights (a site then loads the weights it received)."""
     return TextEncoder()

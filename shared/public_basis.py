@@ -28,6 +28,10 @@ SYNTHETIC_COUNT = 1500  # images; more than the largest projection dim, so every
 SYNTHETIC_SEED = 17  # fixed and public: every party draws the same images
 SYNTHETIC_SIZE = 32  # px; the backbone's preprocessing resizes them like any image
 WHITENING = 0.5  # direction i is scaled by (s_1 / s_i) ** WHITENING, s the synthetic singular values
+SYNTHETIC_TEXT_WORDS = (8, 64)  # words per synthetic text: short notes to long narratives
+# all-MiniLM-L6-v2 was trained with sentence-transformers' MultipleNegativesRankingLoss, whose logits are cosine
+# similarities times 20: the scale at which its cosines are calibrated as logits (a public fact of the backbone).
+ZERO_SHOT_SCALE = 20.0
 
 
 @dataclass(frozen=True)
@@ -93,16 +97,39 @@ def _draw_synthetic_images(count: int, seed: int, size: int) -> np.ndarray:
     return np.round(out * 255).astype(np.uint8)
 
 
-def compute_public_basis(features: np.ndarray, *, dim: int, whitening: float = WHITENING) -> PublicBasis:
+def generate_synthetic_texts(
+    words: list[str], count: int = SYNTHETIC_COUNT, *, seed: int = SYNTHETIC_SEED
+) -> np.ndarray:
+    """Return `count` texts (count,) object of uniformly drawn `words`, 8 to 64 of them each: no real text.
+
+    The texts' analogue of `generate_synthetic_images`: a seeded random process over the text backbone's own
+    vocabulary (its whole words), so nothing about any site's data enters and every party draws the same texts.
+    """
+    if count < 1 or not words:
+        raise ConfigError(
+            f"synthetic texts need count >= 1 and a non-empty vocabulary, got {count}, {len(words)} words"
+        )
+    rng = np.random.default_rng([seed, count])
+    low, high = SYNTHETIC_TEXT_WORDS
+    vocab = np.asarray(sorted(words), dtype=object)
+    return np.array([" ".join(rng.choice(vocab, int(rng.integers(low, high + 1)))) for _ in range(count)], dtype=object)
+
+
+def compute_public_basis(
+    features: np.ndarray, *, dim: int, whitening: float = WHITENING, leading: np.ndarray | None = None
+) -> PublicBasis:
     """Return the top-`dim` principal directions of public features (M, D), partly whitened.
 
     The features are L2-normalised and centred; the right singular vectors v_i with singular values s_i give
     P = diag((s_1 / s_i) ** whitening) V^T (k, D). Whitening 0 is plain PCA; 1 gives every direction the
     same variance on the synthetic images. Partial whitening lets DP-GD reach a given margin in fewer
     lr x steps (less accumulated noise) than on the raw directions, where the first few dominate.
+    `leading` (m, D), public vectors (a text backbone's features of the class names): their L2-normalised
+    offsets from the public features' mean become the first m orthonormal directions (unit rows), and the
+    principal directions are taken in what they leave out; m must be below `dim`.
 
     Raises:
-        ConfigError: `dim` outside [1, min(M, D)], or a negative `whitening`.
+        ConfigError: `dim` outside [1, min(M, D)], `leading` not (m < dim, D), or a negative `whitening`.
     """
     z = np.asarray(features, dtype=np.float64)
     if not 1 <= dim <= min(z.shape):
@@ -113,9 +140,21 @@ def compute_public_basis(features: np.ndarray, *, dim: int, whitening: float = W
     if not whitening >= 0:
         raise ConfigError(f"`whitening` must be >= 0, got {whitening}")
     z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    first = np.zeros((0, z.shape[1]))
+    if leading is not None:
+        lead = np.asarray(leading, dtype=np.float64)
+        if lead.ndim != 2 or lead.shape[1] != z.shape[1] or not 1 <= len(lead) < dim:
+            raise ConfigError(
+                f"`leading` directions must be (m, {z.shape[1]}) with 1 <= m < projection dim {dim}, got {lead.shape}"
+            )
+        lead = lead / np.maximum(np.linalg.norm(lead, axis=1, keepdims=True), 1e-12) - z.mean(axis=0)
+        q, r = np.linalg.qr(lead.T)  # (D, m): Gram-Schmidt in the given order
+        first = q[:, np.abs(np.diag(r)) > 1e-9].T
+        z = z - (z @ first.T) @ first  # principal directions of what the leading ones leave out
+    rest = dim - len(first)
     _, values, vt = np.linalg.svd(z - z.mean(axis=0), full_matrices=False)
-    scale = (values[0] / np.maximum(values[:dim], values[0] * 1e-6)) ** whitening  # (k,) >= 1
-    projection = scale[:, None] * vt[:dim]  # (k, D)
+    scale = (values[0] / np.maximum(values[:rest], values[0] * 1e-6)) ** whitening  # (k - m,) >= 1
+    projection = np.concatenate([first, scale[:, None] * vt[:rest]])  # (k, D)
     center = project_features(features, projection).mean(axis=0)
     return PublicBasis(projection=projection, center=center)
 
@@ -129,6 +168,19 @@ def project_features(features: np.ndarray, projection: np.ndarray) -> np.ndarray
     x = np.asarray(features, dtype=np.float64)
     z = (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)) @ np.asarray(projection, dtype=np.float64).T
     return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1.0)
+
+
+def zero_shot_weight(
+    class_features: np.ndarray, projection: np.ndarray, center: np.ndarray, *, scale: float = ZERO_SHOT_SCALE
+) -> np.ndarray:
+    """Return a linear head's weight (C, k) that scores u by `scale` x cos(u, class name's u): a zero-shot head.
+
+    The class names are public (the federation declares them), so their features through the public backbone
+    cost no privacy; starting DP-GD from this head instead of a random one spends none of the budget on what
+    the names already say (as zero-shot heads initialise linear probes of CLIP, Kumar et al. 2022, "Fine-Tuning
+    can Distort Pretrained Features": LP-FT).
+    """
+    return scale * centre_features(project_features(class_features, projection), center)
 
 
 def centre_features(projected: np.ndarray, center: np.ndarray) -> np.ndarray:

@@ -213,7 +213,7 @@ def test_projected_head_needs_the_auto_solver_and_a_width_below_the_features():
         ({"head": "mlp"}, 'head = "mlp"'),
         ({"strategy": "fedadam"}, "strategy = fedadam"),
         ({"client_dp": "server"}, "client-dp = 'server'"),
-        ({"backbone": "minilm_l6"}, "backbone 'minilm_l6' reads texts"),
+        ({"backbone": "tabular"}, "backbone 'tabular' reads rows"),
     ],
 )
 def test_auto_runs_dp_sgd_as_configured_where_the_plan_does_not_apply(changes, why):

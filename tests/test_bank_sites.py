@@ -136,6 +136,8 @@ def test_text_federation_in_process_then_predict_texts(tmp_path, complaints, cap
     cfg = _config(tmp_path, backbone="minilm_l6", data=str(complaints), **{"batch-size": 8, "test-fraction": 0.25})
     summary = run_inprocess(cfg, num_sites=2)
     assert max(summary["epsilon-per-site"].values()) <= 3.0 + 1e-9
+    # head-solver auto plans texts too: a projected head on the synthetic texts' basis led by the class names.
+    assert summary["head-plan"]["method"] == "dp-gd" and summary["head-plan"]["public-basis"]["class-names-leading"]
     model = load_model(summary["model"])
     assert model.preprocessing.kind == "texts" and model.feature_dim == 384
     texts = ["a second charge appeared on my card", "my mortgage servicer lost the payment"]

@@ -9,7 +9,9 @@ from fedtl.shared.public_basis import (
     centre_features,
     compute_public_basis,
     generate_synthetic_images,
+    generate_synthetic_texts,
     project_features,
+    zero_shot_weight,
 )
 
 
@@ -62,3 +64,52 @@ def test_projected_rows_are_clipped_to_norm_one_and_centred_rows_are_unit():
 def test_a_basis_larger_than_the_public_sample_is_refused():
     with pytest.raises(ConfigError, match=r"projection-dim.*\[1, 5\]"):
         compute_public_basis(np.ones((5, 9)) + np.arange(9), dim=6)
+
+
+def test_synthetic_texts_are_seeded_draws_of_the_given_words():
+    words = ["alpha", "beta", "gamma", "delta"]
+    texts = generate_synthetic_texts(words, 30, seed=3)
+    assert texts.shape == (30,) and np.array_equal(texts, generate_synthetic_texts(words[::-1], 30, seed=3))
+    assert not np.array_equal(texts, generate_synthetic_texts(words, 30, seed=4))
+    counts = [len(t.split()) for t in texts]
+    assert min(counts) >= 8 and max(counts) <= 64 and {w for t in texts for w in t.split()} <= set(words)
+
+
+def test_synthetic_texts_refuse_an_empty_vocabulary():
+    with pytest.raises(ConfigError, match="non-empty vocabulary"):
+        generate_synthetic_texts([], 3)
+
+
+def test_leading_directions_come_first_and_the_rest_is_the_pca_of_what_they_leave():
+    rng = np.random.default_rng(2)
+    feats = rng.normal(size=(90, 12)) @ rng.normal(size=(12, 12)) + 2.0  # (M, D)
+    names = rng.normal(size=(2, 12)) + 2.0  # (m, D) public "class name" features
+    basis = compute_public_basis(feats, dim=5, whitening=0.0, leading=names)
+    p = basis.projection
+    assert np.allclose(p @ p.T, np.eye(5), atol=1e-10)
+    unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    offsets = names / np.linalg.norm(names, axis=1, keepdims=True) - unit.mean(axis=0)
+    # Gram-Schmidt oracle: the first row is the first offset's direction; the two rows span both offsets.
+    assert np.isclose(abs(p[0] @ offsets[0]) / np.linalg.norm(offsets[0]), 1.0)
+    assert np.allclose(offsets @ p[:2].T @ p[:2], offsets, atol=1e-10)
+    # The other rows are scikit-learn's PCA of the features with the offsets' span removed.
+    deflated = unit - unit @ p[:2].T @ p[:2]
+    oracle = PCA(n_components=3).fit(deflated).components_
+    assert np.allclose(np.abs(np.sum(p[2:] * oracle, axis=1)), 1.0, atol=1e-8)
+
+
+@pytest.mark.parametrize("shape", [(5, 12), (2, 11), (0, 12), (12,)])
+def test_leading_directions_must_be_fewer_than_the_dim_and_match_the_features(shape):
+    feats = np.random.default_rng(3).normal(size=(40, 12))
+    with pytest.raises(ConfigError, match=r"`leading` directions must be \(m, 12\) with 1 <= m < projection dim 5"):
+        compute_public_basis(feats, dim=5, leading=np.ones(shape))
+
+
+def test_the_zero_shot_weight_scores_cosines_to_the_class_names_in_head_space():
+    rng = np.random.default_rng(4)
+    proj = np.linalg.qr(rng.normal(size=(10, 4)))[0].T  # (k, D) orthonormal rows
+    names, centre, x = rng.normal(size=(3, 10)), rng.normal(size=4) * 0.1, rng.normal(size=(6, 10))
+    w = zero_shot_weight(names, proj, centre, scale=20.0)
+    u, v = centre_features(project_features(x, proj), centre), centre_features(project_features(names, proj), centre)
+    cosines = (u @ v.T) / np.outer(np.linalg.norm(u, axis=1), np.linalg.norm(v, axis=1))
+    np.testing.assert_allclose(u @ w.T, 20.0 * cosines, atol=1e-10)

@@ -8,13 +8,14 @@ constant was chosen). It composes the DP-SGD solver:
 1. `configure` (before any site is asked anything): the plan's fixed schedule (the configured rounds, at least
    50 steps split over them, clip 1, noise planned by each site, no D-dim feature-centre round); or, where the
    plan does not apply (deeper fine-tuning, personalisation, an mlp head, FedAdam, client-level DP, a backbone
-   that does not read images or whose feature dim is too small), DP-SGD as configured, said in the run output;
+   that reads table rows or whose feature dim is too small), DP-SGD as configured, said in the run output;
 2. `plan` (after set-up, before any release): every site's example count -> `plan_dp_head` -> the projected
    head's width k, full-batch DP-GD (batch size >= every count), the learning rate; printed with its reason
    and the keys it overrides, and recorded in config.json and summary.json;
-3. `fit`: the public basis (the backbone's features of seeded synthetic images, shared/public_basis.py) and
-   the k-dim centre (the sites' noised projected sums when the plan releases one, else the synthetic images'
-   own centre) go into the initial model as frozen buffers; then the DP-SGD solver's rounds.
+3. `fit`: the public basis (the backbone's features of seeded synthetic images, or of texts of random vocabulary
+   words led by the class names' directions, shared/public_basis.py) and the k-dim centre (the sites' noised
+   projected sums when the plan releases one, else the synthetic inputs' own centre) go into the initial model as
+   frozen buffers (a text head starts from the class names' zero-shot head); then the DP-SGD solver's rounds.
 """
 
 from __future__ import annotations
@@ -40,24 +41,29 @@ from fedtl.shared import constants as k
 from fedtl.shared.backbones import get_backbone_spec
 from fedtl.shared.config import RunConfig, fedtl_home
 from fedtl.shared.cut import Cut, inputs_at_cut
-from fedtl.shared.dataset import IMAGES
+from fedtl.shared.dataset import IMAGES, TEXTS
 from fedtl.shared.dp_heads import MAX_GRAD_NORM, PROJECTION_DIMS, STEPS, HeadPlan, plan_dp_head
+from fedtl.shared.encoders import minilm_words
 from fedtl.shared.errors import FederationError
-from fedtl.shared.heads import PROJECTED
+from fedtl.shared.heads import PROJECTED, check_incoming_tensor
 from fedtl.shared.public_basis import (
     SYNTHETIC_COUNT,
     SYNTHETIC_SEED,
     SYNTHETIC_SIZE,
     WHITENING,
+    ZERO_SHOT_SCALE,
     compute_public_basis,
     generate_synthetic_images,
+    generate_synthetic_texts,
     project_features,
+    zero_shot_weight,
 )
 
 log = logging.getLogger(__name__)
 progress = logging.getLogger("fedtl.progress")  # the user's terminal (cli/main.show_progress)
 
 HEAD_PLAN = "head-plan"  # config.json and summary.json key
+HEAD_WEIGHT = "layers.0.weight"  # the projected head's linear weight (C, k) (shared/heads.Head)
 
 
 class AutoSolver:
@@ -140,7 +146,8 @@ class AutoSolver:
             "site-sizes": {setup.names.get(n, f"node-{n}"): counts[n] for n in sorted(counts)},
             "overrides": {key: {"asked": old, "planned": new} for key, (old, new) in overrides.items()},
             "public-basis": {
-                "synthetic-images": SYNTHETIC_COUNT,
+                f"synthetic-{backbone.preprocessing.kind}": SYNTHETIC_COUNT,
+                "class-names-leading": backbone.preprocessing.kind == TEXTS,
                 "seed": SYNTHETIC_SEED,
                 "size": SYNTHETIC_SIZE,
                 "whitening": WHITENING,
@@ -151,9 +158,19 @@ class AutoSolver:
     def fit(self, fed: Federation) -> SolverResult:
         """Put the public basis and the k-dim centre into the initial model (a new run), then run DP-SGD rounds."""
         if self.head_plan is not None and fed.run.checkpoint is None:
-            projection, public_center = public_basis(fed.backbone, fed.cfg)
+            projection, public_center, names = public_basis(fed.backbone, fed.cfg, fed.label_names)
             fed.initial["projection"] = projection
-            fed.initial["center"] = self._center(fed, projection, public_center)
+            fed.initial["center"] = center = self._center(fed, projection, public_center)
+            if names is not None:  # a text backbone: DP-GD starts from the class names' zero-shot head (public)
+                weight = zero_shot_weight(names, projection, center).astype(np.float32)
+                fed.initial[HEAD_WEIGHT] = check_incoming_tensor(
+                    HEAD_WEIGHT, weight, fed.initial[HEAD_WEIGHT].shape, source="the zero-shot head"
+                )
+                progress.info(
+                    "head-solver auto: the head starts from the class names' zero-shot head (their features through "
+                    "the backbone, cosine x %g; public, no release)",
+                    ZERO_SHOT_SCALE,
+                )
         return self._dp_sgd.fit(fed)
 
     def _center(self, fed: Federation, projection: np.ndarray, public_center: np.ndarray) -> np.ndarray:
@@ -201,9 +218,10 @@ def fallback_reason(cfg: RunConfig) -> str | None:
             "learning rate does not account for"
         )
     spec = get_backbone_spec(cfg.backbone)
-    if spec.kind != IMAGES:
+    if spec.kind not in (IMAGES, TEXTS):
         return (
-            f"backbone {cfg.backbone!r} reads {spec.kind}; the plan's public basis is its features of synthetic images"
+            f"backbone {cfg.backbone!r} reads {spec.kind}; the plan's public basis is its features of synthetic "
+            "images or texts"
         )
     dim = spec.feature_dim
     if dim <= min(PROJECTION_DIMS):
@@ -248,37 +266,68 @@ def count_examples(
     return counts, refused
 
 
-# (backbone fingerprint, preprocessing, device, k) -> (P, centre): public, deterministic, a few MiB at most.
-_PUBLIC_BASES: dict[tuple[str, str, str, int], tuple[np.ndarray, np.ndarray]] = {}
+# (backbone fingerprint, preprocessing, device, k, class names) -> (P, centre, class-name features or None):
+# public, deterministic, a few MiB at most.
+_PUBLIC_BASES: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
 
 
-def public_basis(backbone: Backbone, cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Return the public projection P (k, D) float32 and its synthetic centre (k,) float32 for the run's backbone.
+def public_basis(
+    backbone: Backbone, cfg: RunConfig, label_names: tuple[str, ...] = ()
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Return the public projection P (k, D), its synthetic centre (k,) and the class names' features (C, D) or None.
 
-    The backbone's features of fedtl's seeded synthetic images (shared/public_basis.py), extracted once per
-    backbone and preprocessing, cached with the server's other features (and the basis kept in this process).
-    Nothing private enters, so it costs no privacy; the server sends P to the sites, so nothing can differ
-    between machines.
+    The backbone's features of fedtl's seeded synthetic inputs (shared/public_basis.py): images for an image
+    backbone; for a text backbone, texts of random words of its own vocabulary, with the class names' features as
+    the first directions (whitening 0: the names' directions stay unit rows), returned for the zero-shot head DP-GD
+    starts from (`shared/public_basis.zero_shot_weight`). Extracted once per backbone and preprocessing, cached with
+    the server's other features (and the basis kept in this process). Nothing private enters (the class names are
+    the federation's public classes), so it costs no privacy; the server sends P and the head to the sites, so
+    nothing can differ between machines.
     """
-    key = (backbone.fingerprint, backbone.preprocessing.key(), cfg.device, cfg.projection_dim)
+    kind = backbone.preprocessing.kind
+    names = tuple(label_names) if kind == TEXTS else ()
+    key = (backbone.fingerprint, backbone.preprocessing.key(), cfg.device, cfg.projection_dim, names)
     if key in _PUBLIC_BASES:  # the same public inputs give the same basis: a sweep computes it once
-        projection, center = _PUBLIC_BASES[key]
-        return projection.copy(), center.copy()
-    images = generate_synthetic_images()
+        projection, center, names_at = _PUBLIC_BASES[key]
+        return projection.copy(), center.copy(), None if names_at is None else names_at.copy()
+    if kind == TEXTS:
+        inputs, what = generate_synthetic_texts(minilm_words()), "synthetic-texts/"
+        data = "\n".join(inputs).encode()
+    else:
+        inputs, what = generate_synthetic_images(), "synthetic-images/"
+        data = inputs.tobytes()
+    features = _public_features(
+        backbone, cfg, inputs, what + hashlib.sha256(data).hexdigest(), "public synthetic inputs"
+    )
+    name_features = None
+    if names:
+        texts = np.asarray(names, dtype=object)
+        digest = hashlib.sha256("\n".join(names).encode()).hexdigest()
+        name_features = _public_features(backbone, cfg, texts, "class-names/" + digest, "class names")
+        # More names than directions: the basis is the synthetic texts' alone; the zero-shot head still applies.
+        leading = name_features if len(names) < cfg.projection_dim else None
+        basis = compute_public_basis(features, dim=cfg.projection_dim, whitening=0.0, leading=leading)
+    else:
+        basis = compute_public_basis(features, dim=cfg.projection_dim)
+    projection = basis.projection.astype(np.float32)
+    # The centre is computed with the float32 projection every party applies.
+    center = project_features(features, projection).mean(axis=0).astype(np.float32)
+    _PUBLIC_BASES[key] = (projection.copy(), center.copy(), None if name_features is None else name_features.copy())
+    return projection, center, name_features
+
+
+def _public_features(backbone: Backbone, cfg: RunConfig, inputs: np.ndarray, fingerprint: str, desc: str) -> np.ndarray:
+    """Return the backbone's features of public inputs, cached in the server's feature cache."""
     features, _, _ = inputs_at_cut(
         fedtl_home() / "server-cache",
         Cut(backbone.name, backbone.fingerprint, backbone.preprocessing),
         backbone.build,
-        images=images,
-        labels=np.zeros(len(images), dtype=np.int64),
-        data_fingerprint="synthetic-images/" + hashlib.sha256(images.tobytes()).hexdigest(),
+        images=inputs,
+        labels=np.zeros(len(inputs), dtype=np.int64),
+        data_fingerprint=fingerprint,
         batch_size=cfg.feature_batch_size,
         device=cfg.device,
         progress=False,
-        desc="public synthetic images",
+        desc=desc,
     )
-    projection = compute_public_basis(features, dim=cfg.projection_dim).projection.astype(np.float32)
-    # The centre is computed with the float32 projection every party applies.
-    center = project_features(features, projection).mean(axis=0).astype(np.float32)
-    _PUBLIC_BASES[key] = (projection.copy(), center.copy())
-    return projection, center
+    return features
