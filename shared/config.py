@@ -19,7 +19,9 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam")
 ACCOUNTANTS = ("rdp", "prv")
 CLIENT_DP_MODES = ("off", "server", "client")  # Flower's DifferentialPrivacy{Server,Client}SideFixedClipping
 PERSONALIZATIONS = ("none", "fedper", "finetune")
-HEAD_SOLVERS = ("auto", "dp-sgd", "closed-form")
+HEAD_SOLVERS = ("auto", "dp-sgd", "closed-form", "secure-dp-sgd")
+SECURE_SOLVERS = ("closed-form", "secure-dp-sgd")  # the solvers whose releases go through the secure sum
+PLANNED_SOLVERS = ("auto", "secure-dp-sgd")  # the solvers that plan a projected head (shared/dp_heads.py)
 CLOSED_FORMS = ("ridge", "lda")
 DEVICES = ("auto", "cpu", "cuda")
 AUTO = "auto"
@@ -131,16 +133,17 @@ class RunConfig:
                 raise ConfigError(f"`{_kebab(name)}` must be >= 0, got {getattr(self, name)}")
         if self.head_solver == "closed-form":
             _check_closed_form(self)
-        if self.head == "projected" and (self.head_solver != "auto" or self.projection_dim < 1):
+        if self.head == "projected" and (self.head_solver not in PLANNED_SOLVERS or self.projection_dim < 1):
             raise ConfigError(
                 f'`head = "projected"` is the head the auto plan chooses (with its public projection-dim), got '
                 f"head-solver = {self.head_solver!r} and projection-dim = {self.projection_dim}; set "
                 'head-solver = "auto" and leave `head` to the plan, or choose head = "linear" or "mlp"'
             )
-        if self.secure_aggregation and self.head_solver != "closed-form":
+        if self.secure_aggregation and self.head_solver not in SECURE_SOLVERS:
             raise ConfigError(
-                "`secure-aggregation = true` covers the feature centre and the closed form's statistics; DP-SGD "
-                'rounds are not securely aggregated yet, so it needs head-solver = "closed-form", got '
+                "`secure-aggregation = true` covers the feature centre, the closed form's statistics and the "
+                'head gradients of head-solver "secure-dp-sgd"; the DP-SGD solvers\' rounds are not securely '
+                'aggregated, so it needs head-solver = "closed-form" or "secure-dp-sgd", got '
                 f"{self.head_solver!r}"
             )
         _check_range(self, "client_noise_multiplier", low=0.0)
