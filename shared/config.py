@@ -105,8 +105,9 @@ class RunConfig:
     lora_alpha: float = 16.0
     audit_canaries: int = 0  # simulation only: canaries inserted into site-0's data for a one-run privacy audit
     # Secure aggregation (SecAgg+ with distributed Skellam noise): the server learns only the sum of the sites'
-    # feature sums and closed-form statistics; each site adds 1 / secagg-honest-sites of the noise, so the sum
-    # carries one curator's noise if at least that many summed sites are honest (0: every site of the run).
+    # feature sums, closed-form statistics and secure-dp-sgd's head gradients; each site adds 1 / secagg-honest-sites
+    # of the noise, so the sum carries one curator's noise if at least that many summed sites are honest (0: every
+    # site of the run).
     secure_aggregation: bool = False
     secagg_honest_sites: int = 0
 
