@@ -405,10 +405,22 @@ def _secagg_masked_input(msg: Message, settings: RoundSettings, site: Site) -> R
     record = msg.content.array_records.get(k.ARRAYS)
     if record is not None and "center" in record:
         center = record["center"].numpy().astype(np.float32)
+    tensors = {name: a.numpy() for name, a in record.items()} if record is not None else {}
+    step = {key: config[key] for key in (k.SECAGG_STEP, k.SECAGG_SAMPLE_RATE) if key in config}  # secure DP-SGD
     paid: list[SecureRelease] = []
 
     def release(plan: SessionPlan) -> np.ndarray:
-        paid.append(secure_release(site, settings, plan, noise_multiplier=float(sigma), center=center))  # type: ignore[arg-type]
+        paid.append(
+            secure_release(
+                site,
+                settings,
+                plan,
+                noise_multiplier=float(sigma),
+                center=center,
+                arrays=tensors,
+                values=step,  # type: ignore[arg-type]
+            )
+        )
         return paid[0].values
 
     masked = secagg.mask_input(

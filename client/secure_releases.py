@@ -17,16 +17,19 @@ import numpy as np
 
 from fedtl.client.centering import CENTER_ROUND
 from fedtl.client.inputs import load_site_inputs
-from fedtl.client.release import Release, ReleaseRequest, charge_release
+from fedtl.client.release import Release, ReleaseRequest, charge_release, round_seed
 from fedtl.client.secagg import SessionPlan
 from fedtl.client.site import Site
 from fedtl.client.solvers.closed_form import STATS_ROUND
+from fedtl.shared import constants as k
 from fedtl.shared.closed_form import prepare_features, random_projection
 from fedtl.shared.cut import Cut
 from fedtl.shared.distributed_noise import sample_skellam, share_variance
 from fedtl.shared.errors import ReplyError
-from fedtl.shared.mechanisms import SECURE_FEATURE_SUM, SECURE_SUFFICIENT_STATS, Mechanism
+from fedtl.shared.mechanisms import SECURE_FEATURE_SUM, SECURE_HEAD_GRADIENT, SECURE_SUFFICIENT_STATS, Mechanism
 from fedtl.shared.protocol import RoundSettings
+from fedtl.shared.secure_dp_sgd import check_head_tensors, clipped_gradient_rows, head_inputs, poisson_sample
+from fedtl.shared.secure_noise import SecureRandom
 from fedtl.shared.secure_sum import (
     IntegerRelease,
     feature_sum_release,
@@ -39,6 +42,7 @@ log = logging.getLogger(__name__)
 
 FEATURE_SUM = "feature-sum"
 SUFFICIENT_STATS = "sufficient-stats"
+HEAD_GRADIENT = "head-gradient"  # one step of secure DP-SGD (server/solvers/secure_dp_sgd.py)
 
 
 @dataclass(frozen=True)
@@ -51,9 +55,19 @@ class SecureRelease:
 
 
 def secure_release(
-    site: Site, settings: RoundSettings, plan: SessionPlan, *, noise_multiplier: float, center: np.ndarray | None
+    site: Site,
+    settings: RoundSettings,
+    plan: SessionPlan,
+    *,
+    noise_multiplier: float,
+    center: np.ndarray | None,
+    arrays: dict[str, np.ndarray] | None = None,
+    values: dict[str, int | float] | None = None,
 ) -> SecureRelease:
     """Charge, compute, quantise and noise the release `plan.release` names.
+
+    `arrays` and `values`: the tensors and scalars the server sent with the release (a secure DP-SGD step's head,
+    its step number and sample rate); the other releases need only `center`.
 
     Raises:
         ReplyError: an unknown release, or a `center` that does not fit the site's features.
@@ -61,6 +75,8 @@ def secure_release(
     """
     if plan.release not in RELEASES:
         raise ReplyError(f"unknown secure release {plan.release!r}; expected one of {', '.join(RELEASES)}")
+    if plan.release == HEAD_GRADIENT:
+        return _head_gradient(site, settings, plan, noise_multiplier, arrays or {}, values or {})
     return RELEASES[plan.release](site, settings, plan, noise_multiplier, center)
 
 
@@ -106,6 +122,55 @@ def _sufficient_stats(
     )
 
 
+def _head_gradient(
+    site: Site,
+    settings: RoundSettings,
+    plan: SessionPlan,
+    noise_multiplier: float,
+    arrays: dict[str, np.ndarray],
+    values: dict[str, int | float],
+) -> SecureRelease:
+    """One step of distributed DP-FedSGD: the sum of clipped per-example head gradients on a Poisson sample.
+
+    The site draws its sample at the sample rate the server sent (public, the same rule for every site), computes
+    each sampled example's gradient of the head sent, clipped to max-grad-norm (shared/secure_dp_sgd.py), and
+    releases their sum quantised at the public scale of `noise_multiplier` with its Skellam share. It is charged
+    as one Skellam release on a Poisson sample at that rate (ledger kind `secagg-head-gradient`, round = the step).
+    The reply's example count is the site's training-example count (declared public), never the sample's size.
+
+    Raises:
+        ReplyError: a missing or malformed step number, sample rate or head tensor.
+    """
+    step, rate = values.get(k.SECAGG_STEP), values.get(k.SECAGG_SAMPLE_RATE)
+    if not (isinstance(step, int) and step >= 1 and isinstance(rate, float) and 0 < rate <= 1):
+        raise ReplyError(
+            f"a secure DP-SGD step needs `{k.SECAGG_STEP}` (an int >= 1) and `{k.SECAGG_SAMPLE_RATE}` (a float in "
+            f"(0, 1]); got {step!r} and {rate!r}"
+        )
+    inputs = load_site_inputs(site, settings)
+    weight, bias, center, projection = check_head_tensors(
+        arrays, feature_dim=inputs.train_x.shape[1], num_classes=settings.num_classes
+    )
+    u = head_inputs(inputs.train_x, center=center, projection=projection)
+    seed = round_seed(site, settings, step)
+    # Simulation: reproducible from the run seed (a stream apart from the noise's); a real site: ChaCha20.
+    sampler = SecureRandom() if seed is None else np.random.default_rng([seed, 1])
+    keep = poisson_sample(sampler, len(u), rate)
+    rows = clipped_gradient_rows(u[keep], inputs.train_y[keep], weight, bias, max_grad_norm=settings.max_grad_norm)
+    scale = feature_sum_scale(noise_multiplier)
+    return _noised(
+        site,
+        settings,
+        plan,
+        SECURE_HEAD_GRADIENT,
+        step,
+        noise_multiplier,
+        lambda: feature_sum_release(rows, scale),
+        len(u),
+        sample_rate=rate,
+    )
+
+
 def _noised(
     site: Site,
     settings: RoundSettings,
@@ -115,19 +180,24 @@ def _noised(
     noise_multiplier: float,
     compute: Callable[[], IntegerRelease],
     rows_count: int,
+    *,
+    sample_rate: float = 1.0,
 ) -> SecureRelease:
     """Compute the exact integers (they stay here), charge the release, then add this site's noise share.
 
     The integer sensitivities depend only on the public scale and dimension, never on the data, and the charge
-    is on disk before anything leaves the site (write-ahead, as every release).
+    is on disk before anything leaves the site (write-ahead, as every release). `sample_rate` < 1: the release
+    is computed from a Poisson sample at that rate and charged as such.
     """
     exact = compute()
     release = charge_release(
         site,
         settings,
-        ReleaseRequest.once(
+        ReleaseRequest(
             mechanism,
             server_round,
+            sample_rate,
+            1,  # one step: one summed release (a Poisson sample at `sample_rate` for a head gradient)
             f"the securely summed {plan.release} of run {settings.run_id}",
             noise_multiplier,
             l2_sensitivity=exact.l2_sensitivity,
@@ -168,4 +238,5 @@ def _unit_rows(features: np.ndarray) -> np.ndarray:
 RELEASES: dict[str, Callable[..., SecureRelease]] = {
     FEATURE_SUM: _feature_sum,  # the feature centre's sum (server/centering.py under secure aggregation)
     SUFFICIENT_STATS: _sufficient_stats,  # the closed form's statistics (server/solvers/closed_form.py)
+    HEAD_GRADIENT: _head_gradient,  # a secure DP-SGD step (server/solvers/secure_dp_sgd.py); takes the head sent
 }

@@ -204,6 +204,7 @@ def secure_sum(
     honest_sites: int,
     noise_multiplier: float,
     arrays: ArrayRecord | None = None,
+    values: dict[str, int | float] | None = None,
     timeout: float,
 ) -> SecureSumResult:
     """Securely sum the integer release `release` (`length` entries) of the sites `node_ids`.
@@ -217,6 +218,7 @@ def secure_sum(
         honest_sites: t, the honest sites the distributed noise assumes (0: all n).
         noise_multiplier: the central noise multiplier of the release (the sum's noise; each site adds 1 / t).
         arrays: tensors every site needs for its release (e.g. the feature centre), sent with stage 3.
+        values: scalars every site needs for its release (e.g. a DP-SGD step's number), sent with stage 3.
         timeout: seconds to wait for each stage's replies.
 
     Returns:
@@ -282,7 +284,7 @@ def secure_sum(
             for i, r in replies.items()
         }
     )
-    extra = ConfigRecord({k.SECAGG_NOISE_MULTIPLIER: float(noise_multiplier)})
+    extra = ConfigRecord({**(values or {}), k.SECAGG_NOISE_MULTIPLIER: float(noise_multiplier)})
     masked_replies = ask_each(
         k.ACTION_SECAGG_MASKED_INPUT,
         [nodes[i] for i in sorted(state.shared)],

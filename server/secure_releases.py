@@ -44,10 +44,16 @@ SUFFICIENT_STATS = "sufficient-stats"
 MECHANISM = "distributed Skellam noise (Agarwal et al. 2021) under SecAgg+ secure aggregation (Bell et al. 2020)"
 
 
-def skellam_step(noise_multiplier: float, sensitivities: Callable[[float], tuple[float, float]]) -> PrivacyStep:
-    """Return the accountant's view of one Skellam release at `noise_multiplier` (its scale follows from it)."""
+def skellam_step(
+    noise_multiplier: float,
+    sensitivities: Callable[[float], tuple[float, float]],
+    *,
+    sample_rate: float = 1.0,
+    steps: int = 1,
+) -> PrivacyStep:
+    """Return the accountant's view of `steps` Skellam releases at `noise_multiplier` (its scale follows from it)."""
     l2, l1 = sensitivities(noise_multiplier)
-    return PrivacyStep(noise_multiplier, 1.0, 1, l2_sensitivity=l2, l1_sensitivity=l1)
+    return PrivacyStep(noise_multiplier, sample_rate, steps, l2_sensitivity=l2, l1_sensitivity=l1)
 
 
 def plan_secure_noise(
@@ -56,8 +62,12 @@ def plan_secure_noise(
     target_delta: float,
     sensitivities: Callable[[float], tuple[float, float]],
     history: list[PrivacyStep] = (),  # type: ignore[assignment]
+    sample_rate: float = 1.0,
+    steps: int = 1,
 ) -> float:
     """Return the smallest noise multiplier (to 0.005) whose Skellam release keeps `history` + it within budget.
+
+    `steps` releases, each on a Poisson sample at `sample_rate` (the secure DP-SGD steps), are planned together.
 
     The quantisation scale, hence the integer sensitivities, follows from the noise (shared/secure_sum: finer
     for less noise); the search is redone at the scale its answer implies until both agree (a coarser scale
@@ -67,7 +77,12 @@ def plan_secure_noise(
         PrivacyBudgetError: no noise meets the target after `history`.
     """
     search = functools.partial(
-        find_skellam_noise_multiplier, target_epsilon=target_epsilon, target_delta=target_delta, history=history
+        find_skellam_noise_multiplier,
+        target_epsilon=target_epsilon,
+        target_delta=target_delta,
+        history=history,
+        sample_rate=sample_rate,
+        steps=steps,
     )
     sigma = 1.0
     for _ in range(16):
@@ -158,6 +173,8 @@ def trust_record(
     sigma_centre: float | None,
     history: list[PrivacyStep],
     sensitivities: Callable[[float], tuple[float, float]],
+    sample_rate: float = 1.0,
+    steps: int = 1,
 ) -> dict[str, Any]:
     """Return what the summary and the model card state next to epsilon: the assumption it holds under.
 
@@ -165,7 +182,9 @@ def trust_record(
     its own share, variance 1 / t of the noise (noise multiplier / sqrt(t)), protects it.
     """
     t = result.honest_sites
-    released = history + ([skellam_step(sigma, sensitivities)] if sigma > 0 else [])
+    released = history + (
+        [skellam_step(sigma, sensitivities, sample_rate=sample_rate, steps=steps)] if sigma > 0 else []
+    )
     alone = [dataclasses.replace(s, noise_multiplier=s.noise_multiplier / math.sqrt(t)) for s in released]
     eps_alone = compute_epsilon(alone, delta=cfg.target_delta) if sigma > 0 else math.inf
     return {

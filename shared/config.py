@@ -19,7 +19,9 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam")
 ACCOUNTANTS = ("rdp", "prv")
 CLIENT_DP_MODES = ("off", "server", "client")  # Flower's DifferentialPrivacy{Server,Client}SideFixedClipping
 PERSONALIZATIONS = ("none", "fedper", "finetune")
-HEAD_SOLVERS = ("auto", "dp-sgd", "closed-form")
+HEAD_SOLVERS = ("auto", "dp-sgd", "closed-form", "secure-dp-sgd")
+SECURE_SOLVERS = ("closed-form", "secure-dp-sgd")  # the solvers whose releases go through the secure sum
+PLANNED_SOLVERS = ("auto", "secure-dp-sgd")  # the solvers that plan a projected head (shared/dp_heads.py)
 CLOSED_FORMS = ("ridge", "lda")
 DEVICES = ("auto", "cpu", "cuda")
 AUTO = "auto"
@@ -103,8 +105,9 @@ class RunConfig:
     lora_alpha: float = 16.0
     audit_canaries: int = 0  # simulation only: canaries inserted into site-0's data for a one-run privacy audit
     # Secure aggregation (SecAgg+ with distributed Skellam noise): the server learns only the sum of the sites'
-    # feature sums and closed-form statistics; each site adds 1 / secagg-honest-sites of the noise, so the sum
-    # carries one curator's noise if at least that many summed sites are honest (0: every site of the run).
+    # feature sums, closed-form statistics and secure-dp-sgd's head gradients; each site adds 1 / secagg-honest-sites
+    # of the noise, so the sum carries one curator's noise if at least that many summed sites are honest (0: every
+    # site of the run).
     secure_aggregation: bool = False
     secagg_honest_sites: int = 0
 
@@ -134,16 +137,17 @@ class RunConfig:
                 raise ConfigError(f"`{_kebab(name)}` must be >= 0, got {getattr(self, name)}")
         if self.head_solver == "closed-form":
             _check_closed_form(self)
-        if self.head == "projected" and (self.head_solver != "auto" or self.projection_dim < 1):
+        if self.head == "projected" and (self.head_solver not in PLANNED_SOLVERS or self.projection_dim < 1):
             raise ConfigError(
                 f'`head = "projected"` is the head the auto plan chooses (with its public projection-dim), got '
                 f"head-solver = {self.head_solver!r} and projection-dim = {self.projection_dim}; set "
                 'head-solver = "auto" and leave `head` to the plan, or choose head = "linear" or "mlp"'
             )
-        if self.secure_aggregation and self.head_solver != "closed-form":
+        if self.secure_aggregation and self.head_solver not in SECURE_SOLVERS:
             raise ConfigError(
-                "`secure-aggregation = true` covers the feature centre and the closed form's statistics; DP-SGD "
-                'rounds are not securely aggregated yet, so it needs head-solver = "closed-form", got '
+                "`secure-aggregation = true` covers the feature centre, the closed form's statistics and the "
+                'head gradients of head-solver "secure-dp-sgd"; the DP-SGD solvers\' rounds are not securely '
+                'aggregated, so it needs head-solver = "closed-form" or "secure-dp-sgd", got '
                 f"{self.head_solver!r}"
             )
         if self.personalization == "fedper" and self.head != "mlp":

@@ -63,6 +63,15 @@ SECURE_SUFFICIENT_STATS = Mechanism(
     SKELLAM,
 )
 
+# One step of distributed DP-FedSGD (head-solver "secure-dp-sgd"): the sum of the clipped per-example gradients of
+# the site's Poisson sample, in units of max-grad-norm (server/solvers/secure_dp_sgd.py).
+SECURE_HEAD_GRADIENT = Mechanism(
+    "secagg-head-gradient",
+    "the site's Skellam share on its quantised sum of clipped per-example head gradients (secure aggregation)",
+    1.0,
+    SERVER,
+    SKELLAM,
+)
 
 # PRIVACY SHORTCUT: the three below leave the site without noise; they are capped in number, not by epsilon.
 EVALUATION = Mechanism(
@@ -87,6 +96,7 @@ MECHANISMS = {
         SUFFICIENT_STATS,
         SECURE_FEATURE_SUM,
         SECURE_SUFFICIENT_STATS,
+        SECURE_HEAD_GRADIENT,
         EVALUATION,
         RANKING,
         FINETUNE_SCORES,

@@ -28,7 +28,7 @@ import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from fedtl.shared.distributed_noise import SKELLAM_ORDERS, skellam_rdp
+from fedtl.shared.distributed_noise import SKELLAM_ORDERS, skellam_rdp, subsampled_rdp
 from fedtl.shared.errors import ConfigError, PrivacyBudgetError
 
 MAX_NOISE_MULTIPLIER = 1e4  # a noise search gives up above this (its errors say "1e4"): the budget cannot hold the work
@@ -39,7 +39,8 @@ class PrivacyStep:
     """One homogeneous stretch of DP-SGD: `steps` steps at one noise and sample rate.
 
     With `l2_sensitivity` > 0 it is instead `steps` Skellam releases (shared/distributed_noise.py) of variance
-    (noise_multiplier x l2_sensitivity)^2 on an integer vector of those L2 / L1 sensitivities, unsampled.
+    (noise_multiplier x l2_sensitivity)^2 on an integer vector of those L2 / L1 sensitivities, each on a Poisson
+    sample at `sample_rate` (1: unsampled; below 1 accounted by Zhu & Wang's general bound, `subsampled_rdp`).
     """
 
     noise_multiplier: float
@@ -65,8 +66,6 @@ class PrivacyStep:
                     f"a Skellam step's `l1-sensitivity` must be >= its l2-sensitivity {self.l2_sensitivity}, got "
                     f"{self.l1_sensitivity} (the L1 norm bounds the L2 norm)"
                 )
-            if self.sample_rate != 1:
-                raise ConfigError(f"a Skellam step is unsampled (sample rate 1), got sample-rate {self.sample_rate}")
 
     @property
     def is_skellam(self) -> bool:
@@ -157,8 +156,11 @@ def find_skellam_noise_multiplier(
     l1_sensitivity: float,
     history: Iterable[PrivacyStep] = (),
     precision: float = 0.005,
+    sample_rate: float = 1.0,
+    steps: int = 1,
 ) -> float:
-    """Return the smallest noise multiplier (to `precision`) of one Skellam release keeping history + it in budget.
+    """Return the smallest noise multiplier (to `precision`) of `steps` Skellam releases (each on a Poisson sample
+    at `sample_rate`) keeping history + them in budget.
 
     Raises:
         PrivacyBudgetError: the history alone already spends `target_epsilon`, or no noise up to 1e4 fits.
@@ -167,12 +169,11 @@ def find_skellam_noise_multiplier(
     spent = _spent_within_budget(past, target_epsilon, target_delta, "rdp")
 
     def eps_above_target(sigma: float) -> bool:
-        release = PrivacyStep(sigma, 1.0, 1, l2_sensitivity=l2_sensitivity, l1_sensitivity=l1_sensitivity)
+        release = PrivacyStep(sigma, sample_rate, steps, l2_sensitivity=l2_sensitivity, l1_sensitivity=l1_sensitivity)
         return compute_epsilon(past + [release], delta=target_delta) > target_epsilon
 
-    low, high = bracket_noise(
-        eps_above_target, f"{target_epsilon} for one Skellam release after {spent:.3f} already spent"
-    )
+    what = "one Skellam release" if (sample_rate, steps) == (1.0, 1) else f"{steps} Skellam releases at q {sample_rate}"
+    low, high = bracket_noise(eps_above_target, f"{target_epsilon} for {what} after {spent:.3f} already spent")
     return bisect_noise(eps_above_target, low, high, precision)
 
 
@@ -220,20 +221,30 @@ def _integer_order_epsilon(history: Sequence[PrivacyStep], *, delta: float) -> f
     rdp = np.zeros(len(orders))
     for s in history:
         if s.is_skellam:
-            curve = [
-                skellam_rdp(
-                    a,
-                    noise_multiplier=s.noise_multiplier,
-                    l2_sensitivity=s.l2_sensitivity,
-                    l1_sensitivity=s.l1_sensitivity,
-                )
-                for a in orders
-            ]
-            rdp = rdp + np.array(curve) * s.steps
+            curve = _skellam_curve(s.noise_multiplier, s.l2_sensitivity, s.l1_sensitivity, s.sample_rate)
+            rdp = rdp + curve * s.steps
         else:
             rdp = rdp + compute_rdp(q=s.sample_rate, noise_multiplier=s.noise_multiplier, steps=s.steps, orders=orders)
     eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
     return float(eps)
+
+
+@lru_cache(maxsize=256)
+def _skellam_curve(noise_multiplier: float, l2: float, l1: float, sample_rate: float) -> np.ndarray:
+    """Return one Skellam release's RDP at SKELLAM_ORDERS, on a Poisson sample at `sample_rate` (cached, read-only)."""
+    if sample_rate == 1:
+        orders: list[int] = list(SKELLAM_ORDERS)
+        values = [
+            skellam_rdp(a, noise_multiplier=noise_multiplier, l2_sensitivity=l2, l1_sensitivity=l1) for a in orders
+        ]
+        curve = np.array(values)
+    else:  # the subsampling bound needs the unsampled RDP at every order 2 .. max
+        full = np.zeros(max(SKELLAM_ORDERS) + 1)
+        for a in range(2, len(full)):
+            full[a] = skellam_rdp(a, noise_multiplier=noise_multiplier, l2_sensitivity=l2, l1_sensitivity=l1)
+        curve = subsampled_rdp(list(SKELLAM_ORDERS), sample_rate=sample_rate, rdp=full)
+    curve.setflags(write=False)
+    return curve
 
 
 # --- RDP accounting on cached curves ----------------------------------------------------------------

@@ -198,8 +198,11 @@ def test_skellam_epsilon_is_the_theorem_s_and_tends_to_the_gaussian_s_for_fine_q
     assert gaussian <= skellam <= gaussian * 1.01
     with pytest.raises(ConfigError, match="integer orders"):
         skellam_rdp(2.5, noise_multiplier=1.0, l2_sensitivity=1.0, l1_sensitivity=1.0)
-    with pytest.raises(ConfigError, match="unsampled"):
-        PrivacyStep(1.0, 0.5, 1, l2_sensitivity=1.0, l1_sensitivity=1.0)
+    with pytest.raises(ConfigError, match=r"`sample-rate` must be in \(0, 1\]"):
+        PrivacyStep(1.0, 1.5, 1, l2_sensitivity=1.0, l1_sensitivity=1.0)
+    # A Skellam step on a Poisson sample (secure DP-SGD) is accounted, and costs less than on every example.
+    sampled = compute_epsilon([PrivacyStep(3.0, 0.5, 1, *fine[0][1:])], delta=delta)
+    assert 0 < sampled < skellam
 
 
 def test_a_history_mixing_dp_sgd_and_skellam_adds_their_rdp_at_integer_orders():

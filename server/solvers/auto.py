@@ -146,8 +146,8 @@ class AutoSolver:
             "site-sizes": {setup.names.get(n, f"node-{n}"): counts[n] for n in sorted(counts)},
             "overrides": {key: {"asked": old, "planned": new} for key, (old, new) in overrides.items()},
             "public-basis": {
-                f"synthetic-{backbone.preprocessing.kind}": SYNTHETIC_COUNT,
-                "class-names-leading": backbone.preprocessing.kind == TEXTS,
+                f"synthetic-{inputs.backbone.preprocessing.kind}": SYNTHETIC_COUNT,
+                "class-names-leading": inputs.backbone.preprocessing.kind == TEXTS,
                 "seed": SYNTHETIC_SEED,
                 "size": SYNTHETIC_SIZE,
                 "whitening": WHITENING,

@@ -1,0 +1,340 @@
+"""The secure DP-SGD head solver: distributed DP-FedSGD, every step's head gradient through the secure sum.
+
+`head-solver = "secure-dp-sgd"` turns `secure-aggregation` on. Every step the server sends the current head; each
+site draws a Poisson sample of its cached features at the public sample rate q, sums the per-example gradients
+clipped to max-grad-norm C, quantises the sum and adds 1 / t of the Skellam noise (client/secure_releases.py,
+release "head-gradient"); the secure sum (server/secagg.py) gives the server only the total over the sites in it,
+which carries one curator's noise sigma C as long as at least t of them are honest. The server divides the total
+by the expected total batch, sum_i q N_i (public), and takes a gradient step. Between rounds it records the
+round's central scores; there is no FedAvg (the server owns the one head).
+
+Accounting, per site (the ledger record of each step says it): one Skellam release per step (Agarwal et al. 2021,
+Thm 3.5, integer RDP orders) of noise multiplier sigma on the site's quantised sum, integer L2 sensitivity = the
+quantisation scale gamma and L1 sensitivity sqrt(d) gamma (one example's clipped, quantised gradient row), on a
+Poisson sample at q (Zhu & Wang 2019, Thm 6: the general subsampling bound; q = 1 is the release itself),
+composed over the run's steps, all under the assumption "at least t of the n sites of each sum are honest"
+(`honest_sites` / `num_sites` in each record). Without that assumption a site's guarantee is its own share's,
+noise sigma / sqrt(t) (`epsilon-if-alone` in summary.json and the model card).
+
+The schedule, from public quantities only (target epsilon and delta, the sites' example counts, the feature dim,
+the classes, t): the auto plan's rules (shared/dp_heads.py) with the secure sum's noise, eta = sigma_1 sqrt(n / t)
+/ N instead of sigma_1 sqrt(n) / N (sigma_1: the noise of one release spending the budget): the public projection's
+width k, lr x steps = min(LOGIT_NOISE / eta, MAX_LR_STEPS), the configured rounds of ceil(STEPS / rounds) full-batch
+steps, and the step noise sigma from the secure closed form's own planner (server/secure_releases.plan_secure_noise),
+the smallest that keeps all the steps within target epsilon. q is 1 (full batches, as the auto plan: its lab
+found Poisson rates 0.1 and 0.25 no better); the site's release and the accountant also take q < 1 (tests).
+The centre is the public synthetic one (no release). Non-image backbones: a linear head on the full features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+from fedtl.server.report import reply_site_name
+from fedtl.server.secagg import secure_sum
+from fedtl.server.secure_releases import plan_secure_noise, skellam_step, trust_record
+from fedtl.server.solvers.auto import HEAD_PLAN, count_examples, public_basis
+from fedtl.server.solvers.base import Federation, PlanInputs, RunPlan, SolverResult
+from fedtl.shared import constants as k
+from fedtl.shared.backbones import get_backbone_spec
+from fedtl.shared.config import RunConfig
+from fedtl.shared.dataset import IMAGES
+from fedtl.shared.distributed_noise import quantization_shrink
+from fedtl.shared.dp_heads import (
+    LOGIT_NOISE,
+    MAX_GRAD_NORM,
+    MAX_LR_STEPS,
+    PROJECTION_DIMS,
+    STEPS,
+    choose_projection_dim,
+)
+from fedtl.shared.errors import ConfigError, FederationError
+from fedtl.shared.heads import PROJECTED
+from fedtl.shared.privacy import compute_epsilon, find_noise_multiplier
+from fedtl.shared.secure_dp_sgd import split_gradient
+from fedtl.shared.secure_sum import feature_sum_scale, feature_sum_sensitivities, read_feature_sum
+
+log = logging.getLogger(__name__)
+progress = logging.getLogger("fedtl.progress")
+
+HEAD_GRADIENT = "head-gradient"  # client/secure_releases.RELEASES
+SAMPLE_RATE = 1.0  # full batches (module docstring)
+MECHANISM = (
+    "distributed DP-FedSGD: per step, Skellam noise (Agarwal et al. 2021) on the sites' quantised sums of clipped "
+    "per-example gradients under SecAgg+ secure aggregation (Bell et al. 2020), Poisson-sampled (Zhu & Wang 2019)"
+)
+
+
+@dataclass(frozen=True)
+class SecureSgdPlan:
+    """The secure DP-SGD schedule, from public quantities; `reason` says why."""
+
+    projection_dim: int  # k of the public projection; 0: a linear head on the full features
+    noise_multiplier: float  # sigma of the sum at every step (each site adds 1 / t of its variance)
+    sample_rate: float
+    steps: int
+    local_steps: int  # steps per recorded round
+    learning_rate: float
+    max_grad_norm: float
+    mean_noise: float  # eta (module docstring)
+    honest_sites: int
+    epsilon: float  # of the planned steps, by the Skellam accountant (each site's, if t honest)
+    reason: str
+
+    @property
+    def num_rounds(self) -> int:
+        """Return the recorded rounds: steps / local_steps."""
+        return self.steps // self.local_steps
+
+
+def gradient_dim(projection_dim: int, feature_dim: int, num_classes: int) -> int:
+    """Return the entries of one head gradient: C (d + 1), d = k or the feature dim."""
+    return num_classes * ((projection_dim or feature_dim) + 1)
+
+
+def gradient_sensitivities(dim: int):  # type: ignore[no-untyped-def]
+    """Return noise multiplier -> (L2, L1) integer sensitivities of a head-gradient release of `dim` entries."""
+    return lambda sigma: feature_sum_sensitivities(dim, feature_sum_scale(sigma))
+
+
+def plan_secure_dp_sgd(
+    *,
+    target_epsilon: float,
+    target_delta: float,
+    site_sizes: list[int],
+    feature_dim: int,
+    num_classes: int,
+    honest_sites: int,
+    project: bool,
+    rounds: int,
+    sample_rate: float = SAMPLE_RATE,
+    noise_multiplier: float | None = None,
+    non_private: bool = False,
+) -> SecureSgdPlan:
+    """Return the secure DP-SGD schedule for these public inputs (module docstring); `noise_multiplier` fixes sigma.
+
+    Raises:
+        ConfigError: no sites, a site without examples, t outside [1, n], or rounds < 1.
+        PrivacyBudgetError: no noise meets target epsilon.
+    """
+    sizes = [int(n) for n in site_sizes]
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(f"`site_sizes` must list at least one site with >= 1 example, got {sizes}")
+    if not 1 <= honest_sites <= len(sizes):
+        raise ConfigError(f"`secagg-honest-sites` must be in [1, {len(sizes)}] once resolved, got {honest_sites}")
+    if rounds < 1:
+        raise ConfigError(f"`num-rounds` must be >= 1, got {rounds}")
+    local_steps = math.ceil(STEPS / rounds)
+    steps = rounds * local_steps
+    total = sum(sizes)
+    one = (
+        0.0
+        if non_private
+        else find_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=1.0, steps=1)
+    )
+    # Every site adds 1 / t of the variance, so a sum of all n carries n / t curators' noise (t = n: one).
+    eta = one * math.sqrt(len(sizes) / honest_sites) / total
+    k_dim = choose_projection_dim(eta, feature_dim=feature_dim) if project else 0
+    sensitivities = gradient_sensitivities(gradient_dim(k_dim, feature_dim, num_classes))
+    if non_private:
+        sigma = 0.0
+    elif noise_multiplier is not None:
+        sigma = float(noise_multiplier)
+    else:
+        sigma = plan_secure_noise(
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            sensitivities=sensitivities,
+            sample_rate=sample_rate,
+            steps=steps,
+        )
+    released = skellam_step(sigma, sensitivities, sample_rate=sample_rate, steps=steps) if sigma > 0 else None
+    epsilon = compute_epsilon([released], delta=target_delta) if released is not None else math.inf
+    lr_steps = min(LOGIT_NOISE / eta, MAX_LR_STEPS) if eta > 0 else MAX_LR_STEPS
+    width = f"the top {k_dim} public synthetic-image directions" if k_dim else f"all {feature_dim} features"
+    reason = (
+        f"secure DP-FedSGD: {len(sizes)} sites, {total} examples, {num_classes} classes, at least {honest_sites} "
+        f"honest assumed: one curator's noise {one:.2f} leaves eta = {eta:.4f} per coordinate of the pooled mean; "
+        f"the head reads {width}; {steps} steps ({rounds} rounds of {local_steps}) at sample rate {sample_rate:g}, "
+        f"noise {sigma:.2f} on the secure sum, learning rate {lr_steps / steps:.3g} (lr x steps = {lr_steps:.0f}); "
+        f"planned epsilon {epsilon:.3f} per site"
+    )
+    return SecureSgdPlan(
+        projection_dim=k_dim,
+        noise_multiplier=sigma,
+        sample_rate=sample_rate,
+        steps=steps,
+        local_steps=local_steps,
+        learning_rate=lr_steps / steps,
+        max_grad_norm=MAX_GRAD_NORM,
+        mean_noise=eta,
+        honest_sites=honest_sites,
+        epsilon=epsilon,
+        reason=reason,
+    )
+
+
+def projection_applies(cfg: RunConfig) -> bool:
+    """Return whether the head reads the public projection: an image backbone wider than the smallest k."""
+    spec = get_backbone_spec(cfg.backbone)
+    return spec.kind == IMAGES and spec.feature_dim > min(PROJECTION_DIMS)
+
+
+class SecureDpSgdSolver:
+    """Distributed DP-FedSGD on a linear head through the secure sum (module docstring)."""
+
+    def __init__(self) -> None:
+        self.head_plan: SecureSgdPlan | None = None
+
+    @staticmethod
+    def configure(cfg: RunConfig) -> RunConfig:
+        """Return the config with secure aggregation on, the step schedule's fixed part and no feature centre.
+
+        Raises:
+            ConfigError: the run asks for what a server-side gradient step on one linear head cannot do.
+        """
+        unsupported = {
+            "trainable-blocks / lora-rank (deeper fine-tuning)": cfg.trainable_blocks or cfg.lora_rank,
+            f"personalization = {cfg.personalization!r}": cfg.personalization != "none",
+            'head = "mlp"': cfg.head == "mlp",
+            f"client-dp = {cfg.client_dp!r}": cfg.client_dp != "off",
+            "resume": bool(cfg.resume),
+        }
+        asked = [name for name, on in unsupported.items() if on]
+        if asked:
+            raise ConfigError(
+                f'head-solver "secure-dp-sgd" trains one linear head by secure gradient steps; it cannot take '
+                f'{", ".join(asked)}. Leave those keys at their defaults, or use head-solver "dp-sgd"'
+            )
+        return cfg.replace(
+            secure_aggregation=True,
+            local_epochs=math.ceil(STEPS / cfg.num_rounds),
+            max_grad_norm=MAX_GRAD_NORM,
+            feature_centering=False,
+        )
+
+    def plan(self, cfg: RunConfig, inputs: PlanInputs) -> RunPlan:
+        """Ask every site its training-example count (public) and plan the schedule from public quantities.
+
+        Raises:
+            FederationError: fewer than two sites (or min-train-sites) said how many examples they hold.
+        """
+        counts, refused = count_examples(inputs.grid, inputs.node_ids, inputs.config, timeout=cfg.round_timeout)
+        setup = dataclasses.replace(inputs.setup, refused={**inputs.setup.refused, **refused})
+        if len(counts) < max(cfg.min_train_sites, 2):
+            raise FederationError(
+                f"only {len(counts)} site(s) said how many training examples they hold; secure DP-SGD needs at least "
+                f"max(2, min-train-sites {cfg.min_train_sites}); refusals: {sorted(refused.values())}"
+            )
+        sizes = [counts[n] for n in sorted(counts)]
+        honest = cfg.secagg_honest_sites or len(sizes)
+        if honest > len(sizes):
+            raise FederationError(
+                f"secagg-honest-sites = {honest} but only {len(sizes)} sites take part; lower it (0: all sites)"
+            )
+        plan = plan_secure_dp_sgd(
+            target_epsilon=cfg.target_epsilon,
+            target_delta=cfg.target_delta,
+            site_sizes=sizes,
+            feature_dim=inputs.backbone.feature_dim,
+            num_classes=len(inputs.label_names),
+            honest_sites=honest,
+            project=projection_applies(cfg),
+            rounds=cfg.num_rounds,
+            noise_multiplier=cfg.noise_multiplier,
+            non_private=cfg.non_private,
+        )
+        self.head_plan = plan
+        planned = cfg.replace(
+            head=PROJECTED if plan.projection_dim else "linear",
+            projection_dim=plan.projection_dim,
+            batch_size=max(sizes),
+            local_epochs=plan.local_steps,
+            learning_rate=plan.learning_rate,
+            max_grad_norm=plan.max_grad_norm,
+            feature_centering=False,
+        )
+        progress.info("head-solver secure-dp-sgd: %s", plan.reason)
+        record = {
+            **{key.replace("_", "-"): value for key, value in asdict(plan).items()},
+            "method": "secure-dp-sgd",
+            "site-sizes": {setup.names.get(n, f"node-{n}"): counts[n] for n in sorted(counts)},
+        }
+        return RunPlan(planned, setup, {HEAD_PLAN: record})
+
+    def fit(self, fed: Federation) -> SolverResult:
+        """Run every step's secure sum and gradient step; record each round's central scores and the trust record."""
+        plan = self.head_plan
+        assert plan is not None, "plan() runs before fit()"
+        cfg, arrays = fed.cfg, dict(fed.initial)
+        if plan.projection_dim:
+            arrays["projection"], arrays["center"] = public_basis(fed.backbone, cfg)
+        weight = arrays["layers.0.weight"].astype(np.float64)
+        bias = arrays["layers.0.bias"].astype(np.float64)
+        num_classes, dim = weight.shape
+        sensitivities = gradient_sensitivities(weight.size + bias.size)
+        sigma = plan.noise_multiplier
+        scale = feature_sum_scale(sigma)
+        shrink = quantization_shrink(weight.size + bias.size, scale)
+        step, result = 0, None
+        for server_round in range(1, plan.num_rounds + 1):
+            for _ in range(plan.local_steps):
+                step += 1
+                sent = {
+                    **arrays,
+                    "layers.0.weight": weight.astype(np.float32),
+                    "layers.0.bias": bias.astype(np.float32),
+                }
+                result = secure_sum(
+                    fed.grid,
+                    fed.node_ids,
+                    fed.config,
+                    release=HEAD_GRADIENT,
+                    length=weight.size + bias.size,
+                    honest_sites=plan.honest_sites,
+                    noise_multiplier=sigma,
+                    arrays=ArrayRecord({name: Array(np.asarray(v, dtype=np.float32)) for name, v in sent.items()}),
+                    values={k.SECAGG_STEP: step, k.SECAGG_SAMPLE_RATE: float(plan.sample_rate)},
+                    timeout=cfg.round_timeout,
+                )
+                if len(result.replies) < max(cfg.min_train_sites, 1):
+                    raise FederationError(
+                        f"only {len(result.replies)} sites are in step {step}'s secure sum "
+                        f"(min-train-sites {cfg.min_train_sites})"
+                    )
+                counts = [int(r.content.metric_records[k.METRICS][k.NUM_EXAMPLES]) for r in result.replies.values()]
+                batch = plan.sample_rate * sum(counts)  # expected, public: the estimate stays unbiased
+                total = read_feature_sum(result.total, scale, shrink) * plan.max_grad_norm
+                grad_w, grad_b = split_gradient(total, num_classes=num_classes, dim=dim)
+                weight = weight - plan.learning_rate * grad_w / batch
+                bias = bias - plan.learning_rate * grad_b / batch
+                for reply in result.replies.values():
+                    metrics = reply.content.metric_records[k.METRICS]
+                    fed.recorder.site_epsilon[reply_site_name(reply)] = float(metrics[k.EPSILON])
+                    fed.recorder.site_delta[reply_site_name(reply)] = float(metrics[k.DELTA])
+            arrays["layers.0.weight"], arrays["layers.0.bias"] = weight.astype(np.float32), bias.astype(np.float32)
+            record = ArrayRecord({name: Array(np.asarray(v, dtype=np.float32)) for name, v in arrays.items()})
+            fed.recorder.finish_round(server_round, fed.central(record) if fed.central is not None else None)
+        assert result is not None
+        fed.recorder.trust.update(
+            trust_record(
+                cfg,
+                result,
+                sigma=sigma,
+                sigma_centre=None,
+                history=[],
+                sensitivities=sensitivities,
+                sample_rate=plan.sample_rate,
+                steps=plan.steps,
+            )
+        )
+        fed.recorder.trust["mechanism"] = MECHANISM
+        fed.recorder.trust["steps"] = plan.steps
+        fed.recorder.trust["sample-rate"] = plan.sample_rate
+        return SolverResult(ArrayRecord({name: Array(np.asarray(v, dtype=np.float32)) for name, v in arrays.items()}))
