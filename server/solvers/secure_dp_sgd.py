@@ -274,7 +274,7 @@ class SecureDpSgdSolver:
         assert plan is not None, "plan() runs before fit()"
         cfg, arrays = fed.cfg, dict(fed.initial)
         if plan.projection_dim:
-            arrays["projection"], arrays["center"] = public_basis(fed.backbone, cfg)
+            arrays["projection"], arrays["center"], _ = public_basis(fed.backbone, cfg)  # image backbones only
         weight = arrays["layers.0.weight"].astype(np.float64)
         bias = arrays["layers.0.bias"].astype(np.float64)
         num_classes, dim = weight.shape
