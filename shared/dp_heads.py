@@ -62,6 +62,8 @@ class HeadPlan:
     mean_noise: float  # eta of the whole budget (module docstring)
     epsilon: float  # of the planned history (earlier history included), by the accountant
     reason: str
+    sample_rate: float = 1.0  # of every step (secure DP-FedSGD may sample; DP-GD uses full batches)
+    honest_sites: int = 0  # secure DP-FedSGD: the t its noise is planned for (0: each site noises alone)
 
     @property
     def num_rounds(self) -> int:
@@ -97,6 +99,26 @@ def choose_projection_dim(eta: float, *, feature_dim: int, public_count: int = S
         )
     good = [k for k in fits if eta * math.sqrt(k) <= MAX_MEAN_NOISE_NORM]
     return max(good) if good else min(fits)
+
+
+def dp_gd_schedule(site_sizes: Sequence[int], rounds: int) -> tuple[list[int], int, int]:
+    """Return the checked site sizes, steps per round and total steps: `rounds` x ceil(STEPS / rounds).
+
+    Raises:
+        ConfigError: no sites, a site with no examples, or rounds < 1.
+    """
+    sizes = [int(n) for n in site_sizes]
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(f"`site_sizes` must list at least one site with >= 1 example, got {sizes}")
+    if rounds < 1:
+        raise ConfigError(f"`num-rounds` must be >= 1 for a DP head plan, got {rounds}")
+    local_steps = math.ceil(STEPS / rounds)
+    return sizes, local_steps, rounds * local_steps
+
+
+def lr_times_steps(eta: float) -> float:
+    """Return learning rate x steps for mean noise eta: min(LOGIT_NOISE / eta, MAX_LR_STEPS) (Panda et al.)."""
+    return min(LOGIT_NOISE / eta, MAX_LR_STEPS) if eta > 0 else MAX_LR_STEPS
 
 
 def plan_dp_head(
@@ -136,13 +158,7 @@ def plan_dp_head(
         ConfigError: no sites, or a site with no examples.
         PrivacyBudgetError: the history already spends target epsilon.
     """
-    sizes = [int(n) for n in site_sizes]
-    if not sizes or min(sizes) < 1:
-        raise ConfigError(f"`site_sizes` must list at least one site with >= 1 example, got {sizes}")
-    if rounds < 1:
-        raise ConfigError(f"`num-rounds` must be >= 1 for a DP head plan, got {rounds}")
-    local_steps = math.ceil(STEPS / rounds)
-    steps = rounds * local_steps
+    sizes, local_steps, steps = dp_gd_schedule(site_sizes, rounds)
     past = list(history)
     sigma = find_noise_multiplier(
         target_epsilon=target_epsilon,
@@ -166,7 +182,7 @@ def plan_dp_head(
         history=past + centre,
         accountant=accountant,
     )
-    lr_steps = min(LOGIT_NOISE / eta, MAX_LR_STEPS)
+    lr_steps = lr_times_steps(eta)
     epsilon = compute_epsilon(
         past + centre + [PrivacyStep(noise, 1.0, steps)], delta=target_delta, accountant=accountant
     )

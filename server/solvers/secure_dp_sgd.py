@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -47,12 +47,13 @@ from fedtl.shared.config import RunConfig
 from fedtl.shared.dataset import IMAGES
 from fedtl.shared.distributed_noise import quantization_shrink
 from fedtl.shared.dp_heads import (
-    LOGIT_NOISE,
     MAX_GRAD_NORM,
-    MAX_LR_STEPS,
     PROJECTION_DIMS,
     STEPS,
+    HeadPlan,
     choose_projection_dim,
+    dp_gd_schedule,
+    lr_times_steps,
 )
 from fedtl.shared.errors import ConfigError, FederationError
 from fedtl.shared.heads import PROJECTED
@@ -65,32 +66,11 @@ progress = logging.getLogger("fedtl.progress")
 
 HEAD_GRADIENT = "head-gradient"  # client/secure_releases.RELEASES
 SAMPLE_RATE = 1.0  # full batches (module docstring)
+SECURE_DP_FEDSGD = "secure-dp-sgd"  # the plan's method, recorded in config.json and summary.json
 MECHANISM = (
     "distributed DP-FedSGD: per step, Skellam noise (Agarwal et al. 2021) on the sites' quantised sums of clipped "
     "per-example gradients under SecAgg+ secure aggregation (Bell et al. 2020), Poisson-sampled (Zhu & Wang 2019)"
 )
-
-
-@dataclass(frozen=True)
-class SecureSgdPlan:
-    """The secure DP-SGD schedule, from public quantities; `reason` says why."""
-
-    projection_dim: int  # k of the public projection; 0: a linear head on the full features
-    noise_multiplier: float  # sigma of the sum at every step (each site adds 1 / t of its variance)
-    sample_rate: float
-    steps: int
-    local_steps: int  # steps per recorded round
-    learning_rate: float
-    max_grad_norm: float
-    mean_noise: float  # eta (module docstring)
-    honest_sites: int
-    epsilon: float  # of the planned steps, by the Skellam accountant (each site's, if t honest)
-    reason: str
-
-    @property
-    def num_rounds(self) -> int:
-        """Return the recorded rounds: steps / local_steps."""
-        return self.steps // self.local_steps
 
 
 def gradient_dim(projection_dim: int, feature_dim: int, num_classes: int) -> int:
@@ -116,22 +96,16 @@ def plan_secure_dp_sgd(
     sample_rate: float = SAMPLE_RATE,
     noise_multiplier: float | None = None,
     non_private: bool = False,
-) -> SecureSgdPlan:
+) -> HeadPlan:
     """Return the secure DP-SGD schedule for these public inputs (module docstring); `noise_multiplier` fixes sigma.
 
     Raises:
         ConfigError: no sites, a site without examples, t outside [1, n], or rounds < 1.
         PrivacyBudgetError: no noise meets target epsilon.
     """
-    sizes = [int(n) for n in site_sizes]
-    if not sizes or min(sizes) < 1:
-        raise ConfigError(f"`site_sizes` must list at least one site with >= 1 example, got {sizes}")
+    sizes, local_steps, steps = dp_gd_schedule(site_sizes, rounds)
     if not 1 <= honest_sites <= len(sizes):
         raise ConfigError(f"`secagg-honest-sites` must be in [1, {len(sizes)}] once resolved, got {honest_sites}")
-    if rounds < 1:
-        raise ConfigError(f"`num-rounds` must be >= 1, got {rounds}")
-    local_steps = math.ceil(STEPS / rounds)
-    steps = rounds * local_steps
     total = sum(sizes)
     one = (
         0.0
@@ -156,7 +130,7 @@ def plan_secure_dp_sgd(
         )
     released = skellam_step(sigma, sensitivities, sample_rate=sample_rate, steps=steps) if sigma > 0 else None
     epsilon = compute_epsilon([released], delta=target_delta) if released is not None else math.inf
-    lr_steps = min(LOGIT_NOISE / eta, MAX_LR_STEPS) if eta > 0 else MAX_LR_STEPS
+    lr_steps = lr_times_steps(eta)
     width = f"the top {k_dim} public synthetic-image directions" if k_dim else f"all {feature_dim} features"
     reason = (
         f"secure DP-FedSGD: {len(sizes)} sites, {total} examples, {num_classes} classes, at least {honest_sites} "
@@ -165,18 +139,20 @@ def plan_secure_dp_sgd(
         f"noise {sigma:.2f} on the secure sum, learning rate {lr_steps / steps:.3g} (lr x steps = {lr_steps:.0f}); "
         f"planned epsilon {epsilon:.3f} per site"
     )
-    return SecureSgdPlan(
-        projection_dim=k_dim,
-        noise_multiplier=sigma,
+    return HeadPlan(
+        SECURE_DP_FEDSGD,
+        k_dim,
+        None,  # no centre release: the public synthetic centre
+        sigma,
+        steps,
+        local_steps,
+        lr_steps / steps,
+        MAX_GRAD_NORM,
+        eta,
+        epsilon,
+        reason,
         sample_rate=sample_rate,
-        steps=steps,
-        local_steps=local_steps,
-        learning_rate=lr_steps / steps,
-        max_grad_norm=MAX_GRAD_NORM,
-        mean_noise=eta,
         honest_sites=honest_sites,
-        epsilon=epsilon,
-        reason=reason,
     )
 
 
@@ -190,7 +166,7 @@ class SecureDpSgdSolver:
     """Distributed DP-FedSGD on a linear head through the secure sum (module docstring)."""
 
     def __init__(self) -> None:
-        self.head_plan: SecureSgdPlan | None = None
+        self.head_plan: HeadPlan | None = None
 
     @staticmethod
     def configure(cfg: RunConfig) -> RunConfig:
@@ -263,7 +239,6 @@ class SecureDpSgdSolver:
         progress.info("head-solver secure-dp-sgd: %s", plan.reason)
         record = {
             **{key.replace("_", "-"): value for key, value in asdict(plan).items()},
-            "method": "secure-dp-sgd",
             "site-sizes": {setup.names.get(n, f"node-{n}"): counts[n] for n in sorted(counts)},
         }
         return RunPlan(planned, setup, {HEAD_PLAN: record})
