@@ -34,7 +34,7 @@ from flwr.serverapp import Grid
 
 from fedtl.server.centering import collect_feature_sums
 from fedtl.server.report import failure_reason, reply_site_name
-from fedtl.server.setup import Backbone, ask, query_sites
+from fedtl.server.setup import Backbone, SiteSetup, ask, query_sites
 from fedtl.server.solvers.base import Federation, PlanInputs, RunPlan, SolverResult
 from fedtl.server.solvers.dp_sgd import DpSgdSolver
 from fedtl.shared import constants as k
@@ -104,13 +104,7 @@ class AutoSolver:
         if cfg.resume and cfg.head == PROJECTED:
             stored = json.loads((Path(cfg.resume) / "config.json").read_text()).get(HEAD_PLAN, {})
             return RunPlan(cfg, inputs.setup, {HEAD_PLAN: stored} if stored else {})
-        counts, refused = count_examples(inputs.grid, inputs.node_ids, inputs.config, timeout=cfg.round_timeout)
-        setup = dataclasses.replace(inputs.setup, refused={**inputs.setup.refused, **refused})
-        if len(counts) < max(cfg.min_train_sites, 1):
-            raise FederationError(
-                f"only {len(counts)} site(s) said how many training examples they hold (min-train-sites "
-                f"{cfg.min_train_sites}), so the auto plan cannot be made; refusals: {sorted(refused.values())}"
-            )
+        counts, setup = site_counts(cfg, inputs, least=1, what="the auto plan")
         sizes = [counts[n] for n in sorted(counts)]
         plan = plan_dp_head(
             target_epsilon=cfg.target_epsilon,
@@ -122,16 +116,10 @@ class AutoSolver:
             rounds=cfg.num_rounds,
         )
         self.head_plan = plan
-        planned = cfg.replace(
-            head=PROJECTED,
-            projection_dim=plan.projection_dim,
-            batch_size=max(sizes),  # sample rate 1 at every site: full-batch DP-GD
-            local_epochs=plan.local_steps,
-            learning_rate=plan.learning_rate,
-            num_rounds=plan.num_rounds,
-            max_grad_norm=plan.max_grad_norm,
-            noise_multiplier=None,  # each site plans its own within its ledger; a fresh site lands on the plan's
-            feature_centering=False,
+        # Sample rate 1 at every site: full-batch DP-GD. Each site plans its noise within its ledger (a fresh
+        # site lands on the plan's).
+        planned = planned_config(cfg, plan, sizes, head=PROJECTED).replace(
+            num_rounds=plan.num_rounds, noise_multiplier=None
         )
         overrides = overridden_keys(self._asked or cfg, planned)
         progress.info("head-solver auto: %s", plan.reason)
@@ -141,9 +129,8 @@ class AutoSolver:
                 ", ".join(f"{key} = {_shown(new)} (was {_shown(old)})" for key, (old, new) in overrides.items()),
             )
         record = {
-            **{key.replace("_", "-"): value for key, value in dataclasses.asdict(plan).items()},
+            **plan_record(plan, setup, counts),
             "num-rounds": plan.num_rounds,
-            "site-sizes": {setup.names.get(n, f"node-{n}"): counts[n] for n in sorted(counts)},
             "overrides": {key: {"asked": old, "planned": new} for key, (old, new) in overrides.items()},
             "public-basis": {
                 f"synthetic-{inputs.backbone.preprocessing.kind}": SYNTHETIC_COUNT,
@@ -238,6 +225,44 @@ def overridden_keys(asked: RunConfig, planned: RunConfig) -> dict[str, tuple[Any
 def _shown(value: Any) -> str:
     """Return a run-config value as the run output shows it: floats to 4 significant digits, others as repr."""
     return f"{value:.4g}" if isinstance(value, float) else repr(value)
+
+
+def site_counts(cfg: RunConfig, inputs: PlanInputs, *, least: int, what: str) -> tuple[dict[int, int], SiteSetup]:
+    """Return every answering site's training-example count and the set-up with the sites that refused added.
+
+    Raises:
+        FederationError: fewer than max(least, min-train-sites) sites said how many examples they hold.
+    """
+    counts, refused = count_examples(inputs.grid, inputs.node_ids, inputs.config, timeout=cfg.round_timeout)
+    setup = dataclasses.replace(inputs.setup, refused={**inputs.setup.refused, **refused})
+    if len(counts) < max(cfg.min_train_sites, least):
+        raise FederationError(
+            f"only {len(counts)} site(s) said how many training examples they hold (at least {least} and "
+            f"min-train-sites {cfg.min_train_sites} needed), so {what} cannot be made; refusals: "
+            f"{sorted(refused.values())}"
+        )
+    return counts, setup
+
+
+def planned_config(cfg: RunConfig, plan: HeadPlan, sizes: list[int], *, head: str) -> RunConfig:
+    """Return `cfg` with a DP head plan's schedule: full batches (batch size >= every site's count), no D-dim centre."""
+    return cfg.replace(
+        head=head,
+        projection_dim=plan.projection_dim,
+        batch_size=max(sizes),
+        local_epochs=plan.local_steps,
+        learning_rate=plan.learning_rate,
+        max_grad_norm=plan.max_grad_norm,
+        feature_centering=False,
+    )
+
+
+def plan_record(plan: HeadPlan, setup: SiteSetup, counts: dict[int, int]) -> dict[str, Any]:
+    """Return what config.json and summary.json record of a plan: its fields and every site's declared count."""
+    return {
+        **{key.replace("_", "-"): value for key, value in dataclasses.asdict(plan).items()},
+        "site-sizes": {setup.names.get(n, f"node-{n}"): counts[n] for n in sorted(counts)},
+    }
 
 
 def count_examples(

@@ -28,10 +28,8 @@ The centre is the public synthetic one (no release). Non-image backbones: a line
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-from dataclasses import asdict
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -39,7 +37,7 @@ from flwr.app import Array, ArrayRecord
 from fedtl.server.report import reply_site_name
 from fedtl.server.secagg import secure_sum
 from fedtl.server.secure_releases import plan_secure_noise, skellam_step, trust_record
-from fedtl.server.solvers.auto import HEAD_PLAN, count_examples, public_basis
+from fedtl.server.solvers.auto import HEAD_PLAN, plan_record, planned_config, public_basis, site_counts
 from fedtl.server.solvers.base import Federation, PlanInputs, RunPlan, SolverResult
 from fedtl.shared import constants as k
 from fedtl.shared.backbones import get_backbone_spec
@@ -201,13 +199,7 @@ class SecureDpSgdSolver:
         Raises:
             FederationError: fewer than two sites (or min-train-sites) said how many examples they hold.
         """
-        counts, refused = count_examples(inputs.grid, inputs.node_ids, inputs.config, timeout=cfg.round_timeout)
-        setup = dataclasses.replace(inputs.setup, refused={**inputs.setup.refused, **refused})
-        if len(counts) < max(cfg.min_train_sites, 2):
-            raise FederationError(
-                f"only {len(counts)} site(s) said how many training examples they hold; secure DP-SGD needs at least "
-                f"max(2, min-train-sites {cfg.min_train_sites}); refusals: {sorted(refused.values())}"
-            )
+        counts, setup = site_counts(cfg, inputs, least=2, what="a secure DP-SGD plan")
         sizes = [counts[n] for n in sorted(counts)]
         honest = cfg.secagg_honest_sites or len(sizes)
         if honest > len(sizes):
@@ -227,21 +219,9 @@ class SecureDpSgdSolver:
             non_private=cfg.non_private,
         )
         self.head_plan = plan
-        planned = cfg.replace(
-            head=PROJECTED if plan.projection_dim else "linear",
-            projection_dim=plan.projection_dim,
-            batch_size=max(sizes),
-            local_epochs=plan.local_steps,
-            learning_rate=plan.learning_rate,
-            max_grad_norm=plan.max_grad_norm,
-            feature_centering=False,
-        )
+        planned = planned_config(cfg, plan, sizes, head=PROJECTED if plan.projection_dim else "linear")
         progress.info("head-solver secure-dp-sgd: %s", plan.reason)
-        record = {
-            **{key.replace("_", "-"): value for key, value in asdict(plan).items()},
-            "site-sizes": {setup.names.get(n, f"node-{n}"): counts[n] for n in sorted(counts)},
-        }
-        return RunPlan(planned, setup, {HEAD_PLAN: record})
+        return RunPlan(planned, setup, {HEAD_PLAN: plan_record(plan, setup, counts)})
 
     def fit(self, fed: Federation) -> SolverResult:
         """Run every step's secure sum and gradient step; record each round's central scores and the trust record."""
