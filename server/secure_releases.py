@@ -94,6 +94,19 @@ def plan_secure_noise(
     raise PrivacyBudgetError(f"the secure release's noise and quantisation scale did not settle near {sigma:.3f}")
 
 
+def secure_noise(cfg: RunConfig, sensitivities: Callable[[float], tuple[float, float]], **planned: Any) -> float:
+    """Return a secure release's noise multiplier: 0 for a non-private run, the run's fixed `noise-multiplier`, or
+    the smallest that keeps the planned release within target epsilon (`plan_secure_noise`: `history`,
+    `sample_rate`, `steps`)."""
+    if cfg.non_private:
+        return 0.0
+    if cfg.noise_multiplier is not None:
+        return float(cfg.noise_multiplier)
+    return plan_secure_noise(
+        target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta, sensitivities=sensitivities, **planned
+    )
+
+
 def centre_sensitivities(dim: int) -> Callable[[float], tuple[float, float]]:
     """Return noise multiplier -> integer sensitivities of the feature-sum release over `dim` features."""
     return lambda sigma: feature_sum_sensitivities(dim, feature_sum_scale(sigma))

@@ -124,15 +124,16 @@ def test_a_sites_rows_are_the_clipped_gradients_over_the_clip_norm():
 
 
 def test_the_plan_uses_public_inputs_and_distrust_costs_noise():
-    common = dict(target_epsilon=1.0, target_delta=DELTA, site_sizes=[280] * 5, feature_dim=1280, num_classes=10)
-    trusting = plan_secure_dp_sgd(**common, honest_sites=5, project=True, rounds=10)
-    wary = plan_secure_dp_sgd(**common, honest_sites=1, project=True, rounds=10)
+    cfg = RunConfig(target_epsilon=1.0, target_delta=DELTA, num_rounds=10)
+    common = dict(feature_dim=1280, num_classes=10, project=True)
+    trusting = plan_secure_dp_sgd(cfg, [280] * 5, honest_sites=5, **common)
+    wary = plan_secure_dp_sgd(cfg, [280] * 5, honest_sites=1, **common)
     assert trusting.steps == 50 and trusting.sample_rate == 1.0
     assert trusting.epsilon <= 1.0 * (1 + 1e-9) and trusting.epsilon > 0.95
     assert wary.mean_noise == pytest.approx(trusting.mean_noise * math.sqrt(5))  # n / t curators' variance
     assert wary.projection_dim <= trusting.projection_dim and wary.learning_rate <= trusting.learning_rate
     with pytest.raises(ConfigError, match=r"`secagg-honest-sites` must be in \[1, 5\]"):
-        plan_secure_dp_sgd(**common, honest_sites=6, project=True, rounds=10)
+        plan_secure_dp_sgd(cfg, [280] * 5, honest_sites=6, **common)
 
 
 def test_secure_dp_sgd_refuses_what_one_server_side_head_cannot_do():

@@ -16,7 +16,7 @@ from flwr.app import Array, ArrayRecord, Message, RecordDict
 
 from fedtl.server.report import failure_reason, reply_site_name
 from fedtl.server.secagg import secure_sum
-from fedtl.server.secure_releases import SUFFICIENT_STATS, plan_secure_noise, secure_centre_history, trust_record
+from fedtl.server.secure_releases import SUFFICIENT_STATS, secure_centre_history, secure_noise, trust_record
 from fedtl.server.setup import ask, query_sites
 from fedtl.server.solvers.base import Federation, SolverResult, plan_as_configured
 from fedtl.shared import constants as k
@@ -177,17 +177,7 @@ def fit_secure_closed_form_head(fed: Federation) -> "OrderedDict[str, np.ndarray
     dim = feature_dim if projection is None else cfg.projection_dim
     history, sigma_centre = secure_centre_history(cfg, feature_dim)
     sensitivities = lambda sigma: stats_sensitivities(dim, stats_scale(sigma))  # noqa: E731
-    if cfg.non_private:
-        sigma = 0.0
-    elif cfg.noise_multiplier is not None:
-        sigma = float(cfg.noise_multiplier)
-    else:
-        sigma = plan_secure_noise(
-            target_epsilon=cfg.target_epsilon,
-            target_delta=cfg.target_delta,
-            sensitivities=sensitivities,
-            history=history,
-        )
+    sigma = secure_noise(cfg, sensitivities, history=history)
     arrays = None
     if center is not None:
         arrays = ArrayRecord({"center": Array(np.asarray(center, dtype=np.float32))})

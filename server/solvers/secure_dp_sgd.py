@@ -36,23 +36,15 @@ from flwr.app import Array, ArrayRecord
 
 from fedtl.server.report import reply_site_name
 from fedtl.server.secagg import secure_sum
-from fedtl.server.secure_releases import plan_secure_noise, skellam_step, trust_record
+from fedtl.server.secure_releases import secure_noise, skellam_step, trust_record
 from fedtl.server.solvers.auto import HEAD_PLAN, plan_record, planned_config, public_basis, site_counts
 from fedtl.server.solvers.base import Federation, PlanInputs, RunPlan, SolverResult
 from fedtl.shared import constants as k
+from fedtl.shared import dp_heads
 from fedtl.shared.backbones import get_backbone_spec
 from fedtl.shared.config import RunConfig
 from fedtl.shared.dataset import IMAGES
 from fedtl.shared.distributed_noise import quantization_shrink
-from fedtl.shared.dp_heads import (
-    MAX_GRAD_NORM,
-    PROJECTION_DIMS,
-    STEPS,
-    HeadPlan,
-    choose_projection_dim,
-    dp_gd_schedule,
-    lr_times_steps,
-)
 from fedtl.shared.errors import ConfigError, FederationError
 from fedtl.shared.heads import PROJECTED
 from fedtl.shared.privacy import compute_epsilon, find_noise_multiplier
@@ -82,62 +74,52 @@ def gradient_sensitivities(dim: int):  # type: ignore[no-untyped-def]
 
 
 def plan_secure_dp_sgd(
-    *,
-    target_epsilon: float,
-    target_delta: float,
+    cfg: RunConfig,
     site_sizes: list[int],
+    *,
     feature_dim: int,
     num_classes: int,
     honest_sites: int,
     project: bool,
-    rounds: int,
     sample_rate: float = SAMPLE_RATE,
-    noise_multiplier: float | None = None,
-    non_private: bool = False,
-) -> HeadPlan:
-    """Return the secure DP-SGD schedule for these public inputs (module docstring); `noise_multiplier` fixes sigma.
+) -> dp_heads.HeadPlan:
+    """Return the secure DP-SGD schedule for these public inputs (module docstring).
+
+    `cfg` gives target epsilon and delta, the rounds, and a fixed `noise-multiplier` or a non-private run.
 
     Raises:
         ConfigError: no sites, a site without examples, t outside [1, n], or rounds < 1.
         PrivacyBudgetError: no noise meets target epsilon.
     """
-    sizes, local_steps, steps = dp_gd_schedule(site_sizes, rounds)
+    sizes, local_steps, steps = dp_heads.dp_gd_schedule(site_sizes, cfg.num_rounds)
     if not 1 <= honest_sites <= len(sizes):
         raise ConfigError(f"`secagg-honest-sites` must be in [1, {len(sizes)}] once resolved, got {honest_sites}")
     total = sum(sizes)
     one = (
         0.0
-        if non_private
-        else find_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=1.0, steps=1)
+        if cfg.non_private
+        else find_noise_multiplier(
+            target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta, sample_rate=1.0, steps=1
+        )
     )
     # Every site adds 1 / t of the variance, so a sum of all n carries n / t curators' noise (t = n: one).
     eta = one * math.sqrt(len(sizes) / honest_sites) / total
-    k_dim = choose_projection_dim(eta, feature_dim=feature_dim) if project else 0
+    k_dim = dp_heads.choose_projection_dim(eta, feature_dim=feature_dim) if project else 0
     sensitivities = gradient_sensitivities(gradient_dim(k_dim, feature_dim, num_classes))
-    if non_private:
-        sigma = 0.0
-    elif noise_multiplier is not None:
-        sigma = float(noise_multiplier)
-    else:
-        sigma = plan_secure_noise(
-            target_epsilon=target_epsilon,
-            target_delta=target_delta,
-            sensitivities=sensitivities,
-            sample_rate=sample_rate,
-            steps=steps,
-        )
+    sigma = secure_noise(cfg, sensitivities, sample_rate=sample_rate, steps=steps)
     released = skellam_step(sigma, sensitivities, sample_rate=sample_rate, steps=steps) if sigma > 0 else None
-    epsilon = compute_epsilon([released], delta=target_delta) if released is not None else math.inf
-    lr_steps = lr_times_steps(eta)
+    epsilon = compute_epsilon([released], delta=cfg.target_delta) if released is not None else math.inf
+    lr_steps = dp_heads.lr_times_steps(eta)
     width = f"the top {k_dim} public synthetic-image directions" if k_dim else f"all {feature_dim} features"
     reason = (
         f"secure DP-FedSGD: {len(sizes)} sites, {total} examples, {num_classes} classes, at least {honest_sites} "
         f"honest assumed: one curator's noise {one:.2f} leaves eta = {eta:.4f} per coordinate of the pooled mean; "
-        f"the head reads {width}; {steps} steps ({rounds} rounds of {local_steps}) at sample rate {sample_rate:g}, "
+        f"the head reads {width}; {steps} steps ({cfg.num_rounds} rounds of {local_steps}) at sample rate "
+        f"{sample_rate:g}, "
         f"noise {sigma:.2f} on the secure sum, learning rate {lr_steps / steps:.3g} (lr x steps = {lr_steps:.0f}); "
         f"planned epsilon {epsilon:.3f} per site"
     )
-    return HeadPlan(
+    return dp_heads.HeadPlan(
         SECURE_DP_FEDSGD,
         k_dim,
         None,  # no centre release: the public synthetic centre
@@ -145,7 +127,7 @@ def plan_secure_dp_sgd(
         steps,
         local_steps,
         lr_steps / steps,
-        MAX_GRAD_NORM,
+        dp_heads.MAX_GRAD_NORM,
         eta,
         epsilon,
         reason,
@@ -157,14 +139,14 @@ def plan_secure_dp_sgd(
 def projection_applies(cfg: RunConfig) -> bool:
     """Return whether the head reads the public projection: an image backbone wider than the smallest k."""
     spec = get_backbone_spec(cfg.backbone)
-    return spec.kind == IMAGES and spec.feature_dim > min(PROJECTION_DIMS)
+    return spec.kind == IMAGES and spec.feature_dim > min(dp_heads.PROJECTION_DIMS)
 
 
 class SecureDpSgdSolver:
     """Distributed DP-FedSGD on a linear head through the secure sum (module docstring)."""
 
     def __init__(self) -> None:
-        self.head_plan: HeadPlan | None = None
+        self.head_plan: dp_heads.HeadPlan | None = None
 
     @staticmethod
     def configure(cfg: RunConfig) -> RunConfig:
@@ -188,8 +170,8 @@ class SecureDpSgdSolver:
             )
         return cfg.replace(
             secure_aggregation=True,
-            local_epochs=math.ceil(STEPS / cfg.num_rounds),
-            max_grad_norm=MAX_GRAD_NORM,
+            local_epochs=math.ceil(dp_heads.STEPS / cfg.num_rounds),
+            max_grad_norm=dp_heads.MAX_GRAD_NORM,
             feature_centering=False,
         )
 
@@ -207,16 +189,12 @@ class SecureDpSgdSolver:
                 f"secagg-honest-sites = {honest} but only {len(sizes)} sites take part; lower it (0: all sites)"
             )
         plan = plan_secure_dp_sgd(
-            target_epsilon=cfg.target_epsilon,
-            target_delta=cfg.target_delta,
-            site_sizes=sizes,
+            cfg,
+            sizes,
             feature_dim=inputs.backbone.feature_dim,
             num_classes=len(inputs.label_names),
             honest_sites=honest,
             project=projection_applies(cfg),
-            rounds=cfg.num_rounds,
-            noise_multiplier=cfg.noise_multiplier,
-            non_private=cfg.non_private,
         )
         self.head_plan = plan
         planned = planned_config(cfg, plan, sizes, head=PROJECTED if plan.projection_dim else "linear")
