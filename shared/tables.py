@@ -249,7 +249,7 @@ class TableRows:
 
 
 def read_table_rows(path: Path, schema: TableSchema, *, require_label: bool = True) -> TableRows:
-    """Read a CSV or Parquet file whose columns are exactly the schema's (plus its label and an optional split).
+    """Read a CSV (or .csv.gz) or Parquet file whose columns are exactly the schema's (plus label and optional split).
 
     `require_label=False` (rows to predict): the label column may be absent; labels are then "".
 
@@ -258,7 +258,7 @@ def read_table_rows(path: Path, schema: TableSchema, *, require_label: bool = Tr
             not a number, or not one of its column's declared categories (line, column and value named).
     """
     suffix = path.suffix.lower()
-    if suffix == ".csv":
+    if suffix == ".csv" or path.name.lower().endswith(".csv.gz"):
         header, records, origin = _csv_records(path)
     elif suffix in (".parquet", ".pq"):
         header, records, origin = _parquet_records(path)
