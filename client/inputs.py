@@ -20,6 +20,7 @@ import numpy as np
 from fedtl.client.canaries import refuse_canaries
 from fedtl.client.site import Site, load_site_data
 from fedtl.shared.backbones import TablePreprocessing, fingerprint_state_dict
+from fedtl.shared.config import fedtl_home
 from fedtl.shared.cut import Cut, inputs_at_cut
 from fedtl.shared.encoders import SchemaIdentity
 from fedtl.shared.errors import BackboneError, DataError, FingerprintMismatchError
@@ -31,6 +32,7 @@ from fedtl.shared.protocol import RoundSettings
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "test")
+LAB_STORE = "lab-example-store"  # under FEDTL_HOME: the simulated sites' inputs at the cut, per raw input
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,9 @@ def load_site_inputs(
             device=settings.device,
             progress=progress,
             desc=f"{site.name} {name} {cut.cache_folder}",
+            # Simulated sites are one party (the researcher's data on one machine): a new partition reuses what
+            # any of them extracted before. A real site's inputs never enter a shared store.
+            store_root=None if site.simulation is None else fedtl_home() / LAB_STORE,
         )
         hits += int(hit)
         out.append((x, y))

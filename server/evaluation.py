@@ -28,6 +28,7 @@ class CentralEvaluation:
             batch_size=cfg.feature_batch_size,
             device=cfg.device,
             progress=False,
+            store_root=fedtl_home() / "server-cache" / "examples",  # the server's own data: another split reuses it
         )
         self.model = backbone.model(cfg, len(label_names))
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from fedtl.shared.backbones import AnyPreprocessing, get_backbone_spec, resolve_preprocessing
 from fedtl.shared.deep import Adaptation, AdaptedHead, adapt_backbone, cut_fingerprint, split_backbone
-from fedtl.shared.features import FeatureCache, cached_features
+from fedtl.shared.features import ExampleStore, FeatureCache, cached_features
 from fedtl.shared.heads import PROJECTED, Head, build_head
 from fedtl.shared.named_data import federation_schema
 
@@ -96,11 +96,13 @@ def inputs_at_cut(
     device: str,
     progress: bool,
     desc: str = "features",
+    store_root: Path | None = None,
 ) -> tuple[np.ndarray, np.ndarray, bool]:
     """Return (inputs at the cut, labels, cache hit) of one data split, running the frozen part once per data.
 
     Cached in `cache_root/<cut.cache_folder>` under (cut fingerprint, data fingerprint, preprocessing);
-    `load_backbone` (the verified backbone) is only called on a cache miss.
+    `load_backbone` (the verified backbone) is only called on a cache miss. With `store_root`, a miss reuses the
+    inputs at the cut of every raw input seen before (`ExampleStore` in `store_root/<cut.cache_folder>`).
     """
     return cached_features(
         FeatureCache(Path(cache_root) / cut.cache_folder),
@@ -114,6 +116,7 @@ def inputs_at_cut(
         device=device,
         progress=progress,
         desc=desc,
+        store=None if store_root is None else ExampleStore(Path(store_root) / cut.cache_folder),
     )
 
 

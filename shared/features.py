@@ -135,6 +135,56 @@ class FeatureCache:
         return atomic_write_bytes(self.path(key), buffer.getvalue())
 
 
+def example_hashes(inputs: np.ndarray) -> list[str]:
+    """Return one SHA-256 per raw input (image, text or row), over its bytes, shape and dtype."""
+    out = []
+    for x in inputs:
+        if isinstance(x, str):
+            out.append(hashlib.sha256(b"text:" + x.encode()).hexdigest())
+        else:
+            a = np.ascontiguousarray(x)
+            out.append(hashlib.sha256(f"{a.dtype.str}{a.shape}:".encode() + a.tobytes()).hexdigest())
+    return out
+
+
+@dataclass(frozen=True)
+class ExampleStore:
+    """Features per raw input, by content: a folder of shards `<key>/<n>.npz` (hashes, features), written atomically.
+
+    One party's store (the lab's simulated sites, or the server's own held-out data): a new partition or a split
+    that shares inputs with an earlier one extracts only the inputs never seen. Extraction does not depend on
+    how inputs are batched on CPU, so stored rows equal a fresh pass bit for bit.
+    """
+
+    root: Path
+
+    def lookup(self, key: str, hashes: list[str]) -> dict[int, np.ndarray]:
+        """Return position -> stored features of the inputs whose hashes the store holds."""
+        wanted: dict[str, list[int]] = {}
+        for i, h in enumerate(hashes):  # identical inputs (duplicated images) share one stored row
+            wanted.setdefault(h, []).append(i)
+        found: dict[int, np.ndarray] = {}
+        folder = Path(self.root) / key
+        for shard in sorted(folder.glob("*.npz")) if folder.is_dir() else ():
+            try:
+                with np.load(shard) as data:
+                    stored, features = data["hashes"], data["features"]
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+                log.warning("example store shard %s is unreadable (%s); its inputs are extracted again", shard, exc)
+                continue
+            for row, h in enumerate(stored):
+                for i in wanted.get(str(h), ()):
+                    found.setdefault(i, features[row])
+        return found
+
+    def add(self, key: str, hashes: list[str], features: np.ndarray) -> None:
+        """Store the features of new inputs as one more shard (a unique name: concurrent writers never collide)."""
+        buffer = io.BytesIO()
+        np.savez(buffer, hashes=np.asarray(hashes), features=features)
+        name = hashlib.sha256("".join(hashes).encode()).hexdigest()[:32]
+        atomic_write_bytes(Path(self.root) / key / f"{name}.npz", buffer.getvalue())
+
+
 def cached_features(
     cache: FeatureCache,
     *,
@@ -148,18 +198,35 @@ def cached_features(
     device: str = "auto",
     progress: bool = True,
     desc: str = "features",
+    store: ExampleStore | None = None,
 ) -> tuple[np.ndarray, np.ndarray, bool]:
     """Return (features, labels, hit): the cached features, or extract and cache them first.
 
-    `load_backbone` is only called on a cache miss, so a hit costs neither weights nor a forward pass.
+    `load_backbone` is only called on a cache miss, so a hit costs neither weights nor a forward pass. With a
+    `store`, a miss extracts only the inputs the store has not seen (a new partition of the same data).
     """
     check_input_kind(images, preprocessing)  # before a cache hit can hide a mismatch
     key = feature_cache_key(backbone_fingerprint, data_fingerprint, preprocessing)
     found = cache.load(key)
     if found is not None:
         return found[0], found[1], True
-    feats = extract_features(
-        load_backbone(), images, preprocessing, batch_size=batch_size, device=device, progress=progress, desc=desc
-    )
+
+    def extract(inputs: np.ndarray) -> np.ndarray:
+        return extract_features(
+            load_backbone(), inputs, preprocessing, batch_size=batch_size, device=device, progress=progress, desc=desc
+        )
+
+    if store is None or len(images) == 0:
+        feats = extract(images)
+    else:
+        store_key = feature_cache_key(backbone_fingerprint, "per-example", preprocessing)
+        hashes = example_hashes(images)
+        known = store.lookup(store_key, hashes)
+        missing = [i for i in range(len(hashes)) if i not in known]
+        if missing:
+            new = extract(images[missing] if isinstance(images, np.ndarray) else [images[i] for i in missing])
+            store.add(store_key, [hashes[i] for i in missing], new)
+            known.update(zip(missing, new))
+        feats = np.stack([known[i] for i in range(len(hashes))]).astype(np.float32, copy=False)
     cache.save(key, feats, np.asarray(labels, dtype=np.int64))
     return feats, np.asarray(labels, dtype=np.int64), False

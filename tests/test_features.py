@@ -8,7 +8,15 @@ import torch
 from sklearn.datasets import load_digits
 
 from fedtl.shared.backbones import Preprocessing, build_backbone, fingerprint_backbone, get_backbone_spec
-from fedtl.shared.features import FeatureCache, cached_features, extract_features, feature_cache_key, resolve_device
+from fedtl.shared.features import (
+    ExampleStore,
+    FeatureCache,
+    cached_features,
+    example_hashes,
+    extract_features,
+    feature_cache_key,
+    resolve_device,
+)
 
 TINY_DIM = 32
 
@@ -195,6 +203,63 @@ def test_cached_features_loads_the_backbone_only_on_a_miss(tmp_path, pre, digits
 
 
 # --- resolve_device --------------------------------------------------------------------------------
+
+
+class CountingBackbone(torch.nn.Module):
+    """The tiny backbone, counting the inputs it is run on (the oracle for what a store saves)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.seen = build_backbone("tiny"), 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen += len(x)
+        return self.inner(x)
+
+
+def test_a_store_extracts_only_inputs_it_has_not_seen_and_gives_the_same_bits(tmp_path, pre):
+    bunch = load_digits()
+    images = np.round(bunch.images[:60] * 255 / 16).astype(np.uint8)
+    labels = bunch.target[:60].astype(np.int64)
+    backbone, store = CountingBackbone(), ExampleStore(tmp_path / "store")
+
+    def features(idx, cache, store):
+        return cached_features(
+            FeatureCache(tmp_path / cache),
+            load_backbone=lambda: backbone,
+            backbone_fingerprint="fp",
+            images=images[idx],
+            labels=labels[idx],
+            data_fingerprint=f"data-{idx.start}-{idx.stop}",
+            preprocessing=pre,
+            batch_size=7,
+            device="cpu",
+            progress=False,
+            store=store,
+        )[0]
+
+    features(slice(0, 40), "site-a", store)  # a first partition
+    assert backbone.seen == 40
+    shifted = features(slice(20, 60), "site-b", store)  # another site's share overlaps it by 20 inputs
+    assert backbone.seen == 60  # only the 20 new inputs ran through the backbone
+    fresh = features(slice(20, 60), "site-c", None)  # no store: every input extracted again
+    np.testing.assert_array_equal(shifted, fresh)  # a stored row is the same bits as a fresh pass
+
+
+def test_a_store_hashes_inputs_by_content_and_skips_an_unreadable_shard(tmp_path, caplog):
+    images = np.zeros((3, 8, 8), dtype=np.uint8)
+    images[1, 0, 0] = 1
+    hashes = example_hashes(images)
+    assert hashes[0] == hashes[2] != hashes[1]  # same bytes, same hash
+    assert example_hashes(images.astype(np.float32))[0] != hashes[0]  # the dtype counts
+    assert example_hashes(np.array(["a loan", "a card"], dtype=object)) == example_hashes(["a loan", "a card"])
+    store = ExampleStore(tmp_path)
+    store.add("k", hashes[:2], np.eye(2, dtype=np.float32))
+    np.testing.assert_array_equal(store.lookup("k", [hashes[1], "unseen"])[0], [0.0, 1.0])
+    (tmp_path / "k" / "broken.npz").write_bytes(b"not a zip")
+    with caplog.at_level(logging.WARNING):
+        assert sorted(store.lookup("k", hashes)) == [0, 1, 2]  # 2 has 0's bytes; the broken shard is skipped
+    assert "unreadable" in caplog.text
 
 
 def test_resolve_device_auto_and_cpu():
