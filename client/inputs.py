@@ -24,7 +24,7 @@ from fedtl.shared.config import fedtl_home
 from fedtl.shared.cut import Cut, inputs_at_cut
 from fedtl.shared.encoders import SchemaIdentity
 from fedtl.shared.errors import BackboneError, DataError, FingerprintMismatchError
-from fedtl.shared.features import FeatureCache, feature_cache_key
+from fedtl.shared.features import EXAMPLE_STORE, FeatureCache, feature_cache_key
 from fedtl.shared.files import atomic_write_bytes
 from fedtl.shared.loaders import source_stamp
 from fedtl.shared.protocol import RoundSettings
@@ -32,7 +32,6 @@ from fedtl.shared.protocol import RoundSettings
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "test")
-LAB_STORE = "lab-example-store"  # under FEDTL_HOME: the simulated sites' inputs at the cut, per raw input
 
 
 @dataclass(frozen=True)
@@ -111,7 +110,7 @@ def load_site_inputs(
             desc=f"{site.name} {name} {cut.cache_folder}",
             # Simulated sites are one party (the researcher's data on one machine): a new partition reuses what
             # any of them extracted before. A real site's inputs never enter a shared store.
-            store_root=None if site.simulation is None else fedtl_home() / LAB_STORE,
+            store_root=None if site.simulation is None else fedtl_home() / EXAMPLE_STORE,
         )
         hits += int(hit)
         out.append((x, y))

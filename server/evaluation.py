@@ -9,6 +9,7 @@ from fedtl.shared.config import RunConfig, fedtl_home
 from fedtl.shared.cut import Cut, inputs_at_cut
 from fedtl.shared.data import ImageDataset
 from fedtl.shared.deep import Adaptation
+from fedtl.shared.features import EXAMPLE_STORE
 from fedtl.shared.heads import predict_proba
 from fedtl.shared.metrics import classification_metrics
 
@@ -28,7 +29,7 @@ class CentralEvaluation:
             batch_size=cfg.feature_batch_size,
             device=cfg.device,
             progress=False,
-            store_root=fedtl_home() / "server-cache" / "examples",  # the server's own data: another split reuses it
+            store_root=fedtl_home() / EXAMPLE_STORE,  # another split of the same data reuses it
         )
         self.model = backbone.model(cfg, len(label_names))
 

@@ -24,6 +24,10 @@ from fedtl.shared.files import atomic_write_bytes
 log = logging.getLogger(__name__)
 
 FEATURES_FORMAT = 1  # bump when the cached file layout or extraction semantics change
+# Under FEDTL_HOME: features per raw input, of one party's data only. The server keeps its own held-out data's
+# there; in the lab, where the server and the simulated sites are one researcher's data on one machine, they
+# share it. A real site's inputs never enter it (client/inputs.py).
+EXAMPLE_STORE = "example-store"
 
 
 def resolve_device(device: str = "auto") -> torch.device:
