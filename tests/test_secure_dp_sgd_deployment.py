@@ -4,7 +4,8 @@ message, so each of the 50 steps' four secure-sum stages crosses processes on th
 policies and keyed ledgers.
 
 Opt-in: FEDTL_SLOW_DEPLOYMENT=1. The run is 50 secure sums of four query stages each, 400 ClientApp processes
-(each imports torch, Opacus and Flower), far beyond the default suite's time on 2 cores (README, secure DP-SGD).
+(each imports torch, Opacus and Flower): 61 min on 2 shared cores, far beyond the default suite (README,
+secure DP-SGD).
 """
 
 import json
@@ -28,7 +29,7 @@ pytestmark = [
     pytest.mark.skipif(
         os.environ.get("FEDTL_SLOW_DEPLOYMENT") != "1",
         reason="opt-in: FEDTL_SLOW_DEPLOYMENT=1 runs secure DP-SGD's 50 steps x 4 secure-sum stages on a real "
-        "loopback deployment (400 ClientApp processes; many minutes on 2 cores)",
+        "loopback deployment (400 ClientApp processes; about an hour on 2 shared cores)",
     ),
 ]
 
