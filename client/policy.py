@@ -60,7 +60,7 @@ class SitePolicy:
     # epsilon, so their number is capped: per run, and per rolling 24 hours so that new run ids gain nothing.
     max_noise_free_releases_per_run: int = 60
     max_noise_free_releases_per_day: int = 200
-    max_rounds_per_day: int = 200  # DP-SGD rounds over all runs in a rolling 24 hours
+    max_rounds_per_day: int = 200  # DP-SGD rounds + secure DP-SGD steps over all runs in a rolling 24 hours
     schema: str = ""  # table rows: the federation's published schema file, pinned by the site; "" = none
     # Secure aggregation: the most honest sites (this one included) the site counts on among those summed; it
     # refuses a run whose distributed noise assumes more (secagg-honest-sites). 1: it trusts only itself, so it
@@ -389,7 +389,8 @@ delta = 1e-5
 # Never release a DP-SGD step or a statistic with less noise than this.
 min-noise-multiplier = 0.5
 max-rounds-per-run = 50
-# DP-SGD rounds over all runs in any 24 hours (new run ids do not reset it).
+# DP-SGD rounds and secure DP-SGD steps (each step leaves the site) over all runs in any 24 hours
+# (new run ids do not reset it).
 max-rounds-per-day = 200
 # Noise-free releases (evaluation metrics, ranking and finetune scores, when released at all) per run
 # and in any 24 hours; each is recorded in the ledger before it is computed. 0: none.

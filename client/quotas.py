@@ -1,4 +1,4 @@
-"""Caps that epsilon cannot enforce: noise-free releases per run and per day, DP-SGD rounds per day.
+"""Caps that epsilon cannot enforce: noise-free releases per run and per day, trained releases per day.
 
 Evaluation metrics, transferability scores and finetuned scores are computed on private examples and
 leave the site without noise (shared/mechanisms.py: `accounted = False`), so any number of adaptive
@@ -6,10 +6,13 @@ queries could reconstruct what epsilon protects (e.g. exact class counts of the 
 constant head). A real site therefore records each such release in its ledger before computing it, and
 refuses one beyond its policy's `max-noise-free-releases-per-run`, or beyond
 `max-noise-free-releases-per-day` over all runs in the last 24 hours, counted from the ledger inside the
-release's transaction, so new run ids gain nothing. The same rolling window caps DP-SGD rounds
-(`max-rounds-per-day`) besides `max-rounds-per-run`. The caps bound how much leaks; they are no DP
-guarantee. Simulated sites (no policy) have no caps and write no noise-free records, so a simulated
-run's ledger holds its DP releases only.
+release's transaction, so new run ids gain nothing. The same rolling window caps releases of something
+trained (`max-rounds-per-day`) besides `max-rounds-per-run`: a DP-SGD round's update, and each step of secure
+DP-SGD, whose head gradient leaves the site every step (masked, in a secure sum), where a DP-SGD round's
+local steps stay at the site until the round's one update. Counting releases keeps 50 secure steps from
+passing as a few rounds; the default cap (200) still lets four 50-step secure runs through a day. The caps
+bound how much leaks; they are no DP guarantee. Simulated sites (no policy) have no caps and write no
+noise-free records, so a simulated run's ledger holds its DP releases only.
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ from collections.abc import Callable
 from fedtl.client.ledger import PrivacyCharge, noise_free_charge
 from fedtl.client.policy import PolicyRefusal, SitePolicy
 from fedtl.client.site import Site
-from fedtl.shared.mechanisms import DP_SGD, NOISE_FREE_KINDS, Mechanism
+from fedtl.shared.mechanisms import DP_SGD, NOISE_FREE_KINDS, SECURE_HEAD_GRADIENT, Mechanism
 
 WINDOW_S = 24 * 3600.0  # the rolling window of the per-day caps
+# Releases of something trained, each counted once per (run, kind, round) against max-rounds-per-day: a DP-SGD
+# round's update; a secure DP-SGD step's head gradient (its ledger round is the step).
+TRAINED_KINDS = frozenset({DP_SGD.kind, SECURE_HEAD_GRADIENT.kind})
 
 
 def count_noise_free(charges: list[PrivacyCharge], *, run_id: str | None = None, since: float | None = None) -> int:
@@ -64,21 +70,24 @@ def check_rounds_per_day(
     run_id: str,
     server_round: int,
     what: str,
+    kind: str = DP_SGD.kind,
     now: float | None = None,
 ) -> None:
-    """Refuse a new DP-SGD round when the last 24 hours already hold the policy's `max-rounds-per-day`.
+    """Refuse a new trained release (`kind` in TRAINED_KINDS) when the last 24 hours hold `max-rounds-per-day`.
 
-    A round counts once however many charges it has (a redone round is not a new one).
+    A release counts once however many charges it has (a redone round or step is not a new one).
 
     Raises:
         PolicyRefusal: the message names the count and the policy key.
     """
     now = time.time() if now is None else now
-    recent = {(c.run_id, c.server_round) for c in charges if c.kind == DP_SGD.kind and c.time >= now - WINDOW_S}
-    if (run_id, server_round) not in recent and len(recent) >= policy.max_rounds_per_day:
+    recent = {
+        (c.run_id, c.kind, c.server_round) for c in charges if c.kind in TRAINED_KINDS and c.time >= now - WINDOW_S
+    }
+    if (run_id, kind, server_round) not in recent and len(recent) >= policy.max_rounds_per_day:
         raise PolicyRefusal(
-            f"site {policy.site_name} refuses {what}: {len(recent)} DP-SGD rounds in the last 24 hours over all "
-            "runs, the policy's max-rounds-per-day"
+            f"site {policy.site_name} refuses {what}: {len(recent)} trained releases (DP-SGD rounds, secure DP-SGD "
+            "steps) in the last 24 hours over all runs, the policy's max-rounds-per-day"
         )
 
 

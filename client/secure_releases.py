@@ -17,6 +17,8 @@ import numpy as np
 
 from fedtl.client.centering import CENTER_ROUND
 from fedtl.client.inputs import load_site_inputs
+from fedtl.client.ledger import PrivacyCharge
+from fedtl.client.quotas import check_rounds_per_day
 from fedtl.client.release import Release, ReleaseRequest, charge_release, round_seed
 from fedtl.client.secagg import SessionPlan
 from fedtl.client.site import Site
@@ -168,7 +170,30 @@ def _head_gradient(
         lambda: feature_sum_release(rows, scale),
         len(u),
         sample_rate=rate,
+        precondition=_steps_per_day_check(site, settings, step),
     )
+
+
+def _steps_per_day_check(site: Site, settings: RoundSettings, step: int):  # type: ignore[no-untyped-def]
+    """Return the check, run on the ledger inside the step's transaction, of the policy's max-rounds-per-day.
+
+    Each secure step's gradient leaves the site, so it counts as one trained release (client/quotas.py).
+    """
+    policy = site.policy
+    if policy is None:
+        return None
+
+    def check(charges: list[PrivacyCharge]) -> None:
+        check_rounds_per_day(
+            policy,
+            charges,
+            run_id=settings.run_id,
+            server_round=step,
+            what=f"secure DP-SGD step {step}",
+            kind=SECURE_HEAD_GRADIENT.kind,
+        )
+
+    return check
 
 
 def _noised(
@@ -182,12 +207,14 @@ def _noised(
     rows_count: int,
     *,
     sample_rate: float = 1.0,
+    precondition: Callable[[list[PrivacyCharge]], None] | None = None,
 ) -> SecureRelease:
     """Compute the exact integers (they stay here), charge the release, then add this site's noise share.
 
     The integer sensitivities depend only on the public scale and dimension, never on the data, and the charge
     is on disk before anything leaves the site (write-ahead, as every release). `sample_rate` < 1: the release
-    is computed from a Poisson sample at that rate and charged as such.
+    is computed from a Poisson sample at that rate and charged as such. `precondition`: checked on the ledger
+    inside the charge's transaction (a policy quota).
     """
     exact = compute()
     release = charge_release(
@@ -204,6 +231,7 @@ def _noised(
             l1_sensitivity=exact.l1_sensitivity,
             honest_sites=plan.honest_sites,
             num_sites=plan.num_sites,
+            precondition=precondition,
         ),
     )
     variance = share_variance(

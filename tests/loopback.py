@@ -221,17 +221,18 @@ class Loopback:
         (run,) = json.loads(out.stdout)["runs"]
         return str(run["status"])
 
-    def run_log(self, run_id: int) -> str:
-        """Return the tail of the run's ServerApp log (for failure messages)."""
+    def run_log(self, run_id: int, tail: int | None = 6000) -> str:
+        """Return the tail of the run's ServerApp log (for failure messages; `tail` None: all of it)."""
         out = self.flwr("log", str(run_id), CONNECTION, "--show")
-        return (out.stdout + out.stderr)[-6000:]
+        text = out.stdout + out.stderr
+        return text if tail is None else text[-tail:]
 
-    def wait(self, run_id: int, timeout: float) -> str:
-        """Wait until the run has finished; return its final status."""
+    def wait(self, run_id: int, timeout: float, poll: float = 2.0) -> str:
+        """Wait until the run has finished, asking `flwr ls` every `poll` s (a process each); return its status."""
         deadline = time.time() + timeout
         while not (status := self.status(run_id)).startswith("finished"):
             assert time.time() < deadline, f"run {run_id} still {status} after {timeout:.0f} s"
-            time.sleep(2)
+            time.sleep(poll)
         return status
 
     def stop(self, name: str, sig: int = signal.SIGKILL) -> None:

@@ -7,6 +7,7 @@ import time
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from builders import round_settings
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
@@ -15,10 +16,12 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from fedtl.cli.main import main
 from fedtl.client.admin import init_policy
 from fedtl.client.client_app import evaluate, numpy_to_arrays
-from fedtl.client.ledger import noise_free_charge
+from fedtl.client.ledger import PrivacyCharge, noise_free_charge
 from fedtl.client.policy import PolicyRefusal, load_policy
-from fedtl.client.quotas import check_noise_free_quota
+from fedtl.client.quotas import check_noise_free_quota, check_rounds_per_day
 from fedtl.client.release import ReleaseRequest, charge_release
+from fedtl.client.secagg import SessionPlan
+from fedtl.client.secure_releases import HEAD_GRADIENT, secure_release
 from fedtl.client.site import Site, site_from_policy
 from fedtl.client.solvers.dp_sgd import train_round
 from fedtl.shared import constants as k
@@ -98,9 +101,50 @@ def test_new_run_ids_do_not_reset_the_daily_caps(tmp_path, flower_identity):
     site = site_from_policy(load_policy(policy_path))
     head = head_arrays(build_head("linear", 32, 10, hidden=16))
     train_round(site, round_settings(TINY, run_id="run-d", noise_multiplier=1.1), head, server_round=1)
-    with pytest.raises(PolicyRefusal, match=r"refuses round 1: 1 DP-SGD rounds in the last 24 hours over all runs"):
+    with pytest.raises(PolicyRefusal, match=r"refuses round 1: 1 trained releases \(DP-SGD rounds, secure DP-SGD"):
         train_round(site, round_settings(TINY, run_id="run-e", noise_multiplier=1.1), head, server_round=1)
     assert [c.kind for c in site.ledger.charges()].count("dp-sgd") == 1
+
+
+def test_each_secure_dp_sgd_step_counts_against_max_rounds_per_day_beside_dp_sgd_rounds(tmp_path, flower_identity):
+    policy_path = _policy(tmp_path, **{"max-rounds-per-day": 4, "min-honest-sites": 2})
+    site = site_from_policy(load_policy(policy_path))
+    head = head_arrays(build_head("linear", 32, 10))
+    train_round(site, round_settings(TINY, run_id="run-d", noise_multiplier=1.1), head, server_round=1)
+    settings = round_settings(TINY, run_id="run-s", secure_aggregation=True, secagg_honest_sites=2)
+    plan = SessionPlan("session", "run-s", 1, 2, 2, 2, HEAD_GRADIENT)
+
+    def step(number: int) -> None:
+        secure_release(
+            site,
+            settings,
+            plan,
+            noise_multiplier=3.0,
+            center=None,
+            arrays={**head, "center": np.zeros(32, dtype=np.float32)},
+            values={k.SECAGG_STEP: number, k.SECAGG_SAMPLE_RATE: 1.0},
+        )
+
+    for number in (1, 2, 3, 3):  # a redone step (its secure sum restarted) is no new release
+        step(number)
+    with pytest.raises(PolicyRefusal, match=r"refuses secure DP-SGD step 4: 4 trained releases .* max-rounds-per-day"):
+        step(4)
+    kinds = [(c.kind, c.server_round) for c in site.ledger.charges()]
+    assert kinds == [("dp-sgd", 1)] + [("secagg-head-gradient", n) for n in (1, 2, 3, 3)]  # step 4: nothing charged
+    with pytest.raises(PolicyRefusal, match=r"refuses round 2: 4 trained releases"):
+        train_round(site, round_settings(TINY, run_id="run-d", noise_multiplier=1.1), head, server_round=2)
+
+
+def test_the_default_daily_cap_lets_a_50_step_secure_run_through_and_counts_it(tmp_path):
+    policy = load_policy(_policy(tmp_path))
+    now = time.time()
+    rounds = [PrivacyCharge(f"run-{i // 10}", 1 + i % 10, 1.1, 0.1, 30, 1e-5) for i in range(150)]  # 15 DP-SGD runs
+    steps = [PrivacyCharge("run-s", n, 3.0, 1.0, 1, 1e-5, kind="secagg-head-gradient") for n in range(1, 50)]
+    check_rounds_per_day(policy, rounds + steps, run_id="run-s", server_round=50, what="step 50", kind=steps[0].kind)
+    done = steps + [PrivacyCharge("run-s", 50, 3.0, 1.0, 1, 1e-5, kind="secagg-head-gradient")]
+    with pytest.raises(PolicyRefusal, match=r"200 trained releases \(DP-SGD rounds, secure DP-SGD steps\)"):
+        check_rounds_per_day(policy, rounds + done, run_id="run-x", server_round=1, what="round 1")
+    check_rounds_per_day(policy, rounds + done, run_id="run-x", server_round=1, what="round 1", now=now + 86401)
 
 
 def test_releases_older_than_a_day_leave_the_window_and_defaults_let_a_normal_run_through(tmp_path):

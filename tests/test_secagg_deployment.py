@@ -36,25 +36,25 @@ def oracle_epsilon(charges, delta=1e-5):
     return best
 
 
-def _write_sites(root: Path) -> dict[str, Path]:
-    """Split digits' training pool over three image-folder sites whose policies count on 3 honest sites."""
+def write_sites(root: Path, sites: tuple[str, ...] = SITES) -> dict[str, Path]:
+    """Split digits' training pool over image-folder sites whose policies count on all of them being honest."""
     train = load_dataset("digits", seed=0).train
-    parts = partition_indices(train.labels, 3, scheme="iid", seed=0)
+    parts = partition_indices(train.labels, len(sites), scheme="iid", seed=0)
     policies = {}
-    for name, idx in zip(SITES, parts):
+    for name, idx in zip(sites, parts):
         for i in idx:
             save_png(root / name / "images" / str(train.labels[i]) / f"{i}.png", train.images[i])
         policy = init_policy(
             root / name / "policy.toml", site_name=name, data="images", backbones=["tiny"], label_names=[]
         )
-        policy.write_text(policy.read_text().replace("min-honest-sites = 1", "min-honest-sites = 3"))
+        policy.write_text(policy.read_text().replace("min-honest-sites = 1", f"min-honest-sites = {len(sites)}"))
         policies[name] = policy
     return policies
 
 
 @pytest.mark.slow
 def test_a_secure_closed_form_run_over_tls_sums_what_the_sites_release_and_states_its_trust(tmp_path):
-    policies = _write_sites(tmp_path)
+    policies = write_sites(tmp_path)
     net = Loopback(tmp_path / "flower")
     try:
         net.start_superlink()
