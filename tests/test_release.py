@@ -39,6 +39,7 @@ def test_every_mechanism_has_its_own_ledger_kind():
         "sufficient-stats",
         "secagg-feature-sum",
         "secagg-sufficient-stats",
+        "secagg-head-gradient",
         "evaluation",
         "ranking",
         "finetune-scores",
