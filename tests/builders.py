@@ -29,3 +29,15 @@ def round_settings(fingerprint: str, **changes) -> RoundSettings:
         label_names=tuple(str(i) for i in range(10)),
     )
     return dataclasses.replace(settings, **changes)
+
+
+def crash_after_masking(msg, context):  # type: ignore[no-untyped-def]
+    """fedtl's ClientApp, but site-5 crashes when asked for its masked vector, site-4 when asked to unmask."""
+    from fedtl.client.client_app import app
+    from fedtl.shared import constants as k
+
+    action = msg.content.config_records["config"].get(k.ACTION)
+    partition = context.node_config[k.PARTITION_ID]
+    if (partition, action) in ((5, k.ACTION_SECAGG_MASKED_INPUT), (4, k.ACTION_SECAGG_UNMASK)):
+        raise RuntimeError(f"site-{partition} crashed")
+    return app(msg, context)

@@ -200,6 +200,20 @@ class Loopback:
             ],
         )  # fmt: skip
 
+    def start_sites(self, policies: dict[str, Path], timeout: float = 120) -> None:
+        """Start a SuperNode for every site and wait until the SuperLink sees them all online."""
+        for name, policy in policies.items():
+            self.start_site(name, policy)
+        deadline = time.time() + timeout
+        while self.online_nodes() < len(policies):
+            first = next(iter(policies))
+            assert time.time() < deadline, "SuperNodes did not come online:\n" + self.log(first)
+            time.sleep(1)
+
+    def run_keys(self, **keys: object) -> int:
+        """Submit the app as a run with these run-config keys (`head_solver` -> `head-solver`); return its id."""
+        return self.run(" ".join(f"{key.replace('_', '-')}={json.dumps(value)}" for key, value in keys.items()))
+
     def online_nodes(self) -> int:
         """Return how many SuperNodes the SuperLink sees online."""
         out = self.flwr("supernode", "ls", CONNECTION, "--format", "json")

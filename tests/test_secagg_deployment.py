@@ -6,7 +6,6 @@ every stage's state crosses processes on the site's disk), a closed-form run wit
 import json
 import math
 import stat
-import time
 from pathlib import Path
 
 import numpy as np
@@ -58,12 +57,7 @@ def test_a_secure_closed_form_run_over_tls_sums_what_the_sites_release_and_state
     net = Loopback(tmp_path / "flower")
     try:
         net.start_superlink()
-        for name in SITES:
-            net.start_site(name, policies[name])
-        deadline = time.time() + 120
-        while net.online_nodes() < 3:
-            assert time.time() < deadline, "SuperNodes did not come online:\n" + net.log("site-1")
-            time.sleep(1)
+        net.start_sites({name: policies[name] for name in SITES})
         out = tmp_path / "runs"
         keys = {
             "backbone": "tiny",

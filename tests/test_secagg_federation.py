@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from builders import round_settings
+from builders import crash_after_masking, round_settings
 from safetensors.numpy import load_file
 
 from fedtl.client.ledger import PrivacyLedger
@@ -197,21 +197,10 @@ def test_a_sweep_over_assumed_honest_sites_reports_each_beside_the_plain_closed_
 
 
 def test_sites_that_crash_mid_protocol_leave_the_sum_exact_and_are_named(tmp_path):
-    from fedtl.client.client_app import app
-    from fedtl.shared import constants as k
-
-    def crashing_sites(msg, context):
-        """fedtl's ClientApp, but site-5 crashes when asked for its masked vector, site-4 when asked to unmask."""
-        action = msg.content.config_records["config"].get(k.ACTION)
-        partition = context.node_config[k.PARTITION_ID]
-        if (partition, action) in ((5, k.ACTION_SECAGG_MASKED_INPUT), (4, k.ACTION_SECAGG_UNMASK)):
-            raise RuntimeError(f"site-{partition} crashed")
-        return app(msg, context)
-
     cfg = RunConfig.from_mapping(
         {**SMALL, "out": str(tmp_path), "secure-aggregation": True, "secagg-honest-sites": 5, "target-epsilon": 4.0}
     )
-    summary = run_inprocess(cfg, num_sites=6, run_dir=tmp_path / "crash", client_app=crashing_sites)
+    summary = run_inprocess(cfg, num_sites=6, run_dir=tmp_path / "crash", client_app=crash_after_masking)
     trust = summary["secure-aggregation"]
     assert (trust["sites"], trust["sites-in-sum"], trust["threshold"]) == (6, 5, 4)  # site-4's vector is in
     assert set(trust["dropped"]) == {"site-4", "site-5"}  # named from the stages they finished

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from builders import round_settings
+from builders import crash_after_masking, round_settings
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp
 from safetensors.numpy import load_file
@@ -181,18 +181,7 @@ def test_without_noise_it_is_plain_full_batch_gradient_descent_on_the_pooled_dat
 
 
 def test_sites_lost_after_masking_leave_the_survivors_exact_sum(tmp_path):
-    from fedtl.client.client_app import app
-    from fedtl.shared import constants as k
-
-    def crashing_sites(msg, context):
-        """site-5 crashes when asked for its masked gradient, site-4 when asked to unmask (after masking)."""
-        action = msg.content.config_records["config"].get(k.ACTION)
-        partition = context.node_config[k.PARTITION_ID]
-        if (partition, action) in ((5, k.ACTION_SECAGG_MASKED_INPUT), (4, k.ACTION_SECAGG_UNMASK)):
-            raise RuntimeError(f"site-{partition} crashed")
-        return app(msg, context)
-
-    summary = _run(tmp_path, "drop", 6, crashing_sites, **{"non-private": True, "secagg-honest-sites": 5})
+    summary = _run(tmp_path, "drop", 6, crash_after_masking, **{"non-private": True, "secagg-honest-sites": 5})
     trust = summary["secure-aggregation"]
     assert (trust["sites"], trust["sites-in-sum"], trust["threshold"]) == (6, 5, 4)
     assert set(trust["dropped"]) == {"site-4", "site-5"}

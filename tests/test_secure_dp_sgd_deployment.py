@@ -78,25 +78,19 @@ def test_secure_dp_sgd_over_tls_charges_every_step_to_each_ledger_and_keeps_each
     started = time.time()
     try:
         net.start_superlink()
-        for name in SITES:
-            net.start_site(name, policies[name])
-        deadline = time.time() + 120
-        while net.online_nodes() < len(SITES):
-            assert time.time() < deadline, "SuperNodes did not come online:\n" + net.log("site-1")
-            time.sleep(1)
+        net.start_sites({name: policies[name] for name in SITES})
         out = tmp_path / "runs"
-        keys = {
-            "backbone": "tiny",
-            "data": "digits",
-            "out": str(out),
-            "min-available-nodes": len(SITES),
-            "head-solver": "secure-dp-sgd",
-            "target-epsilon": 4.0,
-            "num-rounds": 2,
-            "run-name": "secure-sgd",
-            "round-timeout": 300.0,
-        }
-        run_id = net.run(" ".join(f"{key}={json.dumps(value)}" for key, value in keys.items()))
+        run_id = net.run_keys(
+            backbone="tiny",
+            data="digits",
+            out=str(out),
+            min_available_nodes=len(SITES),
+            head_solver="secure-dp-sgd",
+            target_epsilon=4.0,
+            num_rounds=2,
+            run_name="secure-sgd",
+            round_timeout=300.0,
+        )
         # Polled every 20 s: each `flwr ls` is a Python process, a real share of 2 cores over a long run.
         assert net.wait(run_id, timeout=3600, poll=20) == "finished:completed", net.run_log(run_id)
         logs = {"ServerApp": net.run_log(run_id, tail=None), "SuperLink": net.log("superlink")}
