@@ -157,21 +157,14 @@ def run_auto(
     centre = _centre(fed, basis, plan, rng)
     prep = [centre_features(project_features(x, basis.projection), centre) for x in fed.site_x]
     weight, bias = np.zeros((fed.num_classes, basis.dim)), np.zeros(fed.num_classes)
+    schedule = {  # every site's every round trains on the plan's schedule
+        "steps": plan.local_steps,
+        "learning_rate": plan.learning_rate,
+        "max_grad_norm": plan.max_grad_norm,
+        "noise_multiplier": plan.noise_multiplier,
+    }
     for _ in range(plan.num_rounds):
-        parts = [
-            train_full_batch(
-                u,
-                y,
-                weight,
-                bias,
-                steps=plan.local_steps,
-                learning_rate=plan.learning_rate,
-                max_grad_norm=plan.max_grad_norm,
-                noise_multiplier=plan.noise_multiplier,
-                rng=rng,
-            )
-            for u, y in zip(prep, fed.site_y)
-        ]
+        parts = [train_full_batch(u, y, weight, bias, rng=rng, **schedule) for u, y in zip(prep, fed.site_y)]
         weight, bias = _fedavg(parts, fed.site_sizes)
     test = centre_features(project_features(fed.test_x, basis.projection), centre)
     return np.argmax(test @ weight.T + bias, axis=1), plan.reason

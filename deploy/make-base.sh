@@ -12,7 +12,7 @@ tag=${1:-fedtl-base:bookworm}
 mirror=${2:-http://deb.debian.org/debian}
 command -v debootstrap >/dev/null || { echo "needs debootstrap (Debian: apt-get install -y debootstrap)" >&2; exit 2; }
 [ "$(id -u)" = 0 ] || { echo "run as root: debootstrap creates device nodes and chroots" >&2; exit 2; }
-root=$(mktemp -d /tmp/fedtl-base.XXXXXX)
+root=$(mktemp -d -t fedtl-base.XXXXXX)  # under $TMPDIR (default /tmp)
 trap 'rm -rf --one-file-system "$root"' EXIT
 start=$(date +%s)
 nice -n 10 debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
