@@ -77,13 +77,20 @@ def secure_release(
     """
     if plan.release not in RELEASES:
         raise ReplyError(f"unknown secure release {plan.release!r}; expected one of {', '.join(RELEASES)}")
-    if plan.release == HEAD_GRADIENT:
-        return _head_gradient(site, settings, plan, noise_multiplier, arrays or {}, values or {})
-    return RELEASES[plan.release](site, settings, plan, noise_multiplier, center)
+    return RELEASES[plan.release](site, settings, plan, noise_multiplier, Sent(center, arrays or {}, values or {}))
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What the server sent with a secure release: the feature centre, and a secure DP-SGD step's head and scalars."""
+
+    center: np.ndarray | None
+    arrays: dict[str, np.ndarray]
+    values: dict[str, int | float]
 
 
 def _feature_sum(
-    site: Site, settings: RoundSettings, plan: SessionPlan, noise_multiplier: float, center: np.ndarray | None
+    site: Site, settings: RoundSettings, plan: SessionPlan, noise_multiplier: float, _: Sent
 ) -> SecureRelease:
     """The sum of the site's L2-normalised training features at the cut that trains (the feature centre)."""
     features = load_site_inputs(site, settings, cut=Cut.of(settings).at_end_cut()).train_x  # (N, D)
@@ -102,10 +109,10 @@ def _feature_sum(
 
 
 def _sufficient_stats(
-    site: Site, settings: RoundSettings, plan: SessionPlan, noise_multiplier: float, center: np.ndarray | None
+    site: Site, settings: RoundSettings, plan: SessionPlan, noise_multiplier: float, sent: Sent
 ) -> SecureRelease:
     """The closed form's statistics of the head's inputs (normalised, centred, projected, clipped to norm 1)."""
-    inputs = load_site_inputs(site, settings)
+    inputs, center = load_site_inputs(site, settings), sent.center
     dim = inputs.train_x.shape[1]
     if center is not None and (center.shape != (dim,) or not np.all(np.isfinite(center))):
         raise ReplyError(f"the feature centre sent has shape {center.shape} or non-finite values; expected ({dim},)")
@@ -125,12 +132,7 @@ def _sufficient_stats(
 
 
 def _head_gradient(
-    site: Site,
-    settings: RoundSettings,
-    plan: SessionPlan,
-    noise_multiplier: float,
-    arrays: dict[str, np.ndarray],
-    values: dict[str, int | float],
+    site: Site, settings: RoundSettings, plan: SessionPlan, noise_multiplier: float, sent: Sent
 ) -> SecureRelease:
     """One step of distributed DP-FedSGD: the sum of clipped per-example head gradients on a Poisson sample.
 
@@ -143,7 +145,7 @@ def _head_gradient(
     Raises:
         ReplyError: a missing or malformed step number, sample rate or head tensor.
     """
-    step, rate = values.get(k.SECAGG_STEP), values.get(k.SECAGG_SAMPLE_RATE)
+    step, rate = sent.values.get(k.SECAGG_STEP), sent.values.get(k.SECAGG_SAMPLE_RATE)
     if not (isinstance(step, int) and step >= 1 and isinstance(rate, float) and 0 < rate <= 1):
         raise ReplyError(
             f"a secure DP-SGD step needs `{k.SECAGG_STEP}` (an int >= 1) and `{k.SECAGG_SAMPLE_RATE}` (a float in "
@@ -151,7 +153,7 @@ def _head_gradient(
         )
     inputs = load_site_inputs(site, settings)
     weight, bias, center, projection = check_head_tensors(
-        arrays, feature_dim=inputs.train_x.shape[1], num_classes=settings.num_classes
+        sent.arrays, feature_dim=inputs.train_x.shape[1], num_classes=settings.num_classes
     )
     u = head_inputs(inputs.train_x, center=center, projection=projection)
     seed = round_seed(site, settings, step)
@@ -266,5 +268,5 @@ def _unit_rows(features: np.ndarray) -> np.ndarray:
 RELEASES: dict[str, Callable[..., SecureRelease]] = {
     FEATURE_SUM: _feature_sum,  # the feature centre's sum (server/centering.py under secure aggregation)
     SUFFICIENT_STATS: _sufficient_stats,  # the closed form's statistics (server/solvers/closed_form.py)
-    HEAD_GRADIENT: _head_gradient,  # a secure DP-SGD step (server/solvers/secure_dp_sgd.py); takes the head sent
+    HEAD_GRADIENT: _head_gradient,  # a secure DP-SGD step (server/solvers/secure_dp_sgd.py): the head sent
 }
