@@ -8,16 +8,17 @@ shared.tables). The backbone's preprocessing turns them into a batch (shared.bac
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import importlib.util
 import json
 import math
 import numbers
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from fedtl.shared.errors import ConfigError, DataError
 from fedtl.shared.partitioners import NATURAL, parse_partition, partition_indices, validate_groups
@@ -261,12 +262,33 @@ def cast_integer_labels(labels: np.ndarray, *, source: str) -> np.ndarray:
 def load_digits_splits(*, seed: int = 0, test_fraction: float = 0.2) -> DataSplits:
     """sklearn's bundled 8x8 digits, 0..16 rescaled to 0..255, split stratified by class (seeded)."""
     check_split_settings(seed=seed, test_fraction=test_fraction)
-    bunch = load_digits()
-    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8)
+    pixels, target = _bundled_digits()
+    images = np.round(pixels * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8)
     source = "sklearn digits"
-    labels = validate_labels(bunch.target, 10, source=source)
+    labels = validate_labels(target, 10, source=source)
     dataset = ImageDataset(images, labels, tuple(str(d) for d in range(10)), source)
     return _split_dataset(dataset, seed=seed, test_fraction=test_fraction)
+
+
+def _bundled_digits() -> tuple[np.ndarray, np.ndarray]:
+    """Return scikit-learn's bundled digits, (1797, 8, 8) pixels 0..16 and (1797,) labels, read as `load_digits` does.
+
+    The file is read where the installed scikit-learn keeps it, without importing scikit-learn (1 s of every
+    run's start-up); tests/test_data.py checks the arrays equal `load_digits()`'s.
+
+    Raises:
+        DataError: scikit-learn, or its digits file, is not installed.
+    """
+    spec = importlib.util.find_spec("sklearn")  # finds the package without running it
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = Path(roots[0]) / "datasets" / "data" / "digits.csv.gz" if roots else None
+    if path is None or not path.is_file():
+        raise DataError(
+            f"sklearn digits: the bundled file {path or 'digits.csv.gz'} is missing; fix: pip install scikit-learn"
+        )
+    with gzip.open(path, mode="rt", encoding="utf-8") as fh:
+        data = np.loadtxt(fh, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
 
 
 def check_split_settings(*, seed: int, test_fraction: float) -> None:
@@ -314,10 +336,40 @@ def _split_indices(labels: np.ndarray, test_fraction: float, seed: int) -> tuple
     n_test = min(max(math.ceil(test_fraction * n), 1), n - 1)  # same rounding as sklearn
     classes, counts = np.unique(labels, return_counts=True)
     stratified = bool(counts.min() >= 2 and n_test >= classes.size and n - n_test >= classes.size)
-    train_idx, test_idx = train_test_split(
-        np.arange(n), test_size=n_test, stratify=labels if stratified else None, random_state=seed
-    )
-    return np.sort(train_idx), np.sort(test_idx), stratified
+    rng = np.random.RandomState(seed)
+    if not stratified:
+        order = rng.permutation(n)
+        return np.sort(order[n_test:]), np.sort(order[:n_test]), False
+    # scikit-learn's stratified shuffle split (`train_test_split(..., stratify=labels, random_state=seed)`), step
+    # for step so the same seed draws the same split (tests/test_data.py checks it against scikit-learn), without
+    # importing scikit-learn: every site's ClientApp process splits its data.
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    by_class = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])
+    n_train_i = _approximate_mode(counts, n - n_test, rng)
+    n_test_i = _approximate_mode(counts - n_train_i, n_test, rng)
+    train, test = [], []
+    for members, n_tr, n_te in zip(by_class, n_train_i, n_test_i):
+        shuffled = members.take(rng.permutation(len(members)), mode="clip")
+        train.extend(shuffled[:n_tr])
+        test.extend(shuffled[n_tr : n_tr + n_te])
+    return np.sort(np.asarray(train, dtype=np.intp)), np.sort(np.asarray(test, dtype=np.intp)), True
+
+
+def _approximate_mode(counts: np.ndarray, draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """Per-class draws closest to `draws` x the class shares, ties broken by `rng` (sklearn's `_approximate_mode`)."""
+    continuous = counts / counts.sum() * draws
+    floored = np.floor(continuous)
+    need = int(draws - floored.sum())
+    if need > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:  # the largest remainders first
+            (tied,) = np.where(remainder == value)
+            take = min(len(tied), need)
+            floored[rng.choice(tied, size=take, replace=False)] += 1
+            need -= take
+            if need == 0:
+                break
+    return floored.astype(int)
 
 
 def site_split(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
 from fedtl.shared import constants as k
 
@@ -23,13 +22,45 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, f
     out = {
         k.LOSS: float(-np.mean(np.log(probs[np.arange(len(labels)), labels] + eps))),
         k.ACCURACY: float(np.mean(preds == labels)),
-        k.BALANCED_ACCURACY: float(balanced_accuracy_score(labels, preds)),
-        k.MACRO_F1: float(f1_score(labels, preds, average="macro", labels=np.arange(num_classes), zero_division=0)),
+        k.BALANCED_ACCURACY: balanced_accuracy(labels, preds),
+        k.MACRO_F1: macro_f1(labels, preds, num_classes),
     }
     if num_classes == 2:
         # AUROC is undefined when the split holds one class only; report NaN rather than guess.
-        out[k.AUROC] = float(roc_auc_score(labels, probs[:, 1])) if len(np.unique(labels)) == 2 else float("nan")
+        out[k.AUROC] = _auroc(labels, probs[:, 1]) if len(np.unique(labels)) == 2 else float("nan")
     return out
+
+
+# Balanced accuracy and macro-F1 in numpy, with scikit-learn's arithmetic (tests/test_metrics.py checks them equal
+# to the last bit): every evaluation computes them, and scikit-learn costs a ClientApp process 1 s to import and
+# its argument checks 3 ms a call.
+
+
+def balanced_accuracy(labels: np.ndarray, preds: np.ndarray) -> float:
+    """Mean recall over the classes present in `labels` (sklearn's `balanced_accuracy_score`)."""
+    classes, inverse = np.unique(np.concatenate([labels, preds]), return_inverse=True)
+    truth, guess = inverse[: len(labels)], inverse[len(labels) :]
+    confusion = np.bincount(truth * len(classes) + guess, minlength=len(classes) ** 2).reshape(len(classes), -1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_class = np.diagonal(confusion) / confusion.sum(axis=1)
+    return float(np.mean(per_class[~np.isnan(per_class)]))  # classes only predicted have no recall
+
+
+def macro_f1(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> float:
+    """Unweighted mean over classes 0..C-1 of F1 = 2 tp / (true + predicted), 0 where both are 0."""
+    tp = np.bincount(labels[labels == preds], minlength=num_classes)[:num_classes].astype(np.float64)
+    true = np.bincount(labels, minlength=num_classes)[:num_classes].astype(np.float64)
+    predicted = np.bincount(preds, minlength=num_classes)[:num_classes].astype(np.float64)
+    denom = true + predicted
+    f1 = 2 * tp / np.where(denom == 0, 1.0, denom)
+    return float(np.nanmean(np.where(denom == 0, 0.0, f1)))
+
+
+def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Binary AUROC by scikit-learn (imported here: only binary tasks pay for it)."""
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(labels, scores))
 
 
 def majority_rate(labels: np.ndarray) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -27,7 +28,6 @@ from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 from flwr.clientapp.client_app import ClientAppException
 from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, ErrorCode
-from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
 from flwr.server.utils.validator import validate_message
 from flwr.serverapp import Grid
 from flwr.supercore.date import now
@@ -222,7 +222,8 @@ def run_inprocess(
     federation = start_simulation(cfg, num_sites, app, run_dir)
     cfg = federation.cfg
 
-    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+    # A random unsigned run id as Flower's link state draws one (its helper's module imports a SuperLink store: 1 s).
+    run = Run.create_empty(run_id=int.from_bytes(os.urandom(RUN_ID_NUM_BYTES), "little", signed=False))
     run.primary_task_id = 1
     # Sites get the run config a deployed ClientApp would (Flower's legacy simulation API gives an empty one).
     grid = InProcessGrid(client_app, num_nodes=num_sites, run_config=dict(cfg.to_mapping()))

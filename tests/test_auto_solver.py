@@ -14,7 +14,7 @@ from fedtl.client.ledger import PrivacyLedger
 from fedtl.server.model_file import load_model
 from fedtl.server.solvers.auto import AutoSolver, fallback_reason
 from fedtl.shared import constants as k
-from fedtl.shared.config import RunConfig
+from fedtl.shared.config import RunConfig, fedtl_home
 from fedtl.shared.dp_heads import plan_dp_head
 from fedtl.shared.errors import ConfigError
 from fedtl.shared.heads import build_head, head_arrays
@@ -228,3 +228,34 @@ def test_auto_fixes_the_schedule_before_any_site_is_asked():
     # The configured rounds (a site's policy checks them at set-up), ceil(50 / 3) full-batch steps in each.
     assert (cfg.num_rounds, cfg.local_epochs, cfg.noise_multiplier, cfg.feature_centering) == (3, 17, None, False)
     assert AutoSolver().configure(RunConfig()).local_epochs == 5  # the default 10 rounds: the tuned 5 steps each
+
+
+def test_the_public_basis_is_stored_once_and_a_bad_stored_file_is_recomputed(monkeypatch):
+    from fedtl.server.setup import load_server_backbone
+    from fedtl.server.solvers import auto
+
+    cfg = RunConfig(backbone="tiny", projection_dim=16, image_size=32)
+    backbone = load_server_backbone(cfg)
+    first = auto.public_basis(backbone, cfg)
+    (stored,) = (fedtl_home() / "server-cache" / "public-basis").iterdir()
+    monkeypatch.setattr(auto, "_PUBLIC_BASES", {})  # a new process: only the file remains
+
+    def no_synthetic_inputs(*_a, **_k):
+        raise AssertionError("a stored basis was recomputed")
+
+    draw = auto.generate_synthetic_images
+    monkeypatch.setattr(auto, "generate_synthetic_images", no_synthetic_inputs)
+    again = auto.public_basis(backbone, cfg)
+    assert all(np.array_equal(a, b) for a, b in zip(first[:2], again[:2])) and again[2] is None
+
+    monkeypatch.setattr(auto, "generate_synthetic_images", draw)
+    monkeypatch.setattr(auto, "_PUBLIC_BASES", {})
+    stored.write_bytes(b"not an npz")  # torn or tampered: recomputed from the public inputs, then rewritten
+    redone = auto.public_basis(backbone, cfg)
+    assert all(np.array_equal(a, b) for a, b in zip(first[:2], redone[:2]))
+    with np.load(stored) as data:
+        assert np.array_equal(data["projection"], first[0])
+    monkeypatch.setattr(auto, "_PUBLIC_BASES", {})
+    wider = auto.public_basis(backbone, cfg.replace(projection_dim=8))  # another width: its own file
+    assert wider[0].shape == (8, first[0].shape[1])
+    assert len(list(stored.parent.iterdir())) == 2

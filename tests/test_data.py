@@ -12,7 +12,7 @@ from PIL import Image
 from sklearn.datasets import load_digits, load_sample_images
 from sklearn.model_selection import train_test_split
 
-from fedtl.shared import data
+from fedtl.shared import data, dataset
 from fedtl.shared.data import (
     DataSplits,
     ImageDataset,
@@ -92,7 +92,7 @@ def _medmnist_like(rng: np.random.Generator, n: int = 12, k: int = 3) -> dict[st
 # --- module hygiene --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("module", ["data", "dataset", "images", "labels", "loaders", "npz"])
+@pytest.mark.parametrize("module", ["data", "dataset", "images", "labels", "loaders", "npz", "metrics"])
 def test_module_does_not_import_flower_or_opacus(module):
     tree = ast.parse((Path(data.__file__).parent / f"{module}.py").read_text())
     imported = set()
@@ -122,6 +122,51 @@ def test_digits_loads_with_stratified_seeded_split():
     np.testing.assert_array_equal(train.images, images[np.sort(tr)])
     np.testing.assert_array_equal(test.labels, targets[np.sort(te)])
     assert train.class_counts() == np.bincount(targets[tr], minlength=10).tolist()
+
+
+def test_loading_and_splitting_data_and_scoring_do_not_import_scikit_learn():
+    # Every site's ClientApp process loads, splits and scores; scikit-learn alone would add 1 s to each.
+    code = (
+        "import sys, numpy as np\n"
+        "from fedtl.shared.data import load_dataset\n"
+        "from fedtl.shared.metrics import classification_metrics\n"
+        "s = load_dataset('digits', seed=1)\n"
+        "classification_metrics(s.test.labels, np.full((len(s.test), 10), 0.1))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'sklearn'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def _label_cases():
+    rng = np.random.default_rng(7)
+    yield np.repeat(np.arange(10), 2)  # the smallest stratifiable case
+    yield np.array([0] * 7 + [1] * 3 + [2] * 2)  # unequal shares, ties in the remainders
+    for _ in range(12):
+        k = int(rng.integers(2, 12))
+        yield rng.integers(0, k, int(rng.integers(3 * k, 400)))
+    yield np.array([0, 1, 1, 1, 1])  # a class of one: not stratifiable, plain shuffle
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.25, 0.5, 0.1])
+@pytest.mark.parametrize("seed", [0, 1, 2**32 - 1])
+def test_split_draws_exactly_scikit_learns_split(fraction, seed):
+    for labels in _label_cases():
+        n = labels.size
+        ours_train, ours_test, stratified = dataset._split_indices(labels, fraction, seed)  # noqa: SLF001
+        n_test = min(max(int(np.ceil(fraction * n)), 1), n - 1)
+        tr, te = train_test_split(
+            np.arange(n), test_size=n_test, stratify=labels if stratified else None, random_state=seed
+        )
+        np.testing.assert_array_equal(ours_train, np.sort(tr))
+        np.testing.assert_array_equal(ours_test, np.sort(te))
+
+
+def test_bundled_digits_equal_load_digits():
+    pixels, target = dataset._bundled_digits()  # noqa: SLF001
+    bunch = load_digits()
+    np.testing.assert_array_equal(pixels, bunch.images)
+    np.testing.assert_array_equal(target, bunch.target)
 
 
 def test_digits_is_deterministic_for_a_seed():

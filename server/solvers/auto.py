@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import math
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +46,8 @@ from fedtl.shared.cut import Cut, inputs_at_cut
 from fedtl.shared.dataset import IMAGES, TEXTS
 from fedtl.shared.dp_heads import MAX_GRAD_NORM, PROJECTION_DIMS, STEPS, HeadPlan, plan_dp_head
 from fedtl.shared.encoders import minilm_words
-from fedtl.shared.errors import FederationError
+from fedtl.shared.errors import FederationError, StorageError
+from fedtl.shared.files import atomic_write_bytes
 from fedtl.shared.heads import PROJECTED, check_incoming_tensor
 from fedtl.shared.public_basis import (
     SYNTHETIC_COUNT,
@@ -63,6 +66,7 @@ log = logging.getLogger(__name__)
 progress = logging.getLogger("fedtl.progress")  # the user's terminal (cli/main.show_progress)
 
 HEAD_PLAN = "head-plan"  # config.json and summary.json key
+BASIS_FORMAT = 1  # bump when compute_public_basis changes: stored bases of the old rule are then recomputed
 HEAD_WEIGHT = "layers.0.weight"  # the projected head's linear weight (C, k) (shared/heads.Head)
 
 
@@ -315,6 +319,11 @@ def public_basis(
     if key in _PUBLIC_BASES:  # the same public inputs give the same basis: a sweep computes it once
         projection, center, names_at = _PUBLIC_BASES[key]
         return projection.copy(), center.copy(), None if names_at is None else names_at.copy()
+    stored = _BasisFile(fedtl_home() / "server-cache" / "public-basis", key)
+    if (found := stored.load(cfg.projection_dim)) is not None:  # a later run: no synthetic inputs drawn, no SVD
+        _PUBLIC_BASES[key] = found
+        projection, center, names_at = found
+        return projection.copy(), center.copy(), None if names_at is None else names_at.copy()
     if kind == TEXTS:
         inputs, what = generate_synthetic_texts(minilm_words()), "synthetic-texts/"
         data = "\n".join(inputs).encode()
@@ -338,7 +347,56 @@ def public_basis(
     # The centre is computed with the float32 projection every party applies.
     center = project_features(features, projection).mean(axis=0).astype(np.float32)
     _PUBLIC_BASES[key] = (projection.copy(), center.copy(), None if name_features is None else name_features.copy())
+    stored.save(projection, center, name_features)
     return projection, center, name_features
+
+
+@dataclasses.dataclass(frozen=True)
+class _BasisFile:
+    """The public basis of one backbone, preprocessing and width, kept on disk beside the server's features.
+
+    Public and derived only from public inputs, so storing it costs no privacy; a later run (a new process: each
+    `fedtl simulate`, each ServerApp of a deployment) skips drawing the synthetic inputs and the SVD. Its key
+    holds everything the basis depends on, the synthetic inputs' constants included; an unreadable or
+    mis-shaped file is recomputed and rewritten (atomically), never trusted.
+    """
+
+    root: Path
+    key: tuple
+
+    @property
+    def path(self) -> Path:
+        synthetic = (SYNTHETIC_COUNT, SYNTHETIC_SEED, SYNTHETIC_SIZE, WHITENING, BASIS_FORMAT)
+        digest = hashlib.sha256(json.dumps([list(self.key), synthetic], default=str).encode()).hexdigest()
+        return self.root / f"{digest}.npz"
+
+    def load(self, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+        """Return (projection, center, class names' features or None), or None when absent or unreadable."""
+        if not self.path.is_file():
+            return None
+        try:
+            with np.load(self.path) as data:
+                projection, center = data["projection"], data["center"]
+                names = data["names"] if "names" in data.files else None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            log.warning("public basis file %s is unreadable (%s); recomputing it", self.path, exc)
+            return None
+        if projection.ndim != 2 or len(projection) != dim or center.shape != (dim,):
+            log.warning(
+                "public basis file %s has shape %s, not (%d, D); recomputing it", self.path, projection.shape, dim
+            )
+            return None
+        return projection, center, names
+
+    def save(self, projection: np.ndarray, center: np.ndarray, names: np.ndarray | None) -> None:
+        """Store the basis atomically; a full or read-only disk only costs the next run the SVD again."""
+        buffer = io.BytesIO()
+        arrays = {"projection": projection, "center": center} | ({} if names is None else {"names": names})
+        np.savez(buffer, **arrays)
+        try:
+            atomic_write_bytes(self.path, buffer.getvalue())
+        except StorageError as exc:
+            log.warning("public basis not stored (%s); the next run computes it again", exc)
 
 
 def _public_features(backbone: Backbone, cfg: RunConfig, inputs: np.ndarray, fingerprint: str, desc: str) -> np.ndarray:
