@@ -7,7 +7,7 @@ import io
 import json
 import logging
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -151,42 +151,80 @@ def example_hashes(inputs: np.ndarray) -> list[str]:
     return out
 
 
+@dataclass
+class _StoreIndex:
+    """What one process has read of one store folder: hash -> (shard's features, row), and which shards."""
+
+    stamp: int = -1  # the folder's mtime (ns) when it was last listed
+    shards: set[str] = field(default_factory=set)
+    rows: dict[str, tuple[np.ndarray, int]] = field(default_factory=dict)
+
+    def take(self, name: str, hashes: np.ndarray, features: np.ndarray) -> None:
+        """Index one shard (an input already indexed keeps its first row: the same input, the same features)."""
+        self.shards.add(name)
+        for row, h in enumerate(hashes):
+            self.rows.setdefault(str(h), (features, row))
+
+
+# Per process and folder: a lab run of 10,000 simulated sites looks up each site's inputs after the others added
+# theirs, so reading every shard per lookup would be quadratic. Shards are immutable (named by their content),
+# so an indexed shard never needs reading again; the folder is listed again only when its mtime moved.
+_STORE_INDEXES: dict[Path, _StoreIndex] = {}
+
+
 @dataclass(frozen=True)
 class ExampleStore:
     """Features per raw input, by content: a folder of shards `<key>/<n>.npz` (hashes, features), written atomically.
 
     One party's store (the lab's simulated sites, or the server's own held-out data): a new partition or a split
     that shares inputs with an earlier one extracts only the inputs never seen. Extraction does not depend on
-    how inputs are batched on CPU, so stored rows equal a fresh pass bit for bit.
+    how inputs are batched on CPU, so stored rows equal a fresh pass bit for bit. Each process keeps an index of
+    the shards it has read; one another process writes is found when the folder's mtime moves (at worst, an
+    input whose shard was missed is extracted again: never a wrong row).
     """
 
     root: Path
 
     def lookup(self, key: str, hashes: list[str]) -> dict[int, np.ndarray]:
         """Return position -> stored features of the inputs whose hashes the store holds."""
-        wanted: dict[str, list[int]] = {}
-        for i, h in enumerate(hashes):  # identical inputs (duplicated images) share one stored row
-            wanted.setdefault(h, []).append(i)
-        found: dict[int, np.ndarray] = {}
         folder = Path(self.root) / key
-        for shard in sorted(folder.glob("*.npz")) if folder.is_dir() else ():
-            try:
-                with np.load(shard) as data:
-                    stored, features = data["hashes"], data["features"]
-            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-                log.warning("example store shard %s is unreadable (%s); its inputs are extracted again", shard, exc)
-                continue
-            for row, h in enumerate(stored):
-                for i in wanted.get(str(h), ()):
-                    found.setdefault(i, features[row])
+        try:
+            stamp = folder.stat().st_mtime_ns
+        except OSError:  # nothing stored yet
+            return {}
+        index = _STORE_INDEXES.setdefault(folder.resolve(), _StoreIndex())
+        if stamp != index.stamp:
+            index.stamp = stamp
+            for shard in sorted(folder.glob("*.npz")):
+                if shard.name not in index.shards:
+                    self._read(shard, index)
+        found: dict[int, np.ndarray] = {}
+        for i, h in enumerate(hashes):  # identical inputs (duplicated images) share one stored row
+            if (hit := index.rows.get(h)) is not None:
+                found[i] = hit[0][hit[1]]
         return found
+
+    @staticmethod
+    def _read(shard: Path, index: _StoreIndex) -> None:
+        try:
+            with np.load(shard) as data:
+                index.take(shard.name, data["hashes"], data["features"])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            log.warning("example store shard %s is unreadable (%s); its inputs are extracted again", shard, exc)
 
     def add(self, key: str, hashes: list[str], features: np.ndarray) -> None:
         """Store the features of new inputs as one more shard (a unique name: concurrent writers never collide)."""
         buffer = io.BytesIO()
         np.savez(buffer, hashes=np.asarray(hashes), features=features)
         name = hashlib.sha256("".join(hashes).encode()).hexdigest()[:32]
-        atomic_write_bytes(Path(self.root) / key / f"{name}.npz", buffer.getvalue())
+        folder = Path(self.root) / key
+        before = folder.stat().st_mtime_ns if folder.is_dir() else None
+        path = atomic_write_bytes(folder / f"{name}.npz", buffer.getvalue())
+        index = _STORE_INDEXES.get(folder.resolve())
+        if index is not None:
+            index.take(path.name, np.asarray(hashes), np.asarray(features))
+            if before == index.stamp:  # nobody else wrote since the last listing: no need to list again
+                index.stamp = folder.stat().st_mtime_ns
 
 
 def cached_features(

@@ -1,6 +1,8 @@
 """Tests for shared/features.py: frozen-backbone feature extraction, the cache key and the on-disk cache."""
 
 import logging
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -298,3 +300,20 @@ def test_a_federation_extracts_its_features_on_the_gpu(tmp_path):
     cfg = RunConfig(backbone="efficientnet_lite0", image_size=64, num_rounds=1, device="cuda", out=str(tmp_path))
     summary = run_inprocess(cfg, num_sites=2)
     assert summary["all-sites-completed"] and summary["final"]["central-accuracy"] > 0.3
+
+
+def test_a_store_reads_each_shard_once_and_finds_another_writers_shard(tmp_path, monkeypatch):
+    reads = []
+    load = np.load
+    monkeypatch.setattr(np, "load", lambda path, *a, **kw: reads.append(Path(path).name) or load(path, *a, **kw))
+    store = ExampleStore(tmp_path)
+    hashes = [f"h{i}" for i in range(300)]
+    for i in range(0, 300, 3):  # 100 sites, each looking up its inputs then adding them, as the lab prepares them
+        assert store.lookup("k", hashes[i : i + 3]) == {}
+        store.add("k", hashes[i : i + 3], np.full((3, 2), i, dtype=np.float32))
+        assert sorted(store.lookup("k", hashes[: i + 3])) == list(range(i + 3))
+    assert len(reads) == len(set(reads)) <= 100  # each shard read at most once, not once per lookup
+    other = tmp_path / "k" / "from-another-process.npz"
+    np.savez(other, hashes=np.asarray(["elsewhere"]), features=np.ones((1, 2), dtype=np.float32))
+    os.utime(tmp_path / "k", ns=(0, 1))  # the folder's mtime moved (forced: same-tick writes may not move it)
+    np.testing.assert_array_equal(store.lookup("k", ["elsewhere"])[0], [1.0, 1.0])
