@@ -264,3 +264,61 @@ def test_the_launcher_exits_with_its_supernode_so_a_restart_policy_can_start_the
     )
     done = subprocess.run([sys.executable, "-c", script, str(policy)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 305 % 256, done.stderr[-3000:]
+
+
+def test_the_task_zygote_forks_a_process_per_task_that_reads_the_policy_afresh(tmp_path, monkeypatch):
+    """Each task runs in its own forked process (never in the zygote), with the policy as the file says now."""
+    import os
+    import signal
+    import time
+
+    from fedtl.client import launcher
+
+    path = init_policy(tmp_path / "site.toml", site_name="s", data="digits", backbones=["tiny"], label_names=[])
+    seen = tmp_path / "seen"
+    seen.mkdir()
+
+    def fake_task(policy, address, token, task_type):
+        (seen / token).write_text(json.dumps([os.getpid(), policy.site_name, address, task_type]))
+        return 0
+
+    monkeypatch.setattr(launcher, "run_task", fake_task)
+    path.write_text(path.read_text().replace('name = "s"', 'name = "renamed"', 1))  # edited after the zygote started
+    lines = "".join(json.dumps({"token": t, "task-type": "clientapp"}) + "\n" for t in ("t1", "t2"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
+    before = signal.getsignal(signal.SIGCHLD)
+    try:
+        assert launcher.serve_tasks(path, "127.0.0.1:9") == 0  # returns at end of input, in this (the zygote's) process
+    finally:
+        signal.signal(signal.SIGCHLD, before)
+    deadline = time.time() + 30
+    while len(list(seen.iterdir())) < 2:
+        assert time.time() < deadline, "the forked tasks did not run"
+        time.sleep(0.05)
+    time.sleep(0.2)  # the files are written before the children exit; let them finish writing
+    runs = {p.name: json.loads(p.read_text()) for p in seen.iterdir()}
+    assert {name: run[1:] for name, run in runs.items()} == {
+        "t1": ["renamed", "127.0.0.1:9", "clientapp"],
+        "t2": ["renamed", "127.0.0.1:9", "clientapp"],
+    }
+    pids = {run[0] for run in runs.values()}
+    assert len(pids) == 2 and os.getpid() not in pids  # one process each, neither the zygote
+
+
+def test_the_task_zygote_is_started_without_the_token_or_the_environments_python_path(tmp_path):
+    from fedtl.client.launcher import TaskZygote
+    from fedtl.client.policy import load_policy
+
+    policy = load_policy(
+        init_policy(tmp_path / "site.toml", site_name="s", data="digits", backbones=["tiny"], label_names=[])
+    )
+    zygote = TaskZygote.start(policy, "127.0.0.1:9")
+    try:
+        argv = zygote.process.args
+        assert argv[:4] == [sys.executable, "-I", "-m", "fedtl.client.launcher"] and "--tasks" in argv
+        assert zygote.send("secret-token", "clientapp")  # by its stdin pipe, never argv or environment
+        assert "secret-token" not in " ".join(argv)
+    finally:
+        zygote.process.stdin.close()  # end of input: it stops
+        zygote.process.wait(timeout=60)
+    assert not zygote.send("late", "clientapp")  # a stopped zygote is reported, so the launcher starts another
