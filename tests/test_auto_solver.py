@@ -236,6 +236,7 @@ def test_the_public_basis_is_stored_once_and_a_bad_stored_file_is_recomputed(mon
 
     cfg = RunConfig(backbone="tiny", projection_dim=16, image_size=32)
     backbone = load_server_backbone(cfg)
+    monkeypatch.setattr(auto, "_PUBLIC_BASES", {})  # an earlier test's basis, kept in this process, is not stored here
     first = auto.public_basis(backbone, cfg)
     (stored,) = (fedtl_home() / "server-cache" / "public-basis").iterdir()
     monkeypatch.setattr(auto, "_PUBLIC_BASES", {})  # a new process: only the file remains
