@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -19,7 +17,7 @@ from tqdm.auto import tqdm
 from fedtl.shared.backbones import AnyPreprocessing
 from fedtl.shared.dataset import IMAGES, input_kind
 from fedtl.shared.errors import DataError
-from fedtl.shared.files import atomic_write_bytes
+from fedtl.shared.files import NPZ_READ_ERRORS, atomic_write_npz
 
 log = logging.getLogger(__name__)
 
@@ -128,15 +126,13 @@ class FeatureCache:
         try:
             with np.load(path) as data:
                 return data["features"], data["labels"]
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        except NPZ_READ_ERRORS as exc:
             log.warning("feature cache file %s is unreadable (%s); recomputing it", path, exc)
             return None
 
     def save(self, key: str, features: np.ndarray, labels: np.ndarray) -> Path:
         """Store (features, labels) under `key` atomically and return the file's path."""
-        buffer = io.BytesIO()
-        np.savez(buffer, features=features, labels=labels)
-        return atomic_write_bytes(self.path(key), buffer.getvalue())
+        return atomic_write_npz(self.path(key), features=features, labels=labels)
 
 
 def example_hashes(inputs: np.ndarray) -> list[str]:
@@ -209,17 +205,15 @@ class ExampleStore:
         try:
             with np.load(shard) as data:
                 index.take(shard.name, data["hashes"], data["features"])
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        except NPZ_READ_ERRORS as exc:
             log.warning("example store shard %s is unreadable (%s); its inputs are extracted again", shard, exc)
 
     def add(self, key: str, hashes: list[str], features: np.ndarray) -> None:
         """Store the features of new inputs as one more shard (a unique name: concurrent writers never collide)."""
-        buffer = io.BytesIO()
-        np.savez(buffer, hashes=np.asarray(hashes), features=features)
         name = hashlib.sha256("".join(hashes).encode()).hexdigest()[:32]
         folder = Path(self.root) / key
         before = folder.stat().st_mtime_ns if folder.is_dir() else None
-        path = atomic_write_bytes(folder / f"{name}.npz", buffer.getvalue())
+        path = atomic_write_npz(folder / f"{name}.npz", hashes=np.asarray(hashes), features=features)
         index = _STORE_INDEXES.get(folder.resolve())
         if index is not None:
             index.take(path.name, np.asarray(hashes), np.asarray(features))

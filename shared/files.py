@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import errno
+import io
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
+import numpy as np
+
 from fedtl.shared.errors import StorageError
+
+# What np.load raises on a torn, truncated or foreign .npz file (a cache that catches them recomputes the file).
+NPZ_READ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
 
 _FIXES = {
     errno.ENOSPC: "the disk is full: free space there, or point FEDTL_HOME / the policy's folders elsewhere",
@@ -47,6 +54,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_npz(path: str | Path, **arrays: np.ndarray) -> Path:
+    """Write `arrays` as an .npz file at `path` atomically (atomic_write_bytes) and return the path."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def _umask() -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 from collections import OrderedDict
@@ -30,7 +29,7 @@ from fedtl.shared import constants as k
 from fedtl.shared.backbones import fingerprint_state_dict
 from fedtl.shared.cut import Cut, build_model
 from fedtl.shared.deep import check_deep_run
-from fedtl.shared.files import atomic_write_bytes
+from fedtl.shared.files import atomic_write_npz
 from fedtl.shared.heads import build_head, head_arrays, personal_array_names
 from fedtl.shared.mechanisms import DP_SGD
 from fedtl.shared.metrics import majority_rate
@@ -288,9 +287,7 @@ class PersonalHead:
 
     def save(self, arrays: dict[str, np.ndarray]) -> None:
         """Keep `arrays` (written atomically, replacing the previous ones)."""
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        atomic_write_bytes(self.path, buffer.getvalue())
+        atomic_write_npz(self.path, **arrays)
 
     def merge(self, shared: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Return the whole FedPer head: the server's shared layers plus this site's last layer.
@@ -377,6 +374,6 @@ class ReplyReplay:
             "sample_rate": result.sample_rate,
             "noise_multiplier": result.noise_multiplier,
         }
-        buffer = io.BytesIO()
-        np.savez(buffer, meta=np.array(json.dumps(meta)), **{f"arrays/{n}": v for n, v in result.arrays.items()})
-        atomic_write_bytes(self.path, buffer.getvalue())
+        atomic_write_npz(
+            self.path, meta=np.array(json.dumps(meta)), **{f"arrays/{n}": v for n, v in result.arrays.items()}
+        )

@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import math
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +45,7 @@ from fedtl.shared.dataset import IMAGES, TEXTS
 from fedtl.shared.dp_heads import MAX_GRAD_NORM, PROJECTION_DIMS, STEPS, HeadPlan, plan_dp_head
 from fedtl.shared.encoders import minilm_words
 from fedtl.shared.errors import FederationError, StorageError
-from fedtl.shared.files import atomic_write_bytes
+from fedtl.shared.files import NPZ_READ_ERRORS, atomic_write_npz
 from fedtl.shared.heads import PROJECTED, check_incoming_tensor
 from fedtl.shared.public_basis import (
     SYNTHETIC_COUNT,
@@ -378,7 +376,7 @@ class _BasisFile:
             with np.load(self.path) as data:
                 projection, center = data["projection"], data["center"]
                 names = data["names"] if "names" in data.files else None
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        except NPZ_READ_ERRORS as exc:
             log.warning("public basis file %s is unreadable (%s); recomputing it", self.path, exc)
             return None
         if projection.ndim != 2 or len(projection) != dim or center.shape != (dim,):
@@ -390,11 +388,9 @@ class _BasisFile:
 
     def save(self, projection: np.ndarray, center: np.ndarray, names: np.ndarray | None) -> None:
         """Store the basis atomically; a full or read-only disk only costs the next run the SVD again."""
-        buffer = io.BytesIO()
         arrays = {"projection": projection, "center": center} | ({} if names is None else {"names": names})
-        np.savez(buffer, **arrays)
         try:
-            atomic_write_bytes(self.path, buffer.getvalue())
+            atomic_write_npz(self.path, **arrays)
         except StorageError as exc:
             log.warning("public basis not stored (%s); the next run computes it again", exc)
 
