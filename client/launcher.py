@@ -99,7 +99,9 @@ def run_site(policy: SitePolicy, supernode_command: list[str], runtime_port: int
                 token_task = None
             if token_task is not None:
                 token, task = token_task
-                if zygote is not None and not zygote.send(token, task.type):
+                if zygote is None:
+                    tasks.append(_start_task(policy, address, token, task.type))
+                elif not zygote.send(token, task.type):
                     log.warning(
                         "site %s: the task zygote exited (%s); starting another",
                         policy.site_name,
@@ -109,8 +111,6 @@ def run_site(policy: SitePolicy, supernode_command: list[str], runtime_port: int
                     zygote = TaskZygote.start(policy, address)
                     if not zygote.send(token, task.type):
                         raise OSError(f"site {policy.site_name}: the task zygote exited at start; see its log above")
-                elif zygote is None:
-                    tasks.append(_start_task(policy, address, token, task.type))
             time.sleep(POLL_SECONDS)
         return supernode.returncode
     finally:
