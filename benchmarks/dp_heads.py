@@ -164,7 +164,9 @@ def run_auto(
         "noise_multiplier": plan.noise_multiplier,
     }
     for _ in range(plan.num_rounds):
-        parts = [train_full_batch(u, y, weight, bias, rng=rng, **schedule) for u, y in zip(prep, fed.site_y)]
+        parts = [
+            train_full_batch(u, y, weight, bias, rng=rng, fit_bias=False, **schedule) for u, y in zip(prep, fed.site_y)
+        ]
         weight, bias = _fedavg(parts, fed.site_sizes)
     test = centre_features(project_features(fed.test_x, basis.projection), centre)
     return np.argmax(test @ weight.T + bias, axis=1), plan.reason

@@ -160,7 +160,9 @@ def _head_gradient(
     # Simulation: reproducible from the run seed (a stream apart from the noise's); a real site: ChaCha20.
     sampler = SecureRandom() if seed is None else np.random.default_rng([seed, 1])
     keep = poisson_sample(sampler, len(u), rate)
-    rows = clipped_gradient_rows(u[keep], inputs.train_y[keep], weight, bias, max_grad_norm=settings.max_grad_norm)
+    rows = clipped_gradient_rows(  # a projected head's bias is held (shared/heads.py): its gradient is not sent
+        u[keep], inputs.train_y[keep], weight, bias, max_grad_norm=settings.max_grad_norm, fit_bias=projection is None
+    )
     scale = feature_sum_scale(noise_multiplier)
     return _noised(
         site,

@@ -18,8 +18,10 @@ sites' pooled local test splits, never on a held-out split; PneumoniaMNIST and B
 at 3 and 8, the best there); lr x steps in {63..3000} as LOGIT_NOISE / eta with LOGIT_NOISE in {0.5, 1, 2}
 (0.5 and 1 tied within noise), capped where 3000 lost to 1000 at epsilon 8; whitening 0, 0.5, 1 (0.5 and 1 a
 point or two above 0); centre shares 0.1 and 0.2 (tied); Poisson sample rates 0.1 and 0.25 (no gain over full
-batches); 20 to 200 steps (no difference, as the rule predicts); FedAvg every step or every 5 (tied). A DP Gram
-release for whitening and the closed form on the same basis lost to DP-GD at every epsilon.
+batches); 20 to 200 steps (no difference, as the rule predicts); FedAvg every step or every 5 (tied); the head's
+bias trained or held at zero (held: +3.8 / +2.6 / +0.9 points at epsilon 1 / 3 / 8, shared/heads.py); with it held,
+doubling lr x steps or averaging the last 5 rounds' models (no consistent gain: +0.5 / -1.5 points at 8 / 3). A DP
+Gram release for whitening and the closed form on the same basis lost to DP-GD at every epsilon.
 Pure numpy: no Flower.
 """
 
@@ -217,13 +219,20 @@ def plan_dp_head(
 
 
 def clipped_gradient_sum(
-    features: np.ndarray, labels: np.ndarray, weight: np.ndarray, bias: np.ndarray, *, max_grad_norm: float
+    features: np.ndarray,
+    labels: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    *,
+    max_grad_norm: float,
+    fit_bias: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return the sum over examples of the per-example cross-entropy gradients of a linear head, each clipped.
 
     For logits W u + b the example's gradient is (p - y) [u; 1]^T, of L2 norm ||p - y|| sqrt(||u||^2 + 1), so
     clipping needs no per-sample backward pass (Abadi et al. 2016 clip the joint weight-and-bias gradient, as
-    Opacus does). Returns (grad_weight (C, k), grad_bias (C,)).
+    Opacus does). With `fit_bias` False the bias is held (the projected head's, shared/heads.py): the norm is
+    ||p - y|| ||u|| and the bias gradient is zero. Returns (grad_weight (C, k), grad_bias (C,)).
     """
     u = np.asarray(features, dtype=np.float64)  # (N, k)
     logits = u @ weight.T + bias  # (N, C)
@@ -231,9 +240,9 @@ def clipped_gradient_sum(
     p = np.exp(logits)
     p /= p.sum(axis=1, keepdims=True)
     g = p - np.eye(weight.shape[0])[labels]  # (N, C)
-    norms = np.linalg.norm(g, axis=1) * np.sqrt(np.sum(u * u, axis=1) + 1.0)  # (N,)
+    norms = np.linalg.norm(g, axis=1) * np.sqrt(np.sum(u * u, axis=1) + float(fit_bias))  # (N,)
     g = g * np.minimum(1.0, max_grad_norm / np.maximum(norms, 1e-12))[:, None]
-    return g.T @ u, g.sum(axis=0)
+    return g.T @ u, g.sum(axis=0) if fit_bias else np.zeros(weight.shape[0])
 
 
 def train_full_batch(
@@ -247,8 +256,11 @@ def train_full_batch(
     max_grad_norm: float,
     noise_multiplier: float,
     rng: np.random.Generator,
+    fit_bias: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return (W, b) after `steps` full-batch DP-GD steps from (weight, bias) on one site's data.
+
+    `fit_bias` False holds b (the projected head's, which the auto plan trains): no gradient, no noise on it.
 
     Each step is Opacus' DP-SGD at sample rate 1: the clipped per-example gradients are summed, N(0,
     (noise_multiplier * max_grad_norm)^2) is added to every coordinate, the sum is divided by the site's N.
@@ -262,10 +274,11 @@ def train_full_batch(
     w, b = np.array(weight, dtype=np.float64), np.array(bias, dtype=np.float64)
     n = len(labels)
     for _ in range(steps):
-        gw, gb = clipped_gradient_sum(features, labels, w, b, max_grad_norm=max_grad_norm)
+        gw, gb = clipped_gradient_sum(features, labels, w, b, max_grad_norm=max_grad_norm, fit_bias=fit_bias)
         std = noise_multiplier * max_grad_norm
         w -= learning_rate * (gw + rng.normal(0.0, std, size=gw.shape)) / n
-        b -= learning_rate * (gb + rng.normal(0.0, std, size=gb.shape)) / n
+        if fit_bias:
+            b -= learning_rate * (gb + rng.normal(0.0, std, size=gb.shape)) / n
     return w, b
 
 

@@ -27,7 +27,10 @@ class Head(nn.Module):
 
     The "projected" head (head-solver "auto", shared/dp_heads.py) first maps the normalised feature onto
     k public directions, `projection` (k, D), clips it to norm 1 and subtracts a k-dim `center`: both
-    buffers, set by the server, so every site and the model file apply the same map.
+    buffers, set by the server, so every site and the model file apply the same map. Its bias stays at zero
+    in the training loop (`requires_grad` off): on unit inputs the bias takes half of every example's clipped
+    gradient norm, ||p - y|| of ||p - y|| sqrt(2), so without it the weights get all of it against the same noise
+    (shared/dp_heads.py says what that measured). Secure DP-SGD's server-side steps (server/solvers) still move it.
     """
 
     def __init__(
@@ -46,6 +49,7 @@ class Head(nn.Module):
                     f"a projected head needs 1 <= projection-dim < the feature dim {in_features}, got {projection_dim}"
                 )
             self.layers = nn.Sequential(nn.Linear(projection_dim, num_classes))
+            self.layers[0].bias.requires_grad_(False)  # see the class docstring: the clip norm goes to W
         else:
             raise ValueError(f"`head` must be one of linear, mlp, {PROJECTED}; got {kind!r}")
         self.kind = kind

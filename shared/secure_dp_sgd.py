@@ -29,12 +29,19 @@ def head_inputs(features: np.ndarray, *, center: np.ndarray, projection: np.ndar
 
 
 def clipped_gradient_rows(
-    u: np.ndarray, labels: np.ndarray, weight: np.ndarray, bias: np.ndarray, *, max_grad_norm: float
+    u: np.ndarray,
+    labels: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    *,
+    max_grad_norm: float,
+    fit_bias: bool = True,
 ) -> np.ndarray:
     """Return each example's cross-entropy gradient of W u + b, clipped to `max_grad_norm`, divided by it (N, C(d+1)).
 
     The gradient of an example is (p - y) [u; 1]^T; row layout: the weight's (C, d) entries row by row, then the
     bias's C entries (the head's `layers.0.weight` and `layers.0.bias`, flattened). Every row has norm <= 1.
+    `fit_bias` False (a projected head, whose bias is held: shared/heads.py): (p - y) u^T only, rows (N, C d).
     """
     u = np.asarray(u, dtype=np.float64)
     logits = u @ np.asarray(weight, dtype=np.float64).T + np.asarray(bias, dtype=np.float64)  # (N, C)
@@ -42,11 +49,11 @@ def clipped_gradient_rows(
     p = np.exp(logits)
     p /= p.sum(axis=1, keepdims=True)
     g = p - np.eye(weight.shape[0])[np.asarray(labels, dtype=np.int64)]  # (N, C)
-    norms = np.linalg.norm(g, axis=1) * np.sqrt(np.sum(u * u, axis=1) + 1.0)  # ||(p - y) [u; 1]^T||_F
+    norms = np.linalg.norm(g, axis=1) * np.sqrt(np.sum(u * u, axis=1) + float(fit_bias))  # ||(p - y) [u; 1]^T||_F
     factor = np.minimum(1.0 / max_grad_norm, 1.0 / np.maximum(norms, 1e-12))  # clip to C, then divide by C
     g = g * factor[:, None]
     rows = (g[:, :, None] * u[:, None, :]).reshape(len(u), -1)  # (N, C d)
-    return np.concatenate([rows, g], axis=1)
+    return np.concatenate([rows, g], axis=1) if fit_bias else rows
 
 
 def poisson_sample(rng: np.random.Generator | SecureRandom, count: int, sample_rate: float) -> np.ndarray:
@@ -58,11 +65,15 @@ def poisson_sample(rng: np.random.Generator | SecureRandom, count: int, sample_r
     return rng.random(count) < sample_rate
 
 
-def split_gradient(total: np.ndarray, *, num_classes: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Return (weight (C, d), bias (C,)) of a flat gradient in `clipped_gradient_rows`' layout."""
-    if total.shape != (num_classes * (dim + 1),):
-        raise ReplyError(f"a head gradient of {total.shape} entries, expected {num_classes * (dim + 1)}")
-    return total[: num_classes * dim].reshape(num_classes, dim), total[num_classes * dim :]
+def split_gradient(
+    total: np.ndarray, *, num_classes: int, dim: int, fit_bias: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return (weight (C, d), bias (C,)) of a flat gradient in `clipped_gradient_rows`' layout (bias 0 if held)."""
+    expected = num_classes * (dim + int(fit_bias))
+    if total.shape != (expected,):
+        raise ReplyError(f"a head gradient of {total.shape} entries, expected {expected}")
+    bias = total[num_classes * dim :] if fit_bias else np.zeros(num_classes)
+    return total[: num_classes * dim].reshape(num_classes, dim), bias
 
 
 def check_head_tensors(

@@ -64,8 +64,8 @@ MECHANISM = (
 
 
 def gradient_dim(projection_dim: int, feature_dim: int, num_classes: int) -> int:
-    """Return the entries of one head gradient: C (d + 1), d = k or the feature dim."""
-    return num_classes * ((projection_dim or feature_dim) + 1)
+    """Return the entries of one head gradient: C k for a projected head (its bias is held), else C (D + 1)."""
+    return num_classes * projection_dim if projection_dim else num_classes * (feature_dim + 1)
 
 
 def gradient_sensitivities(dim: int):  # type: ignore[no-untyped-def]
@@ -211,10 +211,12 @@ class SecureDpSgdSolver:
         weight = arrays["layers.0.weight"].astype(np.float64)
         bias = arrays["layers.0.bias"].astype(np.float64)
         num_classes, dim = weight.shape
-        sensitivities = gradient_sensitivities(weight.size + bias.size)
+        fit_bias = not plan.projection_dim  # a projected head's bias is held (shared/heads.py)
+        length = gradient_dim(plan.projection_dim, dim, num_classes)
+        sensitivities = gradient_sensitivities(length)
         sigma = plan.noise_multiplier
         scale = feature_sum_scale(sigma)
-        shrink = quantization_shrink(weight.size + bias.size, scale)
+        shrink = quantization_shrink(length, scale)
         step, result = 0, None
         for server_round in range(1, plan.num_rounds + 1):
             for _ in range(plan.local_steps):
@@ -229,7 +231,7 @@ class SecureDpSgdSolver:
                     fed.node_ids,
                     fed.config,
                     release=HEAD_GRADIENT,
-                    length=weight.size + bias.size,
+                    length=length,
                     honest_sites=plan.honest_sites,
                     noise_multiplier=sigma,
                     arrays=ArrayRecord({name: Array(np.asarray(v, dtype=np.float32)) for name, v in sent.items()}),
@@ -244,7 +246,7 @@ class SecureDpSgdSolver:
                 counts = [int(r.content.metric_records[k.METRICS][k.NUM_EXAMPLES]) for r in result.replies.values()]
                 batch = plan.sample_rate * sum(counts)  # expected, public: the estimate stays unbiased
                 total = read_feature_sum(result.total, scale, shrink) * plan.max_grad_norm
-                grad_w, grad_b = split_gradient(total, num_classes=num_classes, dim=dim)
+                grad_w, grad_b = split_gradient(total, num_classes=num_classes, dim=dim, fit_bias=fit_bias)
                 weight = weight - plan.learning_rate * grad_w / batch
                 bias = bias - plan.learning_rate * grad_b / batch
                 for reply in result.replies.values():
