@@ -8,20 +8,25 @@ privacy beyond the releases the plan lists, each charged to the accountant.
 The one quantity that drives every rule is `mean_noise`, eta = sigma * sqrt(K) / N: the per-coordinate noise std
 in a mean of N unit vectors when each of K sites adds its own Gaussian noise of multiplier sigma (the whole
 budget spent on one release, no secure aggregation) to its own sum. It is also the noise that full-batch DP-GD
-leaves per unit of lr x steps in every logit of a unit-norm input (see `train_full_batch`), which is why
-lr x steps is set from it (Panda et al. 2022, "A New Linear Scaling Rule for Private Adaptive Hyperparameter
-Optimization": with full batches, noise and progress both scale with lr x steps, so that product is what to set).
+leaves per unit of lr x steps x max_grad_norm in every logit of a unit-norm input (see `train_full_batch`), which
+is why that product is set from it (Panda et al. 2022, "A New Linear Scaling Rule for Private Adaptive
+Hyperparameter Optimization": with full batches, noise and progress both scale with lr x steps, so that product is
+what to set; the clipping norm scales the noise, and the progress of every example whose gradient it clips).
 
 How the constants were chosen: on digits only (EfficientNet-Lite0, 64 px, 5 iid sites, seeds 0-2), scored on the
 sites' pooled local test splits, never on a held-out split; PneumoniaMNIST and BreastMNIST use them unchanged
 (benchmarks/dp_heads.py). Compared: projection dims 16-1280 (MAX_MEAN_NOISE_NORM picks 64 at epsilon 1 and 256
-at 3 and 8, the best there); lr x steps in {63..3000} as LOGIT_NOISE / eta with LOGIT_NOISE in {0.5, 1, 2}
-(0.5 and 1 tied within noise), capped where 3000 lost to 1000 at epsilon 8; whitening 0, 0.5, 1 (0.5 and 1 a
-point or two above 0); centre shares 0.1 and 0.2 (tied); Poisson sample rates 0.1 and 0.25 (no gain over full
-batches); 20 to 200 steps (no difference, as the rule predicts); FedAvg every step or every 5 (tied); the head's
-bias trained or held at zero (held: +3.8 / +2.6 / +0.9 points at epsilon 1 / 3 / 8, shared/heads.py); with it held,
-doubling lr x steps or averaging the last 5 rounds' models (no consistent gain: +0.5 / -1.5 points at 8 / 3). A DP
-Gram release for whitening and the closed form on the same basis lost to DP-GD at every epsilon.
+at 3 and 8, the best there); whitening 0, 0.5, 1 (0.5 and 1 a point or two above 0); centre shares 0.1 and 0.2
+(tied); Poisson sample rates 0.1 and 0.25 (no gain over full batches); 20 to 200 steps (no difference, as the rule
+predicts); FedAvg every step or every 5 (tied); averaging the last 5 rounds' models (no consistent gain). Then, in
+this order: the head's bias trained or held at zero (held: +3.8 / +2.6 / +0.9 points at epsilon 1 / 3 / 8,
+shared/heads.py; at clip 1, LOGIT_NOISE 0.75, cap 1000, the rule first chosen from LOGIT_NOISE in {0.5, 1, 2});
+then, with it held, (LOGIT_NOISE, MAX_LR_STEPS, MAX_GRAD_NORM) in (0.75, 1000, 1), (0.75 / 1.1 / 1.5 / 2, 3000,
+0.5), (0.75 / 1.1 / 1.5, 3000, 0.25), each scored both with every site noising its own steps and with the secure
+sum's one-curator noise (head-solver "secure-dp-sgd", whose lr x steps the old cap bound at epsilon 8):
+(1.5, 3000, 0.25) was the best or within 0.5 point of it in all six cells, +3.0 / +1.8 / +2.1 points at epsilon
+1 / 3 / 8 with per-site noise and +3.3 / +1.8 / +1.6 with the secure sum's. A DP Gram release for whitening and the
+closed form on the same basis lost to DP-GD at every epsilon.
 Pure numpy: no Flower.
 """
 
@@ -40,13 +45,13 @@ from fedtl.shared.public_basis import SYNTHETIC_COUNT
 DP_GD = "dp-gd"
 PROJECTION_DIMS = (16, 32, 64, 128, 256)
 MAX_MEAN_NOISE_NORM = 0.07  # k: the largest with eta * sqrt(k) <= this (noise norm in a k-dim mean of unit vectors)
-LOGIT_NOISE = 0.75  # lr x steps = LOGIT_NOISE / eta: the std the DP-GD noise leaves in each logit
-MAX_LR_STEPS = 1000.0  # beyond it more progress is not worth its noise even at large epsilon
+LOGIT_NOISE = 1.5  # lr x steps x max_grad_norm = LOGIT_NOISE / eta: the std the DP-GD noise leaves in each logit
+MAX_LR_STEPS = 3000.0  # the cap on that product: beyond it more progress is not worth its noise at large epsilon
 CENTER_SHARE = 0.1  # the k-dim centre release, when made, has this share of the one-release budget
 MAX_CENTER_NOISE_NORM = 0.25  # above this expected noise norm the public synthetic centre is used instead
 STEPS = 50  # full-batch DP-GD steps per site over the run, at least (q = 1: the same noise for any count)
 LOCAL_STEPS = 5  # steps between averagings at the default 10 rounds; num-rounds stays the run config's (below)
-MAX_GRAD_NORM = 1.0
+MAX_GRAD_NORM = 0.25  # per-example gradients are ||p - y|| <= sqrt(2) on unit inputs: most are clipped
 
 
 @dataclass(frozen=True)
@@ -119,8 +124,13 @@ def dp_gd_schedule(site_sizes: Sequence[int], rounds: int) -> tuple[list[int], i
 
 
 def lr_times_steps(eta: float) -> float:
-    """Return learning rate x steps for mean noise eta: min(LOGIT_NOISE / eta, MAX_LR_STEPS) (Panda et al.)."""
+    """Return lr x steps x max_grad_norm for mean noise eta: min(LOGIT_NOISE / eta, MAX_LR_STEPS) (Panda et al.)."""
     return min(LOGIT_NOISE / eta, MAX_LR_STEPS) if eta > 0 else MAX_LR_STEPS
+
+
+def plan_learning_rate(eta: float, steps: int) -> float:
+    """Return the learning rate of `steps` full-batch steps clipped at MAX_GRAD_NORM: `lr_times_steps` / (steps C)."""
+    return lr_times_steps(eta) / (steps * MAX_GRAD_NORM)
 
 
 def plan_dp_head(
@@ -143,9 +153,10 @@ def plan_dp_head(
        sigma_c sqrt(K k) / N is at most MAX_CENTER_NOISE_NORM, else not released (the synthetic images' centre,
        public, is used). Decided before anything is released, from public numbers only.
     4. `rounds` x ceil(STEPS / rounds) full-batch DP-GD steps (at least STEPS) at the noise that keeps history +
-       centre + steps within target epsilon (the accountant searches it), learning rate =
-       min(LOGIT_NOISE / eta, MAX_LR_STEPS) / steps. Rounds are the run config's (a site's policy caps them):
-       with full batches progress and noise depend on lr x steps, not on how the steps are split (Panda et al.).
+       centre + steps within target epsilon (the accountant searches it), clipped at MAX_GRAD_NORM, learning
+       rate = min(LOGIT_NOISE / eta, MAX_LR_STEPS) / (steps MAX_GRAD_NORM). Rounds are the run config's (a site's
+       policy caps them): with full batches progress and noise depend on lr x steps, not on how the steps are split
+       (Panda et al.).
 
     Args:
         target_epsilon, target_delta: the run's per-site budget.
@@ -200,8 +211,9 @@ def plan_dp_head(
         f"{target_delta:g}: one release would need noise {sigma:.2f}, so a mean of unit vectors carries noise "
         f"eta = {eta:.4f} per coordinate; features are projected on the top {k} public synthetic-image directions "
         f"(largest k with eta sqrt(k) <= {MAX_MEAN_NOISE_NORM}); {centre_text}; {steps} full-batch DP-GD steps "
-        f"({rounds} rounds of {local_steps}) at noise {noise:.2f}, learning rate {lr_steps / steps:.3g} "
-        f"(lr x steps = {lr_steps:.0f} = min({LOGIT_NOISE} / eta, {MAX_LR_STEPS:g})); planned epsilon {epsilon:.3f}"
+        f"({rounds} rounds of {local_steps}) at noise {noise:.2f}, clip {MAX_GRAD_NORM:g}, learning rate "
+        f"{plan_learning_rate(eta, steps):.3g} (lr x steps x clip = {lr_steps:.0f} = min({LOGIT_NOISE} / eta, "
+        f"{MAX_LR_STEPS:g})); planned epsilon {epsilon:.3f}"
     )
     return HeadPlan(
         method=DP_GD,
@@ -210,7 +222,7 @@ def plan_dp_head(
         noise_multiplier=noise,
         steps=steps,
         local_steps=local_steps,
-        learning_rate=lr_steps / steps,
+        learning_rate=plan_learning_rate(eta, steps),
         max_grad_norm=MAX_GRAD_NORM,
         mean_noise=eta,
         epsilon=epsilon,
@@ -267,7 +279,7 @@ def train_full_batch(
     `steps` of them compose to one Gaussian mechanism of multiplier noise_multiplier / sqrt(steps) (RDP adds,
     Mironov 2017). For a fixed budget (noise_multiplier = sigma sqrt(steps)) W ends with noise of std
     (lr x steps) sigma max_grad_norm / N per entry, whatever the number of steps, and so does the logit of a
-    unit-norm input: after FedAvg over K sites, (lr x steps) eta, the module's rule.
+    unit-norm input: after FedAvg over K sites, (lr x steps x max_grad_norm) eta, the module's rule.
     """
     if steps < 0 or not learning_rate > 0:
         raise ConfigError(f"full-batch DP-GD needs steps >= 0 and a learning rate > 0, got {steps}, {learning_rate}")

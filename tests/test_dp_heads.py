@@ -75,7 +75,8 @@ def test_the_projection_dim_follows_the_noise_in_a_mean_of_unit_vectors():
         assert plan.mean_noise == pytest.approx(eta)
         fitting = [k for k in PROJECTION_DIMS if eta * math.sqrt(k) <= MAX_MEAN_NOISE_NORM]
         assert plan.projection_dim == (max(fitting) if fitting else min(PROJECTION_DIMS))
-        assert plan.learning_rate * plan.steps == pytest.approx(min(0.75 / eta, 1000.0))
+        assert plan.max_grad_norm == 0.25
+        assert plan.learning_rate * plan.steps * plan.max_grad_norm == pytest.approx(min(1.5 / eta, 3000.0))
     assert _plan(1.0).projection_dim < _plan(8.0).projection_dim
 
 

@@ -19,10 +19,11 @@ noise sigma / sqrt(t) (`epsilon-if-alone` in summary.json and the model card).
 The schedule, from public quantities only (target epsilon and delta, the sites' example counts, the feature dim,
 the classes, t): the auto plan's rules (shared/dp_heads.py) with the secure sum's noise, eta = sigma_1 sqrt(n / t)
 / N instead of sigma_1 sqrt(n) / N (sigma_1: the noise of one release spending the budget): the public projection's
-width k, lr x steps = min(LOGIT_NOISE / eta, MAX_LR_STEPS), the configured rounds of ceil(STEPS / rounds) full-batch
-steps, and the step noise sigma from the secure closed form's own planner (server/secure_releases.plan_secure_noise),
-the smallest that keeps all the steps within target epsilon. q is 1 (full batches, as the auto plan: its lab
-found Poisson rates 0.1 and 0.25 no better); the site's release and the accountant also take q < 1 (tests).
+width k, its clip MAX_GRAD_NORM, lr x steps x clip = min(LOGIT_NOISE / eta, MAX_LR_STEPS), the configured rounds
+of ceil(STEPS / rounds) full-batch steps, and the step noise sigma from the secure closed form's own planner
+(server/secure_releases.plan_secure_noise), the smallest that keeps all the steps within target epsilon. q is 1
+(full batches, as the auto plan: its lab found Poisson rates 0.1 and 0.25 no better); the site's release and the
+accountant also take q < 1 (tests).
 The centre is the public synthetic one (no release). Non-image backbones: a linear head on the full features.
 """
 
@@ -116,7 +117,8 @@ def plan_secure_dp_sgd(
         f"honest assumed: one curator's noise {one:.2f} leaves eta = {eta:.4f} per coordinate of the pooled mean; "
         f"the head reads {width}; {steps} steps ({cfg.num_rounds} rounds of {local_steps}) at sample rate "
         f"{sample_rate:g}, "
-        f"noise {sigma:.2f} on the secure sum, learning rate {lr_steps / steps:.3g} (lr x steps = {lr_steps:.0f}); "
+        f"noise {sigma:.2f} on the secure sum, clip {dp_heads.MAX_GRAD_NORM:g}, learning rate "
+        f"{dp_heads.plan_learning_rate(eta, steps):.3g} (lr x steps x clip = {lr_steps:.0f}); "
         f"planned epsilon {epsilon:.3f} per site"
     )
     return dp_heads.HeadPlan(
@@ -126,7 +128,7 @@ def plan_secure_dp_sgd(
         sigma,
         steps,
         local_steps,
-        lr_steps / steps,
+        dp_heads.plan_learning_rate(eta, steps),
         dp_heads.MAX_GRAD_NORM,
         eta,
         epsilon,
