@@ -28,9 +28,10 @@ class Head(nn.Module):
     The "projected" head (head-solver "auto", shared/dp_heads.py) first maps the normalised feature onto
     k public directions, `projection` (k, D), clips it to norm 1 and subtracts a k-dim `center`: both
     buffers, set by the server, so every site and the model file apply the same map. Its bias stays at zero
-    in the training loop (`requires_grad` off): on unit inputs the bias takes half of every example's clipped
-    gradient norm, ||p - y|| of ||p - y|| sqrt(2), so without it the weights get all of it against the same noise
-    (shared/dp_heads.py says what that measured). Secure DP-SGD's server-side steps (server/solvers) still move it.
+    in the training loop (`requires_grad` off): on unit inputs an example's gradient (p - y) [u; 1]^T has squared
+    norm 2 ||p - y||^2, half of it the bias's, so without the bias the weights get the whole clipping bound against
+    the same noise (shared/dp_heads.py says what that measured). Secure DP-SGD's gradient rows leave it out too
+    (shared/secure_dp_sgd.clipped_gradient_rows).
     """
 
     def __init__(
