@@ -135,17 +135,34 @@ def find_noise_multiplier(
 
     eps_above_target = above_with(accountant)
     what = f"{target_epsilon} over {steps} steps at sample-rate {sample_rate:.4f} after {spent:.3f} already spent"
-    if accountant == "prv" and not skellam:
-        # PRV is at least as tight as RDP, so RDP's answer bounds PRV's from above; PRV evaluations at
-        # small noise take minutes, so the search stays within [sigma_rdp / 2, sigma_rdp].
-        rdp_above = above_with("rdp")
-        high = bisect_noise(rdp_above, *bracket_noise(rdp_above, f"{what}; plan fewer rounds or steps"), precision)
-        low = high / 2
-        if not eps_above_target(low):
-            return low
-    else:
-        low, high = bracket_noise(eps_above_target, f"{what}; plan fewer rounds or steps")
+    try:
+        if accountant == "prv" and not skellam:
+            # PRV is at least as tight as RDP, so RDP's answer bounds PRV's from above; PRV evaluations at
+            # small noise take minutes, so the search stays within [sigma_rdp / 2, sigma_rdp].
+            rdp_above = above_with("rdp")
+            high = bisect_noise(rdp_above, *bracket_noise(rdp_above, what), precision)
+            low = high / 2
+            if not eps_above_target(low):
+                return low
+        else:
+            low, high = bracket_noise(eps_above_target, what)
+    except PrivacyBudgetError as exc:
+        raise PrivacyBudgetError(f"{exc}{_unreachable(past, sample_rate, steps, target_delta)}") from None
     return bisect_noise(eps_above_target, low, high, precision)
+
+
+def _unreachable(past: list[PrivacyStep], sample_rate: float, steps: int, delta: float) -> str:
+    """Return the tail of the error when no noise meets a budget: what the largest noise spends, and the fix.
+
+    Even infinite noise leaves RDP's conversion to (epsilon, delta) (Balle et al. 2020, as Opacus converts) a
+    floor of about log(1 / delta) / (largest order - 1): 0.103 at delta 1e-5 over Opacus' orders (up to 63).
+    """
+    floor = compute_epsilon(past + [PrivacyStep(MAX_NOISE_MULTIPLIER, sample_rate, steps)], delta=delta)
+    return (
+        f": even noise 1e4 spends epsilon {floor:.3f} at delta {delta:g} (the RDP accountant cannot certify less "
+        "at that delta, whatever the noise); raise target-epsilon above it, raise target-delta, or plan fewer rounds "
+        "or steps"
+    )
 
 
 def find_skellam_noise_multiplier(

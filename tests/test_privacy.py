@@ -119,9 +119,13 @@ def test_find_noise_multiplier_refuses_a_spent_budget_naming_both_numbers():
 def test_find_noise_multiplier_gives_up_when_no_noise_is_enough():
     # RDP -> (eps, delta) conversion alone costs more than 0.01 at delta 1e-5, whatever the noise.
     with pytest.raises(
-        PrivacyBudgetError, match=r"no noise multiplier up to 1e4 meets target-epsilon 0\.01 over 10 steps"
+        PrivacyBudgetError,
+        match=r"no noise multiplier up to 1e4 meets target-epsilon 0\.01 over 10 steps .*: even noise 1e4 spends "
+        r"epsilon 0\.103 at delta 1e-05 .*raise target-epsilon above it, raise target-delta",
     ):
         find_noise_multiplier(target_epsilon=0.01, target_delta=1e-5, sample_rate=1.0, steps=10)
+    # the floor is the conversion's, not the noise's: just above it a noise is found
+    assert find_noise_multiplier(target_epsilon=0.11, target_delta=1e-5, sample_rate=1.0, steps=10) < 1e4
 
 
 # --- the cached RDP accountant against Opacus itself ----------------------------------------------
