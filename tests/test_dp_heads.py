@@ -149,49 +149,27 @@ def test_noiseless_full_batch_dp_gd_equals_opacus_dp_sgd_at_sample_rate_one():
 def test_the_projected_head_trains_its_weights_only_as_dp_gd_without_a_bias_does():
     rng = np.random.default_rng(5)
     x, y = rng.normal(size=(40, 9)), rng.integers(0, 3, 40)
-    head = build_head("projected", 9, 3, projection_dim=4, seed=0)
     projection, centre = np.linalg.qr(rng.normal(size=(9, 4)))[0].T, rng.normal(scale=0.1, size=4)
-    head.projection.copy_(torch.tensor(projection, dtype=torch.float32))
-    head.center.copy_(torch.tensor(centre, dtype=torch.float32))
-    result = train_model(
-        head,
-        x.astype(np.float32),
-        y,
-        epochs=6,
-        batch_size=40,
-        learning_rate=2.0,
-        max_grad_norm=0.3,  # binds: per-example norms are ||p - y|| <= sqrt(2)
-        noise_multiplier=0.0,
-        seed=0,
-    )
+
+    def trained(epochs: int, noise_multiplier: float) -> dict:
+        head = build_head("projected", 9, 3, projection_dim=4, seed=0)
+        head.projection.copy_(torch.tensor(projection, dtype=torch.float32))
+        head.center.copy_(torch.tensor(centre, dtype=torch.float32))
+        # clip 0.3 binds: per-example norms are ||p - y|| <= sqrt(2)
+        kw = {"batch_size": 40, "learning_rate": 2.0, "max_grad_norm": 0.3, "seed": 0}
+        return train_model(head, x.astype(np.float32), y, epochs=epochs, noise_multiplier=noise_multiplier, **kw).arrays
+
     u = head_inputs(x, center=centre, projection=projection)
+    zero = (np.zeros((3, 4)), np.zeros(3))
     w, b = train_full_batch(
-        u,
-        y,
-        np.zeros((3, 4)),
-        np.zeros(3),
-        steps=6,
-        learning_rate=2.0,
-        max_grad_norm=0.3,
-        noise_multiplier=0.0,
-        rng=rng,
-        fit_bias=False,
+        u, y, *zero, steps=6, learning_rate=2.0, max_grad_norm=0.3, noise_multiplier=0.0, rng=rng, fit_bias=False
     )
     assert np.abs(w).max() > 0.05 and np.all(b == 0.0)
-    assert np.allclose(result.arrays["layers.0.weight"], w, atol=1e-5)
-    assert np.all(result.arrays["layers.0.bias"] == 0.0)  # held: no gradient, no noise
-    noisy = train_model(
-        build_head("projected", 9, 3, projection_dim=4, seed=0),
-        x.astype(np.float32),
-        y,
-        epochs=2,
-        batch_size=40,
-        learning_rate=2.0,
-        max_grad_norm=0.3,
-        noise_multiplier=1.0,
-        seed=0,
-    )
-    assert np.all(noisy.arrays["layers.0.bias"] == 0.0) and np.abs(noisy.arrays["layers.0.weight"]).max() > 0
+    exact = trained(6, 0.0)
+    assert np.allclose(exact["layers.0.weight"], w, atol=1e-5)
+    assert np.all(exact["layers.0.bias"] == 0.0)  # held: no gradient, no noise
+    noisy = trained(2, 1.0)
+    assert np.all(noisy["layers.0.bias"] == 0.0) and np.abs(noisy["layers.0.weight"]).max() > 0
 
 
 def test_noiseless_unclipped_dp_gd_converges_to_scikit_learns_logistic_regression():
