@@ -314,15 +314,22 @@ def public_basis(
     kind = backbone.preprocessing.kind
     names = tuple(label_names) if kind == TEXTS else ()
     key = (backbone.fingerprint, backbone.preprocessing.key(), cfg.device, cfg.projection_dim, names)
-    if key in _PUBLIC_BASES:  # the same public inputs give the same basis: a sweep computes it once
-        projection, center, names_at = _PUBLIC_BASES[key]
-        return projection.copy(), center.copy(), None if names_at is None else names_at.copy()
-    stored = _BasisFile(fedtl_home() / "server-cache" / "public-basis", key)
-    if (found := stored.load(cfg.projection_dim)) is not None:  # a later run: no synthetic inputs drawn, no SVD
+    if key not in _PUBLIC_BASES:  # the same public inputs give the same basis: a sweep computes it once
+        stored = _BasisFile(fedtl_home() / "server-cache" / "public-basis", key)
+        found = stored.load(cfg.projection_dim)  # a later run: no synthetic inputs drawn, no SVD
+        if found is None:
+            found = _compute_public_basis(backbone, cfg, names)
+            stored.save(*found)
         _PUBLIC_BASES[key] = found
-        projection, center, names_at = found
-        return projection.copy(), center.copy(), None if names_at is None else names_at.copy()
-    if kind == TEXTS:
+    projection, center, names_at = _PUBLIC_BASES[key]  # copies: callers may write to what they get
+    return projection.copy(), center.copy(), None if names_at is None else names_at.copy()
+
+
+def _compute_public_basis(
+    backbone: Backbone, cfg: RunConfig, names: tuple[str, ...]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Return (P, centre, class names' features or None) from the backbone's features of the synthetic inputs."""
+    if backbone.preprocessing.kind == TEXTS:
         inputs, what = generate_synthetic_texts(minilm_words()), "synthetic-texts/"
         data = "\n".join(inputs).encode()
     else:
@@ -344,8 +351,6 @@ def public_basis(
     projection = basis.projection.astype(np.float32)
     # The centre is computed with the float32 projection every party applies.
     center = project_features(features, projection).mean(axis=0).astype(np.float32)
-    _PUBLIC_BASES[key] = (projection.copy(), center.copy(), None if name_features is None else name_features.copy())
-    stored.save(projection, center, name_features)
     return projection, center, name_features
 
 
