@@ -414,13 +414,14 @@ def test_a_site_container_killed_mid_round_restarts_and_its_ledger_keeps_the_cha
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines] == [0, 1, 2, 3]
     # Its round-2 update never came, and is logged with the reason; unless, on a quiet machine, the reply left
-    # between the charge landing on disk and the kill: then round 2 counts it and nothing went missing.
-    lost = [r for r in summary["rejected-replies"] if r["site"] == "site-1"]
+    # between the charge landing on disk and the kill: then round 2 counts it. Round 3 may begin while site-1
+    # restarts: the server then sends to its dead node, and logs that reply as lost too (CI saw both at once).
+    trained = [rnd for rnd in (1, 2, 3) if "train" in lines[rnd]["sites"].get("site-1", {})]
+    lost = {r["round"]: r["reason"] for r in summary["rejected-replies"] if r["site"] == "site-1"}
     gone = ("Node Unavailable", "no reply", "Reply message objects are unavailable")
-    if "train" in lines[2]["sites"].get("site-1", {}):
-        assert lost == [], lost
-    else:
-        assert [r["round"] for r in lost] == [2] and any(g in lost[0]["reason"] for g in gone), lost
+    assert trained[0] == 1 and not set(lost) & set(trained) and set(lost) <= {2, 3}, (trained, lost)
+    assert 2 in trained or 2 in lost, (trained, lost)  # a missing round-2 update is never silent
+    assert all(any(g in reason for g in gone) for reason in lost.values()), lost
     for name in SITES:
         charges = stack.ledger(name).charges()
         assert all(c.kind in (FEATURE_SUM, DP_SGD) for c in charges)  # nothing torn, nothing noise-free
@@ -434,14 +435,13 @@ def test_a_site_container_killed_mid_round_restarts_and_its_ledger_keeps_the_cha
     mine = charges[before["site-1"] :]
     assert all(c.run_id == run_dir.name for c in mine)
     assert [(c.kind, c.server_round) for c in mine[:3]] == [(FEATURE_SUM, 0), (DP_SGD, 1), (DP_SGD, 2)]
-    if "train" in lines[3]["sites"].get("site-1", {}):  # back in time for round 3: charged and reported again
-        assert [c.server_round for c in mine] == [0, 1, 2, 3]
-        assert summary["epsilon-per-site"]["site-1"] == pytest.approx(oracle_epsilon(charges), rel=1e-9)
-    else:
-        # Still restarting when round 3 began: the server knows only the epsilon site-1 reported after
-        # round 1; its ledger, which the site's own budget checks use, holds the killed round too.
-        assert len(mine) == 3
-        assert summary["epsilon-per-site"]["site-1"] == pytest.approx(oracle_epsilon(charges[:-1]), rel=1e-9)
+    # Charged for round 3 exactly when it trained in it (a site charges as a round's message arrives).
+    assert [c.server_round for c in mine] == [0, 1, 2] + ([3] if 3 in trained else [])
+    # The server knows the cumulative epsilon of the last round site-1 reported; its ledger, which the site's
+    # own budget checks use, holds the killed round too, reported or not.
+    reported = charges[: before["site-1"] + trained[-1] + 1]
+    assert summary["epsilon-per-site"]["site-1"] == pytest.approx(oracle_epsilon(reported), rel=1e-9)
+    if len(reported) < len(charges):
         assert stack.ledger("site-1").epsilon(delta=1e-5) > summary["epsilon-per-site"]["site-1"]
 
 
