@@ -12,6 +12,7 @@ the held-out accuracy of the final model, and the sites' test splits stay local)
     python benchmarks/dp_heads_product.py --epsilons 1 --seeds 0
     python benchmarks/dp_heads_product.py --head-solver dp-sgd  # the same cells with DP-SGD's defaults
     python benchmarks/dp_heads_product.py --data ../shared/data/pneumoniamnist_reassembled.npz --epsilons 1
+    python benchmarks/dp_heads_product.py --image-size 0             # the backbone's own size (224 px), the default
 
 FEDTL_HOME holds the sites' and the server's feature caches (default ~/.cache/fedtl). Figures are printed,
 never asserted.
@@ -37,14 +38,23 @@ TARGETS = {
 }
 
 
-def run_cell(epsilon: float, seed: int, *, sites: int, out: Path, solver: str = "auto", data: str = "digits") -> dict:
+def run_cell(
+    epsilon: float,
+    seed: int,
+    *,
+    sites: int,
+    out: Path,
+    solver: str = "auto",
+    data: str = "digits",
+    image_size: int = 64,
+) -> dict:
     """Run one federation (head-solver `solver`, the other keys at their defaults) and return its summary."""
     from fedtl.shared.config import RunConfig
     from fedtl.simulations.inprocess import run_inprocess
 
     cfg = RunConfig(
         backbone="efficientnet_lite0",
-        image_size=64,
+        image_size=image_size,
         data=data,
         partition="iid",
         target_epsilon=epsilon,
@@ -65,6 +75,7 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=5)
     parser.add_argument("--data", default="digits", help="digits, or a MedMNIST .npz (its own test split is held out)")
     parser.add_argument("--head-solver", default="auto", help='"dp-sgd" runs the same cells with DP-SGD\'s defaults')
+    parser.add_argument("--image-size", type=int, default=64, help="0: the backbone's own input size (224 px)")
     args = parser.parse_args()
     name = Path(args.data).name
     accuracy: dict[float, list[float]] = {eps: [] for eps in args.epsilons}
@@ -72,7 +83,15 @@ def main() -> None:
         for eps in args.epsilons:
             for seed in args.seeds:
                 t0 = time.time()
-                summary = run_cell(eps, seed, sites=args.sites, out=Path(tmp), solver=args.head_solver, data=args.data)
+                summary = run_cell(
+                    eps,
+                    seed,
+                    sites=args.sites,
+                    out=Path(tmp),
+                    solver=args.head_solver,
+                    data=args.data,
+                    image_size=args.image_size,
+                )
                 acc = float(summary["final"]["central-accuracy"])
                 accuracy[eps].append(acc)
                 if "head-plan" not in summary:  # DP-SGD as configured
@@ -89,9 +108,10 @@ def main() -> None:
                     f"({time.time() - t0:.0f} s)",
                     flush=True,
                 )
+    size = f"{args.image_size} px" if args.image_size else "at its own size"
     print(
-        f"\n{args.head_solver} (the product, run_inprocess), EfficientNet-Lite0 64 px, {name}, {args.sites} iid sites: "
-        f"held-out accuracy, mean ± standard error over seeds {args.seeds}"
+        f"\n{args.head_solver} (the product, run_inprocess), EfficientNet-Lite0 {size}, {name}, {args.sites} iid "
+        f"sites: held-out accuracy, mean ± standard error over seeds {args.seeds}"
     )
     width = 16
     print("".ljust(10) + "".join(f"eps {e:g}".rjust(width) for e in args.epsilons))

@@ -1,14 +1,15 @@
 """Secure DP-SGD (head-solver "secure-dp-sgd", issue 15) against the default and the lab's central DP-SGD baseline.
 
 Every cell is a real federation of the product (`fedtl.simulations.inprocess.run_inprocess`: the ServerApp and
-ClientApp handlers, each site with its own ledger), EfficientNet-Lite0 at 64 px, 5 iid digits sites, per-site
-epsilon 1 and 3 at delta 1e-5, seeds 0-2: `secure-dp-sgd` (t = all sites unless --honest-sites), the default
-`auto` (each site noises its own DP-GD updates), and the lab's central DP-SGD baseline on the pooled training
-data at the same epsilon (simulations/baselines.train_baseline_head: a linear head, the run config's schedule).
+ClientApp handlers, each site with its own ledger), EfficientNet-Lite0 at 64 px (`--image-size`), 5 iid digits
+sites, per-site epsilon 1 and 3 at delta 1e-5, seeds 0-2: `secure-dp-sgd` (t = all sites unless --honest-sites),
+the default `auto` (each site noises its own DP-GD updates), and the lab's central DP-SGD baseline on the pooled
+training data at the same epsilon (simulations/baselines.train_baseline_head: a linear head, the run config's schedule).
 Held-out accuracy (the server's split, never used for any choice); mean and standard error over the seeds.
 
     nice -n 10 python benchmarks/secure_dp_sgd.py
     python benchmarks/secure_dp_sgd.py --epsilons 1 --seeds 0 --honest-sites 1
+    python benchmarks/secure_dp_sgd.py --data ../shared/data/pneumoniamnist_reassembled.npz --image-size 0 --epsilons 1
 
 FEDTL_HOME holds the feature caches. Figures are printed, never asserted.
 """
@@ -45,6 +46,7 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=5)
     parser.add_argument("--honest-sites", type=int, default=0, help="t of secure-dp-sgd (0: all sites)")
     parser.add_argument("--data", default="digits")
+    parser.add_argument("--image-size", type=int, default=64, help="0: the backbone's own input size (224 px)")
     args = parser.parse_args()
     methods = ("secure-dp-sgd", "auto", "central-dp")
     scores: dict[tuple[str, float], list[float]] = {(m, e): [] for m in methods for e in args.epsilons}
@@ -52,7 +54,7 @@ def main() -> None:
         for seed in args.seeds:
             base = RunConfig(
                 backbone="efficientnet_lite0",
-                image_size=64,
+                image_size=args.image_size,
                 data=args.data,
                 partition="iid",
                 seed=seed,
