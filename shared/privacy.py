@@ -19,6 +19,7 @@ The PRV accountant still goes through Opacus' `PRVAccountant` on every call (slo
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
@@ -157,11 +158,14 @@ def _unreachable(past: list[PrivacyStep], sample_rate: float, steps: int, delta:
     Even infinite noise leaves RDP's conversion to (epsilon, delta) (Balle et al. 2020, as Opacus converts) a
     floor of about log(1 / delta) / (largest order - 1): 0.103 at delta 1e-5 over Opacus' orders (up to 63).
     """
-    floor = compute_epsilon(past + [PrivacyStep(MAX_NOISE_MULTIPLIER, sample_rate, steps)], delta=delta)
+    with warnings.catch_warnings():  # Opacus warns that the largest order is optimal: the floor this explains
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha", category=UserWarning)
+        floor = compute_epsilon(past + [PrivacyStep(MAX_NOISE_MULTIPLIER, sample_rate, steps)], delta=delta)
+    # Fewer rounds or steps would not help: at noise 1e4 the floor is the conversion's (and the history's).
     return (
         f": even noise 1e4 spends epsilon {floor:.3f} at delta {delta:g} (the RDP accountant cannot certify less "
-        "at that delta, whatever the noise); raise target-epsilon above it, raise target-delta, or plan fewer rounds "
-        "or steps"
+        "at that delta, whatever the noise or the number of steps); raise target-epsilon above it or raise "
+        "target-delta"
     )
 
 
