@@ -66,6 +66,7 @@ def read_npz(path: str | Path) -> NpzSplits:
     """
     path = Path(path)
     try:
+        _check_zip_magic(path)
         with np.load(path, allow_pickle=False) as npz:
             found = sorted(npz.files)
             missing = [k for k in ("train_images", "train_labels", "test_images", "test_labels") if k not in found]
@@ -82,7 +83,7 @@ def read_npz(path: str | Path) -> NpzSplits:
             raw_sites = {split: npz[key] for split, key in NPZ_SITE_KEYS.items() if key in found}
     except DataError:
         raise
-    except Exception as exc:  # zipfile.BadZipFile, OSError, ValueError (object arrays need pickle)
+    except Exception as exc:  # zipfile.BadZipFile (a cut file), OSError, ValueError (object arrays need pickle)
         raise DataError(
             f"cannot read {path} as .npz: {type(exc).__name__}: {exc}; fix: save it with numpy.savez "
             f"(no object arrays) as {NPZ_LAYOUT}"
@@ -141,6 +142,24 @@ def read_npz(path: str | Path) -> NpzSplits:
     )
     test = ImageDataset(images["test"], labels["test"], label_names, f"{path} (test)", sites.get("test"))
     return NpzSplits(DataSplits(train=train, test=test if len(test) else None), names_from, tuple(notes))
+
+
+def _check_zip_magic(path: Path) -> None:
+    """Refuse a file that is not a zip archive before numpy reads it (numpy would call it pickled data).
+
+    Raises:
+        DataError: the file is one .npy array, or not a zip archive at all.
+        OSError: it cannot be opened (the caller names the file).
+    """
+    with path.open("rb") as fh:
+        head = fh.read(6)
+    if head.startswith(b"PK"):  # local file header or, for an archive with no arrays, end of central directory
+        return
+    if head == b"\x93NUMPY":
+        what = "it is one .npy array, not an .npz archive of named arrays"
+    else:
+        what = f"it is not a zip archive (an .npz is one; its first bytes are {head!r}: corrupt, cut or another format)"
+    raise DataError(f"cannot read {path} as .npz: {what}; fix: save it with numpy.savez as {NPZ_LAYOUT}")
 
 
 def _npz_sites(raw: dict[str, np.ndarray], sizes: dict[str, int], path: Path) -> dict[str, np.ndarray]:

@@ -318,8 +318,19 @@ def test_npz_without_val_pair_and_bad_files(tmp_path):
     assert len(splits.train) == 12 and len(splits.test) == 12
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"not a zip at all")
-    with pytest.raises(DataError, match=r"cannot read .*garbage\.npz as \.npz"):
+    with pytest.raises(DataError, match=r"cannot read .*garbage\.npz as \.npz: it is not a zip archive") as err:
         load_dataset(str(garbage))
+    assert "pickle" not in str(err.value)  # numpy's own message would suggest loading it unsafely
+    single = tmp_path / "single.npz"
+    np.save(single.with_suffix(".npy"), arrays["train_images"])
+    single.with_suffix(".npy").rename(single)
+    with pytest.raises(DataError, match=r"single\.npz as \.npz: it is one \.npy array, not an \.npz archive"):
+        load_dataset(str(single))
+    whole = _write_npz(tmp_path / "whole.npz", **arrays).read_bytes()
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(whole[: len(whole) // 2])  # an interrupted copy
+    with pytest.raises(DataError, match=r"cannot read .*cut\.npz as \.npz: BadZipFile.*; fix: save it"):
+        load_dataset(str(cut))
     arrays = _medmnist_like(np.random.default_rng(3))
     arrays["test_images"] = arrays["test_images"].astype(np.float32) / 255
     with pytest.raises(DataError, match=r"'test_images' has dtype float32, expected uint8"):
