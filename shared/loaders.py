@@ -627,10 +627,10 @@ def _load_entries(
             continue
         kept.append(entry)
     if failed and bad_files == "error":
-        raise DataError(
-            f"{source}: {len(failed)} file(s) cannot be read: {listing([reason for _, reason in failed], sep=' | ')}"
-            f"; fix: re-export or remove these files; {SKIP_HINT}"
-        )
+        # Each reason names its own fix (they differ: convert a 12-bit file, re-export a cut one); add the
+        # generic one only where a reason has none, so every file's fix is said once.
+        fixed = [r if "; fix: " in r else f"{r}; fix: re-export or remove this file" for _, r in failed]
+        raise DataError(f"{source}: {len(failed)} file(s) cannot be read: {listing(fixed, sep=' | ')}; {SKIP_HINT}")
     skipped.extend(SkippedFile(str(e.path), reason) for e, reason in failed)
     if skipped:
         logger.warning(

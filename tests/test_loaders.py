@@ -431,8 +431,11 @@ def test_missing_and_corrupt_files_are_errors_or_recorded_skips(tmp_path, digits
         match=r"3 file\(s\) cannot be read: cannot decode image file .*broken.png.*\| "
         r"cannot decode the pixels of DICOM file .*broken.dcm.*may be truncated.*\| .*gone.png.*"
         r"a site may set bad-files = \"skip\" in its policy",
-    ):
+    ) as err:
         load_site_dataset(manifest)
+    # one fix per file, said once: each file's own (they differ: a DICOM file may be cut short)
+    for reason in str(err.value).split(" cannot be read: ", 1)[1].split(" | "):
+        assert reason.count("fix:") == 1, reason
     (tmp_path / "gone.png").unlink()
     with caplog.at_level(logging.WARNING, logger="fedtl.shared.loaders"):
         data = load_site_dataset(manifest, bad_files="skip")
