@@ -201,7 +201,7 @@ class RunConfig:
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f"; did you mean `{close[0]}`?" if close else ""
-                raise ConfigError(f"unknown config key `{key}`{hint} Known keys: {', '.join(sorted(known))}")
+                raise ConfigError(f"unknown config key `{key}`{hint or '.'} Known keys: {', '.join(sorted(known))}")
             kwargs[known[key].name] = _coerce(key, value, getattr(cls, known[key].name))
         return cls(**kwargs)
 

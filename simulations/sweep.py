@@ -140,7 +140,7 @@ def parse_spec(text: str, *, source: str = "sweep spec") -> SweepSpec:
         if key not in SPEC_KEYS:
             close = difflib.get_close_matches(key, SPEC_KEYS, n=1)
             hint = f"; did you mean `{close[0]}`?" if close else ""
-            raise ConfigError(f"{source}: unknown key `{key}`{hint} Known keys: {', '.join(sorted(SPEC_KEYS))}")
+            raise ConfigError(f"{source}: unknown key `{key}`{hint or '.'} Known keys: {', '.join(sorted(SPEC_KEYS))}")
     backbones = raw.get("backbones", [raw["backbone"]] if "backbone" in raw else ["efficientnet_lite0"])
     partitions = list(_axis(raw, "partitions", str, source, default=[] if "alphas" in raw else ["iid"]))
     partitions += [f"dirichlet:{a:g}" for a in _axis(raw, "alphas", (int, float), source, default=[])]

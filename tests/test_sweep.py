@@ -106,6 +106,7 @@ def test_negative_transfer_is_flagged_for_the_site_with_permuted_labels(sweep):
     ("text", "message"),
     [
         ("epsilon = [1.0]\nepsilons=[1.0]", r"unknown key `epsilon`; did you mean `epsilons`\?"),
+        ("[grid]\nepsilons = [1.0]", r"unknown key `grid`\. Known keys: alphas, backbone, "),
         ("epsilons = []", r"`epsilons` must be a non-empty list"),
         ('epsilons = [1.0]\nmethods = ["fedsgd"]', r"unknown method 'fedsgd'"),
         ("epsilons = [1.0]\n[config]\nseed = 3", r"\[config\] sets `seed`, which the sweep grid sets per run"),
