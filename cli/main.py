@@ -37,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_deployment_commands(sub)
     pred = sub.add_parser("predict", help="label images, texts or table rows with an adapted model file")
     pred.add_argument("model", help="model.safetensors written by a run")
-    pred.add_argument("images", nargs="+", help="image files; texts or .csv/.jsonl files of texts; .csv/.parquet rows")
+    pred.add_argument(
+        "images",
+        nargs="+",
+        help="image files or folders of them; texts or .csv/.jsonl files of texts; .csv/.parquet rows",
+    )
     pred.add_argument(
         "--backbone-weights", help="backbone weights file (e.g. from a site cache) instead of the registry"
     )

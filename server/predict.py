@@ -21,6 +21,7 @@ from fedtl.shared.dataset import ROWS, TEXTS
 from fedtl.shared.errors import BackboneError, DataError, FingerprintMismatchError
 from fedtl.shared.features import extract_features
 from fedtl.shared.heads import predict_proba
+from fedtl.shared.images import IMAGE_EXTENSIONS
 from fedtl.shared.tables import read_table_rows
 from fedtl.shared.texts import read_text_records
 
@@ -63,6 +64,28 @@ def load_model_backbone(model: AdaptedModel, *, weights_file: str | Path | None 
     return backbone
 
 
+def image_files(items: list[str | Path]) -> list[str | Path]:
+    """Return `items` with each folder replaced by the image files under it (recursively, sorted by path).
+
+    Raises:
+        DataError: a folder holds no image file.
+    """
+    out: list[str | Path] = []
+    for item in items:
+        folder = Path(item).expanduser()
+        if not folder.is_dir():
+            out.append(item)
+            continue
+        found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not found:
+            raise DataError(
+                f"folder {folder} holds no image file ({', '.join(IMAGE_EXTENSIONS)}); fix: pass a folder of images, "
+                "or the image files themselves"
+            )
+        out += [str(p) for p in found]
+    return out
+
+
 def predict_images(
     model_path: str | Path,
     image_paths: list[str | Path],
@@ -78,6 +101,7 @@ def predict_images(
         FingerprintMismatchError: see `load_model_backbone`.
     """
     model = load_model(model_path)
+    image_paths = image_files(image_paths)
     images = [load_image_file(p) for p in image_paths]  # validate every file before any compute
     # Deeper fine-tuning: the changed tensors go into the pretrained backbone after its fingerprint check.
     backbone = model.adapt_backbone(load_model_backbone(model, weights_file=weights_file))
@@ -100,9 +124,10 @@ def predict_inputs(
 ) -> list[Prediction]:
     """Return label + probability for each input of `items`, read as the model's kind of input.
 
-    Images: each item is an image file. Texts: an item that is an existing .csv or .jsonl file gives every
-    text in its `text` column, any other item is itself a text. Rows: each item is a .csv or .parquet file
-    with the schema's columns (the label column may be left out). All inputs are read before any compute.
+    Images: each item is an image file or a folder of them (`image_files`). Texts: an item that is an existing
+    .csv or .jsonl file gives every text in its `text` column, any other item is itself a text. Rows: each item
+    is a .csv or .parquet file with the schema's columns (the label column may be left out). All inputs are read
+    before any compute.
 
     Raises:
         ModelFileError: the model file is unreadable.

@@ -1,6 +1,7 @@
 """A real 2-site, 3-round federation on Flower's simulation engine with the tiny backbone."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +162,20 @@ def test_predict_round_trips_the_model_file(federation, tmp_path, capsys):
     probs = predict_proba(model.build_head(), feats)
     assert [label for _, label, _ in printed] == [model.label_names[i] for i in probs.argmax(1)]
     np.testing.assert_allclose([float(p) for _, _, p in printed], probs.max(1), atol=1e-4)
+    # A folder stands for its images, found recursively in sorted order; other files there are left out.
+    folder = tmp_path / "scans"
+    (folder / "b").mkdir(parents=True)
+    for i, name in ((0, "b/x.png"), (1, "a.png")):
+        Image.fromarray(test.images[i]).save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    assert main(["predict", model_path, str(folder), paths[2]]) == 0
+    printed = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
+    assert [p for p, _, _ in printed] == [str(folder / "a.png"), str(folder / "b" / "x.png"), paths[2]]
+    assert [label for _, label, _ in printed] == [model.label_names[i] for i in probs[[1, 0, 2]].argmax(1)]
+    for image in folder.rglob("*.png"):
+        image.unlink()
+    assert main(["predict", model_path, str(folder)]) == 2
+    assert re.search(r"folder .*scans holds no image file \(\.png, .*\); fix:", capsys.readouterr().err)
 
 
 def test_predict_names_a_corrupt_image_and_a_foreign_backbone(federation, tmp_path, capsys):
