@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -50,7 +51,7 @@ class _Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def _auto_run(home: Path, out: Path, *, target_epsilon: float) -> tuple[dict, CountingApp]:
+def _auto_run(home: Path, out: Path, *, target_epsilon: float, **changes) -> tuple[dict, CountingApp]:
     cfg = RunConfig(
         backbone="tiny",
         image_size=32,
@@ -59,6 +60,7 @@ def _auto_run(home: Path, out: Path, *, target_epsilon: float) -> tuple[dict, Co
         federated_evaluation=False,
         device="cpu",
         out=str(out),
+        **changes,
     )
     assert cfg.head_solver == "auto"  # the default
     app = CountingApp()
@@ -150,6 +152,16 @@ def test_no_centre_query_is_sent_when_the_plan_releases_none(tmp_path):
     for site in summary["sites"]:
         ledger = PrivacyLedger(Path(summary["run-dir"]) / "sites" / site / "privacy" / "ledger.jsonl").charges()
         assert {c.kind for c in ledger} == {"dp-sgd"}
+
+
+def test_a_non_private_run_says_the_plans_noise_and_epsilon_are_not_its_own(tmp_path):
+    summary, _ = _auto_run(tmp_path / "home", tmp_path / "runs", target_epsilon=1.0, non_private=True)
+    lines = summary["progress"].splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("head-solver auto"))
+    assert lines[first].startswith("head-solver auto: NON-PRIVATE run (non-private = true): the epsilon-1 plan")
+    assert lines[first + 1] == f"head-solver auto: {_plan(summary)['reason']}"  # the plan it qualifies
+    assert "(noise 0.00, expected noise norm 0.000)" in summary["progress"]  # the centre, sent unnoised
+    assert summary["epsilon-max"] == math.inf
 
 
 def test_the_projected_model_file_round_trips_through_fedtl_predict(auto_eps1, tmp_path, capsys):

@@ -124,6 +124,12 @@ class AutoSolver:
             num_rounds=plan.num_rounds, noise_multiplier=None
         )
         overrides = overridden_keys(self._asked or cfg, planned)
+        if cfg.non_private:  # the plan's noise and epsilon below would otherwise read as this run's
+            progress.info(
+                "head-solver auto: NON-PRIVATE run (non-private = true): the epsilon-%g plan below fixes only the "
+                "head, projection and schedule; nothing is clipped, noised or charged (epsilon inf)",
+                cfg.target_epsilon,
+            )
         progress.info("head-solver auto: %s", plan.reason)
         if overrides:
             progress.info(
