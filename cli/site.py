@@ -13,6 +13,7 @@ from fedtl.client.launcher import run_site, write_runtime_secret
 from fedtl.client.policy import SitePolicy, load_policy
 from fedtl.client.site import keep_private
 from fedtl.shared.errors import ConfigError, FedtlError
+from fedtl.shared.files import existing_file, installed_script
 
 
 def add_site_commands(sub: argparse._SubParsersAction) -> None:
@@ -202,7 +203,8 @@ def is_loopback(host: str) -> bool:
 
 def supernode_command(args: argparse.Namespace, policy_path: str) -> list[str]:
     """Return the `flower-supernode` command line of a site: its policy in the node config, TLS unless --insecure."""
-    command = ["flower-supernode", "--superlink", args.superlink, "--node-config", f"policy='{policy_path}'"]
+    command = [installed_script("flower-supernode"), "--superlink", args.superlink]
+    command += ["--node-config", f"policy='{policy_path}'"]
     command += ["--port", str(args.port)]  # the local ClientApp runtime API (127.0.0.1)
     if args.insecure:
         host = args.superlink.rsplit(":", 1)[0].strip("[]")
@@ -213,9 +215,13 @@ def supernode_command(args: argparse.Namespace, policy_path: str) -> list[str]:
             )
         command.append("--insecure")
     elif args.root_certificates:
-        command += ["--root-certificates", str(Path(args.root_certificates).expanduser().resolve())]
+        ca = existing_file(
+            args.root_certificates, "--root-certificates", "give the federation's CA certificate (ca.crt)"
+        )
+        command += ["--root-certificates", str(ca)]
     else:
         raise FedtlError("`fedtl site start` needs --root-certificates CA.pem (TLS), or --insecure on loopback")
     if args.auth_key:
-        command += ["--auth-supernode-private-key", str(Path(args.auth_key).expanduser().resolve())]
+        key = existing_file(args.auth_key, "--auth-key", "give the private key whose public key the server registered")
+        command += ["--auth-supernode-private-key", str(key)]
     return command

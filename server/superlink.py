@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedtl.shared.errors import FedtlError
+from fedtl.shared.files import installed_script
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def check_certs(certs: Path) -> Path:
 def superlink_command(certs: Path, addresses: ServerAddresses, extra: list[str] | None = None) -> list[str]:
     """Return the `flower-superlink` command: TLS, SuperNode authentication, every API on loopback only."""
     certs = check_certs(certs)
-    command = ["flower-superlink"]
+    command = [installed_script("flower-superlink")]
     for flag, name in CERT_FILES.items():
         command += [flag, str(certs / name)]
     command += ["--enable-supernode-auth", "--host", addresses.control_host, "--port", str(addresses.control_port)]

@@ -5,13 +5,15 @@ from __future__ import annotations
 import errno
 import io
 import os
+import shutil
+import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from fedtl.shared.errors import StorageError
+from fedtl.shared.errors import FedtlError, StorageError
 
 # What np.load raises on a torn, truncated or foreign .npz file (a cache that catches them recomputes the file).
 NPZ_READ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
@@ -68,3 +70,32 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def installed_script(name: str) -> str:
+    """Return the path of console script `name` (Flower's `flower-supernode`, ...) of this Python's environment.
+
+    The one beside `sys.executable` comes first: `.venv/bin/fedtl` runs without `.venv/bin` on PATH, where a bare
+    name would miss the environment's own Flower or find another installation first. Then PATH.
+
+    Raises:
+        FedtlError: neither has it.
+    """
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise FedtlError(
+            f"`{name}` is neither beside this Python ({beside.parent}) nor on PATH; fix: install fedtl into this "
+            f"environment (`pip install -e .` brings Flower, which provides {name})"
+        )
+    return found
+
+
+def existing_file(path: str | Path, option: str, fix: str) -> Path:
+    """Return `path` (user and links resolved) if it is a file; else raise a FedtlError naming `option` and `fix`."""
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.is_file():
+        raise FedtlError(f"{option} {resolved}: no such file; fix: {fix}")
+    return resolved

@@ -1,5 +1,9 @@
 """The `fedtl` command line: options map onto the run config, bad input exits 2 with the culprit named."""
 
+import re
+import sys
+from pathlib import Path
+
 from fedtl.cli.lab import config_from_args
 from fedtl.cli.main import build_parser, main
 
@@ -82,14 +86,23 @@ def test_server_and_site_start_build_tls_command_lines(tmp_path, capsys):
     assert "lacks ca.crt, server.pem, server.key; write them with `fedtl certs" in capsys.readouterr().err
     main(["certs", "--out", str(tmp_path)])
     command = superlink_command(args)
-    assert command[0] == "flower-superlink" and "--enable-supernode-auth" in command and "--insecure" not in command
+    # Flower's own scripts of this environment: `.venv/bin/fedtl` runs without .venv/bin on PATH.
+    assert command[0] == str(Path(sys.executable).parent / "flower-superlink")
+    assert "--enable-supernode-auth" in command and "--insecure" not in command
     assert command[command.index("--ssl-ca-certfile") + 1] == str(tmp_path / "ca.crt")
     policy = tmp_path / "site.toml"
     assert main(["site", "init", str(policy), "--name", "s", "--data", "digits", "--backbone", "tiny"]) == 0
     site = ["site", "start", "--policy", str(policy), "--superlink", "fl.example.org:8000"]
     assert main(site) == 2
     assert "needs --root-certificates CA.pem (TLS), or --insecure" in capsys.readouterr().err
-    node = supernode_command(build_parser().parse_args([*site, "--root-certificates", "ca.crt"]), str(policy))
+    assert main([*site, "--root-certificates", str(tmp_path / "nope.crt")]) == 2
+    assert re.search(r"--root-certificates .*nope\.crt: no such file; fix: ", capsys.readouterr().err)
+    assert main([*site, "--root-certificates", str(tmp_path / "ca.crt"), "--auth-key", "gone.key"]) == 2
+    assert re.search(r"--auth-key .*gone\.key: no such file; fix: ", capsys.readouterr().err)
+    node = supernode_command(
+        build_parser().parse_args([*site, "--root-certificates", str(tmp_path / "ca.crt")]), str(policy)
+    )
+    assert node[0] == str(Path(sys.executable).parent / "flower-supernode")
     assert node[node.index("--node-config") + 1] == f"policy='{policy}'"
     assert "--root-certificates" in node and "--insecure" not in node
     # Unencrypted only to a SuperLink on this machine.
