@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
 import signal
 import ssl
 import subprocess
@@ -120,7 +121,9 @@ def run_server(certs: Path, addresses: ServerAddresses, extra: list[str] | None 
     certs = check_certs(certs)
     command = superlink_command(certs, addresses, extra)
     print("exec:", " ".join(command), flush=True)
-    superlink = subprocess.Popen(command, preexec_fn=_die_with_parent)
+    # The SuperLink starts flower-superexec by name: give it this environment's, as `installed_script` found its own.
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(command[0]).parent), os.environ.get("PATH", "")])}
+    superlink = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)
     try:
         app = create_fleet_front(f"https://{addresses.control_host}:{addresses.control_port}", certs / "ca.crt")
         config = uvicorn.Config(
