@@ -242,7 +242,7 @@ def _refuse_existing(paths: Sequence[Path], overwrite: bool) -> None:
     existing = [str(path) for path in paths if path.exists()]
     if existing:
         raise ConfigError(
-            f"refusing to overwrite existing {', '.join(existing)}; pass overwrite=True to replace "
+            f"refusing to overwrite existing {', '.join(existing)}; pass --force (overwrite=True in Python) to replace "
             "them (clients trusting the old CA or keys must then be given the new files), "
             "or write to another folder"
         )

@@ -93,14 +93,16 @@ def test_private_keys_are_0600_under_a_permissive_umask(tmp_path):
 
 def test_refuses_to_overwrite_and_names_the_file(certs):
     before = certs.ca_key.read_bytes()
-    with pytest.raises(ConfigError, match=r"refusing to overwrite existing .*ca\.crt.*pass overwrite=True"):
+    with pytest.raises(
+        ConfigError, match=r"refusing to overwrite existing .*ca\.crt.*pass --force \(overwrite=True in Python\)"
+    ):
         generate_certificates(certs.ca_cert.parent)
     assert certs.ca_key.read_bytes() == before
 
 
 def test_refuses_when_any_single_file_exists(tmp_path):
     (tmp_path / "server.key").write_text("keep me")
-    with pytest.raises(ConfigError, match=r"existing .*server\.key; pass overwrite=True"):
+    with pytest.raises(ConfigError, match=r"existing .*server\.key; pass --force \(overwrite=True in Python\)"):
         generate_certificates(tmp_path)
     assert (tmp_path / "server.key").read_text() == "keep me"
     assert not (tmp_path / "ca.crt").exists()  # nothing half-written

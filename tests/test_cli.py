@@ -85,6 +85,9 @@ def test_server_and_site_start_build_tls_command_lines(tmp_path, capsys):
     assert main(["server", "start", "--certs", str(tmp_path)]) == 2
     assert "lacks ca.crt, server.pem, server.key; write them with `fedtl certs" in capsys.readouterr().err
     main(["certs", "--out", str(tmp_path)])
+    capsys.readouterr()
+    assert main(["certs", "--out", str(tmp_path)]) == 2  # the CA stays: sites trust it
+    assert "ca.crt, " in (err := capsys.readouterr().err) and "pass --force (overwrite=True in Python)" in err
     command = superlink_command(args)
     # Flower's own scripts of this environment: `.venv/bin/fedtl` runs without .venv/bin on PATH.
     assert command[0] == str(Path(sys.executable).parent / "flower-superlink")
