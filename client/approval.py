@@ -41,6 +41,7 @@ MAX_PENDING_FABS = 16  # refused FABs kept for review; older ones are deleted
 MAX_FAB_BYTES = 64 * 1024 * 1024  # larger files are not read as FABs (Flower's own upload limit is lower)
 MAX_UNPACKED_BYTES = 256 * 1024 * 1024
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHA256_PREFIX = re.compile(r"^[0-9a-f]{12,63}$")  # the audit table's 12 characters, or more
 
 # Audit record events.
 RAN = "ran"
@@ -113,7 +114,10 @@ def build_fab(app_dir: Path) -> bytes:
 
 
 def read_app(source: str, state_dir: Path) -> bytes:
-    """Return a FAB's bytes from an app folder, a `.fab` file, or the SHA-256 of a FAB the site refused."""
+    """Return a FAB's bytes from an app folder, a `.fab` file, or the SHA-256 of a FAB the site refused.
+
+    A prefix of 12 or more hex characters, as `fedtl site audit` shows the hash, names the refused FAB it matches.
+    """
     path = Path(source).expanduser()
     if path.is_dir():
         return build_fab(path.resolve())
@@ -129,7 +133,24 @@ def read_app(source: str, state_dir: Path) -> bytes:
             f"no FAB with sha256 {source} was refused here (none in {pending.parent}); approve it from the app's "
             "folder or its .fab file (`flwr build` writes one) so that the site can see what it approves"
         )
-    raise ConfigError(f"{source!r} is neither an app folder, a .fab file nor the SHA-256 of a FAB refused here")
+    if _SHA256_PREFIX.match(source.lower()):  # as `fedtl site audit` shows it
+        pending_dir = apps_dir(state_dir) / "pending"
+        found = sorted(pending_dir.glob(f"{source.lower()}*.fab")) if pending_dir.is_dir() else []
+        if len(found) == 1:
+            return found[0].read_bytes()
+        if found:
+            raise ConfigError(
+                f"{source} matches {len(found)} refused FABs: {', '.join(p.stem for p in found)}; give more of the hash"
+            )
+        raise ConfigError(
+            f"no refused FAB's sha256 starts with {source} (none in {pending_dir}); approve it from the app's "
+            "folder or its .fab file (`flwr build` writes one) so that the site can see what it approves"
+        )
+    raise ConfigError(
+        f"{source!r} is neither an app folder, a .fab file nor the SHA-256 of a FAB refused here (no such path); "
+        "fix: give the app's folder (its pyproject.toml names the app), the .fab file `flwr build` writes, or the "
+        "hash (or its first 12 characters) `fedtl site audit` lists for a refused run"
+    )
 
 
 def describe_fab(content: bytes) -> AppDescription:

@@ -151,7 +151,20 @@ def test_read_app_from_a_folder_a_fab_file_or_a_refused_hash(tmp_path, fab):
         read_app(sha, state)
     assert keep_pending(state, fab) == state / "apps" / "pending" / f"{sha}.fab"
     assert read_app(sha.upper(), state) == fab
-    with pytest.raises(ConfigError, match=r"'nonsense' is neither an app folder, a \.fab file nor the SHA-256"):
+    # `fedtl site audit` shows 12 characters of the hash: a prefix naming one refused FAB is enough.
+    assert read_app(sha[:12], state) == fab
+    twin = state / "apps" / "pending" / f"{sha[:12]}{'e' if sha[12] == 'f' else 'f'}{'0' * 51}.fab"
+    twin.write_bytes(b"another app")  # a second refused FAB whose hash shares those 12 characters
+    with pytest.raises(ConfigError, match=rf"{sha[:12]} matches 2 refused FABs: .*; give more of the hash"):
+        read_app(sha[:12], state)
+    assert read_app(sha[:13], state) == fab
+    twin.unlink()
+    with pytest.raises(ConfigError, match=r"no refused FAB's sha256 starts with 0123456789ab"):
+        read_app("0123456789ab", state)
+    with pytest.raises(
+        ConfigError,
+        match=r"'nonsense' is neither an app folder, a \.fab file nor the SHA-256 .*; fix: give the app's folder",
+    ):
         read_app("nonsense", state)
     approve_app(state, fab)
     assert not (state / "apps" / "pending" / f"{sha}.fab").exists()  # approved: no longer pending
