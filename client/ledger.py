@@ -247,6 +247,7 @@ class PrivacyLedger:
         # A real site's policy names a secret folder outside its state folder (SitePolicy.secret_dir); the
         # lab's ledgers keep it beside them, which guards against accidents only.
         self.secret_dir = Path(secret_dir) if secret_dir is not None else self.path.parent / LAB_SECRET_DIR
+        self._site_secret = secret_dir is not None  # a lab ledger's key lives and dies with it (temporary baselines)
         self.key_path = self.secret_dir / KEY_NAME
         self.head_path = self.secret_dir / HEAD_NAME
 
@@ -367,12 +368,19 @@ class PrivacyLedger:
             fh.flush()
             os.fsync(fh.fileno())
         _fsync_dir(self.secret_dir)
-        log.warning(
-            "privacy ledger %s: created its key %s; back up %s with the ledger and never delete it",
-            self.path,
-            self.key_path,
-            self.secret_dir,
-        )
+        if self._site_secret:
+            log.warning(
+                "privacy ledger %s: created its key %s; back up %s with the ledger and never delete it",
+                self.path,
+                self.key_path,
+                self.secret_dir,
+            )
+        else:
+            log.info(
+                "privacy ledger %s: created its key %s (a lab ledger: the key is kept beside it)",
+                self.path,
+                self.key_path,
+            )
         return key
 
     @contextmanager

@@ -3,6 +3,7 @@
 import hashlib
 import hmac
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -314,6 +315,15 @@ def test_the_key_is_the_sites_secret_and_each_record_carries_a_chained_hmac(tmp_
         previous = mac
     assert json.loads(ledger.head_path.read_text())["records"] == 3
     assert json.loads(ledger.head_path.read_text())["mac"] == previous
+
+
+def test_a_sites_new_key_is_a_warning_to_back_it_up_and_a_lab_ledgers_is_not(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="fedtl.client.ledger"):
+        PrivacyLedger(tmp_path / "site" / "ledger.jsonl", secret_dir=tmp_path / "secret").charge(_charge("a", 1, 1.0))
+        PrivacyLedger(tmp_path / "lab" / "ledger.jsonl").charge(_charge("a", 1, 1.0))
+    site, lab = [r for r in caplog.records if "created its key" in r.getMessage()]
+    assert site.levelno == logging.WARNING and "back up" in site.getMessage()
+    assert lab.levelno == logging.INFO and "back up" not in lab.getMessage()
 
 
 def test_a_deleted_ledger_is_refused_and_does_not_reset_the_budget(tmp_path):
