@@ -73,7 +73,7 @@ def rank_simulated(
 
 
 def format_ranking(summary: dict[str, Any]) -> str:
-    """Return the terminal table: each estimator's weighted mean ± SE per candidate, the pick and the warnings."""
+    """Return the terminal table: each estimator's weighted mean ± SE per candidate, the pick, the warning count."""
     estimators = summary["estimators"]
     header = f"{'rank':>4}  {'backbone':<20}" + "".join(f"{e + ' ± SE':>22}" for e in estimators)
     header += f"{'sites':>6}{'examples':>9}{'px':>5}"
@@ -88,7 +88,8 @@ def format_ranking(summary: dict[str, Any]) -> str:
         f"{_num(m['standard-error'])} over {m['runner-up']}, {m['num-sites']} sites"
         f"{': WITHIN NOISE' if m['within-noise'] else ''})"
     )
-    lines += [f"WARNING: {w}" for w in summary["warnings"]]
+    if summary["warnings"]:  # the server logged each one as it ranked (above this table): not again here
+        lines.append(f"{len(summary['warnings'])} warning(s), logged above and kept in ranking.md")
     lines.append(f"report: {Path(summary['run-dir']) / 'ranking.md'}")
     return "\n".join(lines)
 
