@@ -32,6 +32,10 @@ def fedtl_home() -> Path:
     return Path(os.environ.get("FEDTL_HOME", Path.home() / ".cache" / "fedtl")).expanduser()
 
 
+# What users write for the number of sites, which `fedtl simulate --sites` (or the SuperNodes that connect) sets.
+SITE_COUNT_KEYS = frozenset({"sites", "num-sites", "num-clients", "clients", "num-supernodes", "num-nodes"})
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything a federation run needs; the ServerApp resolves it and sends sites their part.
@@ -201,6 +205,8 @@ class RunConfig:
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f"; did you mean `{close[0]}`?" if close else ""
+                if key in SITE_COUNT_KEYS:  # the federation's size is the launcher's, not the run's
+                    hint = "; the number of sites is not a run-config key: `fedtl simulate --sites N` sets it."
                 raise ConfigError(f"unknown config key `{key}`{hint or '.'} Known keys: {', '.join(sorted(known))}")
             kwargs[known[key].name] = _coerce(key, value, getattr(cls, known[key].name))
         return cls(**kwargs)

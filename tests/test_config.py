@@ -22,6 +22,8 @@ def test_round_trip_through_kebab_mapping():
 def test_unknown_key_names_the_key_and_suggests_the_nearest():
     with pytest.raises(ConfigError, match=r"unknown config key `num-round`; did you mean `num-rounds`\?"):
         RunConfig.from_mapping({"num-round": 3})
+    with pytest.raises(ConfigError, match=r"`num-sites`; the number of sites is not a run-config key: `fedtl simu"):
+        RunConfig.from_mapping({"num-sites": 3})
 
 
 @pytest.mark.parametrize(
