@@ -42,6 +42,10 @@ MAX_FAB_BYTES = 64 * 1024 * 1024  # larger files are not read as FABs (Flower's 
 MAX_UNPACKED_BYTES = 256 * 1024 * 1024
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SHA256_PREFIX = re.compile(r"^[0-9a-f]{12,63}$")  # the audit table's 12 characters, or more
+APPROVE_FROM_THE_APP = (
+    "approve it from the app's folder or its .fab file (`flwr build` writes one) so that the site can see what it "
+    "approves"
+)
 
 # Audit record events.
 RAN = "ran"
@@ -130,8 +134,7 @@ def read_app(source: str, state_dir: Path) -> bytes:
         if pending.is_file():
             return pending.read_bytes()
         raise ConfigError(
-            f"no FAB with sha256 {source} was refused here (none in {pending.parent}); approve it from the app's "
-            "folder or its .fab file (`flwr build` writes one) so that the site can see what it approves"
+            f"no FAB with sha256 {source} was refused here (none in {pending.parent}); {APPROVE_FROM_THE_APP}"
         )
     if _SHA256_PREFIX.match(source.lower()):  # as `fedtl site audit` shows it
         pending_dir = apps_dir(state_dir) / "pending"
@@ -143,8 +146,7 @@ def read_app(source: str, state_dir: Path) -> bytes:
                 f"{source} matches {len(found)} refused FABs: {', '.join(p.stem for p in found)}; give more of the hash"
             )
         raise ConfigError(
-            f"no refused FAB's sha256 starts with {source} (none in {pending_dir}); approve it from the app's "
-            "folder or its .fab file (`flwr build` writes one) so that the site can see what it approves"
+            f"no refused FAB's sha256 starts with {source} (none in {pending_dir}); {APPROVE_FROM_THE_APP}"
         )
     raise ConfigError(
         f"{source!r} is neither an app folder, a .fab file nor the SHA-256 of a FAB refused here (no such path); "
