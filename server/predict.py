@@ -22,6 +22,7 @@ from fedtl.shared.errors import BackboneError, DataError, FingerprintMismatchErr
 from fedtl.shared.features import extract_features
 from fedtl.shared.heads import predict_proba
 from fedtl.shared.images import IMAGE_EXTENSIONS
+from fedtl.shared.loaders import image_files_below
 from fedtl.shared.tables import read_table_rows
 from fedtl.shared.texts import read_text_records
 
@@ -65,7 +66,7 @@ def load_model_backbone(model: AdaptedModel, *, weights_file: str | Path | None 
 
 
 def image_files(items: list[str | Path]) -> list[str | Path]:
-    """Return `items` with each folder replaced by the image files under it (recursively, sorted by path).
+    """Return `items` with each folder replaced by the image files under it (`image_files_below`: sorted by path).
 
     Raises:
         DataError: a folder holds no image file.
@@ -76,7 +77,7 @@ def image_files(items: list[str | Path]) -> list[str | Path]:
         if not folder.is_dir():
             out.append(item)
             continue
-        found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        found = image_files_below(folder)
         if not found:
             raise DataError(
                 f"folder {folder} holds no image file ({', '.join(IMAGE_EXTENSIONS)}); fix: pass a folder of images, "

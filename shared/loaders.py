@@ -71,6 +71,7 @@ __all__ = [
     "SiteData",
     "SkippedFile",
     "check_site_source",
+    "image_files_below",
     "load_dicom_file",
     "load_site_dataset",
 ]
@@ -545,6 +546,11 @@ def _files_below(folder: Path, *, links: bool = False) -> list[Path]:
         if file.is_file() or (links and file.is_symlink() and not file.is_file()):
             files.append(file)
     return sorted(files)
+
+
+def image_files_below(folder: Path) -> list[Path]:
+    """Image files in `folder` and its sub-folders, sorted by path, hidden ones left out (as a site's folder reads)."""
+    return [file for file in _files_below(folder) if _is_image_file(file)]
 
 
 def _missing_reason(path: Path) -> str:
