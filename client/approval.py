@@ -40,8 +40,7 @@ INSTALLED_PACKAGES = {"client/": "fedtl.client", "shared/": "fedtl.shared"}
 MAX_PENDING_FABS = 16  # refused FABs kept for review; older ones are deleted
 MAX_FAB_BYTES = 64 * 1024 * 1024  # larger files are not read as FABs (Flower's own upload limit is lower)
 MAX_UNPACKED_BYTES = 256 * 1024 * 1024
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_SHA256_PREFIX = re.compile(r"^[0-9a-f]{12,63}$")  # the audit table's 12 characters, or more
+_SHA256_PREFIX = re.compile(r"^[0-9a-f]{12,64}$")  # a whole hash, or the audit table's 12 characters or more
 APPROVE_FROM_THE_APP = (
     "approve it from the app's folder or its .fab file (`flwr build` writes one) so that the site can see what it "
     "approves"
@@ -129,14 +128,7 @@ def read_app(source: str, state_dir: Path) -> bytes:
         if path.stat().st_size > MAX_FAB_BYTES:
             raise ConfigError(f"{path} has {path.stat().st_size} bytes; a FAB has at most {MAX_FAB_BYTES}")
         return path.read_bytes()
-    if _SHA256.match(source.lower()):
-        pending = apps_dir(state_dir) / "pending" / f"{source.lower()}.fab"
-        if pending.is_file():
-            return pending.read_bytes()
-        raise ConfigError(
-            f"no FAB with sha256 {source} was refused here (none in {pending.parent}); {APPROVE_FROM_THE_APP}"
-        )
-    if _SHA256_PREFIX.match(source.lower()):  # as `fedtl site audit` shows it
+    if _SHA256_PREFIX.match(source.lower()):  # refused FABs are kept as apps/pending/<sha256>.fab
         pending_dir = apps_dir(state_dir) / "pending"
         found = sorted(pending_dir.glob(f"{source.lower()}*.fab")) if pending_dir.is_dir() else []
         if len(found) == 1:
@@ -145,9 +137,13 @@ def read_app(source: str, state_dir: Path) -> bytes:
             raise ConfigError(
                 f"{source} matches {len(found)} refused FABs: {', '.join(p.stem for p in found)}; give more of the hash"
             )
-        raise ConfigError(
-            f"no refused FAB's sha256 starts with {source} (none in {pending_dir}); {APPROVE_FROM_THE_APP}"
+        whole = len(source) == 64
+        none = (
+            f"no FAB with sha256 {source} was refused here"
+            if whole
+            else f"no refused FAB's sha256 starts with {source}"
         )
+        raise ConfigError(f"{none} (none in {pending_dir}); {APPROVE_FROM_THE_APP}")
     raise ConfigError(
         f"{source!r} is neither an app folder, a .fab file nor the SHA-256 of a FAB refused here (no such path); "
         "fix: give the app's folder (its pyproject.toml names the app), the .fab file `flwr build` writes, or the "
