@@ -110,9 +110,11 @@ def train_model(
         generator.seed()  # OS entropy
     else:
         generator.manual_seed(seed)
-    dataset = _Rows(torch.as_tensor(inputs, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.long))
     sample_rate, per_epoch = steps_per_epoch(num_examples, batch_size)
     model.train()
+    # The part of the model that every step runs (a head's fixed input map is applied once, here).
+    trained, trained_inputs = model.trained_part(torch.as_tensor(inputs, dtype=torch.float32))
+    dataset = _Rows(trained_inputs, torch.as_tensor(labels, dtype=torch.long))
     optimizer = torch.optim.SGD(model.param_groups(learning_rate), lr=learning_rate)
     anchor = None
     if proximal_mu > 0 and global_arrays is not None:
@@ -134,7 +136,7 @@ def train_model(
                 dataset, batch_size=min(batch_size, num_examples), generator=generator, collate_fn=_stacked
             )
             runner, optimizer, loader = PrivacyEngine(accountant="rdp").make_private(
-                module=model,
+                module=trained,
                 optimizer=optimizer,
                 data_loader=loader,
                 noise_multiplier=noise_multiplier,
@@ -159,7 +161,7 @@ def train_model(
                 generator=generator,
                 collate_fn=_stacked,
             )
-            runner = model
+            runner = trained
         try:
             with _intra_op_threads(1 if isinstance(model, Head) and model.kind == PROJECTED else None):
                 losses, steps = _run_epochs(

@@ -489,6 +489,10 @@ class AdaptedHead(nn.Module):
     def forward(self, activations: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(activations))
 
+    def trained_part(self, inputs: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
+        """Return (the module the training loop runs, its inputs): the whole model on the cached activations."""
+        return self, inputs
+
     def _trainable(self) -> list[tuple[str, nn.Parameter]]:
         """Return (name, parameter) of every trainable tensor, the head's first (Opacus pairs clip bounds in order)."""
         trainable = [(name, p) for name, p in self.named_parameters() if p.requires_grad]

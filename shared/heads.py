@@ -66,11 +66,24 @@ class Head(nn.Module):
     predict_batch_size = 4096
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, C)
-        if self.kind == PROJECTED:  # W normalise(clip1(P normalise(x)) - c) + b (shared/public_basis.py)
+        return self.layers(self.embed(features))
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        """Return the inputs of `layers`: the head's fixed map of features (B, D) -> (B, D), or (B, k) projected."""
+        if self.kind == PROJECTED:  # normalise(clip1(P normalise(x)) - c) (shared/public_basis.py)
             z = F.normalize(features, dim=1) @ self.projection.T  # (B, k)
             z = z / z.norm(dim=1, keepdim=True).clamp(min=1.0)  # whitened rows of P can lengthen z: clip to 1
-            return self.layers(F.normalize(z - self.center, dim=1))
-        return self.layers(F.normalize(F.normalize(features, dim=1) - self.center, dim=1))
+            return F.normalize(z - self.center, dim=1)
+        return F.normalize(F.normalize(features, dim=1) - self.center, dim=1)
+
+    def trained_part(self, inputs: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
+        """Return (the module the training loop runs, its inputs): `layers` on the embedded inputs (B, D) -> (B, ...).
+
+        `embed` holds no trainable tensor, so one pass over a site's inputs replaces one per step; per row it is
+        the same computation, so the steps see the same values.
+        """
+        with torch.no_grad():
+            return self.layers, self.embed(inputs)
 
     def param_groups(self, learning_rate: float) -> list[dict]:
         """Return the optimiser's parameter groups: every head tensor at `learning_rate`."""

@@ -223,7 +223,8 @@ def test_empty_poisson_batches_still_count_as_steps(monkeypatch):
     features, labels = separable(4)
     head = build_head("linear", D, 2)
     sizes = []
-    head.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    # every step runs the head's layers on its batch (the fixed input map ran once before the steps)
+    head.layers.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
     counter = StepCounter(monkeypatch)
     result = train(head, features, labels, epochs=5, batch_size=1, noise_multiplier=1.0, seed=3)
     assert result.steps == 5 * 4 == counter.calls == len(sizes)
