@@ -56,7 +56,12 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def run_federation(
-    grid: Grid, cfg: RunConfig, *, run_dir: Path | None = None, record: dict[str, Any] | None = None
+    grid: Grid,
+    cfg: RunConfig,
+    *,
+    run_dir: Path | None = None,
+    record: dict[str, Any] | None = None,
+    backbone: Backbone | None = None,
 ) -> dict[str, Any]:
     """Run one federation end to end and return its summary (also written to `summary.json`).
 
@@ -65,6 +70,7 @@ def run_federation(
         cfg: the resolved run configuration.
         run_dir: where to write results; a fresh `out/<run-id>/` when None.
         record: written into the run's `config.json` beside the config (the lab records its number of sites).
+        backbone: `load_server_backbone(cfg)` when the caller built it already (the lab, preparing its sites).
 
     Returns:
         The run summary: final metrics, per-site epsilon, bytes sent, timings.
@@ -86,7 +92,8 @@ def run_federation(
             "each round; these are not covered by their epsilon (federated-evaluation = false keeps them local)"
         )
     check_deep_run(cfg)  # deeper fine-tuning fits the backbone and the rest of the config, before any site works
-    backbone = load_server_backbone(cfg)
+    if backbone is None or backbone.name != cfg.backbone:
+        backbone = load_server_backbone(cfg)
     splits = load_server_data(cfg)
     label_names = federation_label_names(cfg, splits)
     config = round_config(cfg, backbone, label_names, run_id=run.run_id, run_dir=run.run_dir)

@@ -42,18 +42,23 @@ class FederationApp:
     cfg: RunConfig
     run_dir: Path | None = None
     outcome: dict[str, Any] = field(default_factory=dict)
+    backbone: Backbone | None = None  # built by `prepare`; the server's own run uses it instead of building it again
     what = "federation"
 
     def run(self, grid: Grid) -> dict[str, Any]:
         """Run the server logic on `grid` and return its summary."""
         # simulated_config made min-available-nodes the number of simulated sites; a resumed run needs it.
         return run_federation(
-            grid, self.cfg, run_dir=self.run_dir, record={SIMULATED_SITES: self.cfg.min_available_nodes}
+            grid,
+            self.cfg,
+            run_dir=self.run_dir,
+            record={SIMULATED_SITES: self.cfg.min_available_nodes},
+            backbone=self.backbone,
         )
 
     def prepare(self, num_sites: int) -> None:
         """Extract the simulated sites' inputs before the engine starts (a run of `cfg.backbone` uses them)."""
-        prepare_simulated_sites(self.cfg, num_sites)
+        self.backbone = prepare_simulated_sites(self.cfg, num_sites)
 
     def server_app(self) -> ServerApp:
         """Return the ServerApp (Flower calls its main with the Grid of whichever executor runs it)."""
@@ -114,16 +119,17 @@ def start_simulation(cfg: RunConfig, num_sites: int, app: AppFactory, run_dir: P
     return federation
 
 
-def prepare_simulated_sites(cfg: RunConfig, num_sites: int, *, progress: bool = True) -> None:
+def prepare_simulated_sites(cfg: RunConfig, num_sites: int, *, progress: bool = True) -> Backbone | None:
     """Extract every simulated site's inputs at the cut, and the server's held-out set's, once, before the engine.
 
     The sites would otherwise extract them inside the engine's workers, where no progress can be shown and
     each worker builds the backbone again; here it is one pass over all the data, with a bar per site and
     split, through the sites' own code (client/inputs.py), into the same caches (FEDTL_HOME). A later run on
     the same partition reads them. The backbone is installed in each site's cache as the server would send it.
+    Returns the server's backbone it built (None when there was nothing to prepare: a resumed run, or no data).
     """
     if cfg.resume or not cfg.data:
-        return
+        return None
     backbone = load_server_backbone(cfg)
     splits = load_server_data(cfg)
     label_names = federation_label_names(cfg, splits)
@@ -140,6 +146,7 @@ def prepare_simulated_sites(cfg: RunConfig, num_sites: int, *, progress: bool = 
                 log.warning("%s could not be prepared (it will refuse the run's requests): %s", site.name, exc)
     if cfg.central_evaluation and splits is not None and splits.test is not None:
         CentralEvaluation(cfg, backbone, splits.test, label_names)
+    return backbone
 
 
 def lab_settings(
