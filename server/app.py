@@ -92,8 +92,7 @@ def run_federation(
             "each round; these are not covered by their epsilon (federated-evaluation = false keeps them local)"
         )
     check_deep_run(cfg)  # deeper fine-tuning fits the backbone and the rest of the config, before any site works
-    if backbone is None or backbone.name != cfg.backbone:
-        backbone = load_server_backbone(cfg)
+    backbone = load_server_backbone(cfg, built=backbone)
     splits = load_server_data(cfg)
     label_names = federation_label_names(cfg, splits)
     config = round_config(cfg, backbone, label_names, run_id=run.run_id, run_dir=run.run_dir)

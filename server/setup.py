@@ -73,11 +73,17 @@ class Backbone:
         )
 
 
-def load_server_backbone(cfg: RunConfig) -> Backbone:
-    """Build the configured backbone from the registry and fingerprint it (a table's: its schema's)."""
+def load_server_backbone(cfg: RunConfig, *, built: Backbone | None = None) -> Backbone:
+    """Build the configured backbone from the registry and fingerprint it (a table's: its schema's).
+
+    `built`: one built before in this process (the lab's, preparing its sites); returned as it is when its name
+    and preprocessing are `cfg`'s.
+    """
     schema = federation_schema(cfg.schema, cfg.data)
-    state = backbone_state_dict(build_backbone(cfg.backbone, schema=schema))
     preprocessing = resolve_preprocessing(cfg.backbone, cfg.image_size, schema=schema)
+    if built is not None and (built.name, built.preprocessing) == (cfg.backbone, preprocessing):
+        return built
+    state = backbone_state_dict(build_backbone(cfg.backbone, schema=schema))
     return Backbone(
         cfg.backbone,
         fingerprint_state_dict(state),

@@ -173,3 +173,29 @@ def test_inprocess_restores_the_environment_it_borrows(tmp_path, monkeypatch):
     run_inprocess(_dp_config(tmp_path).replace(num_rounds=1, federated_evaluation=False), num_sites=1)
     assert SIMULATION_ENV not in os.environ
     assert TaskIdentity._run_id is None
+
+
+def test_a_simulated_run_builds_the_servers_backbone_once(tmp_path, monkeypatch):
+    import fedtl.server.setup as setup
+
+    monkeypatch.setenv("FEDTL_HOME", str(tmp_path / "home"))
+    built = []
+    build = setup.build_backbone
+    monkeypatch.setattr(setup, "build_backbone", lambda *a, **kw: built.append(a) or build(*a, **kw))
+    cfg = _dp_config(tmp_path).replace(num_rounds=1, federated_evaluation=False)
+    summary = run_inprocess(cfg, num_sites=2)
+    assert summary["all-sites-completed"]
+    # From the registry (its weights read and fingerprinted) once: the lab's preparation built it, and the ServerApp's
+    # run took that one. Modules made from that state (to extract the held-out set's features) are not counted.
+    assert [a for a in built if len(a) == 1] == [("tiny",)]
+
+
+def test_a_backbone_built_for_another_preprocessing_is_built_again(tmp_path):
+    from fedtl.server.setup import load_server_backbone
+
+    cfg = RunConfig(backbone="tiny", data="digits", image_size=16, out=str(tmp_path))
+    first = load_server_backbone(cfg)
+    assert load_server_backbone(cfg, built=first) is first
+    other = load_server_backbone(cfg.replace(image_size=24), built=first)
+    assert other is not first and other.preprocessing.image_size == 24
+    assert other.fingerprint == first.fingerprint  # the same weights; only what is fed to them differs
