@@ -4,7 +4,9 @@ Every cell is a real federation of the product (`fedtl.simulations.inprocess.run
 ClientApp handlers, each site with its own ledger), EfficientNet-Lite0 at 64 px (`--image-size`), 5 iid digits
 sites, per-site epsilon 1 and 3 at delta 1e-5, seeds 0-2: `secure-dp-sgd` (t = all sites unless --honest-sites),
 the default `auto` (each site noises its own DP-GD updates), and the lab's central DP-SGD baseline on the pooled
-training data at the same epsilon (simulations/baselines.train_baseline_head: a linear head, the run config's schedule).
+training data at the same epsilon (simulations/baselines.train_baseline_head of a `head-solver = "dp-sgd"` lab: a linear
+head, the run config's schedule; the lab's auto baseline is the plan of one site, which secure DP-SGD with t = all sites
+computes too).
 Held-out accuracy (the server's split, never used for any choice); mean and standard error over the seeds.
 
     nice -n 10 python benchmarks/secure_dp_sgd.py
@@ -76,7 +78,7 @@ def main() -> None:
                         f"{summary['epsilon-max']:.3f} ({time.time() - t0:.0f} s)",
                         flush=True,
                     )
-                lab = lab or bl.load_lab_federation(base.replace(target_epsilon=eps), args.sites)
+                lab = lab or bl.load_lab_federation(base.replace(target_epsilon=eps, head_solver="dp-sgd"), args.sites)
                 pooled_x = np.concatenate([s.train_features for s in lab.sites])
                 pooled_y = np.concatenate([s.train_labels for s in lab.sites])
                 t0 = time.time()

@@ -11,6 +11,11 @@ uses (so they see exactly the sites' partitions, and extract nothing twice), and
 the sites' own DP-SGD loop. Each baseline head is a lab site of its own with a scratch ledger: its
 centre release and its DP-SGD steps go through the sites' one release path (client/release.py), so
 its noise and epsilon are planned and accounted exactly as a site's; no real site's ledger is charged.
+
+A baseline trains as a one-site run of the same config would: where the run's head solver is `auto` and its
+plan applies, the head is the plan for that one site's example count (shared/dp_heads.plan_dp_head: the public
+projection, the k-dim centre release, full-batch DP-GD), so the centralised baseline has one curator's noise
+and the local one a lone site's; otherwise DP-SGD on the configured head and schedule.
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
 
 from fedtl.client.centering import release_feature_sum
 from fedtl.client.inputs import SiteInputs, load_site_inputs
@@ -32,13 +36,24 @@ from fedtl.client.training import evaluate_model
 from fedtl.server.centering import run_centering_noise
 from fedtl.server.evaluation import CentralEvaluation
 from fedtl.server.setup import Backbone, federation_label_names, load_server_backbone, load_server_data
+from fedtl.server.solvers.auto import fallback_reason, planned_config, public_basis
 from fedtl.shared import constants as k
 from fedtl.shared.centering import MAX_CENTER_NOISE_NORM, center_noise_norm
 from fedtl.shared.config import RunConfig
+from fedtl.shared.dp_heads import HeadPlan, plan_dp_head
 from fedtl.shared.errors import ConfigError
-from fedtl.shared.heads import FROZEN_ARRAYS, PROJECTED, Head, build_head, head_arrays, load_head_arrays
+from fedtl.shared.heads import (
+    FROZEN_ARRAYS,
+    PROJECTED,
+    Head,
+    build_head,
+    head_arrays,
+    load_head_arrays,
+    predict_proba,
+)
 from fedtl.shared.metrics import classification_metrics
 from fedtl.shared.protocol import RoundSettings, SimulationSettings
+from fedtl.shared.public_basis import zero_shot_weight
 from fedtl.simulations.federation import lab_settings, lab_sites, simulated_sites
 
 MAJORITY = "majority"
@@ -165,15 +180,24 @@ def train_baseline_head(
 ) -> BaselineHead:
     """Train one head on (features, labels) as a single site of the run would, over the run's whole schedule.
 
-    The schedule is the federation's: `num-rounds x local-epochs` epochs at its batch size, learning
-    rate and clipping. With a target epsilon, the feature centre is one noised release (the server's
-    noise rule and its "too noisy: no centre" rule) and DP-SGD's noise is planned so that both together
-    spend at most the target, through the sites' release path with a scratch ledger (seeded by `seed`);
-    without one, the exact mean and plain SGD (the non-private baseline).
+    Where the run's head solver is `auto` and its plan applies: the plan for one site of len(labels) examples
+    (`auto_plan`), trained by `_train_planned_head`. Otherwise the schedule is the federation's:
+    `num-rounds x local-epochs` epochs at its batch size, learning rate and clipping. With a target epsilon, the
+    feature centre is one noised release (the server's noise rule and its "too noisy: no centre" rule) and DP-SGD's
+    noise is planned so that both together spend at most the target, through the sites' release path with a
+    scratch ledger (seeded by `seed`); without one, the exact mean and plain SGD (the non-private baseline).
     `frozen`: buffers the run fixed (a planned projected head's public projection and its centre, from the
-    run's model file), loaded before training and never trained; a projected head needs them.
+    run's model file), loaded before training and never trained: the head is then the run's configured one on
+    the run's map (the audit's shadow models), not a plan of its own.
     """
     cfg = lab.cfg
+    plan = (
+        None
+        if frozen
+        else auto_plan(lab, len(labels), cfg.target_epsilon if target_epsilon is None else target_epsilon)
+    )
+    if plan is not None:
+        return _train_planned_head(lab, features, labels, plan, target_epsilon=target_epsilon, seed=seed)
     head = _head(lab, seed=cfg.seed)
     if frozen:
         arrays = head_arrays(head)
@@ -214,6 +238,85 @@ def train_baseline_head(
     return BaselineHead(head, epsilon if private else math.inf)
 
 
+def auto_plan(lab: LabFederation, num_examples: int, target_epsilon: float) -> HeadPlan | None:
+    """Return the auto plan of a one-site run of the lab's config on `num_examples` (None: the run's head is not it).
+
+    A non-private baseline takes the plan at the run's own target epsilon, as a non-private auto run does: only
+    its head, projection and schedule are used.
+    """
+    cfg = lab.cfg
+    if cfg.head_solver != "auto" or fallback_reason(cfg) is not None:
+        return None
+    return plan_dp_head(
+        target_epsilon=target_epsilon,
+        target_delta=cfg.target_delta,
+        site_sizes=[num_examples],
+        feature_dim=lab.backbone.feature_dim,
+        num_classes=lab.num_classes,
+        accountant=cfg.accountant,
+        rounds=cfg.num_rounds,
+    )
+
+
+def _train_planned_head(
+    lab: LabFederation,
+    features: np.ndarray,
+    labels: np.ndarray,
+    plan: HeadPlan,
+    *,
+    target_epsilon: float | None,
+    seed: int,
+) -> BaselineHead:
+    """Train the auto plan's projected head on (features, labels) as the only site of a run, as the run's solver does.
+
+    The public basis and the centre (released through the site's release path when the plan releases one, else the
+    synthetic inputs' public one) go into the head's frozen buffers; a text head starts from the class names'
+    zero-shot head; then the plan's full-batch DP-GD steps, charged to a scratch ledger as one site's.
+    `target_epsilon` None: the non-private baseline (no clipping, no noise, the exact centre).
+    """
+    private = target_epsilon is not None
+    cfg = planned_config(lab.cfg, plan, [len(labels)], head=PROJECTED)
+    projection, public_center, names = public_basis(lab.backbone, cfg, lab.label_names)
+    head = build_head(
+        PROJECTED, lab.backbone.feature_dim, lab.num_classes, seed=cfg.seed, projection_dim=cfg.projection_dim
+    )
+    settings = dataclasses.replace(
+        lab.settings,
+        run_id=f"baseline-{seed}",
+        num_rounds=1,
+        head=PROJECTED,
+        projection_dim=cfg.projection_dim,
+        batch_size=cfg.batch_size,
+        local_epochs=plan.steps,
+        learning_rate=cfg.learning_rate,
+        max_grad_norm=cfg.max_grad_norm,
+        noise_multiplier=None,
+        personalization="none",
+        non_private=not private,
+        target_epsilon=target_epsilon if target_epsilon is not None else lab.settings.target_epsilon,
+        seed=seed,
+    )
+    with tempfile.TemporaryDirectory(prefix="fedtl-baseline-") as tmp:
+        site = Site(name="baseline", state_dir=Path(tmp), cache_dir=Path(tmp), data="", simulation=lab.simulation)
+        center = public_center
+        if plan.center_noise_multiplier is not None:
+            sigma = plan.center_noise_multiplier if private else 0.0
+            total, count, _ = release_feature_sum(
+                site, settings, features, noise_multiplier=sigma, projection=projection
+            )
+            center = total / count
+        arrays = head_arrays(head)
+        arrays.update(projection=projection.astype(np.float32), center=np.asarray(center, dtype=np.float32))
+        if names is not None:  # a text backbone: DP-GD starts from the class names' zero-shot head (public)
+            arrays["layers.0.weight"] = zero_shot_weight(names, projection, center).astype(np.float32)
+        load_head_arrays(head, arrays, source="the baseline's public basis and centre")
+        inputs = SiteInputs(features, labels, features[:0], labels[:0], lab.label_names, 0)
+        _, epsilon, _ = charged_training(
+            site, settings, head, inputs, server_round=1, epochs=plan.steps, what="training"
+        )
+    return BaselineHead(head, epsilon if private else math.inf)
+
+
 def _head(lab: LabFederation, seed: int = 0) -> Head:
     cfg = lab.cfg
     return build_head(
@@ -227,9 +330,10 @@ def _head(lab: LabFederation, seed: int = 0) -> Head:
 
 
 def _score(lab: LabFederation, method: str, eps: float, head: Head, *, spent: float) -> BaselineScore:
-    arrays = head_arrays(head)
-    per_site = site_accuracies(lab, arrays)
-    held_out = lab.central(ArrayRecord({n: Array(v) for n, v in arrays.items()})) if lab.central else {}
+    per_site = {s.name: evaluate_model(head, s.test_features, s.test_labels)[k.ACCURACY] for s in lab.sites}
+    held_out = (
+        classification_metrics(lab.central.labels, predict_proba(head, lab.central.inputs)) if lab.central else {}
+    )
     return BaselineScore(
         method,
         eps,

@@ -95,7 +95,9 @@ unit of privacy: it is neither comparable with the sample-level ε nor added to 
 **Non-private rows** (target ε = ∞: majority class, central, federated non-private) carry no formal
 guarantee and are references only. Central DP-SGD trains on pooled data, so it assumes a trusted curator who
 sees every site's records: its ε bounds what the model reveals, not what the curator sees. The local-only
-baseline spends the same ε at each site on that site's data alone.
+baseline spends the same ε at each site on that site's data alone. Both train as a one-site run of the same
+config would: with head-solver "auto", the plan for that one site's example count (public projection, centre
+release, full-batch DP-GD with one curator's noise); otherwise DP-SGD on the configured head and schedule.
 
 **Not covered by any ε here:** the accuracies in this report are computed on held-out test data and released
 without noise, and picking the best configuration of a sweep is itself a data-dependent choice whose privacy
