@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,16 +143,26 @@ def pooled_accuracy(lab: LabFederation, per_site: dict[str, float]) -> float:
     return sum(per_site[n] * sizes[n] for n in names) / total if total else math.nan
 
 
-def run_baselines(lab: LabFederation, *, epsilons: list[float], seed: int) -> list[BaselineScore]:
-    """Return majority, centralised (non-private), and for each epsilon centralised DP-SGD and local-only scores."""
+def run_baselines(
+    lab: LabFederation, *, epsilons: list[float], seed: int, methods: Collection[str] = BASELINES
+) -> list[BaselineScore]:
+    """Return the scores of the baselines in `methods`, each trained only when asked for.
+
+    Majority and centralised (non-private) once; centralised DP and local-only at each epsilon.
+    `federated-nonprivate` is a run of its own (the sweep runs it), not trained here.
+    """
     pooled_x = np.concatenate([s.train_features for s in lab.sites])
     pooled_y = np.concatenate([s.train_labels for s in lab.sites])
-    out = [_majority(lab, pooled_y)]
-    central = train_baseline_head(lab, pooled_x, pooled_y, target_epsilon=None, seed=seed)
-    out.append(_score(lab, CENTRAL, math.inf, central.head, spent=math.inf))
+    out = [_majority(lab, pooled_y)] if MAJORITY in methods else []
+    if CENTRAL in methods:
+        central = train_baseline_head(lab, pooled_x, pooled_y, target_epsilon=None, seed=seed)
+        out.append(_score(lab, CENTRAL, math.inf, central.head, spent=math.inf))
     for eps in epsilons:
-        dp = train_baseline_head(lab, pooled_x, pooled_y, target_epsilon=eps, seed=seed)
-        out.append(_score(lab, CENTRAL_DP, eps, dp.head, spent=dp.epsilon))
+        if CENTRAL_DP in methods:
+            dp = train_baseline_head(lab, pooled_x, pooled_y, target_epsilon=eps, seed=seed)
+            out.append(_score(lab, CENTRAL_DP, eps, dp.head, spent=dp.epsilon))
+        if LOCAL not in methods:
+            continue
         per_site, spent = {}, 0.0
         for i, s in enumerate(lab.sites):
             alone = train_baseline_head(lab, s.train_features, s.train_labels, target_epsilon=eps, seed=seed + 7919 * i)

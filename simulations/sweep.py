@@ -266,13 +266,12 @@ def _run_cell(
         progress.info("sweep %s: run %s (%d sites)", spec.name, name, num_sites)
         summaries.append((method, eps, cfg, execute(cfg, num_sites=num_sites, executor=spec.executor)))
     # The runs cached every site's features; the baselines read the same caches.
-    progress.info("sweep %s: baselines %s", spec.name, ", ".join(spec.baselines))
+    progress.info("sweep %s: baselines %s", spec.name, ", ".join(spec.baselines) or "none")
     lab = bl.load_lab_federation(base, num_sites)
-    scores = bl.run_baselines(lab, epsilons=list(spec.epsilons), seed=seed) if spec.baselines else []
+    scores = bl.run_baselines(lab, epsilons=list(spec.epsilons), seed=seed, methods=spec.baselines)
     local = {s.target_epsilon: s for s in scores if s.method == bl.LOCAL}
     for score in scores:
-        if score.method in spec.baselines:
-            tables.results.append(_baseline_row(spec, cell, score, lab))
+        tables.results.append(_baseline_row(spec, cell, score, lab))
     for method, eps, cfg, summary in summaries:
         per_site, personalized = _site_scores(lab, method, summary)
         tables.results.append(_run_row(spec, cell, method, eps, summary, bl.pooled_accuracy(lab, per_site)))

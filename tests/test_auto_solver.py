@@ -272,35 +272,3 @@ def test_the_public_basis_is_stored_once_and_a_bad_stored_file_is_recomputed(mon
     wider = auto.public_basis(backbone, cfg.replace(projection_dim=8))  # another width: its own file
     assert wider[0].shape == (8, first[0].shape[1])
     assert len(list(stored.parent.iterdir())) == 2
-
-
-def test_the_lab_baselines_train_the_auto_plan_of_a_one_site_run(tmp_path, monkeypatch):
-    from fedtl.simulations import baselines as bl
-
-    monkeypatch.setenv("FEDTL_HOME", str(tmp_path / "home"))
-    cfg = RunConfig(
-        backbone="tiny", image_size=32, num_rounds=ROUNDS, target_epsilon=1.0, device="cpu", out=str(tmp_path)
-    )
-    lab = bl.load_lab_federation(cfg, SITES)
-    x = np.concatenate([s.train_features for s in lab.sites])
-    y = np.concatenate([s.train_labels for s in lab.sites])
-    plan = bl.auto_plan(lab, len(y), 1.0)
-    # Oracle: the plan of one site holding the pooled data, recomputed from its public count alone.
-    assert plan == plan_dp_head(
-        target_epsilon=1.0, target_delta=1e-5, site_sizes=[len(y)], feature_dim=32, num_classes=10, rounds=ROUNDS
-    )
-    central = bl.train_baseline_head(lab, x, y, target_epsilon=1.0, seed=0)
-    assert central.head.kind == "projected" and tuple(central.head.projection.shape) == (plan.projection_dim, 32)
-    assert central.epsilon == pytest.approx(plan.epsilon, rel=1e-9)  # a fresh one-site ledger lands on the plan
-    site = lab.sites[0]
-    lone = bl.auto_plan(lab, len(site.train_labels), 1.0)
-    assert lone.mean_noise > plan.mean_noise  # a site alone divides its noise by its own count
-    alone = bl.train_baseline_head(lab, site.train_features, site.train_labels, target_epsilon=1.0, seed=0)
-    assert alone.head.projection.shape[0] == lone.projection_dim
-    assert alone.epsilon == pytest.approx(lone.epsilon, rel=1e-9)
-    exact = bl.train_baseline_head(lab, x, y, target_epsilon=None, seed=0)
-    assert exact.head.kind == "projected" and math.isinf(exact.epsilon)
-    # Another head solver: its configured DP-SGD head, as a one-site run of it would train.
-    other = bl.load_lab_federation(cfg.replace(head_solver="dp-sgd"), SITES)
-    assert bl.auto_plan(other, len(y), 1.0) is None
-    assert bl.train_baseline_head(other, x, y, target_epsilon=1.0, seed=0).head.kind == "linear"
