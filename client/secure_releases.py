@@ -30,6 +30,7 @@ from fedtl.shared.distributed_noise import sample_skellam, share_variance
 from fedtl.shared.errors import ReplyError
 from fedtl.shared.mechanisms import SECURE_FEATURE_SUM, SECURE_HEAD_GRADIENT, SECURE_SUFFICIENT_STATS, Mechanism
 from fedtl.shared.protocol import RoundSettings
+from fedtl.shared.public_basis import project_features
 from fedtl.shared.secure_dp_sgd import check_head_tensors, clipped_gradient_rows, head_inputs, poisson_sample
 from fedtl.shared.secure_noise import SecureRandom
 from fedtl.shared.secure_sum import (
@@ -90,11 +91,30 @@ class Sent:
 
 
 def _feature_sum(
-    site: Site, settings: RoundSettings, plan: SessionPlan, noise_multiplier: float, _: Sent
+    site: Site, settings: RoundSettings, plan: SessionPlan, noise_multiplier: float, sent: Sent
 ) -> SecureRelease:
-    """The sum of the site's L2-normalised training features at the cut that trains (the feature centre)."""
+    """The sum of the site's L2-normalised training features at the cut that trains (the feature centre).
+
+    With a public `projection` (k, D) sent (secure DP-SGD's k-dim centre), the sum of the projected features
+    instead, each row clipped to norm 1 (shared/public_basis.project_features): the same sensitivity whatever the
+    projection, so a hostile one changes what is summed, never what one example can move it by.
+
+    Raises:
+        ReplyError: a projection that is not (k, D) with 1 <= k < D, or holds non-finite values.
+    """
     features = load_site_inputs(site, settings, cut=Cut.of(settings).at_end_cut()).train_x  # (N, D)
-    rows = _unit_rows(features)
+    projection = sent.arrays.get("projection")
+    if projection is None:
+        rows = _unit_rows(features)
+    else:
+        dim = features.shape[1]
+        if projection.ndim != 2 or not 1 <= projection.shape[0] < dim or projection.shape[1] != dim:
+            raise ReplyError(
+                f"the projection sent has shape {projection.shape}; expected (k, {dim}) with 1 <= k < {dim}"
+            )
+        if not np.all(np.isfinite(projection)):
+            raise ReplyError("the projection sent holds NaN or Inf values; the server must send a finite basis")
+        rows = project_features(features, projection)  # (N, k), norms <= 1
     scale = feature_sum_scale(noise_multiplier)
     return _noised(
         site,

@@ -137,6 +137,30 @@ def test_the_plan_uses_public_inputs_and_distrust_costs_noise():
         plan_secure_dp_sgd(cfg, [280] * 5, honest_sites=6, **common)
 
 
+def test_the_plan_releases_the_k_dim_centre_by_the_auto_rule_and_spends_it_within_the_budget():
+    from fedtl.server.secure_releases import centre_sensitivities, skellam_step
+
+    cfg = RunConfig(target_epsilon=1.0, target_delta=DELTA, num_rounds=10)
+    common = dict(feature_dim=1280, num_classes=10, project=True)
+    plan = plan_secure_dp_sgd(cfg, [280] * 5, honest_sites=5, **common)
+    one = dp_heads.find_noise_multiplier(target_epsilon=1.0, target_delta=DELTA, sample_rate=1.0, steps=1)
+    # The auto plan's public rule: noise one / sqrt(CENTER_SHARE), released when its expected noise norm in the
+    # k-dim pooled mean is at most MAX_CENTER_NOISE_NORM (here 12.8 x sqrt(256) / 1400 = 0.15).
+    assert plan.center_noise_multiplier == pytest.approx(one / math.sqrt(dp_heads.CENTER_SHARE))
+    assert plan.center_noise_multiplier * math.sqrt(plan.projection_dim) / 1400 <= dp_heads.MAX_CENTER_NOISE_NORM
+    centre = skellam_step(plan.center_noise_multiplier, centre_sensitivities(plan.projection_dim))
+    step = PrivacyStep(
+        plan.noise_multiplier, 1.0, 1, *gradient_sensitivities(10 * plan.projection_dim)(plan.noise_multiplier)
+    )
+    assert plan.epsilon == pytest.approx(oracle_epsilon([centre] + [step] * plan.steps), rel=1e-6)  # one a charge
+    assert 0.95 < plan.epsilon <= 1.0 * (1 + 1e-9)
+    # 5 sites of 20 examples: the centre's noise norm would be far above the rule's bound, so none is released.
+    small = plan_secure_dp_sgd(cfg, [20] * 5, honest_sites=5, **common)
+    assert small.center_noise_multiplier is None
+    lone = PrivacyStep(small.noise_multiplier, 1.0, 1, *gradient_sensitivities(160)(small.noise_multiplier))
+    assert small.epsilon == pytest.approx(oracle_epsilon([lone] * 50), rel=1e-6)
+
+
 def test_secure_dp_sgd_refuses_what_one_server_side_head_cannot_do():
     from fedtl.server.solvers.secure_dp_sgd import SecureDpSgdSolver
 
@@ -190,6 +214,14 @@ def moderate_steps(monkeypatch):
 def test_without_noise_it_is_plain_full_batch_gradient_descent_on_the_pooled_data(tmp_path, moderate_steps):
     summary = _run(tmp_path, "exact", 3, **{"non-private": True})
     model, w, b = _pooled_gradient_descent(summary)
+    # The centre is the secure sum of the sites' projected features over their count: the pooled mean, to the
+    # quantisation's rounding.
+    from fedtl.simulations import baselines as bl
+
+    run = Path(summary["run-dir"])
+    cfg = RunConfig.from_mapping(json.loads((run / "config.json").read_text())["config"])
+    pooled = np.concatenate([s.train_features for s in bl.load_lab_federation(cfg, 3).sites])
+    assert np.allclose(model["center"], project_features(pooled, model["projection"]).mean(axis=0), atol=1e-4)
     assert np.allclose(model["layers.0.weight"], w, atol=2e-4) and np.allclose(model["layers.0.bias"], b, atol=2e-4)
     assert np.abs(w).max() > 0.1 and np.all(model["layers.0.bias"] == 0.0)  # the weights moved, the bias is held
 
@@ -221,11 +253,43 @@ def test_fedtl_simulate_with_secure_dp_sgd_charges_each_site_the_accountants_eps
     summary = json.loads(summary_path.read_text())
     ledgers = _ledgers(summary)
     assert sorted(ledgers) == ["site-0", "site-1", "site-2"]
+    plan = summary["head-plan"]
     for name, charges in ledgers.items():
-        assert [c.kind for c in charges] == ["secagg-head-gradient"] * 50
+        # The k-dim centre's secure sum (the plan releases one here), then the 50 secure steps.
+        assert [c.kind for c in charges] == ["secagg-feature-sum"] + ["secagg-head-gradient"] * 50
+        assert charges[0].noise_multiplier == plan["center-noise-multiplier"] is not None
         assert {(c.honest_sites, c.num_sites, c.sample_rate) for c in charges} == {(2, 3, 1.0)}
         assert summary["epsilon-per-site"][name] == pytest.approx(oracle_epsilon(charges), rel=1e-6)
         assert 2.9 < summary["epsilon-per-site"][name] <= 3.0 * (1 + 1e-6)
     assert summary["trust-assumption"].startswith("each site's epsilon holds if at least 2 of the 3 sites")
     assert summary["secure-aggregation"]["epsilon-if-alone"] > summary["epsilon-max"]
     assert summary["final"]["central-accuracy"] > 0.2  # ten classes
+
+
+@pytest.mark.parametrize(
+    ("projection", "error"),
+    [
+        (np.ones((32, 32), dtype=np.float32), r"shape \(32, 32\); expected \(k, 32\) with 1 <= k < 32"),
+        (np.ones((4, 16), dtype=np.float32), r"shape \(4, 16\); expected \(k, 32\)"),
+        (np.full((4, 32), np.nan, dtype=np.float32), "holds NaN or Inf values"),
+    ],
+)
+def test_a_site_refuses_a_malformed_projection_for_its_centre_before_paying(tmp_path, monkeypatch, projection, error):
+    from fedtl.client.secure_releases import FEATURE_SUM, secure_release
+    from fedtl.server.setup import federation_label_names, load_server_backbone, load_server_data
+    from fedtl.shared.errors import ReplyError
+    from fedtl.simulations.federation import lab_settings, lab_sites, simulated_sites
+
+    monkeypatch.setenv("FEDTL_HOME", str(tmp_path / "home"))
+    cfg = RunConfig.from_mapping({**SMALL, "out": str(tmp_path)})
+    backbone = load_server_backbone(cfg)
+    settings, simulation = lab_settings(cfg, backbone, federation_label_names(cfg, load_server_data(cfg)))
+    with simulated_sites():
+        site = next(lab_sites(2, simulation, backbone))
+        plan = SessionPlan("ab", settings.run_id, 1, 2, 2, 2, FEATURE_SUM)
+        with pytest.raises(ReplyError, match=error):
+            secure_release(site, settings, plan, noise_multiplier=3.0, center=None, arrays={"projection": projection})
+        assert site.ledger.charges() == []  # refused before anything was charged or computed
+        good = np.eye(4, 32, dtype=np.float32)  # a well-formed basis is released: 4 entries, charged once
+        out = secure_release(site, settings, plan, noise_multiplier=3.0, center=None, arrays={"projection": good})
+        assert len(out.values) == 4 and [c.kind for c in site.ledger.charges()] == ["secagg-feature-sum"]

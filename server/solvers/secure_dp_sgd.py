@@ -24,7 +24,10 @@ of ceil(STEPS / rounds) full-batch steps, and the step noise sigma from the secu
 (server/secure_releases.plan_secure_noise), the smallest that keeps all the steps within target epsilon. q is 1
 (full batches, as the auto plan: its lab found Poisson rates 0.1 and 0.25 no better); the site's release and the
 accountant also take q < 1 (tests).
-The centre is the public synthetic one (no release). Non-image backbones: a linear head on the full features.
+The k-dim centre: by the auto plan's public rule (noise sigma_1 / sqrt(CENTER_SHARE), released when its expected
+noise norm in the pooled mean is at most MAX_CENTER_NOISE_NORM), one secure sum of the sites' projected features
+(release "feature-sum" with the projection sent, ledger kind `secagg-feature-sum`), planned into the steps' noise;
+otherwise the public synthetic centre. Non-image backbones: a linear head on the full features.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from flwr.app import Array, ArrayRecord
 
 from fedtl.server.report import reply_site_name
 from fedtl.server.secagg import secure_sum
-from fedtl.server.secure_releases import secure_noise, skellam_step, trust_record
+from fedtl.server.secure_releases import FEATURE_SUM, centre_sensitivities, secure_noise, skellam_step, trust_record
 from fedtl.server.solvers.auto import HEAD_PLAN, plan_record, planned_config, public_basis, site_counts
 from fedtl.server.solvers.base import Federation, PlanInputs, RunPlan, SolverResult
 from fedtl.shared import constants as k
@@ -104,19 +107,34 @@ def plan_secure_dp_sgd(
         )
     )
     # Every site adds 1 / t of the variance, so a sum of all n carries n / t curators' noise (t = n: one).
-    eta = one * math.sqrt(len(sizes) / honest_sites) / total
+    spread = math.sqrt(len(sizes) / honest_sites)
+    eta = one * spread / total
     k_dim = dp_heads.choose_projection_dim(eta, feature_dim=feature_dim) if project else 0
+    # The k-dim centre, securely summed, by the auto plan's public rule (shared/dp_heads.plan_dp_head, step 3):
+    # released at noise one / sqrt(CENTER_SHARE) when its expected noise norm is at most MAX_CENTER_NOISE_NORM.
+    centre_sigma = one / math.sqrt(dp_heads.CENTER_SHARE)
+    centre_noise = centre_sigma * spread * math.sqrt(k_dim) / total
+    release_centre = bool(k_dim) and centre_noise <= dp_heads.MAX_CENTER_NOISE_NORM
+    history = (
+        [skellam_step(centre_sigma, centre_sensitivities(k_dim))] if release_centre and not cfg.non_private else []
+    )
     sensitivities = gradient_sensitivities(gradient_dim(k_dim, feature_dim, num_classes))
-    sigma = secure_noise(cfg, sensitivities, sample_rate=sample_rate, steps=steps)
+    sigma = secure_noise(cfg, sensitivities, sample_rate=sample_rate, steps=steps, history=history)
     released = skellam_step(sigma, sensitivities, sample_rate=sample_rate, steps=steps) if sigma > 0 else None
-    epsilon = compute_epsilon([released], delta=cfg.target_delta) if released is not None else math.inf
+    epsilon = compute_epsilon([*history, released], delta=cfg.target_delta) if released is not None else math.inf
     lr_steps = dp_heads.lr_times_steps(eta)
     width = f"the top {k_dim} public synthetic-image directions" if k_dim else f"all {feature_dim} features"
+    centre_text = (
+        f"the {k_dim}-dim feature centre is securely summed at noise {centre_sigma:.2f} (expected noise norm "
+        f"{centre_noise:.3f} <= {dp_heads.MAX_CENTER_NOISE_NORM})"
+        if release_centre
+        else "the centre is the public synthetic one"
+    )
     reason = (
         f"secure DP-FedSGD: {len(sizes)} sites, {total} examples, {num_classes} classes, at least {honest_sites} "
         f"honest assumed: one curator's noise {one:.2f} leaves eta = {eta:.4f} per coordinate of the pooled mean; "
-        f"the head reads {width}; {steps} steps ({cfg.num_rounds} rounds of {local_steps}) at sample rate "
-        f"{sample_rate:g}, "
+        f"the head reads {width}; {centre_text}; {steps} steps ({cfg.num_rounds} rounds of {local_steps}) at "
+        f"sample rate {sample_rate:g}, "
         f"noise {sigma:.2f} on the secure sum, clip {dp_heads.MAX_GRAD_NORM:g}, learning rate "
         f"{dp_heads.plan_learning_rate(eta, steps):.3g} (lr x steps x clip = {lr_steps:.0f}); "
         f"planned epsilon {epsilon:.3f} per site"
@@ -124,7 +142,7 @@ def plan_secure_dp_sgd(
     return dp_heads.HeadPlan(
         SECURE_DP_FEDSGD,
         k_dim,
-        None,  # no centre release: the public synthetic centre
+        centre_sigma if release_centre else None,  # None: the public synthetic centre, no release
         sigma,
         steps,
         local_steps,
@@ -203,13 +221,59 @@ class SecureDpSgdSolver:
         progress.info("head-solver secure-dp-sgd: %s", plan.reason)
         return RunPlan(planned, setup, {HEAD_PLAN: plan_record(plan, setup, counts)})
 
+    @staticmethod
+    def _secure_centre(fed: Federation, projection: np.ndarray, plan: dp_heads.HeadPlan) -> tuple[np.ndarray, list]:
+        """Return the k-dim centre from the sites' securely summed projected features, and its release as charged.
+
+        Raises:
+            FederationError: fewer than min-train-sites (at least one) sites are in the secure sum.
+        """
+        sigma = 0.0 if fed.cfg.non_private else float(plan.center_noise_multiplier or 0.0)
+        dim = plan.projection_dim
+        result = secure_sum(
+            fed.grid,
+            fed.node_ids,
+            fed.config,
+            release=FEATURE_SUM,
+            length=dim,
+            honest_sites=plan.honest_sites,
+            noise_multiplier=sigma,
+            arrays=ArrayRecord({"projection": Array(np.asarray(projection, dtype=np.float32))}),
+            timeout=fed.cfg.round_timeout,
+        )
+        if len(result.replies) < max(fed.cfg.min_train_sites, 1):
+            raise FederationError(
+                f"only {len(result.replies)} sites are in the centre's secure sum (min-train-sites "
+                f"{fed.cfg.min_train_sites})"
+            )
+        scale = feature_sum_scale(sigma)
+        shrink = quantization_shrink(dim, scale)
+        count = sum(int(r.content.metric_records[k.METRICS][k.NUM_EXAMPLES]) for r in result.replies.values())
+        centre = read_feature_sum(result.total, scale, shrink) / count  # (k,)
+        # Each of the summed sites added variance (sigma gamma)^2 / t, in units of gamma c per coordinate.
+        noise = sigma * math.sqrt(len(result.replies) / result.honest_sites * dim) / shrink / count
+        progress.info(
+            "head-solver secure-dp-sgd: %d-dim centre from a secure sum of %d sites, %d examples (noise %.2f, "
+            "expected noise norm %.3f)",
+            dim,
+            len(result.replies),
+            count,
+            sigma,
+            noise,
+        )
+        history = [skellam_step(sigma, centre_sensitivities(dim))] if sigma > 0 else []
+        return centre.astype(np.float32), history
+
     def fit(self, fed: Federation) -> SolverResult:
         """Run every step's secure sum and gradient step; record each round's central scores and the trust record."""
         plan = self.head_plan
         assert plan is not None, "plan() runs before fit()"
         cfg, arrays = fed.cfg, dict(fed.initial)
+        history: list = []
         if plan.projection_dim:
             arrays["projection"], arrays["center"], _ = public_basis(fed.backbone, cfg)  # image backbones only
+            if plan.center_noise_multiplier is not None:
+                arrays["center"], history = self._secure_centre(fed, arrays["projection"], plan)
         weight = arrays["layers.0.weight"].astype(np.float64)
         bias = arrays["layers.0.bias"].astype(np.float64)
         num_classes, dim = weight.shape
@@ -264,8 +328,8 @@ class SecureDpSgdSolver:
                 cfg,
                 result,
                 sigma=sigma,
-                sigma_centre=None,
-                history=[],
+                sigma_centre=plan.center_noise_multiplier,
+                history=history,
                 sensitivities=sensitivities,
                 sample_rate=plan.sample_rate,
                 steps=plan.steps,
