@@ -36,7 +36,7 @@ from fedtl.server.setup import (
     round_config,
     wait_for_nodes,
 )
-from fedtl.server.solvers import SOLVERS, Federation, PlanInputs
+from fedtl.server.solvers import Federation, PlanInputs, solver_for
 from fedtl.shared import constants as k
 from fedtl.shared.config import RunConfig
 from fedtl.shared.deep import check_deep_run
@@ -81,7 +81,7 @@ def run_federation(
     """
     t_start = time.time()
     run = open_run(cfg, run_dir)
-    solver = SOLVERS[run.cfg.head_solver]()
+    solver = solver_for(run.cfg)
     cfg = solver.configure(run.cfg)
     run = RunFolder(run.run_id, run.run_dir, cfg, run.checkpoint)
     if cfg.non_private:

@@ -20,7 +20,8 @@ ACCOUNTANTS = ("rdp", "prv")
 CLIENT_DP_MODES = ("off", "server", "client")  # Flower's DifferentialPrivacy{Server,Client}SideFixedClipping
 PERSONALIZATIONS = ("none", "fedper", "finetune")
 HEAD_SOLVERS = ("auto", "dp-sgd", "closed-form", "secure-dp-sgd")
-SECURE_SOLVERS = ("closed-form", "secure-dp-sgd")  # the solvers whose releases go through the secure sum
+# The solvers whose releases go through the secure sum (auto: by secure DP-FedSGD, server/solvers/auto.py).
+SECURE_SOLVERS = ("auto", "closed-form", "secure-dp-sgd")
 PLANNED_SOLVERS = ("auto", "secure-dp-sgd")  # the solvers that plan a projected head (shared/dp_heads.py)
 CLOSED_FORMS = ("ridge", "lda")
 DEVICES = ("auto", "cpu", "cuda")
@@ -150,8 +151,8 @@ class RunConfig:
         if self.secure_aggregation and self.head_solver not in SECURE_SOLVERS:
             raise ConfigError(
                 "`secure-aggregation = true` covers the feature centre, the closed form's statistics and the "
-                'head gradients of head-solver "secure-dp-sgd"; the DP-SGD solvers\' rounds are not securely '
-                'aggregated, so it needs head-solver = "closed-form" or "secure-dp-sgd", got '
+                'head gradients of head-solver "secure-dp-sgd" (which "auto" then plans); DP-SGD\'s rounds are not '
+                'securely aggregated, so it needs head-solver = "auto", "closed-form" or "secure-dp-sgd", got '
                 f"{self.head_solver!r}"
             )
         if self.personalization == "fedper" and self.head != "mlp":

@@ -246,7 +246,11 @@ def _integer_order_epsilon(history: Sequence[PrivacyStep], *, delta: float) -> f
             rdp = rdp + curve * s.steps
         else:
             rdp = rdp + compute_rdp(q=s.sample_rate, noise_multiplier=s.noise_multiplier, steps=s.steps, orders=orders)
-    eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+    with warnings.catch_warnings():
+        # At large epsilon the smallest order, 2, is optimal and Opacus suggests smaller ones; the Skellam bound has
+        # none below 2 (integer orders only), so there is nothing to expand and nothing for the user to do.
+        warnings.filterwarnings("ignore", message="Optimal order is the smallest alpha", category=UserWarning)
+        eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
     return float(eps)
 
 

@@ -116,9 +116,12 @@ def test_a_site_refuses_a_release_that_assumes_more_honest_sites_than_its_policy
     assert site.ledger.charges() == []  # refused before anything was charged
 
 
-def test_secure_aggregation_is_a_closed_form_option():
-    with pytest.raises(ConfigError, match='needs head-solver = "closed-form"'):
-        RunConfig(secure_aggregation=True)
+def test_secure_aggregation_needs_a_solver_whose_releases_it_covers():
+    with pytest.raises(
+        ConfigError, match='needs head-solver = "auto", "closed-form" or "secure-dp-sgd", got \'dp-sgd\''
+    ):
+        RunConfig(head_solver="dp-sgd", secure_aggregation=True)
+    assert RunConfig(secure_aggregation=True).head_solver == "auto"  # auto plans secure DP-FedSGD under it
     with pytest.raises(ConfigError, match="`secagg-honest-sites` must be >= 0"):
         RunConfig(head_solver="closed-form", secure_aggregation=True, secagg_honest_sites=-1)
 

@@ -293,3 +293,17 @@ def test_a_site_refuses_a_malformed_projection_for_its_centre_before_paying(tmp_
         good = np.eye(4, 32, dtype=np.float32)  # a well-formed basis is released: 4 entries, charged once
         out = secure_release(site, settings, plan, noise_multiplier=3.0, center=None, arrays={"projection": good})
         assert len(out.values) == 4 and [c.kind for c in site.ledger.charges()] == ["secagg-feature-sum"]
+
+
+def test_auto_under_secure_aggregation_trains_by_secure_dp_fedsgd(tmp_path):
+    from fedtl.server.solvers import SecureDpSgdSolver, solver_for
+
+    assert isinstance(solver_for(RunConfig(secure_aggregation=True)), SecureDpSgdSolver)
+    assert not isinstance(solver_for(RunConfig()), SecureDpSgdSolver)
+    keys = {**SMALL, "head-solver": "auto", "secure-aggregation": True, "target-epsilon": 3.0}
+    summary = _run(tmp_path, "auto-secure", 3, **keys)
+    assert summary["head-plan"]["method"] == "secure-dp-sgd"
+    for charges in _ledgers(summary).values():
+        assert {c.kind for c in charges} == {"secagg-feature-sum", "secagg-head-gradient"}
+        assert sum(c.kind == "secagg-head-gradient" for c in charges) == summary["head-plan"]["steps"]
+    assert summary["epsilon-max"] <= 3.0 * (1 + 1e-9)

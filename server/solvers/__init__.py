@@ -8,11 +8,16 @@ side of its requests (client/solvers/ and client/client_app.QUERY_HANDLERS).
 
 from __future__ import annotations
 
+import logging
+
 from fedtl.server.solvers.auto import AutoSolver
 from fedtl.server.solvers.base import Federation, HeadSolver, PlanInputs, RunPlan, SolverResult
 from fedtl.server.solvers.closed_form import ClosedFormSolver
 from fedtl.server.solvers.dp_sgd import DpSgdSolver
 from fedtl.server.solvers.secure_dp_sgd import SecureDpSgdSolver
+from fedtl.shared.config import RunConfig
+
+progress = logging.getLogger("fedtl.progress")  # the user's terminal (cli/main.show_progress)
 
 SOLVERS: dict[str, type[HeadSolver]] = {
     "auto": AutoSolver,  # planned from public quantities: DP-GD on a public projection (shared/dp_heads.py)
@@ -21,4 +26,22 @@ SOLVERS: dict[str, type[HeadSolver]] = {
     "secure-dp-sgd": SecureDpSgdSolver,  # distributed DP-FedSGD: every step's head gradient through the secure sum
 }
 
-__all__ = ["SOLVERS", "Federation", "HeadSolver", "PlanInputs", "RunPlan", "SolverResult"]
+
+def solver_for(cfg: RunConfig) -> HeadSolver:
+    """Return the solver of `cfg.head_solver`; "auto" under `secure-aggregation = true` is secure DP-FedSGD.
+
+    The run's trust assumption (at least secagg-honest-sites honest sites in every secure sum) is public and the
+    sites' own policies check it, so auto plans under it: every step's gradient through the secure sum, carrying
+    one curator's noise, instead of each site noising its own updates (shared/dp_heads.py says what that gains).
+    """
+    if cfg.head_solver == "auto" and cfg.secure_aggregation:
+        progress.info(
+            "head-solver auto: secure-aggregation = true, so the head trains by secure DP-FedSGD (as head-solver "
+            "\"secure-dp-sgd\"): every step's gradient goes through the secure sum and carries one curator's noise "
+            "while at least secagg-honest-sites of the sites in it are honest"
+        )
+        return SecureDpSgdSolver()
+    return SOLVERS[cfg.head_solver]()
+
+
+__all__ = ["SOLVERS", "Federation", "HeadSolver", "PlanInputs", "RunPlan", "SolverResult", "solver_for"]
