@@ -51,7 +51,7 @@ from fedtl.shared.dataset import IMAGES
 from fedtl.shared.distributed_noise import quantization_shrink
 from fedtl.shared.errors import ConfigError, FederationError
 from fedtl.shared.heads import PROJECTED
-from fedtl.shared.privacy import compute_epsilon, find_noise_multiplier
+from fedtl.shared.privacy import PrivacyStep, compute_epsilon, find_noise_multiplier
 from fedtl.shared.secure_dp_sgd import split_gradient
 from fedtl.shared.secure_sum import feature_sum_scale, feature_sum_sensitivities, read_feature_sum
 
@@ -222,7 +222,9 @@ class SecureDpSgdSolver:
         return RunPlan(planned, setup, {HEAD_PLAN: plan_record(plan, setup, counts)})
 
     @staticmethod
-    def _secure_centre(fed: Federation, projection: np.ndarray, plan: dp_heads.HeadPlan) -> tuple[np.ndarray, list]:
+    def _secure_centre(
+        fed: Federation, projection: np.ndarray, plan: dp_heads.HeadPlan
+    ) -> tuple[np.ndarray, list[PrivacyStep]]:
         """Return the k-dim centre from the sites' securely summed projected features, and its release as charged.
 
         Raises:
@@ -269,7 +271,7 @@ class SecureDpSgdSolver:
         plan = self.head_plan
         assert plan is not None, "plan() runs before fit()"
         cfg, arrays = fed.cfg, dict(fed.initial)
-        history: list = []
+        history: list[PrivacyStep] = []  # the centre's release, as the trust record accounts it
         if plan.projection_dim:
             arrays["projection"], arrays["center"], _ = public_basis(fed.backbone, cfg)  # image backbones only
             if plan.center_noise_multiplier is not None:
