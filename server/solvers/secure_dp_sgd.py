@@ -39,7 +39,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 
 from fedtl.server.report import reply_site_name
-from fedtl.server.secagg import secure_sum
+from fedtl.server.secagg import SecureSumResult, secure_sum
 from fedtl.server.secure_releases import FEATURE_SUM, centre_sensitivities, secure_noise, skellam_step, trust_record
 from fedtl.server.solvers.auto import HEAD_PLAN, plan_record, planned_config, public_basis, site_counts
 from fedtl.server.solvers.base import Federation, PlanInputs, RunPlan, SolverResult
@@ -232,22 +232,7 @@ class SecureDpSgdSolver:
         """
         sigma = 0.0 if fed.cfg.non_private else float(plan.center_noise_multiplier or 0.0)
         dim = plan.projection_dim
-        result = secure_sum(
-            fed.grid,
-            fed.node_ids,
-            fed.config,
-            release=FEATURE_SUM,
-            length=dim,
-            honest_sites=plan.honest_sites,
-            noise_multiplier=sigma,
-            arrays=ArrayRecord({"projection": Array(np.asarray(projection, dtype=np.float32))}),
-            timeout=fed.cfg.round_timeout,
-        )
-        if len(result.replies) < max(fed.cfg.min_train_sites, 1):
-            raise FederationError(
-                f"only {len(result.replies)} sites are in the centre's secure sum (min-train-sites "
-                f"{fed.cfg.min_train_sites})"
-            )
+        result = _summed(fed, FEATURE_SUM, dim, plan, sigma, {"projection": projection}, {}, what="the centre's")
         scale = feature_sum_scale(sigma)
         shrink = quantization_shrink(dim, scale)
         count = sum(int(r.content.metric_records[k.METRICS][k.NUM_EXAMPLES]) for r in result.replies.values())
@@ -294,23 +279,8 @@ class SecureDpSgdSolver:
                     "layers.0.weight": weight.astype(np.float32),
                     "layers.0.bias": bias.astype(np.float32),
                 }
-                result = secure_sum(
-                    fed.grid,
-                    fed.node_ids,
-                    fed.config,
-                    release=HEAD_GRADIENT,
-                    length=length,
-                    honest_sites=plan.honest_sites,
-                    noise_multiplier=sigma,
-                    arrays=ArrayRecord({name: Array(np.asarray(v, dtype=np.float32)) for name, v in sent.items()}),
-                    values={k.SECAGG_STEP: step, k.SECAGG_SAMPLE_RATE: float(plan.sample_rate)},
-                    timeout=cfg.round_timeout,
-                )
-                if len(result.replies) < max(cfg.min_train_sites, 1):
-                    raise FederationError(
-                        f"only {len(result.replies)} sites are in step {step}'s secure sum "
-                        f"(min-train-sites {cfg.min_train_sites})"
-                    )
+                values = {k.SECAGG_STEP: step, k.SECAGG_SAMPLE_RATE: float(plan.sample_rate)}
+                result = _summed(fed, HEAD_GRADIENT, length, plan, sigma, sent, values, what=f"step {step}'s")
                 counts = [int(r.content.metric_records[k.METRICS][k.NUM_EXAMPLES]) for r in result.replies.values()]
                 batch = plan.sample_rate * sum(counts)  # expected, public: the estimate stays unbiased
                 total = read_feature_sum(result.total, scale, shrink) * plan.max_grad_norm
@@ -341,3 +311,38 @@ class SecureDpSgdSolver:
         fed.recorder.trust["steps"] = plan.steps
         fed.recorder.trust["sample-rate"] = plan.sample_rate
         return SolverResult(ArrayRecord({name: Array(np.asarray(v, dtype=np.float32)) for name, v in arrays.items()}))
+
+
+def _summed(
+    fed: Federation,
+    release: str,
+    length: int,
+    plan: dp_heads.HeadPlan,
+    sigma: float,
+    arrays: dict[str, np.ndarray],
+    values: dict[str, int | float],
+    *,
+    what: str,
+) -> SecureSumResult:
+    """Return one secure sum of `release` over the run's sites, with `arrays` and `values` sent in its request.
+
+    Raises:
+        FederationError: fewer than min-train-sites (at least one) sites are in the sum.
+    """
+    result = secure_sum(
+        fed.grid,
+        fed.node_ids,
+        fed.config,
+        release=release,
+        length=length,
+        honest_sites=plan.honest_sites,
+        noise_multiplier=sigma,
+        arrays=ArrayRecord({name: Array(np.asarray(v, dtype=np.float32)) for name, v in arrays.items()}),
+        values=values,
+        timeout=fed.cfg.round_timeout,
+    )
+    if len(result.replies) < max(fed.cfg.min_train_sites, 1):
+        raise FederationError(
+            f"only {len(result.replies)} sites are in {what} secure sum (min-train-sites {fed.cfg.min_train_sites})"
+        )
+    return result
