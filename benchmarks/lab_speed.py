@@ -82,19 +82,26 @@ def main() -> None:
     parser.add_argument("--skip-cold", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="fedtl-lab-speed-"))
+    with tempfile.TemporaryDirectory(prefix="fedtl-lab-speed-") as tmp:  # its homes and runs: ~200 MB, then gone
+        figures = measure(Path(tmp), sweep_runs=args.sweep_runs, skip_cold=args.skip_cold)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1))
+
+
+def measure(work: Path, *, sweep_runs: int, skip_cold: bool) -> dict[str, float]:
+    """Measure and print the figures, with every home and run folder under `work`; return them."""
     env = {**os.environ, "FEDTL_HOME": str(work / "home")}
     figures: dict[str, float] = {}
     timed(fedtl("simulate", "--executor", "inprocess", "--out", str(work / "runs")), env)  # warms every cache
     figures["warm_inprocess_s"] = timed(fedtl("simulate", "--executor", "inprocess", "--out", str(work / "runs")), env)
     print(f"1. warm default federation, in process: {figures['warm_inprocess_s']:.1f} s wall (target <= 5 s)")
     done = subprocess.run(
-        [PY, "-c", SWEEP_CHILD, str(args.sweep_runs), str(work / "sweep")], env=env, capture_output=True, text=True
+        [PY, "-c", SWEEP_CHILD, str(sweep_runs), str(work / "sweep")], env=env, capture_output=True, text=True
     )
     per_run = float(done.stdout.strip().splitlines()[-1])
     figures["sweep_runs_per_minute"] = 60.0 / per_run
     print(f"2. sweep rate: {figures['sweep_runs_per_minute']:.1f} federations a minute (target >= 10)")
-    if not args.skip_cold:
+    if not skip_cold:
         cold_env = {**os.environ, "FEDTL_HOME": str(work / "cold-home")}
         figures["cold_simulate_s"] = timed(fedtl("simulate", "--out", str(work / "cold-runs")), cold_env)
         done = subprocess.run([PY, "-c", BACKBONE_PASS], env=env, capture_output=True, text=True, cwd=ROOT)
@@ -112,8 +119,7 @@ def main() -> None:
             f"   counting the pass over the auto plan's {figures['public_pass_s']:.1f} s of public synthetic images "
             f"(extracted once per backbone): ratio {cold / (floor + figures['public_pass_s']):.2f}"
         )
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=1))
+    return figures
 
 
 if __name__ == "__main__":
