@@ -20,7 +20,7 @@ ACCOUNTANTS = ("rdp", "prv")
 CLIENT_DP_MODES = ("off", "server", "client")  # Flower's DifferentialPrivacy{Server,Client}SideFixedClipping
 PERSONALIZATIONS = ("none", "fedper", "finetune")
 HEAD_SOLVERS = ("auto", "dp-sgd", "closed-form", "secure-dp-sgd")
-# The solvers whose releases go through the secure sum (auto: by secure DP-FedSGD, server/solvers/auto.py).
+# The solvers whose releases go through the secure sum (auto: by secure DP-FedSGD, server/solvers.solver_for).
 SECURE_SOLVERS = ("auto", "closed-form", "secure-dp-sgd")
 PLANNED_SOLVERS = ("auto", "secure-dp-sgd")  # the solvers that plan a projected head (shared/dp_heads.py)
 CLOSED_FORMS = ("ridge", "lda")
