@@ -20,10 +20,11 @@ and the local one a lone site's; otherwise DP-SGD on the configured head and sch
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import tempfile
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,18 +222,8 @@ def train_baseline_head(
         )
     epochs = cfg.num_rounds * cfg.local_epochs
     private = target_epsilon is not None
-    settings = dataclasses.replace(
-        lab.settings,
-        run_id=f"baseline-{seed}",
-        num_rounds=1,
-        local_epochs=epochs,
-        personalization="none",
-        non_private=not private,
-        target_epsilon=target_epsilon if private else lab.settings.target_epsilon,
-        seed=seed,
-    )
-    with tempfile.TemporaryDirectory(prefix="fedtl-baseline-") as tmp:
-        site = Site(name="baseline", state_dir=Path(tmp), cache_dir=Path(tmp), data="", simulation=lab.simulation)
+    settings = _one_site_settings(lab.settings, seed=seed, target_epsilon=target_epsilon, epochs=epochs)
+    with _scratch_site(lab) as site:
         arrays = head_arrays(head)
         if cfg.feature_centering:
             sigma = run_centering_noise(cfg.replace(target_epsilon=target_epsilon)) if private else 0.0
@@ -244,9 +235,7 @@ def train_baseline_head(
                     center = total / count
             arrays["center"] = center.astype(np.float32)
             load_head_arrays(head, arrays, source="the baseline's feature centre")
-        inputs = SiteInputs(features, labels, features[:0], labels[:0], lab.label_names, 0)
-        _, epsilon, _ = charged_training(site, settings, head, inputs, server_round=1, epochs=epochs, what="training")
-    return BaselineHead(head, epsilon if private else math.inf)
+        return _charged_training(site, settings, head, features, labels, lab, epochs=epochs)
 
 
 def auto_plan(lab: LabFederation, num_examples: int, target_epsilon: float) -> HeadPlan | None:
@@ -291,24 +280,9 @@ def _train_planned_head(
     head = build_head(
         PROJECTED, lab.backbone.feature_dim, lab.num_classes, seed=cfg.seed, projection_dim=cfg.projection_dim
     )
-    settings = dataclasses.replace(
-        lab.settings,
-        run_id=f"baseline-{seed}",
-        num_rounds=1,
-        head=PROJECTED,
-        projection_dim=cfg.projection_dim,
-        batch_size=cfg.batch_size,
-        local_epochs=plan.steps,
-        learning_rate=cfg.learning_rate,
-        max_grad_norm=cfg.max_grad_norm,
-        noise_multiplier=None,
-        personalization="none",
-        non_private=not private,
-        target_epsilon=target_epsilon if target_epsilon is not None else lab.settings.target_epsilon,
-        seed=seed,
-    )
-    with tempfile.TemporaryDirectory(prefix="fedtl-baseline-") as tmp:
-        site = Site(name="baseline", state_dir=Path(tmp), cache_dir=Path(tmp), data="", simulation=lab.simulation)
+    planned, _ = lab_settings(cfg, lab.backbone, lab.label_names)  # what the sites of the planned run are sent
+    settings = _one_site_settings(planned, seed=seed, target_epsilon=target_epsilon, epochs=plan.steps)
+    with _scratch_site(lab) as site:
         center = public_center
         if plan.center_noise_multiplier is not None:
             sigma = plan.center_noise_multiplier if private else 0.0
@@ -321,11 +295,49 @@ def _train_planned_head(
         if names is not None:  # a text backbone: DP-GD starts from the class names' zero-shot head (public)
             arrays["layers.0.weight"] = zero_shot_weight(names, projection, center).astype(np.float32)
         load_head_arrays(head, arrays, source="the baseline's public basis and centre")
-        inputs = SiteInputs(features, labels, features[:0], labels[:0], lab.label_names, 0)
-        _, epsilon, _ = charged_training(
-            site, settings, head, inputs, server_round=1, epochs=plan.steps, what="training"
-        )
-    return BaselineHead(head, epsilon if private else math.inf)
+        return _charged_training(site, settings, head, features, labels, lab, epochs=plan.steps)
+
+
+def _one_site_settings(
+    settings: RoundSettings, *, seed: int, target_epsilon: float | None, epochs: int
+) -> RoundSettings:
+    """Return `settings` (a run's) as a baseline's one site is sent them: one round of `epochs`, no personalisation.
+
+    `target_epsilon` None: the non-private baseline (the run's target stays in the settings, unused).
+    """
+    return dataclasses.replace(
+        settings,
+        run_id=f"baseline-{seed}",
+        num_rounds=1,
+        local_epochs=epochs,
+        personalization="none",
+        non_private=target_epsilon is None,
+        target_epsilon=settings.target_epsilon if target_epsilon is None else target_epsilon,
+        seed=seed,
+    )
+
+
+@contextlib.contextmanager
+def _scratch_site(lab: LabFederation) -> Iterator[Site]:
+    """Yield a lab site of its own with a scratch ledger, gone afterwards (no real site's ledger is charged)."""
+    with tempfile.TemporaryDirectory(prefix="fedtl-baseline-") as tmp:
+        yield Site(name="baseline", state_dir=Path(tmp), cache_dir=Path(tmp), data="", simulation=lab.simulation)
+
+
+def _charged_training(
+    site: Site,
+    settings: RoundSettings,
+    head: Head,
+    features: np.ndarray,
+    labels: np.ndarray,
+    lab: LabFederation,
+    *,
+    epochs: int,
+) -> BaselineHead:
+    """Train `head` on (features, labels) through the site's release path; return it with the epsilon it spent."""
+    inputs = SiteInputs(features, labels, features[:0], labels[:0], lab.label_names, 0)
+    _, epsilon, _ = charged_training(site, settings, head, inputs, server_round=1, epochs=epochs, what="training")
+    return BaselineHead(head, math.inf if settings.non_private else epsilon)
 
 
 def _head(lab: LabFederation, seed: int = 0) -> Head:
