@@ -6,7 +6,7 @@
 #   run(command="bash benchmarks/gpu_device.sh", carry=[".whl"], timeout_s=540)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SITE=${SITE:-/tmp/fedtl-site}
+SITE=${SITE:-$(mktemp -d -t fedtl-site.XXXXXX)}  # a fresh folder of its own under $TMPDIR, unless SITE names one
 PYTHON=${PYTHON:-python3}
 ls .whl/*.whl >/dev/null || { echo "no wheels in .whl/: run benchmarks/gpu_wheels.sh here first, and carry .whl" >&2; exit 2; }
 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
