@@ -20,6 +20,7 @@ held-out split), seeds 0-2; PneumoniaMNIST and BreastMNIST use them unchanged.
     python benchmarks/dp_heads.py                      # all three data sets, seeds 0-2 (about 10 min on 2 cores)
     python benchmarks/dp_heads.py --data digits --seeds 0
     python benchmarks/dp_heads.py --basis-report       # non-private LDA: synthetic vs ImageNet-classifier bases
+    python benchmarks/dp_heads.py --feature-blocks --data digits --image-size 64   # the feature-block rule's table
 
 FEDTL_HOME holds the feature caches (`dp_heads/`). Figures are printed, never asserted.
 """
@@ -27,6 +28,7 @@ FEDTL_HOME holds the feature caches (`dp_heads/`). Figures are printed, never as
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -35,7 +37,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dp_heads_data import DATASETS, FederatedFeatures, federated_features, synthetic_features  # noqa: E402
+from dp_heads_data import (  # noqa: E402
+    DATASETS,
+    FederatedFeatures,
+    block_feature_tables,
+    federated_features,
+    synthetic_features,
+)
 
 DELTA = 1e-5
 TARGETS = {("digits", 1.0): 0.60, ("digits", 3.0): 0.85, ("digits", 8.0): 0.90, ("pneumonia", 1.0): 0.83}
@@ -250,6 +258,44 @@ def basis_report(seed: int) -> None:
             print(f"  {name:9s} k={k:3d}: " + ", ".join(row))
 
 
+def feature_block_report(names: list[str], epsilons: list[float], seeds: list[int], image_size: int) -> None:
+    """Print the auto plan's accuracy on the features after every block 6..15 and the final ones (shared/deep.py).
+
+    Each cell: the sites' pooled local test splits (what the rule was chosen on, digits only) / the held-out split,
+    mean over seeds; the same plan, basis rule and noise as the `auto (dp-gd)` row, only the features differ.
+    """
+    from fedtl.shared.data import load_dataset
+    from fedtl.shared.deep import choose_feature_block
+    from fedtl.shared.public_basis import generate_synthetic_images
+
+    chosen = choose_feature_block("efficientnet_lite0", image_size)
+    public_tables = block_feature_tables("synthetic", generate_synthetic_images(), image_size=image_size)
+    layers = [f"b{i}" for i in range(6, 16)] + ["final"]
+    for name in names:
+        source, sites = DATASETS[name]
+        splits = load_dataset(source, seed=0, test_fraction=0.2)
+        tables = block_feature_tables(
+            name, np.concatenate([splits.train.images, splits.test.images]), image_size=image_size
+        )
+        print(f"\n{name} ({sites} iid sites), {image_size} px: the auto plan per feature block, sites' local test "
+              f"splits / held-out accuracy, mean over seeds {seeds} (the rule's block: {chosen})")  # fmt: skip
+        print("block".ljust(12) + "".join(f"eps {e:g}".rjust(16) for e in epsilons))
+        for layer in layers:
+            public = np.stack(list(public_tables[layer].values())).astype(np.float32)
+            cells = []
+            for eps in epsilons:
+                val, held = [], []
+                for seed in seeds:
+                    fed = federated_features(name, seed=seed, table=tables[layer])
+                    both = dataclasses.replace(fed, test_x=np.concatenate([fed.test_x, fed.val_x]))
+                    pred, _ = run_auto(both, eps, np.random.default_rng([seed, int(10 * eps), 29]), public)
+                    held.append(np.mean(pred[: len(fed.test_y)] == fed.test_y))
+                    val.append(np.mean(pred[len(fed.test_y) :] == fed.val_y))
+                cells.append(f"{np.mean(val):.3f} / {np.mean(held):.3f}")
+            label = f"{layer} ({public.shape[1]})"
+            print(label.ljust(12) + "".join(c.rjust(16) for c in cells), flush=True)
+
+
 def main() -> None:
     """Parse the arguments, run every cell, print the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -258,9 +304,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--basis-report", action="store_true")
+    parser.add_argument("--feature-blocks", action="store_true", help="the auto plan on every block's features")
+    parser.add_argument("--image-size", type=int, default=64, help="--feature-blocks only: 64 or 224 px, say")
     args = parser.parse_args()
     if args.basis_report:
         basis_report(args.seeds[0])
+        return
+    if args.feature_blocks:
+        feature_block_report(args.data, args.epsilons, args.seeds, args.image_size)
         return
     public = synthetic_features()
     results: dict = {}

@@ -74,16 +74,65 @@ def feature_table(name: str, images: np.ndarray, *, backbone: str, image_size: i
     return {key: table[key] for key in keys}  # in the order of `images` (duplicates once)
 
 
+def block_feature_tables(name: str, images: np.ndarray, *, image_size: int) -> dict[str, dict[str, np.ndarray]]:
+    """Return layer -> (image key -> feature) for EfficientNet-Lite0's MBConv blocks and its final features.
+
+    One pass over `images` with forward hooks on every block (`b0`..`b15`, each output average-pooled, as
+    `shared/deep.read_after_block` reads it) and the final features (`final`); cached per data set and size.
+    """
+    import torch
+
+    from fedtl.shared.backbones import build_backbone, resolve_preprocessing
+
+    path = _home() / "dp_heads" / f"{name}-efficientnet_lite0-{image_size}-blocks.npz"
+    keys = [_image_key(im) for im in images]
+    if path.is_file():
+        with np.load(path) as data:
+            stored = list(data["keys"])
+            if set(keys) <= set(stored):
+                row = {key: i for i, key in enumerate(stored)}
+                layers = [k for k in data.files if k != "keys"]
+                return {layer: {key: data[layer][row[key]] for key in keys} for layer in layers}
+    module = build_backbone("efficientnet_lite0")
+    prep = resolve_preprocessing("efficientnet_lite0", image_size)
+    outputs: dict[str, torch.Tensor] = {}
+    for i, block in enumerate(module._blocks):
+        block.register_forward_hook(lambda _m, _i, out, i=i: outputs.__setitem__(f"b{i}", out.mean((2, 3))))
+    unique = list({key: i for i, key in enumerate(keys)}.values())
+    chunks: dict[str, list[np.ndarray]] = {}
+    with torch.inference_mode():
+        for start in range(0, len(unique), 128):
+            final = module(prep.apply(images[unique[start : start + 128]]))
+            for layer, value in [*outputs.items(), ("final", final)]:
+                chunks.setdefault(layer, []).append(value.float().numpy())
+    arrays = {layer: np.concatenate(parts) for layer, parts in chunks.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, keys=np.array([keys[i] for i in unique], dtype="U40"), **arrays)
+    tmp.replace(path)
+    row = {keys[i]: j for j, i in enumerate(unique)}
+    return {layer: {key: arrays[layer][row[key]] for key in keys} for layer in arrays}
+
+
 def federated_features(
-    name: str, *, seed: int, backbone: str = "efficientnet_lite0", image_size: int = 64
+    name: str,
+    *,
+    seed: int,
+    backbone: str = "efficientnet_lite0",
+    image_size: int = 64,
+    table: dict[str, np.ndarray] | None = None,
 ) -> FederatedFeatures:
-    """Return data set `name`'s federation for `seed`: iid sites as `fedtl simulate` makes them, held-out split."""
+    """Return data set `name`'s federation for `seed`: iid sites as `fedtl simulate` makes them, held-out split.
+
+    `table`: image key -> feature to use instead of the backbone's final features (e.g. a block's).
+    """
     from fedtl.shared.data import load_dataset, site_split
 
     source, num_sites = DATASETS[name]
     splits = load_dataset(source, seed=seed, test_fraction=0.2)
     pool = np.concatenate([splits.train.images, splits.test.images])
-    table = feature_table(name, pool, backbone=backbone, image_size=image_size)
+    if table is None:
+        table = feature_table(name, pool, backbone=backbone, image_size=image_size)
 
     def lookup(images: np.ndarray) -> np.ndarray:
         return np.stack([table[_image_key(im)] for im in images]).astype(np.float32)

@@ -37,6 +37,7 @@ from fedtl.server.setup import (
     wait_for_nodes,
 )
 from fedtl.server.solvers import Federation, PlanInputs, solver_for
+from fedtl.server.solvers.auto import resolve_feature_block
 from fedtl.shared import constants as k
 from fedtl.shared.config import RunConfig
 from fedtl.shared.deep import check_deep_run
@@ -82,7 +83,7 @@ def run_federation(
     t_start = time.time()
     run = open_run(cfg, run_dir)
     solver = solver_for(run.cfg)
-    cfg = solver.configure(run.cfg)
+    cfg = resolve_feature_block(solver.configure(run.cfg))  # where the head reads the backbone, before any site
     run = RunFolder(run.run_id, run.run_dir, cfg, run.checkpoint)
     if cfg.non_private:
         log.warning("NON-PRIVATE BASELINE RUN %s: sites train without clipping or noise", run.run_id)

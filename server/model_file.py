@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save
 from torch import nn
 
 from fedtl.shared.backbones import AnyPreprocessing, preprocessing_from_dict
-from fedtl.shared.deep import Adaptation, build_adapted_backbone, split_wire_arrays
+from fedtl.shared.deep import FINAL_FEATURES, Adaptation, build_adapted_backbone, read_after_block, split_wire_arrays
 from fedtl.shared.errors import ModelFileError
 from fedtl.shared.files import atomic_write_bytes
 from fedtl.shared.heads import PROJECTED, Head, build_head, load_head_arrays
@@ -53,6 +53,8 @@ class AdaptedModel:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     changed_tensors: tuple[str, ...] = ()
+    # A head-only model may read the frozen backbone after an earlier block (shared/deep.py, `feature-block`).
+    feature_block: int = FINAL_FEATURES
 
     def __post_init__(self) -> None:
         stored = sorted(split_wire_arrays(self.arrays)[1])
@@ -86,7 +88,10 @@ class AdaptedModel:
         return head
 
     def adapt_backbone(self, backbone: nn.Module) -> nn.Module:
-        """Return the pretrained `backbone` (fingerprint already checked) with the changed tensors applied."""
+        """Return the pretrained `backbone` (fingerprint already checked) as the head reads it: its changed tensors
+        applied, or cut after the feature block the head was trained on."""
+        if self.feature_block != FINAL_FEATURES:
+            return read_after_block(self.backbone_name, backbone, self.feature_block)
         if not self.adaptation.enabled:
             return backbone
         return build_adapted_backbone(self.backbone_name, backbone, self.adaptation, split_wire_arrays(self.arrays)[1])
@@ -159,6 +164,11 @@ def model_card(model: AdaptedModel) -> str:
         + f", fingerprint `{model.backbone_fingerprint}`"
         + (" (of the pretrained weights)" if model.adaptation.enabled else ""),
         f"- Preprocessing: {model.preprocessing.describe()}",
+        *(
+            [f"- Features: the pooled output of MBConv block {model.feature_block} (the blocks above it are not run)"]
+            if model.feature_block != FINAL_FEATURES
+            else []
+        ),
         f"- Head: {model.head}"
         + (f" (hidden {model.head_hidden})" if model.head == "mlp" else "")
         + (

@@ -34,6 +34,7 @@ from fedtl.server.setup import (
     round_config,
     wait_for_nodes,
 )
+from fedtl.server.solvers.auto import resolve_feature_block
 from fedtl.shared import constants as k
 from fedtl.shared.backbones import get_backbone_spec
 from fedtl.shared.config import RunConfig
@@ -218,7 +219,11 @@ def check_candidates(candidates: list[str]) -> list[str]:
 def score_candidate(
     grid: Grid, cfg: RunConfig, node_ids: list[int], label_names: tuple[str, ...], *, ranking_id: str, run_dir: Path
 ) -> CandidateScores:
-    """Install backbone `cfg.backbone` where missing and collect every willing site's scores of it."""
+    """Install backbone `cfg.backbone` where missing and collect every willing site's scores of it.
+
+    The scores are of the features a run of `cfg` would read (its feature block, resolved as the run resolves it).
+    """
+    cfg = resolve_feature_block(cfg)
     backbone = load_server_backbone(cfg)
     config = round_config(cfg, backbone, label_names, run_id=ranking_id, run_dir=run_dir)
     out = CandidateScores(backbone.name, backbone.fingerprint, backbone.preprocessing.image_size, backbone.feature_dim)

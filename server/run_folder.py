@@ -28,7 +28,7 @@ from fedtl.server.setup import Backbone
 from fedtl.shared import constants as k
 from fedtl.shared.backbones import count_state_bytes
 from fedtl.shared.config import RunConfig
-from fedtl.shared.deep import Adaptation, split_wire_arrays
+from fedtl.shared.deep import FINAL_FEATURES, Adaptation, split_wire_arrays
 from fedtl.shared.errors import ConfigError
 from fedtl.shared.files import atomic_write_bytes
 from fedtl.shared.protocol import jsonable
@@ -226,8 +226,11 @@ def _setup_fields(cfg: RunConfig, backbone: Backbone) -> dict[str, Any]:
 
 
 def _adaptation_fields(cfg: RunConfig, arrays: dict[str, Any]) -> dict[str, Any]:
-    """Return the AdaptedModel fields recording the adaptation and which backbone tensors changed ({} for head only)."""
+    """Return the AdaptedModel fields recording the adaptation and which backbone tensors changed, or the feature
+    block a head-only model reads ({} for a head on the backbone's own features)."""
     adaptation = Adaptation.of(cfg)
+    if adaptation.feature_block != FINAL_FEATURES:  # head only, on an earlier block's features
+        return {"feature_block": adaptation.feature_block}
     if not adaptation.enabled:
         return {}
     return {

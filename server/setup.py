@@ -24,7 +24,6 @@ from fedtl.shared.backbones import (
     backbone_state_dict,
     build_backbone,
     fingerprint_state_dict,
-    get_backbone_spec,
     resolve_preprocessing,
 )
 from fedtl.shared.config import RunConfig
@@ -76,21 +75,22 @@ class Backbone:
 def load_server_backbone(cfg: RunConfig, *, built: Backbone | None = None) -> Backbone:
     """Build the configured backbone from the registry and fingerprint it (a table's: its schema's).
 
-    `built`: one built before in this process (the lab's, preparing its sites); returned as it is when its name
-    and preprocessing are `cfg`'s.
+    `built`: one built before in this process (the lab's, preparing its sites); returned as it is when its name,
+    preprocessing and feature width are `cfg`'s. `cfg.feature_block` must be resolved (`resolve_feature_block`):
+    `feature_dim` is the width of the features the run reads.
     """
     schema = federation_schema(cfg.schema, cfg.data)
     preprocessing = resolve_preprocessing(cfg.backbone, cfg.image_size, schema=schema)
-    if built is not None and (built.name, built.preprocessing) == (cfg.backbone, preprocessing):
+    read = Adaptation(feature_block=Adaptation.of(cfg).feature_block)
+    feature_dim = Cut(cfg.backbone, "", preprocessing, read).feature_dim
+    if built is not None and (built.name, built.preprocessing, built.feature_dim) == (
+        cfg.backbone,
+        preprocessing,
+        feature_dim,
+    ):
         return built
     state = backbone_state_dict(build_backbone(cfg.backbone, schema=schema))
-    return Backbone(
-        cfg.backbone,
-        fingerprint_state_dict(state),
-        state,
-        get_backbone_spec(cfg.backbone).feature_dim or preprocessing.feature_dim,
-        preprocessing,
-    )
+    return Backbone(cfg.backbone, fingerprint_state_dict(state), state, feature_dim, preprocessing)
 
 
 def load_server_data(cfg: RunConfig) -> DataSplits | None:

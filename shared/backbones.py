@@ -300,7 +300,7 @@ def resolve_preprocessing(
     return pre
 
 
-def _new_lite(name: str) -> nn.Module:
+def new_lite(name: str) -> nn.Module:
     """Return EfficientNet-Lite `name` (efficientnet_lite0/1/2) with its 1000-class head and random weights."""
     try:
         from efficientnet_lite_pytorch import EfficientNet
@@ -351,7 +351,7 @@ class _DenseNetFeatures(nn.Module):
 def _new_classifier(name: str) -> nn.Module:
     """Return the full ImageNet architecture of `name` with random weights (no download)."""
     if name in _LITE:
-        return _new_lite(name)
+        return new_lite(name)
     import torchvision  # lazy: only torchvision backbones need it
 
     return getattr(torchvision.models, name)(weights=None)

@@ -108,6 +108,10 @@ class RunConfig:
     trainable_blocks: int = 0
     lora_rank: int = 0
     lora_alpha: float = 16.0
+    # Where a head-only run reads the frozen backbone: -1 = its own (final) features; n = the pooled output of
+    # EfficientNet-Lite's MBConv block n; None ("auto") = the auto plan's choice where the plan applies (the last
+    # block whose output is at least 4 x 4 px, shared/deep.choose_feature_block), else -1.
+    feature_block: int | None = None
     audit_canaries: int = 0  # simulation only: canaries inserted into site-0's data for a one-run privacy audit
     # Secure aggregation (SecAgg+ with distributed Skellam noise): the server learns only the sum of the sites'
     # feature sums, closed-form statistics and secure-dp-sgd's head gradients; each site adds 1 / secagg-honest-sites
@@ -183,6 +187,15 @@ class RunConfig:
             )
         if self.image_size < 0:
             raise ConfigError(f"`image-size` must be >= 0 (0 = the backbone's own size), got {self.image_size}")
+        if self.feature_block == AUTO:  # the word users write, kept as None (resolved by the server)
+            object.__setattr__(self, "feature_block", None)
+        if self.feature_block is not None and (
+            isinstance(self.feature_block, bool) or not isinstance(self.feature_block, int) or self.feature_block < -1
+        ):
+            raise ConfigError(
+                f'`feature-block` must be -1 (the backbone\'s own features), a block number >= 0 or "auto", got '
+                f"{self.feature_block!r}"
+            )
         if self.noise_multiplier == AUTO:  # the word users write, kept as None (planned by the site)
             object.__setattr__(self, "noise_multiplier", None)
         if self.noise_multiplier is not None and (
@@ -266,6 +279,12 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     if default is None:  # noise-multiplier: a number, or "auto" (None: planned from the budget)
         if value == AUTO:
             return None
+        if key == "feature-block":  # a block number, or "auto" (None: resolved by the server)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(
+                    f'`{key}` must be an integer (-1: the backbone\'s own features) or "auto", got {value!r}'
+                )
+            return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f'`{key}` must be a number >= 0 or "auto", got {value!r}')
         return float(value)

@@ -17,7 +17,17 @@ import numpy as np
 from torch import nn
 
 from fedtl.shared.backbones import AnyPreprocessing, get_backbone_spec, resolve_preprocessing
-from fedtl.shared.deep import Adaptation, AdaptedHead, adapt_backbone, cut_fingerprint, split_backbone
+from fedtl.shared.deep import (
+    FINAL_FEATURES,
+    Adaptation,
+    AdaptedHead,
+    adapt_backbone,
+    cut_fingerprint,
+    feature_block_dim,
+    feature_block_fingerprint,
+    read_after_block,
+    split_backbone,
+)
 from fedtl.shared.features import ExampleStore, FeatureCache, cached_features
 from fedtl.shared.heads import PROJECTED, Head, build_head
 from fedtl.shared.named_data import federation_schema
@@ -52,8 +62,13 @@ class Cut:
         )
 
     def at_end_cut(self) -> Cut:
-        """Return the cut at the very end of the same backbone: its inputs are the backbone's features."""
-        return dataclasses.replace(self, adaptation=Adaptation())
+        """Return the head-only cut of the same backbone: its inputs are the features the run reads."""
+        return dataclasses.replace(self, adaptation=Adaptation(feature_block=self.adaptation.feature_block))
+
+    @property
+    def reads_final_features(self) -> bool:
+        """Return True when the inputs at an end cut are the backbone's own features (not an earlier block's)."""
+        return self.adaptation.feature_block == FINAL_FEATURES
 
     @property
     def at_end(self) -> bool:
@@ -63,8 +78,12 @@ class Cut:
     @property
     def fingerprint(self) -> str:
         """Return the fingerprint of the frozen part below the cut: what its cached outputs are keyed by."""
-        if self.at_end:
+        if self.at_end and self.reads_final_features:
             return self.backbone_fingerprint
+        if self.at_end:
+            return feature_block_fingerprint(
+                self.backbone_fingerprint, self.backbone_name, self.adaptation.feature_block
+            )
         return cut_fingerprint(self.backbone_fingerprint, self.backbone_name, self.adaptation.trainable_blocks)
 
     @property
@@ -75,12 +94,16 @@ class Cut:
     @property
     def feature_dim(self) -> int:
         """Return the backbone's feature dimension D (the head's input; a table's: its schema's encoded width)."""
+        if not self.reads_final_features:
+            return feature_block_dim(self.backbone_name, self.preprocessing.image_size, self.adaptation.feature_block)
         return get_backbone_spec(self.backbone_name).feature_dim or self.preprocessing.feature_dim
 
     def frozen_part(self, backbone: nn.Module) -> nn.Module:
         """Return the part of `backbone` below the cut, in eval() (BatchNorms keep their ImageNet statistics)."""
-        if self.at_end:
+        if self.at_end and self.reads_final_features:
             return backbone.eval()
+        if self.at_end:
+            return read_after_block(self.backbone_name, backbone, self.adaptation.feature_block)
         return split_backbone(self.backbone_name, backbone, self.adaptation.trainable_blocks)[0].eval()
 
 

@@ -13,6 +13,7 @@ import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from fedtl.shared.backbones import new_lite
 from fedtl.shared.constants import BACKBONE_TENSOR_PREFIX
 from fedtl.shared.errors import BackboneError, ConfigError, ReplyError
 from fedtl.shared.heads import Head, check_incoming_tensor, load_head_arrays
@@ -34,21 +36,49 @@ DEEP_FORMAT = 1  # bump when a split, the BN -> GN recipe or the LoRA targets ch
 BLOCK_COUNTS = {"tiny": 2, "efficientnet_lite0": 17, "efficientnet_lite1": 22, "efficientnet_lite2": 22}
 
 
+# Where a head-only run reads the frozen backbone (`feature-block`): FINAL_FEATURES is the backbone's own pooled
+# features; 0..n-1 the average-pooled output of EfficientNet-Lite's MBConv block of that index (the blocks above
+# it and the 1x1 conv stage are not run). The auto plan's rule is `choose_feature_block`.
+FINAL_FEATURES = -1
+# The rule: the last MBConv block whose output is at least MIN_FEATURE_GRID px a side. Chosen on digits only
+# (EfficientNet-Lite0, 5 iid sites, the auto plan at epsilon 1 / 3 / 8, seeds 0-2), scored on the sites' pooled
+# local test splits, every block 6..15 and the final features compared at 64 and at 224 px: at 64 px blocks 8-10
+# (4 x 4 outputs) were best (block 10: 0.80 / 0.89 / 0.93 against the final features' 0.67 / 0.81 / 0.85), at
+# 224 px blocks 13-15 (7 x 7; block 15: 0.69 / 0.82 / 0.89 against 0.66 / 0.81 / 0.86). The 1x1 conv stage that
+# makes the final 1280 features is ImageNet's classifier input, the most specialised of the network (Evci et al.
+# 2022, "Head2Toe: Utilizing Intermediate Representations for Better Transfer Learning"). benchmarks/dp_heads.py
+# --feature-blocks prints the comparison.
+MIN_FEATURE_GRID = 4
+
+
 @dataclass(frozen=True)
 class Adaptation:
-    """How deep a site trains: the last `trainable_blocks` blocks, fully or through LoRA adapters of `lora_rank`."""
+    """How deep a site trains: the last `trainable_blocks` blocks, fully or through LoRA adapters of `lora_rank`.
+
+    A head-only run (0 and 0) may instead read the frozen features after an earlier block: `feature_block`.
+    """
 
     trainable_blocks: int = 0
     lora_rank: int = 0
     lora_alpha: float = 16.0
+    feature_block: int = FINAL_FEATURES
 
     @classmethod
     def of(cls, settings: Any) -> Adaptation:
-        """Return the adaptation a RunConfig, RoundSettings or AdaptedModel describes (same field names)."""
+        """Return the adaptation a RunConfig, RoundSettings or AdaptedModel describes (same field names).
+
+        A RunConfig's `feature-block` "auto" (None) reads as FINAL_FEATURES here: the server and the lab resolve it
+        (server/solvers/auto.resolve_feature_block) before they build a cut or tell a site, and a site only ever
+        receives a resolved block (its RoundSettings field is an int).
+        """
+        feature_block = getattr(settings, "feature_block", FINAL_FEATURES)
+        if feature_block is None:
+            feature_block = FINAL_FEATURES
         return cls(
             trainable_blocks=int(getattr(settings, "trainable_blocks", 0)),
             lora_rank=int(getattr(settings, "lora_rank", 0)),
             lora_alpha=float(getattr(settings, "lora_alpha", 16.0)),
+            feature_block=feature_block,
         )
 
     @property
@@ -58,14 +88,28 @@ class Adaptation:
 
     def describe(self) -> str:
         """Return a short human description, e.g. 'last 2 blocks' or 'LoRA rank 4 (alpha 16) in the last 1 blocks'."""
+        if self.feature_block != FINAL_FEATURES:
+            return f"head only, on the features after block {self.feature_block}"
         if not self.enabled:
             return "head only"
+        return self.describe_training()
+
+    def describe_training(self) -> str:
+        """Return what trains beyond the head: 'last 2 blocks', 'LoRA rank 4 (alpha 16) in the last 1 blocks'."""
         if self.lora_rank > 0:
             return f"LoRA rank {self.lora_rank} (alpha {self.lora_alpha:g}) in the last {self.trainable_blocks} blocks"
         return f"last {self.trainable_blocks} blocks"
 
     def check(self, backbone_name: str) -> None:
         """Raise ConfigError when this adaptation does not fit backbone `backbone_name`."""
+        if self.feature_block != FINAL_FEATURES:
+            check_feature_block(backbone_name, self.feature_block)
+            if self.enabled:
+                raise ConfigError(
+                    f"`feature-block` = {self.feature_block} reads the frozen features after that block for a head "
+                    f"alone, but the run also trains backbone blocks ({self.describe_training()}); set "
+                    "feature-block = -1 (the backbone's own features) or trainable-blocks = 0 and lora-rank = 0"
+                )
         if not self.enabled:
             return
         if self.lora_rank > 0 and self.trainable_blocks == 0:
@@ -81,14 +125,16 @@ class Adaptation:
 def check_deep_run(settings: Any) -> None:
     """Raise ConfigError when a RunConfig or RoundSettings asks for deeper fine-tuning with something it excludes.
 
+    It also checks the feature block a head-only run reads (`Adaptation.check`).
+
     The personalisation modes keep or finetune a head alone on cached features, so they need
     trainable-blocks = 0 and lora-rank = 0 (RunConfig itself refuses the closed-form head solver with them).
     """
     adaptation = Adaptation.of(settings)
-    if not adaptation.enabled:
-        return
     name = getattr(settings, "backbone", None) or getattr(settings, "backbone_name", "")
     adaptation.check(name)
+    if not adaptation.enabled:
+        return
     for key, allowed in (("personalization", "none"),):
         value = getattr(settings, key, allowed)
         if value != allowed:
@@ -148,6 +194,67 @@ def cut_fingerprint(backbone_fingerprint: str, name: str, trainable_blocks: int)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def feature_block_fingerprint(backbone_fingerprint: str, name: str, feature_block: int) -> str:
+    """Return the fingerprint of the backbone read after MBConv block `feature_block`: cache key of its features."""
+    payload = f"{DEEP_FORMAT}/{name}/{backbone_fingerprint}/features-after-block-{feature_block}"
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+# --- reading the features after an earlier block (feature-block) -----------------------------------------
+
+
+def check_feature_block(name: str, feature_block: int) -> None:
+    """Raise ConfigError when backbone `name` has no MBConv block `feature_block` to read features after."""
+    if name not in BLOCK_COUNTS or name == "tiny":
+        raise ConfigError(
+            f"`feature-block` = {feature_block!r}: reading the features after an earlier block supports the "
+            f"backbones {', '.join(n for n in BLOCK_COUNTS if n != 'tiny')}, got backbone {name!r}; use one of "
+            "these or feature-block = -1 (the backbone's own features)"
+        )
+    count = BLOCK_COUNTS[name] - 1  # the MBConv blocks; the last unit is the 1x1 conv stage of the final features
+    if isinstance(feature_block, bool) or not isinstance(feature_block, int) or not 0 <= feature_block < count:
+        raise ConfigError(
+            f"`feature-block` for backbone {name!r} must be an MBConv block in 0..{count - 1}, or -1 for the "
+            f"backbone's own features, got {feature_block!r}"
+        )
+
+
+@lru_cache(maxsize=None)
+def lite_block_outputs(name: str, image_size: int) -> tuple[tuple[int, int], ...]:
+    """Return (channels, side in px) of every MBConv block's output of EfficientNet-Lite `name` at `image_size` px.
+
+    Measured on one black image through the architecture (random weights: shapes only), so the static 'same'
+    padding's rounding is the network's own.
+    """
+    module = new_lite(name.replace("-", "_")).eval()
+    shapes: list[tuple[int, int]] = []
+    x = torch.zeros(1, 3, image_size, image_size)
+    with torch.no_grad():
+        x = module._swish(module._bn0(module._conv_stem(x)))
+        for block in module._blocks:
+            x = block(x)
+            shapes.append((int(x.shape[1]), int(x.shape[-1])))
+    return tuple(shapes)
+
+
+def choose_feature_block(name: str, image_size: int) -> int:
+    """Return the auto plan's feature block: the last MBConv block whose output is >= MIN_FEATURE_GRID px a side.
+
+    A function of the public architecture and image size only; FINAL_FEATURES for backbones without MBConv blocks
+    (torchvision's, texts, tables, tiny) and when no block's output is that large.
+    """
+    if name not in BLOCK_COUNTS or name == "tiny":
+        return FINAL_FEATURES
+    fits = [i for i, (_, side) in enumerate(lite_block_outputs(name, image_size)) if side >= MIN_FEATURE_GRID]
+    return fits[-1] if fits else FINAL_FEATURES
+
+
+def feature_block_dim(name: str, image_size: int, feature_block: int) -> int:
+    """Return the width of the features read after MBConv block `feature_block` (its output channels)."""
+    check_feature_block(name, feature_block)
+    return lite_block_outputs(name, image_size)[feature_block][0]
+
+
 # --- splitting ---------------------------------------------------------------------------------------
 
 
@@ -167,6 +274,25 @@ class _LiteFront(nn.Module):
             # No drop connect (stochastic depth): the pretrained forward in eval() has none either.
             x = block(x)
         return x
+
+
+class _LiteFeatures(_LiteFront):
+    """EfficientNet-Lite read after one MBConv block: the stem and the blocks up to it, average-pooled."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, C)
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(super().forward(x), 1), 1)
+
+
+def read_after_block(name: str, module: nn.Module, feature_block: int) -> nn.Module:
+    """Return the frozen `module` cut after MBConv block `feature_block`: (B, 3, S, S) -> (B, C) pooled, in eval().
+
+    It shares `module`'s submodules (nothing is copied or changed); the blocks above are not run.
+
+    Raises:
+        ConfigError: see `check_feature_block`.
+    """
+    check_feature_block(name, feature_block)
+    return _LiteFeatures(module, range(feature_block + 1)).eval()
 
 
 class _LiteBack(nn.Module):

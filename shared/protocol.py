@@ -52,6 +52,7 @@ class RoundSettings:
     trainable_blocks: int
     lora_rank: int
     lora_alpha: float
+    feature_block: int  # resolved by the server (never "auto"): -1 the backbone's own features, n block n's
     projection_dim: int  # closed-form head: the public projection of the features (0: none)
     # Secure aggregation: releases go through the secure sum with distributed Skellam noise, assuming at least
     # `secagg_honest_sites` honest sites among those summed (0: all of them; resolved when the sum starts).
@@ -72,7 +73,13 @@ class RoundSettings:
         label_names: tuple[str, ...],
         schema: str = "",
     ) -> RoundSettings:
-        """Return the settings of run `run_id`: the run config's fields by name, plus what the server resolved."""
+        """Return the settings of run `run_id`: the run config's fields by name, plus what the server resolved.
+
+        `cfg.feature_block` is resolved first (server/solvers/auto.resolve_feature_block): a site reads an int.
+        """
+        assert cfg.feature_block is not None, (
+            "resolve feature-block 'auto' before telling sites (resolve_feature_block)"
+        )
         given = {
             "run_id": run_id,
             "backbone_name": cfg.backbone,

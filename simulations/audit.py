@@ -354,6 +354,7 @@ def operator_sets(
     class order); all its examples (its train and test splits alike) count.
     """
     backbone = load_model_backbone(model, weights_file=weights_file)
+    reader = model.adapt_backbone(backbone)  # the backbone as the head reads it (its feature block)
     sets = []
     for role, source in (("members", members), ("non-members", non_members)):
         data = load_site_dataset(source, label_names=model.label_names)
@@ -361,12 +362,13 @@ def operator_sets(
         images = np.concatenate([s.images for s in parts])
         if not len(images):
             raise DataError(f"--{role} {source} holds no images")
-        feats = extract_features(backbone, images, model.preprocessing, device=device, progress=False, desc=role)
+        feats = extract_features(reader, images, model.preprocessing, device=device, progress=False, desc=role)
         sets.append((feats, np.concatenate([s.labels for s in parts])))
     lab = None
     if cfg is not None:
         state = backbone_state_dict(backbone)
         spec = Backbone(model.backbone_name, model.backbone_fingerprint, state, model.feature_dim, model.preprocessing)
+        cfg = cfg.replace(feature_block=model.feature_block)
         lab = LabFederation(cfg, spec, model.label_names, *lab_settings(cfg, spec, model.label_names), [], None)
     return AuditSets(
         sets[0][0], sets[0][1], sets[1][0], sets[1][1], f"members: {members}; non-members: {non_members}", lab

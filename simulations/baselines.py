@@ -38,7 +38,7 @@ from fedtl.client.training import evaluate_model
 from fedtl.server.centering import run_centering_noise
 from fedtl.server.evaluation import CentralEvaluation
 from fedtl.server.setup import Backbone, federation_label_names, load_server_backbone, load_server_data
-from fedtl.server.solvers.auto import fallback_reason, planned_config, public_basis
+from fedtl.server.solvers.auto import fallback_reason, planned_config, public_basis, resolve_feature_block
 from fedtl.shared import constants as k
 from fedtl.shared.centering import MAX_CENTER_NOISE_NORM, center_noise_norm
 from fedtl.shared.config import RunConfig
@@ -116,6 +116,7 @@ def load_lab_federation(cfg: RunConfig, num_sites: int) -> LabFederation:
 
     The backbone is installed in a site's cache when missing, as the ServerApp would send it.
     """
+    cfg = resolve_feature_block(cfg)  # the features the run reads, as the server resolves them
     backbone = load_server_backbone(cfg)
     splits = load_server_data(cfg)
     label_names = federation_label_names(cfg, splits)

@@ -20,6 +20,7 @@ from fedtl.client.site import SIMULATION_ENV, Site, resolve_site
 from fedtl.server.app import run_federation
 from fedtl.server.evaluation import CentralEvaluation
 from fedtl.server.setup import Backbone, federation_label_names, load_server_backbone, load_server_data
+from fedtl.server.solvers.auto import resolve_feature_block
 from fedtl.shared import constants as k
 from fedtl.shared.backbones import get_backbone_spec
 from fedtl.shared.config import RunConfig, fedtl_home
@@ -130,6 +131,7 @@ def prepare_simulated_sites(cfg: RunConfig, num_sites: int, *, progress: bool = 
     """
     if cfg.resume or not cfg.data:
         return None
+    cfg = resolve_feature_block(cfg)  # as the server will: the sites' inputs are the features the run reads
     backbone = load_server_backbone(cfg)
     splits = load_server_data(cfg)
     label_names = federation_label_names(cfg, splits)

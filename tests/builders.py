@@ -16,6 +16,7 @@ TEST_RUN = RunConfig(
     learning_rate=1.0,
     target_epsilon=4.0,
     device="cpu",
+    feature_block=-1,  # resolved, as the server resolves "auto" before sites are told (tiny has no MBConv blocks)
 )
 
 

@@ -172,7 +172,8 @@ def test_a_crash_between_charge_and_training_keeps_the_charge(tmp_path):
         state = backbone_state_dict(build_backbone("tiny"))
         fp = site.backbones.install("tiny", fingerprint_state_dict(state), state).stem
         cfg = RunConfig(backbone="tiny", num_rounds=1, head_hidden=8, local_epochs=5000, batch_size=16,
-            learning_rate=1.0, noise_multiplier=1.0, target_epsilon=1e6, device="cpu", finetune_epochs=1)
+            learning_rate=1.0, noise_multiplier=1.0, target_epsilon=1e6, device="cpu", finetune_epochs=1,
+            feature_block=-1)
         settings = RoundSettings.for_run(cfg, run_id="r", backbone_fingerprint=fp, image_size=32,
             label_names=tuple(str(i) for i in range(10)))
         train_round(site, settings, head_arrays(build_head("linear", 32, 10)), server_round=1)

@@ -277,11 +277,12 @@ def test_fedtl_simulate_with_secure_dp_sgd_charges_each_site_the_accountants_eps
 def test_a_site_refuses_a_malformed_projection_for_its_centre_before_paying(tmp_path, monkeypatch, projection, error):
     from fedtl.client.secure_releases import FEATURE_SUM, secure_release
     from fedtl.server.setup import federation_label_names, load_server_backbone, load_server_data
+    from fedtl.server.solvers.auto import resolve_feature_block
     from fedtl.shared.errors import ReplyError
     from fedtl.simulations.federation import lab_settings, lab_sites, simulated_sites
 
     monkeypatch.setenv("FEDTL_HOME", str(tmp_path / "home"))
-    cfg = RunConfig.from_mapping({**SMALL, "out": str(tmp_path)})
+    cfg = resolve_feature_block(RunConfig.from_mapping({**SMALL, "out": str(tmp_path)}))
     backbone = load_server_backbone(cfg)
     settings, simulation = lab_settings(cfg, backbone, federation_label_names(cfg, load_server_data(cfg)))
     with simulated_sites():

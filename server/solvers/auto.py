@@ -38,10 +38,11 @@ from fedtl.server.setup import Backbone, SiteSetup, ask, query_sites
 from fedtl.server.solvers.base import Federation, PlanInputs, RunPlan, SolverResult
 from fedtl.server.solvers.dp_sgd import DpSgdSolver
 from fedtl.shared import constants as k
-from fedtl.shared.backbones import get_backbone_spec
-from fedtl.shared.config import RunConfig, fedtl_home
+from fedtl.shared.backbones import get_backbone_spec, resolve_preprocessing
+from fedtl.shared.config import PLANNED_SOLVERS, RunConfig, fedtl_home
 from fedtl.shared.cut import Cut, inputs_at_cut
 from fedtl.shared.dataset import IMAGES, TEXTS
+from fedtl.shared.deep import FINAL_FEATURES, Adaptation, choose_feature_block
 from fedtl.shared.dp_heads import MAX_GRAD_NORM, PROJECTION_DIMS, STEPS, HeadPlan, plan_dp_head
 from fedtl.shared.encoders import minilm_words
 from fedtl.shared.errors import FederationError, StorageError
@@ -197,6 +198,23 @@ class AutoSolver:
         return (total / count).astype(np.float32)
 
 
+def resolve_feature_block(cfg: RunConfig) -> RunConfig:
+    """Return `cfg` with `feature-block` "auto" resolved from public quantities: the plan's block, or -1.
+
+    Where the auto plan applies (head-solver auto or secure-dp-sgd, no fallback), the head reads the features after
+    the block `choose_feature_block` picks from the architecture and image size alone (shared/deep.py says how
+    that rule was chosen); everywhere else, and for backbones without MBConv blocks, the backbone's own features.
+    A set value is kept (sites check it against the backbone).
+    """
+    if cfg.feature_block is not None:
+        return cfg
+    block = FINAL_FEATURES
+    if cfg.head_solver in PLANNED_SOLVERS and fallback_reason(cfg) is None:
+        image_size = resolve_preprocessing(cfg.backbone, cfg.image_size, schema=None).image_size
+        block = choose_feature_block(cfg.backbone, image_size)
+    return cfg.replace(feature_block=block)
+
+
 def fallback_reason(cfg: RunConfig) -> str | None:
     """Return why the auto plan (a linear head on frozen features, FedAvg) does not apply to `cfg`, or None."""
     if cfg.trainable_blocks or cfg.lora_rank:
@@ -319,7 +337,7 @@ def public_basis(
     """
     kind = backbone.preprocessing.kind
     names = tuple(label_names) if kind == TEXTS else ()
-    key = (backbone.fingerprint, backbone.preprocessing.key(), cfg.device, cfg.projection_dim, names)
+    key = (backbone.fingerprint, backbone.preprocessing.key(), cfg.feature_block, cfg.device, cfg.projection_dim, names)
     if key not in _PUBLIC_BASES:  # the same public inputs give the same basis: a sweep computes it once
         stored = _BasisFile(fedtl_home() / "server-cache" / "public-basis", key)
         found = stored.load(cfg.projection_dim)  # a later run: no synthetic inputs drawn, no SVD
@@ -410,7 +428,12 @@ def _public_features(backbone: Backbone, cfg: RunConfig, inputs: np.ndarray, fin
     """Return the backbone's features of public inputs, cached in the server's feature cache."""
     features, _, _ = inputs_at_cut(
         fedtl_home() / "server-cache",
-        Cut(backbone.name, backbone.fingerprint, backbone.preprocessing),
+        Cut(
+            backbone.name,
+            backbone.fingerprint,
+            backbone.preprocessing,
+            Adaptation(feature_block=Adaptation.of(cfg).feature_block),
+        ),
         backbone.build,
         images=inputs,
         labels=np.zeros(len(inputs), dtype=np.int64),
