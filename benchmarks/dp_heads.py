@@ -1,6 +1,8 @@
 """DP heads at epsilon 1, 3, 8 (issue 17): today's defaults against the `auto` plan, on cached features.
 
-Every cell simulates a federation faithfully on cached EfficientNet-Lite0 features at 64 px: iid sites exactly
+Every cell simulates a federation faithfully on cached EfficientNet-Lite0 features at 64 px (the backbone's final
+features; the product's auto plan now reads block 10's pooled output at 64 px, `shared/deep.choose_feature_block`,
+and `--feature-blocks` prints the comparison that rule was chosen from): iid sites exactly
 as `fedtl simulate` splits them (`dp_heads_data.py`), every site adding its own full noise to everything it
 releases (no secure aggregation), every release charged to one accountant history per site (Opacus' RDP,
 delta 1e-5), held-out accuracy on the server's split. Rows:

@@ -27,6 +27,10 @@ sum's one-curator noise (head-solver "secure-dp-sgd", whose lr x steps the old c
 (1.5, 3000, 0.25) was the best or within 0.5 point of it in all six cells, +3.0 / +1.8 / +2.1 points at epsilon
 1 / 3 / 8 with per-site noise and +3.3 / +1.8 / +1.6 with the secure sum's. A DP Gram release for whitening and the
 closed form on the same basis lost to DP-GD at every epsilon.
+Last, with every constant above fixed, where the head reads the backbone (shared/deep.py, `feature-block`): every
+MBConv block 6..15 against the final features, at 64 and 224 px; the rule there (the last block whose output is at
+least 4 px a side) gained 10-13 points at epsilon 1 and 5-8 at 3 and 8 on those splits at 64 px. The constants
+were not chosen again on the new features.
 Pure numpy: no Flower.
 """
 

@@ -159,3 +159,27 @@ def test_an_auto_run_reads_the_rules_block_records_it_and_predict_reads_it_too(b
     assert [label for _, label, _ in printed] == [model.label_names[i] for i in probs.argmax(1)]
     np.testing.assert_allclose([float(p) for _, _, p in printed], probs.max(1), atol=1e-3)
     assert math.isfinite(block_run["epsilon-max"]) and block_run["epsilon-max"] <= 8.0 + 1e-9
+
+
+def test_a_site_refuses_a_feature_block_its_backbone_lacks_before_anything_is_charged(tmp_path, monkeypatch):
+    from builders import round_settings
+
+    from fedtl.client.centering import feature_sum_round
+    from fedtl.client.site import resolve_site
+    from fedtl.client.solvers.dp_sgd import train_round
+    from fedtl.shared.backbones import backbone_state_dict, fingerprint_state_dict
+    from fedtl.shared.heads import build_head, head_arrays
+    from fedtl.shared.protocol import SimulationSettings
+
+    monkeypatch.setenv("FEDTL_SIMULATED_SITES", "1")
+    sim = SimulationSettings("digits", "iid", 0, 0.2, 0.2, "", str(tmp_path / "state"), str(tmp_path / "cache"))
+    site = resolve_site({"partition-id": 0, "num-partitions": 4}, sim)
+    state = backbone_state_dict(build_backbone("tiny"))
+    fingerprint = site.backbones.install("tiny", fingerprint_state_dict(state), state).stem
+    settings = round_settings(fingerprint, feature_block=3)  # as a server could send it; tiny has no MBConv blocks
+    refusal = r"`feature-block` = 3: reading the features after an earlier block supports the backbones"
+    with pytest.raises(ConfigError, match=refusal):
+        train_round(site, settings, head_arrays(build_head("linear", 32, 10)), server_round=1)
+    with pytest.raises(ConfigError, match=refusal):
+        feature_sum_round(site, settings, noise_multiplier=4.0)
+    assert site.ledger.charges() == []

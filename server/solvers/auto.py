@@ -42,7 +42,7 @@ from fedtl.shared.backbones import get_backbone_spec, resolve_preprocessing
 from fedtl.shared.config import PLANNED_SOLVERS, RunConfig, fedtl_home
 from fedtl.shared.cut import Cut, inputs_at_cut
 from fedtl.shared.dataset import IMAGES, TEXTS
-from fedtl.shared.deep import FINAL_FEATURES, Adaptation, choose_feature_block
+from fedtl.shared.deep import FINAL_FEATURES, MIN_FEATURE_GRID, Adaptation, choose_feature_block
 from fedtl.shared.dp_heads import MAX_GRAD_NORM, PROJECTION_DIMS, STEPS, HeadPlan, plan_dp_head
 from fedtl.shared.encoders import minilm_words
 from fedtl.shared.errors import FederationError, StorageError
@@ -132,6 +132,8 @@ class AutoSolver:
                 cfg.target_epsilon,
             )
         progress.info("head-solver auto: %s", plan.reason)
+        if cfg.feature_block != FINAL_FEATURES:
+            progress.info("head-solver auto: %s", feature_block_reason(cfg, inputs.backbone))
         if overrides:
             progress.info(
                 "head-solver auto sets %s",
@@ -140,6 +142,7 @@ class AutoSolver:
         record = {
             **plan_record(plan, setup, counts),
             "num-rounds": plan.num_rounds,
+            "feature-block": cfg.feature_block,
             "overrides": {key: {"asked": old, "planned": new} for key, (old, new) in overrides.items()},
             "public-basis": {
                 f"synthetic-{inputs.backbone.preprocessing.kind}": SYNTHETIC_COUNT,
@@ -196,6 +199,21 @@ class AutoSolver:
             noise,
         )
         return (total / count).astype(np.float32)
+
+
+def feature_block_reason(cfg: RunConfig, backbone: Backbone) -> str:
+    """Return the run output's line saying which block's features the head reads, and why (`choose_feature_block`)."""
+    size = backbone.preprocessing.image_size
+    why = (
+        f"the last block whose output is at least {MIN_FEATURE_GRID} px a side at {size} px (a rule of the "
+        "architecture and image size only, shared/deep.py)"
+        if cfg.feature_block == choose_feature_block(cfg.backbone, size)
+        else "as feature-block sets"
+    )
+    return (
+        f"the head reads the {backbone.feature_dim} features of MBConv block {cfg.feature_block}'s pooled output, "
+        f"{why}; the blocks above it are not run"
+    )
 
 
 def resolve_feature_block(cfg: RunConfig) -> RunConfig:

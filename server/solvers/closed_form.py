@@ -20,7 +20,6 @@ from fedtl.server.secure_releases import SUFFICIENT_STATS, secure_centre_history
 from fedtl.server.setup import ask, query_sites
 from fedtl.server.solvers.base import Federation, SolverResult, plan_as_configured
 from fedtl.shared import constants as k
-from fedtl.shared.backbones import get_backbone_spec
 from fedtl.shared.closed_form import (
     SENSITIVITY,
     SufficientStats,
@@ -31,6 +30,7 @@ from fedtl.shared.closed_form import (
     sum_stats,
 )
 from fedtl.shared.config import RunConfig
+from fedtl.shared.cut import Cut
 from fedtl.shared.distributed_noise import quantization_shrink
 from fedtl.shared.errors import FederationError
 from fedtl.shared.secure_sum import read_stats, stats_length, stats_scale, stats_sensitivities
@@ -53,7 +53,7 @@ class ClosedFormSolver:
             ConfigError: projection-dim is not below the backbone's feature dimension.
         """
         if cfg.projection_dim:
-            check_projection_dim(get_backbone_spec(cfg.backbone).feature_dim, cfg.projection_dim)
+            check_projection_dim(Cut.of(cfg, backbone_fingerprint="unchecked").feature_dim, cfg.projection_dim)
         return cfg.replace(num_rounds=1)
 
     plan = staticmethod(plan_as_configured)
