@@ -42,12 +42,13 @@ BLOCK_COUNTS = {"tiny": 2, "efficientnet_lite0": 17, "efficientnet_lite1": 22, "
 FINAL_FEATURES = -1
 # The rule: the last MBConv block whose output is at least MIN_FEATURE_GRID px a side. Chosen on digits only
 # (EfficientNet-Lite0, 5 iid sites, the auto plan at epsilon 1 / 3 / 8, seeds 0-2), scored on the sites' pooled
-# local test splits, every block 6..15 and the final features compared at 64 and at 224 px: at 64 px blocks 8-10
-# (4 x 4 outputs) were best (block 10: 0.80 / 0.89 / 0.93 against the final features' 0.67 / 0.81 / 0.85), at
-# 224 px blocks 13-15 (7 x 7; block 15: 0.69 / 0.82 / 0.89 against 0.66 / 0.81 / 0.86). The 1x1 conv stage that
-# makes the final 1280 features is ImageNet's classifier input, the most specialised of the network (Evci et al.
-# 2022, "Head2Toe: Utilizing Intermediate Representations for Better Transfer Learning"). benchmarks/dp_heads.py
-# --feature-blocks prints the comparison.
+# local test splits, every block 6..15 and the final features compared at 64 and at 224 px
+# (benchmarks/dp_heads.py --feature-blocks): at 64 px blocks 8-10 (4 x 4 outputs) were best (block 10: 0.79 / 0.90
+# / 0.93 against the final features' 0.65 / 0.81 / 0.86); at 224 px blocks 11-14 were best at epsilon 3 and 8 and
+# the final features at 1 (block 15, the rule's: 0.63 / 0.82 / 0.88 against 0.66 / 0.79 / 0.85). No simpler rule
+# was better at both sizes. The 1x1 conv stage that makes the final 1280 features feeds ImageNet's classifier, the
+# most specialised part of the network (Evci et al. 2022, "Head2Toe: Utilizing Intermediate Representations for
+# Better Transfer Learning").
 MIN_FEATURE_GRID = 4
 
 

@@ -29,8 +29,8 @@ sum's one-curator noise (head-solver "secure-dp-sgd", whose lr x steps the old c
 closed form on the same basis lost to DP-GD at every epsilon.
 Last, with every constant above fixed, where the head reads the backbone (shared/deep.py, `feature-block`): every
 MBConv block 6..15 against the final features, at 64 and 224 px; the rule there (the last block whose output is at
-least 4 px a side) gained 10-13 points at epsilon 1 and 5-8 at 3 and 8 on those splits at 64 px. The constants
-were not chosen again on the new features.
+least 4 px a side) gained 14, 9 and 6 points at epsilon 1, 3 and 8 on those splits at 64 px (at 224 px -2, +3 and
++4). The constants were not chosen again on the new features.
 Pure numpy: no Flower.
 """
 
