@@ -38,6 +38,7 @@ RECORDED_DEFAULTS = {
     "head-solver": "dp-sgd",
     "closed-form": "ridge",
     "closed-form-ridge": 1.0,
+    "feature-block": -1,  # the backbone's own features (dp-sgd resolves "auto" to that too)
 }
 SMALL = {"image-size": 32, "num-rounds": 2}
 CASES: dict[str, tuple[dict[str, Any], int]] = {
