@@ -2,6 +2,8 @@
 
 import dataclasses
 
+import numpy as np
+
 from fedtl.shared.config import RunConfig
 from fedtl.shared.protocol import RoundSettings
 
@@ -42,3 +44,29 @@ def crash_after_masking(msg, context):  # type: ignore[no-untyped-def]
     if (partition, action) in ((5, k.ACTION_SECAGG_MASKED_INPUT), (4, k.ACTION_SECAGG_UNMASK)):
         raise RuntimeError(f"site-{partition} crashed")
     return app(msg, context)
+
+
+def predict_images(model_path: str, images: np.ndarray, folder, capsys) -> list[tuple[str, float]]:  # noqa: ANN001
+    """Save `images` as PNG files in `folder`, run `fedtl predict` on them, return each printed (label, probability)."""
+    from PIL import Image
+
+    from fedtl.cli.main import main
+
+    paths = []
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"digit-{i}.png")
+        paths.append(str(folder / f"digit-{i}.png"))
+    capsys.readouterr()
+    assert main(["predict", model_path, *paths]) == 0
+    printed = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
+    return [(label, float(p)) for _, label, p in printed]
+
+
+def projected_head_probs(arrays: dict[str, np.ndarray], features: np.ndarray) -> np.ndarray:
+    """Return a projected head's class probabilities (N, C) by numpy maths on its stored tensors (the oracle)."""
+    from fedtl.shared.public_basis import centre_features, project_features
+
+    u = centre_features(project_features(features, arrays["projection"]), arrays["center"])
+    logits = u @ arrays["layers.0.weight"].T.astype(np.float64) + arrays["layers.0.bias"]
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    return probs / probs.sum(1, keepdims=True)

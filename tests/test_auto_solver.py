@@ -165,9 +165,8 @@ def test_a_non_private_run_says_the_plans_noise_and_epsilon_are_not_its_own(tmp_
 
 
 def test_the_projected_model_file_round_trips_through_fedtl_predict(auto_eps1, tmp_path, capsys):
-    from PIL import Image
+    from builders import predict_images, projected_head_probs
 
-    from fedtl.cli.main import main
     from fedtl.server.predict import load_model_backbone
     from fedtl.shared.data import load_dataset
     from fedtl.shared.features import extract_features
@@ -176,20 +175,12 @@ def test_the_projected_model_file_round_trips_through_fedtl_predict(auto_eps1, t
     model = load_model(summary["model"])
     assert model.head == "projected" and model.arrays["projection"].shape == (16, 32)
     images = load_dataset("digits").test.images[:6]
-    paths = []
-    for i, image in enumerate(images):
-        Image.fromarray(image).save(tmp_path / f"digit-{i}.png")
-        paths.append(str(tmp_path / f"digit-{i}.png"))
-    assert main(["predict", summary["model"], *paths]) == 0
-    printed = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
+    printed = predict_images(summary["model"], images, tmp_path, capsys)
     # Oracle: the numpy maths of shared/public_basis on the stored tensors, not the torch head.
     feats = extract_features(load_model_backbone(model), images, model.preprocessing, progress=False)
-    u = centre_features(project_features(feats, model.arrays["projection"]), model.arrays["center"])
-    logits = u @ model.arrays["layers.0.weight"].T.astype(np.float64) + model.arrays["layers.0.bias"]
-    probs = np.exp(logits - logits.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
-    assert [label for _, label, _ in printed] == [model.label_names[i] for i in probs.argmax(1)]
-    np.testing.assert_allclose([float(p) for _, _, p in printed], probs.max(1), atol=1e-4)
+    probs = projected_head_probs(model.arrays, feats)
+    assert [label for label, _ in printed] == [model.label_names[i] for i in probs.argmax(1)]
+    np.testing.assert_allclose([p for _, p in printed], probs.max(1), atol=1e-4)
 
 
 def test_the_projected_head_computes_the_public_basis_maths():

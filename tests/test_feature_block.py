@@ -23,7 +23,6 @@ from fedtl.shared.deep import (
 )
 from fedtl.shared.errors import ConfigError
 from fedtl.shared.features import extract_features
-from fedtl.shared.public_basis import centre_features, project_features
 from fedtl.simulations.inprocess import run_inprocess
 
 LITE = "efficientnet_lite0"
@@ -129,9 +128,8 @@ def block_run(tmp_path_factory):
 
 
 def test_an_auto_run_reads_the_rules_block_records_it_and_predict_reads_it_too(block_run, tmp_path, capsys):
-    from PIL import Image
+    from builders import predict_images, projected_head_probs
 
-    from fedtl.cli.main import main
     from fedtl.server.predict import load_model_backbone
 
     run_dir = block_run["model"].rsplit("/", 1)[0]
@@ -143,21 +141,12 @@ def test_an_auto_run_reads_the_rules_block_records_it_and_predict_reads_it_too(b
     assert "pooled output of MBConv block 4" in model_card(model)
     assert block_run["final"]["central-accuracy"] > 0.5  # 10 classes: chance is 0.1
     images = load_dataset("digits").test.images[:5]
-    paths = []
-    for i, image in enumerate(images):
-        Image.fromarray(image).save(tmp_path / f"digit-{i}.png")
-        paths.append(str(tmp_path / f"digit-{i}.png"))
-    assert main(["predict", block_run["model"], *paths]) == 0
-    printed = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
+    printed = predict_images(block_run["model"], images, tmp_path, capsys)
     # Oracle: block 4's pooled output of the full network, through the stored tensors' numpy maths.
-    pre = model.preprocessing
-    feats = _block_outputs(load_model_backbone(model), pre.apply(images))[4].mean((2, 3)).numpy()
-    u = centre_features(project_features(feats, model.arrays["projection"]), model.arrays["center"])
-    logits = u @ model.arrays["layers.0.weight"].T.astype(np.float64) + model.arrays["layers.0.bias"]
-    probs = np.exp(logits - logits.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
-    assert [label for _, label, _ in printed] == [model.label_names[i] for i in probs.argmax(1)]
-    np.testing.assert_allclose([float(p) for _, _, p in printed], probs.max(1), atol=1e-3)
+    feats = _block_outputs(load_model_backbone(model), model.preprocessing.apply(images))[4].mean((2, 3)).numpy()
+    probs = projected_head_probs(model.arrays, feats)
+    assert [label for label, _ in printed] == [model.label_names[i] for i in probs.argmax(1)]
+    np.testing.assert_allclose([p for _, p in printed], probs.max(1), atol=1e-3)
     assert math.isfinite(block_run["epsilon-max"]) and block_run["epsilon-max"] <= 8.0 + 1e-9
 
 
