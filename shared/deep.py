@@ -34,6 +34,7 @@ DEEP_FORMAT = 1  # bump when a split, the BN -> GN recipe or the LoRA targets ch
 # lite1 and lite2) and, last, the final 1x1 conv stage (`_conv_head` + `_bn1` + ReLU6), so k = 1 trains that
 # stage alone; the stem never trains. tiny: its two (conv + ReLU) blocks.
 BLOCK_COUNTS = {"tiny": 2, "efficientnet_lite0": 17, "efficientnet_lite1": 22, "efficientnet_lite2": 22}
+LITE_BACKBONES = tuple(name for name in BLOCK_COUNTS if name != "tiny")  # the backbones with MBConv blocks
 
 
 # Where a head-only run reads the frozen backbone (`feature-block`): FINAL_FEATURES is the backbone's own pooled
@@ -206,10 +207,10 @@ def feature_block_fingerprint(backbone_fingerprint: str, name: str, feature_bloc
 
 def check_feature_block(name: str, feature_block: int) -> None:
     """Raise ConfigError when backbone `name` has no MBConv block `feature_block` to read features after."""
-    if name not in BLOCK_COUNTS or name == "tiny":
+    if name not in LITE_BACKBONES:
         raise ConfigError(
             f"`feature-block` = {feature_block!r}: reading the features after an earlier block supports the "
-            f"backbones {', '.join(n for n in BLOCK_COUNTS if n != 'tiny')}, got backbone {name!r}; use one of "
+            f"backbones {', '.join(LITE_BACKBONES)}, got backbone {name!r}; use one of "
             "these or feature-block = -1 (the backbone's own features)"
         )
     count = BLOCK_COUNTS[name] - 1  # the MBConv blocks; the last unit is the 1x1 conv stage of the final features
@@ -227,7 +228,7 @@ def lite_block_outputs(name: str, image_size: int) -> tuple[tuple[int, int], ...
     Measured on one black image through the architecture (random weights: shapes only), so the static 'same'
     padding's rounding is the network's own.
     """
-    module = new_lite(name.replace("-", "_")).eval()
+    module = new_lite(name).eval()
     shapes: list[tuple[int, int]] = []
     x = torch.zeros(1, 3, image_size, image_size)
     with torch.no_grad():
@@ -244,7 +245,7 @@ def choose_feature_block(name: str, image_size: int) -> int:
     A function of the public architecture and image size only; FINAL_FEATURES for backbones without MBConv blocks
     (torchvision's, texts, tables, tiny) and when no block's output is that large.
     """
-    if name not in BLOCK_COUNTS or name == "tiny":
+    if name not in LITE_BACKBONES:
         return FINAL_FEATURES
     fits = [i for i, (_, side) in enumerate(lite_block_outputs(name, image_size)) if side >= MIN_FEATURE_GRID]
     return fits[-1] if fits else FINAL_FEATURES
