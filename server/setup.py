@@ -81,8 +81,7 @@ def load_server_backbone(cfg: RunConfig, *, built: Backbone | None = None) -> Ba
     """
     schema = federation_schema(cfg.schema, cfg.data)
     preprocessing = resolve_preprocessing(cfg.backbone, cfg.image_size, schema=schema)
-    read = Adaptation(feature_block=Adaptation.of(cfg).feature_block)
-    feature_dim = Cut(cfg.backbone, "", preprocessing, read).feature_dim
+    feature_dim = Cut(cfg.backbone, "", preprocessing, Adaptation.of(cfg).head_only()).feature_dim
     if built is not None and (built.name, built.preprocessing, built.feature_dim) == (
         cfg.backbone,
         preprocessing,

@@ -63,7 +63,7 @@ class Cut:
 
     def at_end_cut(self) -> Cut:
         """Return the head-only cut of the same backbone: its inputs are the features the run reads."""
-        return dataclasses.replace(self, adaptation=Adaptation(feature_block=self.adaptation.feature_block))
+        return dataclasses.replace(self, adaptation=self.adaptation.head_only())
 
     @property
     def reads_final_features(self) -> bool:

@@ -83,6 +83,10 @@ class Adaptation:
             feature_block=feature_block,
         )
 
+    def head_only(self) -> Adaptation:
+        """Return the head-only adaptation that reads the same features (nothing of the backbone trains)."""
+        return Adaptation(feature_block=self.feature_block)
+
     @property
     def enabled(self) -> bool:
         """Return True when anything beyond the head trains (0 and 0: head only, on cached features)."""

@@ -450,7 +450,7 @@ def _public_features(backbone: Backbone, cfg: RunConfig, inputs: np.ndarray, fin
             backbone.name,
             backbone.fingerprint,
             backbone.preprocessing,
-            Adaptation(feature_block=Adaptation.of(cfg).feature_block),
+            Adaptation.of(cfg).head_only(),
         ),
         backbone.build,
         images=inputs,
