@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,8 +183,18 @@ class RunRecorder:
             kept.append(msg)
         return kept
 
-    def finish_round(self, server_round: int, central: dict[str, float] | None) -> dict[str, Any]:
-        """Append the round's line (per-site, aggregate and central metrics, epsilon) to metrics.jsonl."""
+    def finish_round(
+        self,
+        server_round: int,
+        central: dict[str, float] | None,
+        checkpoint: Callable[[], object] | None = None,
+    ) -> dict[str, Any]:
+        """Append the round's line (per-site, aggregate and central metrics, epsilon) to metrics.jsonl.
+
+        `checkpoint`, when given, is called once the line is in the records and before it is written, so
+        every line in metrics.jsonl has its checkpoint on disk: a run killed after a line appears resumes
+        after that round.
+        """
         sites = self._round.get("sites", {})
         line: dict[str, Any] = {"round": server_round, "non-private": self.non_private, "sites": sites}
         for phase in ("train", "evaluate"):
@@ -198,6 +209,8 @@ class RunRecorder:
             line["central"] = central
         self.history.append(line)
         self._report_progress(line)
+        if checkpoint is not None:
+            checkpoint()
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a", encoding="utf-8") as fh:
             fh.write(_metrics_line(line))

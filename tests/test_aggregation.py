@@ -216,6 +216,23 @@ def test_checkpoint_round_trips_the_head_fedadam_state_and_records(tmp_path):
         load_checkpoint(tmp_path / "elsewhere")
 
 
+def test_a_round_line_reaches_metrics_jsonl_only_after_its_checkpoint(tmp_path):
+    """A run killed as soon as a round's line appears resumes after that round (the line implies the checkpoint)."""
+    recorder = RunRecorder(run_dir=tmp_path, expected_arrays={})
+    recorder.finish_round(0, {"accuracy": 0.1})
+    seen = []
+
+    def checkpoint() -> None:
+        lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+        save_checkpoint(tmp_path, Checkpoint(1, {"w": np.zeros(2, np.float32)}, records=recorder.state()))
+        seen.append(len(lines))
+
+    recorder.finish_round(1, {"accuracy": 0.2}, checkpoint=checkpoint)
+    assert seen == [1]  # round 1's line was not yet written when its checkpoint was
+    assert [line["round"] for line in load_checkpoint(tmp_path).records["history"]] == [0, 1]
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 2
+
+
 class _NoGrid:
     """A stand-in Grid with a few connected nodes: enough for configure_train to build its messages."""
 

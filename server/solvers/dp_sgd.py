@@ -60,16 +60,13 @@ class DpSgdSolver:
                 return None  # a resumed run: round `done` was already evaluated and recorded
             server_round += done
             scores = fed.central(arrays) if fed.central is not None else None
-            recorder.finish_round(server_round, scores)
-            save_checkpoint(
-                fed.run.run_dir,
-                Checkpoint(
-                    server_round=server_round,
-                    arrays={name: a.numpy() for name, a in arrays.items()},
-                    strategy_state=strategy_state(strategy),
-                    records=recorder.state(),
-                ),
-            )
+
+            def checkpoint() -> None:  # after the round's line joins the records, before metrics.jsonl shows it
+                head = {name: a.numpy() for name, a in arrays.items()}
+                state = Checkpoint(server_round, head, strategy_state(strategy), records=recorder.state())
+                save_checkpoint(fed.run.run_dir, state)
+
+            recorder.finish_round(server_round, scores, checkpoint=checkpoint)
             return MetricRecord(scores) if scores else None
 
         if done:
