@@ -8,9 +8,10 @@ process so that import and start-up costs count as a user pays them:
 2. sweep rate: federations a minute of the default job in one process, as `fedtl sweep` runs them
    (target >= 10 a minute);
 3. cold: `fedtl simulate` on Flower's engine with empty caches, against one backbone pass over all the
-   data plus Flower's fixed start-up (a 1-round `tiny` federation on Flower's engine, warm), both measured
-   here (target cold <= 1.1 x their sum); printed also with the pass over the public synthetic images the
-   default `auto` plan extracts once per backbone, which a cold run pays too.
+   data (the default run's pass: its image size, up to the features its head reads) plus Flower's fixed
+   start-up (a 1-round `tiny` federation on Flower's engine, warm), both measured here (target cold <= 1.1 x
+   their sum); printed also with the pass over the public synthetic images the default `auto` plan extracts
+   once per backbone, which a cold run pays too.
 
 Run: `.venv/bin/python benchmarks/lab_speed.py [--skip-cold] [--sweep-runs 5]`.
 """
@@ -58,19 +59,24 @@ print((time.perf_counter() - t) / n)
 
 BACKBONE_PASS = """
 import time
-from fedtl.shared.backbones import build_backbone, resolve_preprocessing
+from fedtl.server.solvers.auto import resolve_feature_block
+from fedtl.shared.backbones import build_backbone
+from fedtl.shared.config import RunConfig
+from fedtl.shared.cut import Cut
 from fedtl.shared.data import load_dataset
 from fedtl.shared.features import extract_features
 from fedtl.shared.public_basis import generate_synthetic_images
+# The default run's own pass: its backbone, image size and the features its head reads (feature-block "auto").
+cut = Cut.of(resolve_feature_block(RunConfig()), backbone_fingerprint="unchecked")
 splits = load_dataset("digits")
 images = [s.images for s in (splits.train, splits.test)]
-model = build_backbone("efficientnet_lite0")
+model = cut.frozen_part(build_backbone(cut.backbone_name))
 t = time.perf_counter()
 for part in images:
-    extract_features(model, part, resolve_preprocessing("efficientnet_lite0"), progress=False)
+    extract_features(model, part, cut.preprocessing, progress=False)
 data_s = time.perf_counter() - t
 t = time.perf_counter()  # the public synthetic images the auto plan's basis is computed from (once per backbone)
-extract_features(model, generate_synthetic_images(), resolve_preprocessing("efficientnet_lite0"), progress=False)
+extract_features(model, generate_synthetic_images(), cut.preprocessing, progress=False)
 print(data_s, time.perf_counter() - t)
 """
 
