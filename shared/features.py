@@ -18,6 +18,7 @@ from fedtl.shared.backbones import AnyPreprocessing
 from fedtl.shared.dataset import IMAGES, input_kind
 from fedtl.shared.errors import DataError
 from fedtl.shared.files import NPZ_READ_ERRORS, atomic_write_npz
+from fedtl.shared.heap import reuse_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def extract_features(
     images: np.ndarray,
     preprocessing: AnyPreprocessing,
     *,
-    batch_size: int = 64,
+    batch_size: int = 32,
     device: str | torch.device = "auto",
     progress: bool = True,
     desc: str = "features",
@@ -67,14 +68,15 @@ def extract_features(
     chunks = []
     # A bar where someone watches (a terminal), nothing in logs and captured output (tqdm's disable=None).
     bar = tqdm(total=len(images), desc=desc, unit="img", disable=None if progress else True, leave=False)
-    for start in range(0, len(images), batch_size):
-        batch = preprocessing.apply(images[start : start + batch_size]).to(dev)  # (B, 3, S, S), (B, 2, L) or (B, D)
-        if batch.dim() == 4:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            feats = backbone(batch)  # (B, D)
-        chunks.append(feats.float().cpu().numpy())
-        bar.update(len(batch))
+    with reuse_freed_memory():  # each batch reuses the last one's activations' memory (shared/heap.py)
+        for start in range(0, len(images), batch_size):
+            batch = preprocessing.apply(images[start : start + batch_size]).to(dev)  # (B, 3, S, S), (B, 2, L), (B, D)
+            if batch.dim() == 4:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                feats = backbone(batch)  # (B, D)
+            chunks.append(feats.float().cpu().numpy())
+            bar.update(len(batch))
     bar.close()
     if not chunks:
         # No images: still report the backbone's feature width, so callers build heads of the right size.
@@ -226,11 +228,11 @@ def cached_features(
     *,
     load_backbone: Callable[[], nn.Module],
     backbone_fingerprint: str,
-    images: np.ndarray,
+    images: np.ndarray | Callable[[], np.ndarray],
     labels: np.ndarray,
     data_fingerprint: str,
     preprocessing: AnyPreprocessing,
-    batch_size: int = 64,
+    batch_size: int = 32,
     device: str = "auto",
     progress: bool = True,
     desc: str = "features",
@@ -239,13 +241,19 @@ def cached_features(
     """Return (features, labels, hit): the cached features, or extract and cache them first.
 
     `load_backbone` is only called on a cache miss, so a hit costs neither weights nor a forward pass. With a
-    `store`, a miss extracts only the inputs the store has not seen (a new partition of the same data).
+    `store`, a miss extracts only the inputs the store has not seen (a new partition of the same data). `images`
+    may be a function that draws them (inputs fedtl generates itself, fingerprinted by how they are drawn): it is
+    called only on a miss.
     """
-    check_input_kind(images, preprocessing)  # before a cache hit can hide a mismatch
+    if not callable(images):
+        check_input_kind(images, preprocessing)  # before a cache hit can hide a mismatch
     key = feature_cache_key(backbone_fingerprint, data_fingerprint, preprocessing)
     found = cache.load(key)
     if found is not None:
         return found[0], found[1], True
+    if callable(images):
+        images = images()
+        check_input_kind(images, preprocessing)
 
     def extract(inputs: np.ndarray) -> np.ndarray:
         return extract_features(
