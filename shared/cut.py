@@ -112,7 +112,7 @@ def inputs_at_cut(
     cut: Cut,
     load_backbone: Callable[[], nn.Module],
     *,
-    images: np.ndarray,
+    images: np.ndarray | Callable[[], np.ndarray],
     labels: np.ndarray,
     data_fingerprint: str,
     batch_size: int,
@@ -125,7 +125,8 @@ def inputs_at_cut(
 
     Cached in `cache_root/<cut.cache_folder>` under (cut fingerprint, data fingerprint, preprocessing);
     `load_backbone` (the verified backbone) is only called on a cache miss. With `store_root`, a miss reuses the
-    inputs at the cut of every raw input seen before (`ExampleStore` in `store_root/<cut.cache_folder>`).
+    inputs at the cut of every raw input seen before (`ExampleStore` in `store_root/<cut.cache_folder>`). `images`
+    may be a function drawing them, called only on a miss (`shared/features.cached_features`).
     """
     return cached_features(
         FeatureCache(Path(cache_root) / cut.cache_folder),

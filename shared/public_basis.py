@@ -27,6 +27,10 @@ from fedtl.shared.errors import ConfigError
 SYNTHETIC_COUNT = 1500  # images; more than the largest projection dim, so every direction is estimated
 SYNTHETIC_SEED = 17  # fixed and public: every party draws the same images
 SYNTHETIC_SIZE = 32  # px; the backbone's preprocessing resizes them like any image
+# Bump when the generators below draw other inputs for the same constants: the features cached for the synthetic
+# inputs and the stored bases are keyed by how the inputs are drawn (`synthetic_fingerprint`), so a run need not
+# draw them to find its cache (tests/test_public_basis.py pins the images' digest to this format).
+SYNTHETIC_FORMAT = 1
 WHITENING = 0.5  # direction i is scaled by (s_1 / s_i) ** WHITENING, s the synthetic singular values
 SYNTHETIC_TEXT_WORDS = (8, 64)  # words per synthetic text: short notes to long narratives
 # all-MiniLM-L6-v2 was trained with sentence-transformers' MultipleNegativesRankingLoss, whose logits are cosine
@@ -45,6 +49,13 @@ class PublicBasis:
     def dim(self) -> int:
         """Return k, the projected dimension."""
         return int(self.projection.shape[0])
+
+
+def synthetic_fingerprint(kind: str) -> str:
+    """Return the data fingerprint of the synthetic inputs of `kind` ("images" or "texts"): how they are drawn."""
+    low, high = SYNTHETIC_TEXT_WORDS
+    drawn = f"count-{SYNTHETIC_COUNT}/seed-{SYNTHETIC_SEED}/size-{SYNTHETIC_SIZE}/words-{low}-{high}"
+    return f"synthetic-{kind}/format-{SYNTHETIC_FORMAT}/{drawn}"
 
 
 def generate_synthetic_images(

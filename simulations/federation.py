@@ -20,6 +20,7 @@ from fedtl.client.site import SIMULATION_ENV, Site, resolve_site
 from fedtl.server.app import run_federation
 from fedtl.server.evaluation import CentralEvaluation
 from fedtl.server.setup import Backbone, federation_label_names, load_server_backbone, load_server_data
+from fedtl.server.solvers import extract_public_inputs
 from fedtl.server.solvers.auto import resolve_feature_block
 from fedtl.shared import constants as k
 from fedtl.shared.backbones import get_backbone_spec
@@ -28,6 +29,7 @@ from fedtl.shared.cut import Cut
 from fedtl.shared.data import check_federation_data
 from fedtl.shared.errors import ConfigError, FedtlError, StorageError
 from fedtl.shared.files import storage_error
+from fedtl.shared.heap import reuse_freed_memory
 from fedtl.shared.named_data import federation_schema
 from fedtl.shared.protocol import RoundSettings, SimulationSettings
 
@@ -121,12 +123,13 @@ def start_simulation(cfg: RunConfig, num_sites: int, app: AppFactory, run_dir: P
 
 
 def prepare_simulated_sites(cfg: RunConfig, num_sites: int, *, progress: bool = True) -> Backbone | None:
-    """Extract every simulated site's inputs at the cut, and the server's held-out set's, once, before the engine.
+    """Extract every simulated site's inputs at the cut, the server's held-out set's and public ones, before the engine.
 
     The sites would otherwise extract them inside the engine's workers, where no progress can be shown and
     each worker builds the backbone again; here it is one pass over all the data, with a bar per site and
     split, through the sites' own code (client/inputs.py), into the same caches (FEDTL_HOME). A later run on
-    the same partition reads them. The backbone is installed in each site's cache as the server would send it.
+    the same partition reads them; the public inputs' (the auto plan's synthetic images) are extracted once per
+    backbone. The backbone is installed in each site's cache as the server would send it.
     Returns the server's backbone it built (None when there was nothing to prepare: a resumed run, or no data).
     """
     if cfg.resume or not cfg.data:
@@ -139,15 +142,17 @@ def prepare_simulated_sites(cfg: RunConfig, num_sites: int, *, progress: bool = 
     cuts = [Cut.of(settings)]
     if cfg.feature_centering and not cuts[0].at_end:
         cuts.append(cuts[0].at_end_cut())  # the centre is estimated from the features themselves
-    with simulated_sites():
+    # One heap for every pass below: each site's split would otherwise grow it afresh and hand it back (heap.py).
+    with simulated_sites(), reuse_freed_memory():
         for site in lab_sites(num_sites, simulation, backbone):
             try:
                 for cut in cuts:
                     load_site_inputs(site, settings, cut=cut, progress=progress)
             except FedtlError as exc:  # as in a deployment, the site will say so, and the run go on without it
                 log.warning("%s could not be prepared (it will refuse the run's requests): %s", site.name, exc)
-    if cfg.central_evaluation and splits is not None and splits.test is not None:
-        CentralEvaluation(cfg, backbone, splits.test, label_names)
+        if cfg.central_evaluation and splits is not None and splits.test is not None:
+            CentralEvaluation(cfg, backbone, splits.test, label_names)
+        extract_public_inputs(backbone, cfg, label_names, progress=progress)
     return backbone
 
 

@@ -263,3 +263,40 @@ def test_the_public_basis_is_stored_once_and_a_bad_stored_file_is_recomputed(mon
     wider = auto.public_basis(backbone, cfg.replace(projection_dim=8))  # another width: its own file
     assert wider[0].shape == (8, first[0].shape[1])
     assert len(list(stored.parent.iterdir())) == 2
+
+
+def test_the_lab_extracts_the_public_inputs_before_its_engine_and_a_warm_run_draws_none(tmp_path, monkeypatch):
+    import fedtl.shared.features as features
+    import fedtl.simulations.federation as lab
+    from fedtl.server.solvers import auto
+
+    monkeypatch.setattr(auto, "_PUBLIC_BASES", {})  # an earlier test's basis, kept in this process
+    passes, preparing = [], []
+    extract, prepare = features.extract_features, lab.prepare_simulated_sites
+
+    def spied_extract(*args, **kwargs):
+        passes.append((kwargs.get("desc"), bool(preparing)))
+        return extract(*args, **kwargs)
+
+    def spied_prepare(*args, **kwargs):
+        preparing.append(True)
+        try:
+            return prepare(*args, **kwargs)
+        finally:
+            preparing.clear()
+
+    monkeypatch.setattr(features, "extract_features", spied_extract)
+    monkeypatch.setattr(lab, "prepare_simulated_sites", spied_prepare)
+    first, _ = _auto_run(tmp_path / "home", tmp_path / "runs", target_epsilon=1.0)
+    # Once, in the lab's preparation (the main thread, with a bar), never again by the ServerApp.
+    assert [p for p in passes if p[0] == "public synthetic inputs"] == [("public synthetic inputs", True)]
+
+    def no_synthetic_inputs(*_a, **_k):
+        raise AssertionError("a warm run drew the synthetic images")
+
+    monkeypatch.setattr(auto, "generate_synthetic_images", no_synthetic_inputs)
+    monkeypatch.setattr(auto, "_PUBLIC_BASES", {})  # a new process: only the files remain
+    passes.clear()
+    again, _ = _auto_run(tmp_path / "home", tmp_path / "runs", target_epsilon=1.0)
+    assert passes == []  # every feature, the public ones included, read from the caches
+    assert again["final"] == first["final"]

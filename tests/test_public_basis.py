@@ -1,18 +1,27 @@
 """The public synthetic-image basis: deterministic images, PCA against scikit-learn, clipped projections."""
 
+import hashlib
+
 import numpy as np
 import pytest
 from sklearn.decomposition import PCA
 
 from fedtl.shared.errors import ConfigError
 from fedtl.shared.public_basis import (
+    SYNTHETIC_FORMAT,
     centre_features,
     compute_public_basis,
     generate_synthetic_images,
     generate_synthetic_texts,
     project_features,
+    synthetic_fingerprint,
     zero_shot_weight,
 )
+
+# The default synthetic images of each SYNTHETIC_FORMAT. Caches are keyed by the format, not by the pixels, so a
+# generator that draws other images must bump the format (and add its digest here), or runs would read the features
+# and bases of the old images as the new ones'.
+SYNTHETIC_IMAGES_SHA256 = {1: "90e8184412b6084ef2ffd070cc6f8b0a235271a0bd0715daaddb4f035e5324a4"}
 
 
 def test_synthetic_images_depend_on_the_seed_only():
@@ -21,6 +30,14 @@ def test_synthetic_images_depend_on_the_seed_only():
     assert np.array_equal(first, generate_synthetic_images(12, seed=3, size=16))
     assert not np.array_equal(first, generate_synthetic_images(12, seed=4, size=16))
     assert first.std() > 0  # not blank
+
+
+def test_the_default_synthetic_images_are_the_ones_their_format_names():
+    digest = hashlib.sha256(generate_synthetic_images().tobytes()).hexdigest()
+    assert digest == SYNTHETIC_IMAGES_SHA256.get(SYNTHETIC_FORMAT), (
+        "generate_synthetic_images draws other images than its format's: bump SYNTHETIC_FORMAT and pin the new digest"
+    )
+    assert synthetic_fingerprint("images").startswith(f"synthetic-images/format-{SYNTHETIC_FORMAT}/")
 
 
 def test_synthetic_images_refuse_a_size_the_blur_cannot_take():

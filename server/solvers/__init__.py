@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 
-from fedtl.server.solvers.auto import AutoSolver
+from fedtl.server.setup import Backbone
+from fedtl.server.solvers.auto import AutoSolver, basis_names, fallback_reason, public_features
 from fedtl.server.solvers.base import Federation, HeadSolver, PlanInputs, RunPlan, SolverResult
 from fedtl.server.solvers.closed_form import ClosedFormSolver
 from fedtl.server.solvers.dp_sgd import DpSgdSolver
-from fedtl.server.solvers.secure_dp_sgd import SecureDpSgdSolver
+from fedtl.server.solvers.secure_dp_sgd import SecureDpSgdSolver, projection_applies
 from fedtl.shared.config import RunConfig
 
 progress = logging.getLogger("fedtl.progress")  # the user's terminal (cli/main.show_progress)
@@ -44,4 +45,30 @@ def solver_for(cfg: RunConfig) -> HeadSolver:
     return SOLVERS[cfg.head_solver]()
 
 
-__all__ = ["SOLVERS", "Federation", "HeadSolver", "PlanInputs", "RunPlan", "SolverResult", "solver_for"]
+def extract_public_inputs(
+    backbone: Backbone, cfg: RunConfig, label_names: tuple[str, ...], *, progress: bool = True
+) -> None:
+    """Extract the features of the public inputs the run's solver will read, if any, into the server's cache.
+
+    The auto plan's public basis (and secure DP-FedSGD's) is computed from the backbone's features of seeded
+    synthetic inputs. The lab calls this before its engine starts, where a bar can show and the main thread runs
+    the pass (Flower's engine runs the ServerApp in a thread, whose heap arena maps and unmaps a 224 px pass's
+    largest activations at every batch: 3x slower there, shared/heap.py); the ServerApp then reads them cached.
+    """
+    if cfg.head_solver == "secure-dp-sgd" or (cfg.head_solver == "auto" and cfg.secure_aggregation):
+        if projection_applies(cfg):
+            public_features(backbone, cfg, progress=progress)
+    elif cfg.head_solver == "auto" and fallback_reason(cfg) is None:
+        public_features(backbone, cfg, basis_names(backbone, label_names), progress=progress)
+
+
+__all__ = [
+    "SOLVERS",
+    "Federation",
+    "HeadSolver",
+    "PlanInputs",
+    "RunPlan",
+    "SolverResult",
+    "extract_public_inputs",
+    "solver_for",
+]

@@ -26,7 +26,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
@@ -50,6 +50,7 @@ from fedtl.shared.files import NPZ_READ_ERRORS, atomic_write_npz
 from fedtl.shared.heads import PROJECTED, check_incoming_tensor
 from fedtl.shared.public_basis import (
     SYNTHETIC_COUNT,
+    SYNTHETIC_FORMAT,
     SYNTHETIC_SEED,
     SYNTHETIC_SIZE,
     WHITENING,
@@ -58,6 +59,7 @@ from fedtl.shared.public_basis import (
     generate_synthetic_images,
     generate_synthetic_texts,
     project_features,
+    synthetic_fingerprint,
     zero_shot_weight,
 )
 
@@ -353,8 +355,7 @@ def public_basis(
     the federation's public classes), so it costs no privacy; the server sends P and the head to the sites, so
     nothing can differ between machines.
     """
-    kind = backbone.preprocessing.kind
-    names = tuple(label_names) if kind == TEXTS else ()
+    names = basis_names(backbone, label_names)
     key = (backbone.fingerprint, backbone.preprocessing.key(), cfg.feature_block, cfg.device, cfg.projection_dim, names)
     if key not in _PUBLIC_BASES:  # the same public inputs give the same basis: a sweep computes it once
         stored = _BasisFile(fedtl_home() / "server-cache" / "public-basis", key)
@@ -367,24 +368,17 @@ def public_basis(
     return projection.copy(), center.copy(), None if names_at is None else names_at.copy()
 
 
+def basis_names(backbone: Backbone, label_names: tuple[str, ...]) -> tuple[str, ...]:
+    """Return the class names the public basis leads with: a text backbone's classes, none for images."""
+    return tuple(label_names) if backbone.preprocessing.kind == TEXTS else ()
+
+
 def _compute_public_basis(
     backbone: Backbone, cfg: RunConfig, names: tuple[str, ...]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Return (P, centre, class names' features or None) from the backbone's features of the synthetic inputs."""
-    if backbone.preprocessing.kind == TEXTS:
-        inputs, what = generate_synthetic_texts(minilm_words()), "synthetic-texts/"
-        data = "\n".join(inputs).encode()
-    else:
-        inputs, what = generate_synthetic_images(), "synthetic-images/"
-        data = inputs.tobytes()
-    features = _public_features(
-        backbone, cfg, inputs, what + hashlib.sha256(data).hexdigest(), "public synthetic inputs"
-    )
-    name_features = None
-    if names:
-        texts = np.asarray(names, dtype=object)
-        digest = hashlib.sha256("\n".join(names).encode()).hexdigest()
-        name_features = _public_features(backbone, cfg, texts, "class-names/" + digest, "class names")
+    features, name_features = public_features(backbone, cfg, names)
+    if name_features is not None:
         # More names than directions: the basis is the synthetic texts' alone; the zero-shot head still applies.
         leading = name_features if len(names) < cfg.projection_dim else None
         basis = compute_public_basis(features, dim=cfg.projection_dim, whitening=0.0, leading=leading)
@@ -394,6 +388,26 @@ def _compute_public_basis(
     # The centre is computed with the float32 projection every party applies.
     center = project_features(features, projection).mean(axis=0).astype(np.float32)
     return projection, center, name_features
+
+
+def public_features(
+    backbone: Backbone, cfg: RunConfig, names: tuple[str, ...] = (), *, progress: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Return the backbone's features of the seeded synthetic inputs (M, D), and of the class names (C, D) or None.
+
+    Extracted once per backbone, cut and preprocessing into the server's feature cache; the lab extracts them
+    before its engine starts (simulations/federation.prepare_simulated_sites), with a bar, in its main thread.
+    """
+    kind = backbone.preprocessing.kind
+    draw = (lambda: generate_synthetic_texts(minilm_words())) if kind == TEXTS else generate_synthetic_images
+    features = _public_features(
+        backbone, cfg, draw, SYNTHETIC_COUNT, synthetic_fingerprint(kind), "public synthetic inputs", progress=progress
+    )
+    if not names:
+        return features, None
+    texts, digest = np.asarray(names, dtype=object), hashlib.sha256("\n".join(names).encode()).hexdigest()
+    fingerprint = "class-names/" + digest
+    return features, _public_features(backbone, cfg, texts, len(names), fingerprint, "class names", progress=progress)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -411,7 +425,7 @@ class _BasisFile:
 
     @property
     def path(self) -> Path:
-        synthetic = (SYNTHETIC_COUNT, SYNTHETIC_SEED, SYNTHETIC_SIZE, WHITENING, BASIS_FORMAT)
+        synthetic = (SYNTHETIC_COUNT, SYNTHETIC_SEED, SYNTHETIC_SIZE, WHITENING, BASIS_FORMAT, SYNTHETIC_FORMAT)
         digest = hashlib.sha256(json.dumps([list(self.key), synthetic], default=str).encode()).hexdigest()
         return self.root / f"{digest}.npz"
 
@@ -442,8 +456,17 @@ class _BasisFile:
             log.warning("public basis not stored (%s); the next run computes it again", exc)
 
 
-def _public_features(backbone: Backbone, cfg: RunConfig, inputs: np.ndarray, fingerprint: str, desc: str) -> np.ndarray:
-    """Return the backbone's features of public inputs, cached in the server's feature cache."""
+def _public_features(
+    backbone: Backbone,
+    cfg: RunConfig,
+    inputs: np.ndarray | Callable[[], np.ndarray],
+    count: int,
+    fingerprint: str,
+    desc: str,
+    *,
+    progress: bool,
+) -> np.ndarray:
+    """Return the backbone's features of `count` public inputs (or of those `inputs()` draws on a cache miss)."""
     features, _, _ = inputs_at_cut(
         fedtl_home() / "server-cache",
         Cut(
@@ -454,11 +477,11 @@ def _public_features(backbone: Backbone, cfg: RunConfig, inputs: np.ndarray, fin
         ),
         backbone.build,
         images=inputs,
-        labels=np.zeros(len(inputs), dtype=np.int64),
+        labels=np.zeros(count, dtype=np.int64),
         data_fingerprint=fingerprint,
         batch_size=cfg.feature_batch_size,
         device=cfg.device,
-        progress=False,
+        progress=progress,
         desc=desc,
     )
     return features
