@@ -11,9 +11,9 @@ process so that import and start-up costs count as a user pays them:
    data (the default run's pass: its image size, up to the features its head reads) plus Flower's fixed
    start-up (a 1-round `tiny` federation on Flower's engine, warm), both measured here (target cold <= 1.1 x
    their sum); printed also with the pass over the public synthetic images the default `auto` plan extracts
-   once per backbone, which a cold run pays too.
+   once per backbone, which a cold run pays too. Medians of --cold-runs runs of each, taken in turn.
 
-Run: `.venv/bin/python benchmarks/lab_speed.py [--skip-cold] [--sweep-runs 5] [--warm-runs 5]`.
+Run: `.venv/bin/python benchmarks/lab_speed.py [--skip-cold] [--sweep-runs 5] [--warm-runs 5] [--cold-runs 3]`.
 """
 
 from __future__ import annotations
@@ -90,16 +90,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep-runs", type=int, default=5)
     parser.add_argument("--warm-runs", type=int, default=5, help="fresh warm processes; their median is the figure")
+    parser.add_argument("--cold-runs", type=int, default=3, help="cold runs (each with its reference passes)")
     parser.add_argument("--skip-cold", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fedtl-lab-speed-") as tmp:  # its homes and runs: ~200 MB, then gone
-        figures = measure(Path(tmp), sweep_runs=args.sweep_runs, warm_runs=args.warm_runs, skip_cold=args.skip_cold)
+        figures = measure(
+            Path(tmp),
+            sweep_runs=args.sweep_runs,
+            warm_runs=args.warm_runs,
+            cold_runs=args.cold_runs,
+            skip_cold=args.skip_cold,
+        )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1))
 
 
-def measure(work: Path, *, sweep_runs: int, warm_runs: int, skip_cold: bool) -> dict[str, float]:
+def measure(work: Path, *, sweep_runs: int, warm_runs: int, cold_runs: int, skip_cold: bool) -> dict[str, float]:
     """Measure and print the figures, with every home and run folder under `work`; return them."""
     env = {**os.environ, "FEDTL_HOME": str(work / "home")}
     figures: dict[str, float] = {}
@@ -118,22 +125,31 @@ def measure(work: Path, *, sweep_runs: int, warm_runs: int, skip_cold: bool) -> 
     figures["sweep_runs_per_minute"] = 60.0 / per_run
     print(f"2. sweep rate: {figures['sweep_runs_per_minute']:.1f} federations a minute (target >= 10)")
     if not skip_cold:
-        cold_env = {**os.environ, "FEDTL_HOME": str(work / "cold-home")}
-        figures["cold_simulate_s"] = timed(fedtl("simulate", "--out", str(work / "cold-runs")), cold_env)
-        done = subprocess.run([PY, "-c", BACKBONE_PASS], env=env, capture_output=True, text=True, cwd=ROOT)
-        data_s, public_s = (float(v) for v in done.stdout.strip().splitlines()[-1].split())
-        figures["backbone_pass_s"], figures["public_pass_s"] = data_s, public_s
         tiny = ["simulate", "--backbone", "tiny", "--sites", "2", "--rounds", "1", "--out", str(work / "tiny")]
         timed(fedtl(*tiny), env)  # warm tiny caches
-        figures["flower_fixed_s"] = timed(fedtl(*tiny), env)
-        floor = figures["backbone_pass_s"] + figures["flower_fixed_s"]
-        cold = figures["cold_simulate_s"]
+        colds, datas, publics, fixeds = [], [], [], []
+        for i in range(cold_runs):  # in turn, so that a slower minute of the machine falls on every figure alike
+            cold_env = {**os.environ, "FEDTL_HOME": str(work / f"cold-home-{i}")}
+            colds.append(timed(fedtl("simulate", "--out", str(work / "cold-runs")), cold_env))
+            done = subprocess.run([PY, "-c", BACKBONE_PASS], env=env, capture_output=True, text=True, cwd=ROOT)
+            data_s, public_s = (float(v) for v in done.stdout.strip().splitlines()[-1].split())
+            datas.append(data_s)
+            publics.append(public_s)
+            fixeds.append(timed(fedtl(*tiny), env))
+        median = statistics.median
+        cold, data_s, public_s = median(colds), median(datas), median(publics)
+        figures["cold_simulate_s"], figures["backbone_pass_s"], figures["public_pass_s"] = cold, data_s, public_s
+        figures["flower_fixed_s"] = fixed = median(fixeds)
+        floor = data_s + fixed
         print(
             f"3. cold `fedtl simulate` on Flower's engine: {cold:.1f} s; one backbone pass over the digits "
-            f"{figures['backbone_pass_s']:.1f} s + Flower's fixed start-up {figures['flower_fixed_s']:.1f} s = "
-            f"{floor:.1f} s; ratio {cold / floor:.2f} (target <= 1.1)\n"
-            f"   counting the pass over the auto plan's {figures['public_pass_s']:.1f} s of public synthetic images "
-            f"(extracted once per backbone): ratio {cold / (floor + figures['public_pass_s']):.2f}"
+            f"{data_s:.1f} s + Flower's fixed start-up {fixed:.1f} s = {floor:.1f} s; ratio {cold / floor:.2f} "
+            f"(target <= 1.1)\n"
+            f"   counting the pass over the auto plan's {public_s:.1f} s of public synthetic images "
+            f"(extracted once per backbone): ratio {cold / (floor + public_s):.2f}\n"
+            f"   medians of {cold_runs} runs of each; cold {min(colds):.1f}-{max(colds):.1f} s, pass "
+            f"{min(datas):.1f}-{max(datas):.1f} s, public {min(publics):.1f}-{max(publics):.1f} s, start-up "
+            f"{min(fixeds):.1f}-{max(fixeds):.1f} s"
         )
     return figures
 

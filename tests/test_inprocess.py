@@ -17,6 +17,7 @@ from safetensors.numpy import load_file
 from fedtl.client.site import SIMULATION_ENV
 from fedtl.server.report import short_reason
 from fedtl.shared.config import RunConfig
+from fedtl.simulations import federation as lab
 from fedtl.simulations.engine import simulate
 from fedtl.simulations.inprocess import NODE_ID_BASE, InProcessGrid, run_inprocess
 
@@ -42,13 +43,28 @@ def _dp_config(out: Path) -> RunConfig:
 @pytest.fixture(scope="module")
 def both_engines(tmp_path_factory):
     """Run the same config on Flower's engine and in process, each with its own fresh fedtl home."""
-    summaries = {}
+    summaries, polls = {}, {}
+    run_app = lab.FederationApp.run
+
+    def polling_run(app: lab.FederationApp, grid) -> dict:  # noqa: ANN001 - either executor's Grid
+        polls[engine] = getattr(grid, "pull_interval", None)
+        return run_app(app, grid)
+
     for engine, run in (("flower", simulate), ("inprocess", run_inprocess)):
         with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(lab.FederationApp, "run", polling_run)
             mp.setenv("FEDTL_HOME", str(tmp_path_factory.mktemp(f"home-{engine}")))
             cfg = _dp_config(tmp_path_factory.mktemp(f"runs-{engine}"))
             summaries[engine] = run(cfg, num_sites=SITES)
+    summaries["reply-polls"] = polls
     return summaries
+
+
+@pytest.mark.slow
+def test_the_lab_looks_for_replies_on_flowers_engine_every_10_ms(both_engines):
+    # Flower's InMemoryGrid polls each 0.1 s: two exchanges a round then wait about 0.1 s for nothing.
+    assert both_engines["reply-polls"] == {"flower": lab.REPLY_POLL_S, "inprocess": None}
+    assert lab.REPLY_POLL_S == 0.01
 
 
 def _metrics(summary: dict) -> list[dict]:
