@@ -69,9 +69,8 @@ class FederationApp:
 
         @app.main()
         def _main(grid: Grid, context: Context) -> None:
-            if hasattr(
-                grid, "pull_interval"
-            ):  # Flower's engine (InMemoryGrid) polls for replies, by default each 0.1 s
+            # Flower's engine (InMemoryGrid) polls for replies, by default every 0.1 s
+            if hasattr(grid, "pull_interval"):
                 grid.pull_interval = REPLY_POLL_S
             self.outcome["summary"] = self.run(grid)
 

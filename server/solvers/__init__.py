@@ -35,14 +35,21 @@ def solver_for(cfg: RunConfig) -> HeadSolver:
     sites' own policies check it, so auto plans under it: every step's gradient through the secure sum, carrying
     one curator's noise, instead of each site noising its own updates (shared/dp_heads.py says what that gains).
     """
-    if cfg.head_solver == "auto" and cfg.secure_aggregation:
+    solver = _solver_class(cfg)
+    if solver is not SOLVERS[cfg.head_solver]:
         progress.info(
             "head-solver auto: secure-aggregation = true, so the head trains by secure DP-FedSGD (as head-solver "
             "\"secure-dp-sgd\"): every step's gradient goes through the secure sum and carries one curator's noise "
             "while at least secagg-honest-sites of the sites in it are honest"
         )
-        return SecureDpSgdSolver()
-    return SOLVERS[cfg.head_solver]()
+    return solver()
+
+
+def _solver_class(cfg: RunConfig) -> type[HeadSolver]:
+    """Return the class of the solver `cfg` runs (`solver_for` says why when it is not head-solver's own)."""
+    if cfg.head_solver == "auto" and cfg.secure_aggregation:
+        return SecureDpSgdSolver
+    return SOLVERS[cfg.head_solver]
 
 
 def extract_public_inputs(
@@ -55,10 +62,10 @@ def extract_public_inputs(
     the pass (Flower's engine runs the ServerApp in a thread, whose heap arena maps and unmaps a 224 px pass's
     largest activations at every batch: 3x slower there, shared/heap.py); the ServerApp then reads them cached.
     """
-    if cfg.head_solver == "secure-dp-sgd" or (cfg.head_solver == "auto" and cfg.secure_aggregation):
-        if projection_applies(cfg):
-            public_features(backbone, cfg, progress=progress)
-    elif cfg.head_solver == "auto" and fallback_reason(cfg) is None:
+    solver = _solver_class(cfg)
+    if solver is SecureDpSgdSolver and projection_applies(cfg):
+        public_features(backbone, cfg, progress=progress)
+    elif solver is AutoSolver and fallback_reason(cfg) is None:
         public_features(backbone, cfg, basis_names(backbone, label_names), progress=progress)
 
 
