@@ -21,6 +21,7 @@ from fedtl.shared.dataset import ROWS, TEXTS
 from fedtl.shared.errors import BackboneError, DataError, FingerprintMismatchError
 from fedtl.shared.features import extract_features
 from fedtl.shared.heads import predict_proba
+from fedtl.shared.heap import reuse_freed_memory
 from fedtl.shared.images import IMAGE_EXTENSIONS
 from fedtl.shared.loaders import image_files_below
 from fedtl.shared.tables import read_table_rows
@@ -108,11 +109,12 @@ def predict_images(
     backbone = model.adapt_backbone(load_model_backbone(model, weights_file=weights_file))
     head = model.build_head()
     out = []
-    for path, image in zip(image_paths, images):
-        feats = extract_features(backbone, image[None], model.preprocessing, device=device, progress=False)
-        probs = predict_proba(head, feats)[0]
-        best = int(np.argmax(probs))
-        out.append(Prediction(str(path), model.label_names[best], float(probs[best])))
+    with reuse_freed_memory():  # one heap for every image's pass, handed back once (shared/heap.py)
+        for path, image in zip(image_paths, images):
+            feats = extract_features(backbone, image[None], model.preprocessing, device=device, progress=False)
+            probs = predict_proba(head, feats)[0]
+            best = int(np.argmax(probs))
+            out.append(Prediction(str(path), model.label_names[best], float(probs[best])))
     return out
 
 
