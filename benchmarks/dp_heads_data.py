@@ -91,8 +91,9 @@ def block_feature_tables(name: str, images: np.ndarray, *, image_size: int) -> d
             stored = list(data["keys"])
             if set(keys) <= set(stored):
                 row = {key: i for i, key in enumerate(stored)}
-                layers = [k for k in data.files if k != "keys"]
-                return {layer: {key: data[layer][row[key]] for key in keys} for layer in layers}
+                # Each `data[layer]` reads the whole array again, and a row of it keeps that array alive: read once.
+                arrays = {layer: data[layer] for layer in data.files if layer != "keys"}
+                return {layer: {key: array[row[key]] for key in keys} for layer, array in arrays.items()}
     module = build_backbone("efficientnet_lite0")
     prep = resolve_preprocessing("efficientnet_lite0", image_size)
     outputs: dict[str, torch.Tensor] = {}
