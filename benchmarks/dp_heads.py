@@ -23,6 +23,7 @@ held-out split), seeds 0-2; PneumoniaMNIST and BreastMNIST use them unchanged.
     python benchmarks/dp_heads.py --data digits --seeds 0
     python benchmarks/dp_heads.py --basis-report       # non-private LDA: synthetic vs ImageNet-classifier bases
     python benchmarks/dp_heads.py --feature-blocks --data digits --image-size 64   # the feature-block rule's table
+    python benchmarks/dp_heads.py --public-counts 1500 512 --image-size 224      # how many public images suffice
 
 FEDTL_HOME holds the feature caches (`dp_heads/`). Figures are printed, never asserted.
 """
@@ -298,6 +299,63 @@ def feature_block_report(names: list[str], epsilons: list[float], seeds: list[in
             print(label.ljust(12) + "".join(c.rjust(16) for c in cells), flush=True)
 
 
+def public_count_report(
+    names: list[str], epsilons: list[float], seeds: list[int], image_size: int, counts: list[int], draws: list[int]
+) -> None:
+    """Print the auto plan's accuracy with its public basis computed from `counts` synthetic images, per draw.
+
+    Each count is drawn with every seed of `draws` (`generate_synthetic_images(count, seed=draw)`; the product
+    draws SYNTHETIC_COUNT with SYNTHETIC_SEED) and extracted as a run extracts them (the run's cut at
+    `image_size`); the data's features are the same block's. Cells as in `feature_block_report`: the sites'
+    pooled local test splits / the held-out split, mean over `seeds`; then the mean over the draws.
+    """
+    from fedtl.server.solvers.auto import resolve_feature_block
+    from fedtl.shared.backbones import build_backbone
+    from fedtl.shared.config import RunConfig
+    from fedtl.shared.cut import Cut
+    from fedtl.shared.data import load_dataset
+    from fedtl.shared.features import extract_features
+    from fedtl.shared.public_basis import generate_synthetic_images
+
+    cut = Cut.of(resolve_feature_block(RunConfig(image_size=image_size)), backbone_fingerprint="unchecked")
+    layer = f"b{cut.adaptation.feature_block}"
+    model = cut.frozen_part(build_backbone(cut.backbone_name))
+    public = {
+        (count, draw): extract_features(
+            model, generate_synthetic_images(count, seed=draw), cut.preprocessing, progress=False
+        )
+        for count in counts
+        for draw in draws
+    }
+    for name in names:
+        source, sites = DATASETS[name]
+        splits = load_dataset(source, seed=0, test_fraction=0.2)
+        table = block_feature_tables(
+            name, np.concatenate([splits.train.images, splits.test.images]), image_size=image_size
+        )[layer]
+        print(f"\n{name} ({sites} iid sites), {image_size} px, block {layer[1:]}: the auto plan per public count and "
+              f"draw, sites' local test splits / held-out accuracy, mean over seeds {seeds}")  # fmt: skip
+        print("images draw".ljust(12) + "".join(f"eps {e:g}".rjust(16) for e in epsilons))
+        for count in counts:
+            means = np.zeros((len(epsilons), 2))
+            for draw in draws:
+                cells = []
+                for i, eps in enumerate(epsilons):
+                    val, held = [], []
+                    for seed in seeds:
+                        fed = federated_features(name, seed=seed, table=table)
+                        both = dataclasses.replace(fed, test_x=np.concatenate([fed.test_x, fed.val_x]))
+                        rng = np.random.default_rng([seed, int(10 * eps), 29])
+                        pred, _ = run_auto(both, eps, rng, public[(count, draw)])
+                        held.append(np.mean(pred[: len(fed.test_y)] == fed.test_y))
+                        val.append(np.mean(pred[len(fed.test_y) :] == fed.val_y))
+                    means[i] += (np.mean(val), np.mean(held))
+                    cells.append(f"{np.mean(val):.3f} / {np.mean(held):.3f}")
+                print(f"{count:5d} {draw:4d}".ljust(12) + "".join(c.rjust(16) for c in cells), flush=True)
+            means /= len(draws)
+            print(f"{count:5d} mean".ljust(12) + "".join(f"{v:.3f} / {h:.3f}".rjust(16) for v, h in means), flush=True)
+
+
 def main() -> None:
     """Parse the arguments, run every cell, print the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -307,8 +365,13 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--basis-report", action="store_true")
     parser.add_argument("--feature-blocks", action="store_true", help="the auto plan on every block's features")
-    parser.add_argument("--image-size", type=int, default=64, help="--feature-blocks only: 64 or 224 px, say")
+    parser.add_argument("--image-size", type=int, default=64, help="--feature-blocks, --public-counts: 64 or 224 px")
+    parser.add_argument("--public-counts", type=int, nargs="+", help="the auto plan per count of public images")
+    parser.add_argument("--draws", type=int, nargs="+", default=[17, 18, 19, 20], help="--public-counts' seeds")
     args = parser.parse_args()
+    if args.public_counts:
+        public_count_report(args.data, args.epsilons, args.seeds, args.image_size, args.public_counts, args.draws)
+        return
     if args.basis_report:
         basis_report(args.seeds[0])
         return

@@ -6,14 +6,18 @@ import numpy as np
 import pytest
 from sklearn.decomposition import PCA
 
+from fedtl.shared.dp_heads import PROJECTION_DIMS
 from fedtl.shared.errors import ConfigError
 from fedtl.shared.public_basis import (
+    SYNTHETIC_COUNT,
     SYNTHETIC_FORMAT,
+    SYNTHETIC_TEXT_COUNT,
     centre_features,
     compute_public_basis,
     generate_synthetic_images,
     generate_synthetic_texts,
     project_features,
+    synthetic_count,
     synthetic_fingerprint,
     zero_shot_weight,
 )
@@ -21,7 +25,10 @@ from fedtl.shared.public_basis import (
 # The default synthetic images of each SYNTHETIC_FORMAT. Caches are keyed by the format, not by the pixels, so a
 # generator that draws other images must bump the format (and add its digest here), or runs would read the features
 # and bases of the old images as the new ones'.
-SYNTHETIC_IMAGES_SHA256 = {1: "90e8184412b6084ef2ffd070cc6f8b0a235271a0bd0715daaddb4f035e5324a4"}
+SYNTHETIC_IMAGES_SHA256 = {
+    1: "90e8184412b6084ef2ffd070cc6f8b0a235271a0bd0715daaddb4f035e5324a4",  # 1500 images
+    2: "544421665fd60181f6dd8b4b4c01efca0c10d25104ea22c046dd52a7449b69c0",  # 512
+}
 
 
 def test_synthetic_images_depend_on_the_seed_only():
@@ -38,6 +45,14 @@ def test_the_default_synthetic_images_are_the_ones_their_format_names():
         "generate_synthetic_images draws other images than its format's: bump SYNTHETIC_FORMAT and pin the new digest"
     )
     assert synthetic_fingerprint("images").startswith(f"synthetic-images/format-{SYNTHETIC_FORMAT}/")
+
+
+def test_images_and_texts_are_drawn_in_their_own_counts_which_their_fingerprints_name():
+    assert synthetic_count("images") == SYNTHETIC_COUNT >= 2 * max(PROJECTION_DIMS)  # every direction estimated
+    assert synthetic_count("texts") == SYNTHETIC_TEXT_COUNT
+    assert f"/count-{SYNTHETIC_COUNT}/" in synthetic_fingerprint("images")
+    assert f"/count-{SYNTHETIC_TEXT_COUNT}/" in synthetic_fingerprint("texts")
+    assert len(generate_synthetic_images()) == SYNTHETIC_COUNT
 
 
 def test_synthetic_images_refuse_a_size_the_blur_cannot_take():

@@ -53,12 +53,14 @@ from fedtl.shared.public_basis import (
     SYNTHETIC_FORMAT,
     SYNTHETIC_SEED,
     SYNTHETIC_SIZE,
+    SYNTHETIC_TEXT_COUNT,
     WHITENING,
     ZERO_SHOT_SCALE,
     compute_public_basis,
     generate_synthetic_images,
     generate_synthetic_texts,
     project_features,
+    synthetic_count,
     synthetic_fingerprint,
     zero_shot_weight,
 )
@@ -147,7 +149,7 @@ class AutoSolver:
             "feature-block": cfg.feature_block,
             "overrides": {key: {"asked": old, "planned": new} for key, (old, new) in overrides.items()},
             "public-basis": {
-                f"synthetic-{inputs.backbone.preprocessing.kind}": SYNTHETIC_COUNT,
+                f"synthetic-{inputs.backbone.preprocessing.kind}": synthetic_count(inputs.backbone.preprocessing.kind),
                 "class-names-leading": inputs.backbone.preprocessing.kind == TEXTS,
                 "seed": SYNTHETIC_SEED,
                 "size": SYNTHETIC_SIZE,
@@ -401,7 +403,13 @@ def public_features(
     kind = backbone.preprocessing.kind
     draw = (lambda: generate_synthetic_texts(minilm_words())) if kind == TEXTS else generate_synthetic_images
     features = _public_features(
-        backbone, cfg, draw, SYNTHETIC_COUNT, synthetic_fingerprint(kind), "public synthetic inputs", progress=progress
+        backbone,
+        cfg,
+        draw,
+        synthetic_count(kind),
+        synthetic_fingerprint(kind),
+        "public synthetic inputs",
+        progress=progress,
     )
     if not names:
         return features, None
@@ -425,7 +433,15 @@ class _BasisFile:
 
     @property
     def path(self) -> Path:
-        synthetic = (SYNTHETIC_COUNT, SYNTHETIC_SEED, SYNTHETIC_SIZE, WHITENING, BASIS_FORMAT, SYNTHETIC_FORMAT)
+        synthetic = (
+            SYNTHETIC_COUNT,
+            SYNTHETIC_TEXT_COUNT,
+            SYNTHETIC_SEED,
+            SYNTHETIC_SIZE,
+            WHITENING,
+            BASIS_FORMAT,
+            SYNTHETIC_FORMAT,
+        )
         digest = hashlib.sha256(json.dumps([list(self.key), synthetic], default=str).encode()).hexdigest()
         return self.root / f"{digest}.npz"
 
