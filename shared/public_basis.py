@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedtl.shared.dataset import TEXTS
 from fedtl.shared.errors import ConfigError
 
 # Images: twice the largest projection dim (shared/dp_heads.PROJECTION_DIMS), so every direction is estimated. 1500
@@ -58,7 +59,7 @@ class PublicBasis:
 
 def synthetic_count(kind: str) -> int:
     """Return how many synthetic inputs of `kind` ("images" or "texts") the public basis is computed from."""
-    return SYNTHETIC_TEXT_COUNT if kind == "texts" else SYNTHETIC_COUNT
+    return SYNTHETIC_TEXT_COUNT if kind == TEXTS else SYNTHETIC_COUNT
 
 
 def synthetic_fingerprint(kind: str) -> str:
