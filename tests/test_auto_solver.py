@@ -20,7 +20,7 @@ from fedtl.shared.dp_heads import plan_dp_head
 from fedtl.shared.errors import ConfigError
 from fedtl.shared.heads import build_head, head_arrays
 from fedtl.shared.privacy import compute_epsilon
-from fedtl.shared.public_basis import centre_features, project_features
+from fedtl.shared.public_basis import SYNTHETIC_COUNT, centre_features, project_features
 from fedtl.simulations.inprocess import run_inprocess
 
 SITES = 3
@@ -106,6 +106,7 @@ def test_the_plan_is_printed_and_recorded_with_the_keys_it_overrides(auto_eps1):
     assert config["learning-rate"] == plan["learning-rate"] and config["num-rounds"] == plan["num-rounds"] == ROUNDS
     assert config["local-epochs"] == plan["local-steps"] == 25 and plan["steps"] == 50
     assert plan["overrides"]["learning-rate"] == {"asked": 8.0, "planned": plan["learning-rate"]}
+    assert plan["public-basis"]["synthetic-images"] == SYNTHETIC_COUNT  # how many public images the basis came from
 
 
 def test_a_fresh_sites_ledger_spends_exactly_the_plans_epsilon(auto_eps1):

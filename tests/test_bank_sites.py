@@ -12,6 +12,7 @@ from fedtl.shared.backbones import fingerprint_state_dict
 from fedtl.shared.config import RunConfig
 from fedtl.shared.encoders import SchemaIdentity
 from fedtl.shared.errors import ConfigError
+from fedtl.shared.public_basis import SYNTHETIC_TEXT_COUNT
 from fedtl.shared.tables import encode_rows, load_schema
 from fedtl.simulations.inprocess import run_inprocess
 
@@ -138,6 +139,7 @@ def test_text_federation_in_process_then_predict_texts(tmp_path, complaints, cap
     assert max(summary["epsilon-per-site"].values()) <= 3.0 + 1e-9
     # head-solver auto plans texts too: a projected head on the synthetic texts' basis led by the class names.
     assert summary["head-plan"]["method"] == "dp-gd" and summary["head-plan"]["public-basis"]["class-names-leading"]
+    assert summary["head-plan"]["public-basis"]["synthetic-texts"] == SYNTHETIC_TEXT_COUNT  # texts keep their own count
     model = load_model(summary["model"])
     assert model.preprocessing.kind == "texts" and model.feature_dim == 384
     texts = ["a second charge appeared on my card", "my mortgage servicer lost the payment"]
