@@ -261,6 +261,21 @@ def basis_report(seed: int) -> None:
             print(f"  {name:9s} k={k:3d}: " + ", ".join(row))
 
 
+def auto_cell(
+    name: str, table: dict[str, np.ndarray], epsilon: float, seeds: list[int], public: np.ndarray
+) -> tuple[float, float]:
+    """Return the auto plan's accuracy on the sites' pooled local test splits and on the held-out split, mean over
+    `seeds`, for data set `name` read through `table` (image key -> feature) and the public features `public`."""
+    val, held = [], []
+    for seed in seeds:
+        fed = federated_features(name, seed=seed, table=table)
+        both = dataclasses.replace(fed, test_x=np.concatenate([fed.test_x, fed.val_x]))
+        pred, _ = run_auto(both, epsilon, np.random.default_rng([seed, int(10 * epsilon), 29]), public)
+        held.append(np.mean(pred[: len(fed.test_y)] == fed.test_y))
+        val.append(np.mean(pred[len(fed.test_y) :] == fed.val_y))
+    return float(np.mean(val)), float(np.mean(held))
+
+
 def feature_block_report(names: list[str], epsilons: list[float], seeds: list[int], image_size: int) -> None:
     """Print the auto plan's accuracy on the features after every block 6..15 and the final ones (shared/deep.py).
 
@@ -285,16 +300,7 @@ def feature_block_report(names: list[str], epsilons: list[float], seeds: list[in
         print("block".ljust(12) + "".join(f"eps {e:g}".rjust(16) for e in epsilons))
         for layer in layers:
             public = np.stack(list(public_tables[layer].values())).astype(np.float32)
-            cells = []
-            for eps in epsilons:
-                val, held = [], []
-                for seed in seeds:
-                    fed = federated_features(name, seed=seed, table=tables[layer])
-                    both = dataclasses.replace(fed, test_x=np.concatenate([fed.test_x, fed.val_x]))
-                    pred, _ = run_auto(both, eps, np.random.default_rng([seed, int(10 * eps), 29]), public)
-                    held.append(np.mean(pred[: len(fed.test_y)] == fed.test_y))
-                    val.append(np.mean(pred[len(fed.test_y) :] == fed.val_y))
-                cells.append(f"{np.mean(val):.3f} / {np.mean(held):.3f}")
+            cells = ["{:.3f} / {:.3f}".format(*auto_cell(name, tables[layer], eps, seeds, public)) for eps in epsilons]
             label = f"{layer} ({public.shape[1]})"
             print(label.ljust(12) + "".join(c.rjust(16) for c in cells), flush=True)
 
@@ -339,18 +345,9 @@ def public_count_report(
         for count in counts:
             means = np.zeros((len(epsilons), 2))
             for draw in draws:
-                cells = []
-                for i, eps in enumerate(epsilons):
-                    val, held = [], []
-                    for seed in seeds:
-                        fed = federated_features(name, seed=seed, table=table)
-                        both = dataclasses.replace(fed, test_x=np.concatenate([fed.test_x, fed.val_x]))
-                        rng = np.random.default_rng([seed, int(10 * eps), 29])
-                        pred, _ = run_auto(both, eps, rng, public[(count, draw)])
-                        held.append(np.mean(pred[: len(fed.test_y)] == fed.test_y))
-                        val.append(np.mean(pred[len(fed.test_y) :] == fed.val_y))
-                    means[i] += (np.mean(val), np.mean(held))
-                    cells.append(f"{np.mean(val):.3f} / {np.mean(held):.3f}")
+                scores = np.array([auto_cell(name, table, eps, seeds, public[(count, draw)]) for eps in epsilons])
+                means += scores
+                cells = [f"{v:.3f} / {h:.3f}" for v, h in scores]
                 print(f"{count:5d} {draw:4d}".ljust(12) + "".join(c.rjust(16) for c in cells), flush=True)
             means /= len(draws)
             print(f"{count:5d} mean".ljust(12) + "".join(f"{v:.3f} / {h:.3f}".rjust(16) for v, h in means), flush=True)
