@@ -49,11 +49,8 @@ from fedtl.shared.errors import FederationError, StorageError
 from fedtl.shared.files import NPZ_READ_ERRORS, atomic_write_npz
 from fedtl.shared.heads import PROJECTED, check_incoming_tensor
 from fedtl.shared.public_basis import (
-    SYNTHETIC_COUNT,
-    SYNTHETIC_FORMAT,
     SYNTHETIC_SEED,
     SYNTHETIC_SIZE,
-    SYNTHETIC_TEXT_COUNT,
     WHITENING,
     ZERO_SHOT_SCALE,
     compute_public_basis,
@@ -339,8 +336,8 @@ def count_examples(
     return counts, refused
 
 
-# (backbone fingerprint, preprocessing, device, k, class names) -> (P, centre, class-name features or None):
-# public, deterministic, a few MiB at most.
+# (backbone fingerprint, preprocessing, synthetic inputs, block, device, k, class names) -> (P, centre, names'
+# features or None): public, deterministic, a few MiB at most.
 _PUBLIC_BASES: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
 
 
@@ -358,7 +355,15 @@ def public_basis(
     nothing can differ between machines.
     """
     names = basis_names(backbone, label_names)
-    key = (backbone.fingerprint, backbone.preprocessing.key(), cfg.feature_block, cfg.device, cfg.projection_dim, names)
+    key = (
+        backbone.fingerprint,
+        backbone.preprocessing.key(),
+        synthetic_fingerprint(backbone.preprocessing.kind),  # how the inputs are drawn: count, seed, size, format
+        cfg.feature_block,
+        cfg.device,
+        cfg.projection_dim,
+        names,
+    )
     if key not in _PUBLIC_BASES:  # the same public inputs give the same basis: a sweep computes it once
         stored = _BasisFile(fedtl_home() / "server-cache" / "public-basis", key)
         found = stored.load(cfg.projection_dim)  # a later run: no synthetic inputs drawn, no SVD
@@ -433,16 +438,7 @@ class _BasisFile:
 
     @property
     def path(self) -> Path:
-        synthetic = (
-            SYNTHETIC_COUNT,
-            SYNTHETIC_TEXT_COUNT,
-            SYNTHETIC_SEED,
-            SYNTHETIC_SIZE,
-            WHITENING,
-            BASIS_FORMAT,
-            SYNTHETIC_FORMAT,
-        )
-        digest = hashlib.sha256(json.dumps([list(self.key), synthetic], default=str).encode()).hexdigest()
+        digest = hashlib.sha256(json.dumps([list(self.key), WHITENING, BASIS_FORMAT], default=str).encode()).hexdigest()
         return self.root / f"{digest}.npz"
 
     def load(self, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
