@@ -7,6 +7,7 @@ sent and verified the same way.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
@@ -139,12 +140,14 @@ class Preprocessing:
         """Return one black image at the backbone's input size, to probe its output width."""
         return torch.zeros((1, 3, self.image_size, self.image_size), dtype=torch.float32)
 
-    def apply(self, images: np.ndarray) -> torch.Tensor:
+    def apply(self, images: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
         """Turn uint8 images into a normalised float32 batch for the backbone.
 
         Args:
             images: uint8 array (N, H, W) or (N, H, W, 1) grey, (N, H, W, 3) RGB or (N, H, W, 4) RGBA;
                 grey is repeated to 3 channels and alpha is dropped.
+            device: where the batch is made and returned (default: CPU). The uint8 images travel there as
+                they are, the fewest bytes, and are scaled, resized and normalised there.
 
         Returns:
             float32 tensor (N, 3, S, S), S = image_size: scaled to [0, 1], resized bilinearly with
@@ -167,21 +170,35 @@ class Preprocessing:
         n, h, w, _ = images.shape
         size = self.image_size
         if n == 0:
-            return torch.zeros((0, 3, size, size), dtype=torch.float32)
+            return torch.zeros((0, 3, size, size), dtype=torch.float32, device=device)
         if h == 0 or w == 0:
             raise ValueError(f"images must have height and width >= 1; got shape {images.shape}")
         if images.shape[-1] == 4:
             images = images[..., :3]
         # torch.from_numpy warns on read-only arrays (np.load(mmap), sklearn's sample images).
         x = torch.from_numpy(np.ascontiguousarray(images) if images.flags.writeable else images.copy())
+        # To a GPU: the driver stages the pixels and queues the copy behind the work there, without waiting for it.
+        x = x.to(device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)  # (N, C, H, W), C in {1, 3}
         if (h, w) != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)  # (N, 3, S, S); resized before repeating, 3x less work
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
+        mean, std = _channel_constants(self.mean, self.std, x.device)
         return ((x - mean) / std).contiguous()  # (N, 3, S, S)
+
+
+@functools.cache
+def _channel_constants(
+    mean: tuple[float, float, float], std: tuple[float, float, float], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return mean and std as (1, 3, 1, 1) float32 tensors on `device`, made once per device.
+
+    Made afresh for every batch, on a GPU each would be a copy from pageable memory, which waits for all the work
+    queued there: the backbone would idle while the next batch is read.
+    """
+    with torch.inference_mode(False):  # ordinary tensors, though first asked for inside an extraction's inference mode
+        return tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, 3, 1, 1) for v in (mean, std))
 
 
 AnyPreprocessing = Preprocessing | TextPreprocessing | TablePreprocessing

@@ -96,23 +96,23 @@ class TextPreprocessing:
         sha = self.tokenizer_sha256[:12]
         return f"texts as word pieces of {self.tokenizer} (SHA-256 {sha}), at most {self.max_length}"
 
-    def apply(self, texts: np.ndarray) -> torch.Tensor:
+    def apply(self, texts: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
         """Tokenise `texts` ((B,) str) into an int64 batch (B, 2, L): token ids and attention mask, L <= max_length.
 
         Padding goes to the longest text of the batch (the mask hides it from the mean); texts longer
-        than max_length word pieces are cut there and counted in the log.
+        than max_length word pieces are cut there and counted in the log. The batch is on `device` (default CPU).
         """
         tokenizer = _tokenizer(self.tokenizer_sha256, self.max_length)
         texts = [str(t) for t in np.asarray(texts, dtype=object).reshape(-1)]
         if not texts:
-            return torch.zeros((0, 2, 2), dtype=torch.int64)
+            return torch.zeros((0, 2, 2), dtype=torch.int64, device=device)
         encodings = tokenizer.encode_batch(texts)
         cut = sum(bool(e.overflowing) for e in encodings)
         if cut:
             log.info("%d of %d text(s) longer than %d word pieces were cut", cut, len(texts), self.max_length)
         ids = torch.tensor([e.ids for e in encodings], dtype=torch.int64)  # (B, L)
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.int64)  # (B, L)
-        return torch.stack([ids, mask], dim=1)  # (B, 2, L)
+        return torch.stack([ids, mask], dim=1).to(device)  # (B, 2, L)
 
     def example_batch(self) -> torch.Tensor:
         """Return a one-text batch ([CLS] [SEP]) to probe the encoder's output width."""
@@ -147,9 +147,9 @@ class TablePreprocessing:
         """Return the encoded width D."""
         return self.schema.width
 
-    def apply(self, rows: np.ndarray) -> torch.Tensor:
-        """Encode coded rows (B, C) float64 into float32 (B, D) with the schema's declared bounds only."""
-        return torch.from_numpy(encode_rows(self.schema, rows))
+    def apply(self, rows: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
+        """Encode coded rows (B, C) float64 into float32 (B, D) with the schema's bounds only, on `device` (or CPU)."""
+        return torch.from_numpy(encode_rows(self.schema, rows)).to(device)
 
     def example_batch(self) -> torch.Tensor:
         """Return one all-zero encoded row."""
