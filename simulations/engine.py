@@ -109,33 +109,30 @@ def simulate(
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, int(client_cpus))))
     # Keep Ray's current behaviour (no GPUs asked for: leave CUDA_VISIBLE_DEVICES alone) without its warning.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    client_resources = {"num_cpus": client_cpus, "num_gpus": 0.0}
-    if cfg.ray_address:
-        # Flower's RayBackend skips ray.init when Ray is already initialised, so joining here is how
-        # the workers get a runtime_env (its own ray.init passes one, so init_args cannot).
-        backend_config: dict[str, Any] = {"client_resources": client_resources, "init_args": {}}
-    else:
-        if os.environ.get(RAY_ADDRESS_ENV):
-            log.warning(
-                "%s=%s is set but `ray-address` is empty: starting a private Ray anyway; set "
-                "ray-address = %r to run the sites on that cluster",
-                RAY_ADDRESS_ENV,
-                os.environ[RAY_ADDRESS_ENV],
-                os.environ[RAY_ADDRESS_ENV],
-            )
-        init_args = {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": verbose}
-        # "local" starts a new Ray even where $RAY_ADDRESS names a cluster (ray.init would join it and
-        # then reject num_cpus).
-        backend_config = {"client_resources": client_resources, "init_args": {"address": "local", **init_args}}
+    # Flower's RayBackend skips ray.init when Ray is already initialised, and it is, here: a private Ray is started
+    # below, a cluster joined. Its own ray.init would give the job a runtime_env (PYTHONPATH), and the sites could then
+    # not use the workers Ray starts ahead for a job without one: it started 2 more and dropped those (0.4 s of a run
+    # on 2 cores). fedtl is installed, so the workers import it without that path.
+    backend_config: dict[str, Any] = {"client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0}, "init_args": {}}
+    if not cfg.ray_address and os.environ.get(RAY_ADDRESS_ENV):
+        log.warning(
+            "%s=%s is set but `ray-address` is empty: starting a private Ray anyway; set "
+            "ray-address = %r to run the sites on that cluster",
+            RAY_ADDRESS_ENV,
+            os.environ[RAY_ADDRESS_ENV],
+            os.environ[RAY_ADDRESS_ENV],
+        )
     from flwr.simulation import run_simulation
 
-    joined = False  # leave only a cluster this call joined, never a Ray the caller had initialised
+    ours = False  # leave only a Ray this call started or joined, never one the caller had initialised
     # Opt this machine's sites into simulation (Ray workers inherit the environment at start-up).
     with simulated_sites():
         try:
             if cfg.ray_address:
                 join_ray_cluster(cfg.ray_address, gcs=gcs, client_cpus=client_cpus, verbose=verbose)
-                joined = True
+                ours = True
+            else:
+                ours = start_private_ray(verbose=verbose)
             with warnings.catch_warnings(), _without_our_deprecation_notice():
                 warnings.filterwarnings("ignore", category=DeprecationWarning)
                 run_simulation(
@@ -145,8 +142,8 @@ def simulate(
                     backend_config=backend_config,
                 )
         finally:
-            if joined:
-                leave_ray_cluster()
+            if ours:
+                leave_ray()
     return federation.summary()
 
 
@@ -166,6 +163,28 @@ def _without_our_deprecation_notice() -> Iterator[None]:
         yield
     finally:
         flwr_logger.removeFilter(notice)
+
+
+def start_private_ray(*, verbose: bool) -> bool:
+    """Start a Ray of this machine's cores for one run (Flower's RayBackend stops it when the run ends).
+
+    Returns:
+        Whether it started one: not when the caller has initialised Ray already (the run uses that one).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    # "local" starts a new Ray even where $RAY_ADDRESS names a cluster (ray.init would join it and then reject
+    # num_cpus).
+    ray.init(
+        address="local",
+        num_cpus=os.cpu_count() or 1,
+        include_dashboard=False,
+        log_to_driver=verbose,
+        logging_level=logging.INFO if verbose else logging.WARNING,
+    )
+    return True
 
 
 def join_ray_cluster(address: str, *, gcs: tuple[str, int] | None, client_cpus: float, verbose: bool) -> None:
@@ -232,11 +251,11 @@ def join_ray_cluster(address: str, *, gcs: tuple[str, int] | None, client_cpus: 
     )
 
 
-def leave_ray_cluster() -> None:
-    """Disconnect this process from the Ray cluster it joined; the cluster's nodes keep running."""
+def leave_ray() -> None:
+    """Stop the private Ray this process started, or leave the cluster it joined (its nodes keep running)."""
     import ray
 
-    # Flower's RayBackend.terminate already called ray.shutdown(), which for a joined cluster only
-    # disconnects this driver; this covers runs that failed before the backend existed.
+    # Flower's RayBackend.terminate already called ray.shutdown(), which stops a private Ray and only disconnects
+    # this driver from a joined cluster; this covers runs that failed before the backend existed.
     if ray.is_initialized():
         ray.shutdown()

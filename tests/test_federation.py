@@ -1,6 +1,7 @@
 """A real 2-site, 3-round federation on Flower's simulation engine with the tiny backbone."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -198,3 +199,36 @@ def test_predict_names_a_corrupt_image_and_a_foreign_backbone(federation, tmp_pa
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(good)
     with pytest.raises(FingerprintMismatchError, match="f" * 64):
         predict_images(foreign, [good])
+
+
+def _children(pid: int) -> list[int]:
+    """Return the pids of `pid`'s living child processes (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # not a process, or it ended while read
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_failing_server_app_reaches_the_caller_and_leaves_no_ray_behind(tmp_path):
+    import time
+
+    import ray
+
+    class Failing(lab.FederationApp):
+        def run(self, grid):
+            raise RuntimeError("the server logic failed")
+
+    before = set(_children(os.getpid()))
+    cfg = RunConfig(backbone="tiny", num_rounds=1, out=str(tmp_path / "runs"))
+    with pytest.raises(RuntimeError, match="the server logic failed"):
+        simulate(cfg, num_sites=2, app=Failing)
+    assert not ray.is_initialized()
+    deadline = time.time() + 30  # Ray's processes were told to stop; give them time to exit
+    while set(_children(os.getpid())) - before:
+        assert time.time() < deadline, f"processes left running: {set(_children(os.getpid())) - before}"
+        time.sleep(0.2)
