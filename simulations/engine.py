@@ -12,7 +12,9 @@ import contextlib
 import logging
 import os
 import re
+import signal
 import socket
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +26,7 @@ from fedtl.shared.backbones import WEIGHTS_DIR_ENV
 from fedtl.shared.config import RunConfig
 from fedtl.shared.errors import ConfigError
 from fedtl.simulations.federation import AppFactory, FederationApp, simulated_sites, start_simulation
+from fedtl.simulations.stopping import RunStopped, StopOnSignals
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +103,7 @@ def simulate(
         ConfigError: `sites` < 1, a malformed or unreachable `ray-address`, or a cluster with no node that
             has `client_cpus` CPUs.
         Exception: whatever the ServerApp raised (Flower re-raises it here); Ray is shut down first.
+        KeyboardInterrupt: SIGINT or SIGTERM stopped the run, once Flower's engine and Ray had stopped.
     """
     gcs = parse_ray_address(cfg.ray_address)
     federation = start_simulation(cfg, num_sites, app, run_dir)
@@ -126,22 +130,28 @@ def simulate(
     from flwr.simulation import run_simulation
 
     ours = False  # leave only a Ray this call started or joined, never one the caller had initialised
+    stop = threading.Event()  # set by SIGINT or SIGTERM while Ray and the engine run (simulations/stopping.py)
     # Opt this machine's sites into simulation (Ray workers inherit the environment at start-up).
-    with simulated_sites():
+    with simulated_sites(), StopOnSignals(stop) as signals:
         try:
             if cfg.ray_address:
                 join_ray_cluster(cfg.ray_address, gcs=gcs, client_cpus=client_cpus, verbose=verbose)
                 ours = True
             else:
                 ours = start_private_ray(verbose=verbose)
+            signals.arm()  # ray.init put its own SIGTERM handler in place
+            if stop.is_set():  # asked while Ray started: no engine to stop
+                raise KeyboardInterrupt
             with warnings.catch_warnings(), _without_our_deprecation_notice():
                 warnings.filterwarnings("ignore", category=DeprecationWarning)
                 run_simulation(
-                    server_app=federation.server_app(),
+                    server_app=federation.server_app(stop=stop),
                     client_app=client_app,
                     num_supernodes=num_sites,
                     backend_config=backend_config,
                 )
+        except RunStopped as exc:  # the ServerApp's, re-raised by Flower once its engine has stopped
+            raise KeyboardInterrupt(str(exc)) from None
         finally:
             if ours:
                 leave_ray()
@@ -176,16 +186,45 @@ def start_private_ray(*, verbose: bool) -> bool:
 
     if ray.is_initialized():
         return False
-    # "local" starts a new Ray even where $RAY_ADDRESS names a cluster (ray.init would join it and then reject
-    # num_cpus).
-    ray.init(
-        address="local",
-        num_cpus=os.cpu_count() or 1,
-        include_dashboard=False,
-        log_to_driver=verbose,
-        logging_level=logging.INFO if verbose else logging.WARNING,
-    )
+    before = descendants(os.getpid())
+    try:
+        # "local" starts a new Ray even where $RAY_ADDRESS names a cluster (ray.init would join it and then reject
+        # num_cpus).
+        ray.init(
+            address="local",
+            num_cpus=os.cpu_count() or 1,
+            include_dashboard=False,
+            log_to_driver=verbose,
+            logging_level=logging.INFO if verbose else logging.WARNING,
+        )
+    except BaseException as exc:
+        # Interrupted midway (SIGTERM: ray.init puts its own handler, sys.exit, in place first), Ray may not know yet
+        # of the processes it started: ray.shutdown() missed its agents, left running. Whatever is new under this
+        # process goes too.
+        ray.shutdown()
+        for pid in descendants(os.getpid()) - before:
+            with contextlib.suppress(OSError):  # it ended meanwhile
+                os.kill(pid, signal.SIGKILL)
+        if isinstance(exc, SystemExit):  # Ray's SIGTERM handler: stopped, as by any other signal
+            raise KeyboardInterrupt from None
+        raise
     return True
+
+
+def descendants(pid: int) -> set[int]:
+    """Return the pids of every living process below `pid` (Linux /proc; elsewhere none are found)."""
+    parents: dict[int, int] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError, IndexError, ValueError):  # ended while read
+                    stat = Path(entry.path, "stat").read_text()
+                    parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
 
 
 def join_ray_cluster(address: str, *, gcs: tuple[str, int] | None, client_cpus: float, verbose: bool) -> None:

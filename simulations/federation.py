@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from fedtl.shared.files import storage_error
 from fedtl.shared.heap import reuse_freed_memory
 from fedtl.shared.named_data import federation_schema
 from fedtl.shared.protocol import RoundSettings, SimulationSettings
+from fedtl.simulations.stopping import StoppingGrid
 
 
 @dataclass
@@ -63,16 +65,17 @@ class FederationApp:
         """Extract the simulated sites' inputs before the engine starts (a run of `cfg.backbone` uses them)."""
         self.backbone = prepare_simulated_sites(self.cfg, num_sites)
 
-    def server_app(self) -> ServerApp:
-        """Return the ServerApp (Flower calls its main with the Grid of whichever executor runs it)."""
+    def server_app(self, *, stop: threading.Event | None = None) -> ServerApp:
+        """Return the ServerApp (Flower calls its main with the Grid of whichever executor runs it).
+
+        With `stop` (Flower's engine), the run waits for replies on a StoppingGrid: it ends at its next exchange once
+        `stop` is set.
+        """
         app = ServerApp()
 
         @app.main()
         def _main(grid: Grid, context: Context) -> None:
-            # Flower's engine (InMemoryGrid) polls for replies, by default every 0.1 s
-            if hasattr(grid, "pull_interval"):
-                grid.pull_interval = REPLY_POLL_S
-            self.outcome["summary"] = self.run(grid)
+            self.outcome["summary"] = self.run(grid if stop is None else StoppingGrid(grid, stop))
 
         return app
 
@@ -91,9 +94,6 @@ log = logging.getLogger(__name__)
 
 SIMULATED_SITES = "simulated-sites"  # config.json key: how many sites the lab simulated for the run
 
-# How often the ServerApp looks for the sites' replies on Flower's engine: a round waits for two exchanges (train,
-# evaluate), each half a poll late on average; the in-memory store makes a look cheap.
-REPLY_POLL_S = 0.01
 MIN_FREE_BYTES = 16 * 2**20  # below this a simulation cannot even cache one site's backbone and features
 
 

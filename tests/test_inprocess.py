@@ -18,6 +18,7 @@ from fedtl.client.site import SIMULATION_ENV
 from fedtl.server.report import short_reason
 from fedtl.shared.config import RunConfig
 from fedtl.simulations import federation as lab
+from fedtl.simulations import stopping
 from fedtl.simulations.engine import simulate
 from fedtl.simulations.inprocess import NODE_ID_BASE, InProcessGrid, run_inprocess
 
@@ -47,7 +48,7 @@ def both_engines(tmp_path_factory):
     run_app = lab.FederationApp.run
 
     def polling_run(app: lab.FederationApp, grid) -> dict:  # noqa: ANN001 - either executor's Grid
-        polls[engine] = getattr(grid, "pull_interval", None)
+        polls[engine] = getattr(grid, "poll_s", None)
         return run_app(app, grid)
 
     for engine, run in (("flower", simulate), ("inprocess", run_inprocess)):
@@ -63,8 +64,8 @@ def both_engines(tmp_path_factory):
 @pytest.mark.slow
 def test_the_lab_looks_for_replies_on_flowers_engine_every_10_ms(both_engines):
     # Flower's InMemoryGrid polls each 0.1 s: two exchanges a round then wait about 0.1 s for nothing.
-    assert both_engines["reply-polls"] == {"flower": lab.REPLY_POLL_S, "inprocess": None}
-    assert lab.REPLY_POLL_S == 0.01
+    assert both_engines["reply-polls"] == {"flower": stopping.REPLY_POLL_S, "inprocess": None}
+    assert stopping.REPLY_POLL_S == 0.01
 
 
 def _metrics(summary: dict) -> list[dict]:
