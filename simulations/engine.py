@@ -179,36 +179,74 @@ def _without_our_deprecation_notice() -> Iterator[None]:
 def start_private_ray(*, verbose: bool) -> bool:
     """Start a Ray of this machine's cores for one run (Flower's RayBackend stops it when the run ends).
 
+    ray.init runs in a thread of its own, which lives on until `leave_ray`: called in the main thread, it puts a
+    SIGTERM handler of its own in place (sys.exit), and a SIGTERM in the middle of it was swallowed by Ray or left the
+    process hanging (1 of 8 tries each); from another thread it leaves the signals to StopOnSignals. (Ray shuts down
+    in 5 s instead of 1.4 s once the thread that started it has ended, hence the wait.)
+
     Returns:
         Whether it started one: not when the caller has initialised Ray already (the run uses that one).
     """
     import ray
 
+    global _ray_starter
     if ray.is_initialized():
         return False
     before = descendants(os.getpid())
+    # "local" starts a new Ray even where $RAY_ADDRESS names a cluster (ray.init would join it, then reject num_cpus).
+    args = {"address": "local", "num_cpus": os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": verbose}
+    starter = _RayStarter({**args, "logging_level": logging.INFO if verbose else logging.WARNING})
     try:
-        # "local" starts a new Ray even where $RAY_ADDRESS names a cluster (ray.init would join it and then reject
-        # num_cpus).
-        ray.init(
-            address="local",
-            num_cpus=os.cpu_count() or 1,
-            include_dashboard=False,
-            log_to_driver=verbose,
-            logging_level=logging.INFO if verbose else logging.WARNING,
-        )
-    except BaseException as exc:
-        # Interrupted midway (SIGTERM: ray.init puts its own handler, sys.exit, in place first), Ray may not know yet
-        # of the processes it started: ray.shutdown() missed its agents, left running. Whatever is new under this
+        starter.start()
+        while starter.is_alive() and not starter.started.wait(0.1):  # the main thread stays free for signals
+            pass
+    except BaseException:
+        starter.release.set()
+        raise
+    if starter.error is not None:
+        # Ray may not know yet of every process it started (ray.shutdown() missed its agents): what is new under this
         # process goes too.
         ray.shutdown()
         for pid in descendants(os.getpid()) - before:
             with contextlib.suppress(OSError):  # it ended meanwhile
                 os.kill(pid, signal.SIGKILL)
-        if isinstance(exc, SystemExit):  # Ray's SIGTERM handler: stopped, as by any other signal
-            raise KeyboardInterrupt from None
-        raise
+        starter.release.set()
+        raise starter.error
+    _ray_starter = starter
     return True
+
+
+class _RayStarter(threading.Thread):
+    """Calls ray.init, then waits until released (after ray.shutdown)."""
+
+    def __init__(self, init_args: dict[str, Any]) -> None:
+        super().__init__(name="fedtl-ray-start", daemon=True)
+        self.init_args, self.error = init_args, None
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def run(self) -> None:
+        import ray
+
+        ray_log, notice = logging.getLogger("ray._private.worker"), _NotMainThreadNotice()
+        ray_log.addFilter(notice)
+        try:
+            ray.init(**self.init_args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            self.error = exc
+        finally:
+            ray_log.removeFilter(notice)
+            self.started.set()
+        self.release.wait()
+
+
+class _NotMainThreadNotice(logging.Filter):
+    """Drops Ray's notice that it set no SIGTERM handler: fedtl starts it off the main thread for that reason."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
+_ray_starter: _RayStarter | None = None  # the thread that started this process's private Ray, until `leave_ray`
 
 
 def descendants(pid: int) -> set[int]:
@@ -295,7 +333,11 @@ def leave_ray() -> None:
     """Stop the private Ray this process started, or leave the cluster it joined (its nodes keep running)."""
     import ray
 
+    global _ray_starter
     # Flower's RayBackend.terminate already called ray.shutdown(), which stops a private Ray and only disconnects
     # this driver from a joined cluster; this covers runs that failed before the backend existed.
     if ray.is_initialized():
         ray.shutdown()
+    if _ray_starter is not None:
+        _ray_starter.release.set()
+        _ray_starter = None
