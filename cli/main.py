@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import traceback
 
 from fedtl.cli import (
@@ -137,5 +138,21 @@ def exit_code(exc: BaseException) -> tuple[int, str]:
     return EXIT_BUG, f"internal error ({type(exc).__name__})"
 
 
+def entry() -> None:
+    """Run the `fedtl` command and exit with its status.
+
+    An interrupted run on Flower's engine (a second Ctrl-C: "stops at once") leaves Flower's threads waiting for replies
+    that will not come, and Python would wait for them before exiting: the process then ends without them.
+    """
+    code = main()
+    waiting = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if code == EXIT_INTERRUPTED and waiting:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -181,7 +181,7 @@ def start_private_ray(*, verbose: bool) -> bool:
 
     ray.init runs in a thread of its own, which lives on until `leave_ray`: called in the main thread, it puts a
     SIGTERM handler of its own in place (sys.exit), and a SIGTERM in the middle of it was swallowed by Ray or left the
-    process hanging (1 of 8 tries each); from another thread it leaves the signals to StopOnSignals. (Ray shuts down
+    process hanging (2 of 12 tries); from another thread it leaves the signals to StopOnSignals. (Ray shuts down
     in 5 s instead of 1.4 s once the thread that started it has ended, hence the wait.)
 
     Returns:
@@ -196,24 +196,31 @@ def start_private_ray(*, verbose: bool) -> bool:
     # "local" starts a new Ray even where $RAY_ADDRESS names a cluster (ray.init would join it, then reject num_cpus).
     args = {"address": "local", "num_cpus": os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": verbose}
     starter = _RayStarter({**args, "logging_level": logging.INFO if verbose else logging.WARNING})
+    starter.start()
     try:
-        starter.start()
-        while starter.is_alive() and not starter.started.wait(0.1):  # the main thread stays free for signals
+        while not starter.started.wait(0.1):  # the main thread stays free for signals
             pass
-    except BaseException:
-        starter.release.set()
+    except BaseException:  # a second signal (StopOnSignals): stop at once, once Ray has started what it will
+        starter.started.wait()
+        _stop_started_ray(starter, before)
         raise
     if starter.error is not None:
-        # Ray may not know yet of every process it started (ray.shutdown() missed its agents): what is new under this
-        # process goes too.
-        ray.shutdown()
-        for pid in descendants(os.getpid()) - before:
-            with contextlib.suppress(OSError):  # it ended meanwhile
-                os.kill(pid, signal.SIGKILL)
-        starter.release.set()
+        _stop_started_ray(starter, before)
         raise starter.error
     _ray_starter = starter
     return True
+
+
+def _stop_started_ray(starter: _RayStarter, before: set[int]) -> None:
+    """Stop a Ray whose start failed or was cut short, and every process that appeared under this one meanwhile."""
+    import ray
+
+    ray.shutdown()
+    # Ray may not know yet of every process it started (ray.shutdown() missed its agents, left running).
+    for pid in descendants(os.getpid()) - before:
+        with contextlib.suppress(OSError):  # it ended meanwhile
+            os.kill(pid, signal.SIGKILL)
+    starter.release.set()
 
 
 class _RayStarter(threading.Thread):

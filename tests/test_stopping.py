@@ -22,8 +22,12 @@ def _wait(condition, seconds: float, what: str) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_stops_the_run_and_leaves_no_process(signum, tmp_path):
+@pytest.mark.parametrize(
+    ("signum", "twice"),
+    [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGINT, True)],
+    ids=["SIGINT", "SIGTERM", "SIGINT-twice"],
+)
+def test_a_signal_stops_the_run_and_leaves_no_process(signum, twice, tmp_path):
     env = {**os.environ, "FEDTL_HOME": str(tmp_path / "home")}
     out = tmp_path / "runs"
     # DP-SGD with 20 local epochs: rounds long enough that the signal falls in the middle of the run.
@@ -41,6 +45,9 @@ def test_a_signal_stops_the_run_and_leaves_no_process(signum, tmp_path):
         ray = descendants(proc.pid)  # Ray's processes, the sites' actors among them
         assert len(ray) >= 3
         proc.send_signal(signum)
+        if twice:  # "stops at once": Flower's threads, interrupted mid-wait, must not keep the process
+            time.sleep(0.3)
+            proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)  # before: still running 20 s after the signal, never exiting
     finally:
         if proc.poll() is None:
