@@ -129,16 +129,17 @@ def simulate(
         )
     from flwr.simulation import run_simulation
 
-    ours = False  # leave only a Ray this call started or joined, never one the caller had initialised
+    # Leave only a Ray this call started or joined, never one the caller had initialised.
+    joined, starter = False, None
     stop = threading.Event()  # set by SIGINT or SIGTERM while Ray and the engine run (simulations/stopping.py)
     # Opt this machine's sites into simulation (Ray workers inherit the environment at start-up).
     with simulated_sites(), StopOnSignals(stop) as signals:
         try:
             if cfg.ray_address:
                 join_ray_cluster(cfg.ray_address, gcs=gcs, client_cpus=client_cpus, verbose=verbose)
-                ours = True
+                joined = True
             else:
-                ours = start_private_ray(verbose=verbose)
+                starter = start_private_ray(verbose=verbose)
             signals.arm()  # ray.init put its own SIGTERM handler in place
             if stop.is_set():  # asked while Ray started: no engine to stop
                 raise KeyboardInterrupt
@@ -153,8 +154,8 @@ def simulate(
         except RunStopped as exc:  # the ServerApp's, re-raised by Flower once its engine has stopped
             raise KeyboardInterrupt(str(exc)) from None
         finally:
-            if ours:
-                leave_ray()
+            if joined or starter is not None:
+                leave_ray(starter)
     return federation.summary()
 
 
@@ -176,7 +177,7 @@ def _without_our_deprecation_notice() -> Iterator[None]:
         flwr_logger.removeFilter(notice)
 
 
-def start_private_ray(*, verbose: bool) -> bool:
+def start_private_ray(*, verbose: bool) -> _RayStarter | None:
     """Start a Ray of this machine's cores for one run (Flower's RayBackend stops it when the run ends).
 
     ray.init runs in a thread of its own, which lives on until `leave_ray`: called in the main thread, it puts a
@@ -185,13 +186,13 @@ def start_private_ray(*, verbose: bool) -> bool:
     in 5 s instead of 1.4 s once the thread that started it has ended, hence the wait.)
 
     Returns:
-        Whether it started one: not when the caller has initialised Ray already (the run uses that one).
+        The thread that started it, for `leave_ray`; None when the caller has initialised Ray already (the run uses
+        that one).
     """
     import ray
 
-    global _ray_starter
     if ray.is_initialized():
-        return False
+        return None
     before = descendants(os.getpid())
     # "local" starts a new Ray even where $RAY_ADDRESS names a cluster (ray.init would join it, then reject num_cpus).
     args = {"address": "local", "num_cpus": os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": verbose}
@@ -207,8 +208,7 @@ def start_private_ray(*, verbose: bool) -> bool:
     if starter.error is not None:
         _stop_started_ray(starter, before)
         raise starter.error
-    _ray_starter = starter
-    return True
+    return starter
 
 
 def _stop_started_ray(starter: _RayStarter, before: set[int]) -> None:
@@ -251,9 +251,6 @@ class _NotMainThreadNotice(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "SIGTERM handler is not set" not in record.getMessage()
-
-
-_ray_starter: _RayStarter | None = None  # the thread that started this process's private Ray, until `leave_ray`
 
 
 def descendants(pid: int) -> set[int]:
@@ -336,15 +333,13 @@ def join_ray_cluster(address: str, *, gcs: tuple[str, int] | None, client_cpus: 
     )
 
 
-def leave_ray() -> None:
-    """Stop the private Ray this process started, or leave the cluster it joined (its nodes keep running)."""
+def leave_ray(starter: _RayStarter | None = None) -> None:
+    """Stop the private Ray `starter` started, or leave the cluster this process joined (its nodes keep running)."""
     import ray
 
-    global _ray_starter
     # Flower's RayBackend.terminate already called ray.shutdown(), which stops a private Ray and only disconnects
     # this driver from a joined cluster; this covers runs that failed before the backend existed.
     if ray.is_initialized():
         ray.shutdown()
-    if _ray_starter is not None:
-        _ray_starter.release.set()
-        _ray_starter = None
+    if starter is not None:
+        starter.release.set()
