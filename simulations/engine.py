@@ -260,8 +260,9 @@ def descendants(pid: int) -> set[int]:
         for entry in os.scandir("/proc"):
             if entry.name.isdigit():
                 with contextlib.suppress(OSError, IndexError, ValueError):  # ended while read
-                    stat = Path(entry.path, "stat").read_text()
-                    parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+                    state, parent = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[:2]
+                    if state != "Z":  # a zombie has ended; only its exit status waits to be collected
+                        parents[int(entry.name)] = int(parent)
     found, frontier = set(), {pid}
     while frontier:
         frontier = {child for child, parent in parents.items() if parent in frontier} - found

@@ -17,7 +17,7 @@ from fedtl.shared import mechanisms
 from fedtl.shared.backbones import backbone_state_dict, build_backbone, fingerprint_state_dict
 from fedtl.shared.config import RunConfig
 from fedtl.simulations import federation as lab
-from fedtl.simulations.engine import simulate
+from fedtl.simulations.engine import descendants, simulate
 
 pytestmark = pytest.mark.slow  # whole federations on Flower's engine
 
@@ -201,19 +201,6 @@ def test_predict_names_a_corrupt_image_and_a_foreign_backbone(federation, tmp_pa
         predict_images(foreign, [good])
 
 
-def _children(pid: int) -> list[int]:
-    """Return the pids of `pid`'s living child processes (Linux /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):  # not a process, or it ended while read
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(entry.name))
-    return found
-
-
 def test_a_failing_server_app_reaches_the_caller_and_leaves_no_ray_behind(tmp_path):
     import time
 
@@ -223,12 +210,12 @@ def test_a_failing_server_app_reaches_the_caller_and_leaves_no_ray_behind(tmp_pa
         def run(self, grid):
             raise RuntimeError("the server logic failed")
 
-    before = set(_children(os.getpid()))
+    before = descendants(os.getpid())
     cfg = RunConfig(backbone="tiny", num_rounds=1, out=str(tmp_path / "runs"))
     with pytest.raises(RuntimeError, match="the server logic failed"):
         simulate(cfg, num_sites=2, app=Failing)
     assert not ray.is_initialized()
     deadline = time.time() + 30  # Ray's processes were told to stop; give them time to exit
-    while set(_children(os.getpid())) - before:
-        assert time.time() < deadline, f"processes left running: {set(_children(os.getpid())) - before}"
+    while descendants(os.getpid()) - before:
+        assert time.time() < deadline, f"processes left running: {descendants(os.getpid()) - before}"
         time.sleep(0.2)
