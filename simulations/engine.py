@@ -193,7 +193,6 @@ def start_private_ray(*, verbose: bool) -> _RayStarter | None:
 
     if ray.is_initialized():
         return None
-    before = descendants(os.getpid())
     # "local" starts a new Ray even where $RAY_ADDRESS names a cluster (ray.init would join it, then reject num_cpus).
     args = {"address": "local", "num_cpus": os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": verbose}
     starter = _RayStarter({**args, "logging_level": logging.INFO if verbose else logging.WARNING})
@@ -203,33 +202,62 @@ def start_private_ray(*, verbose: bool) -> _RayStarter | None:
             pass
     except BaseException:  # a second signal (StopOnSignals): stop at once, once Ray has started what it will
         starter.started.wait()
-        _stop_started_ray(starter, before)
+        _stop_private_ray(starter)
         raise
     if starter.error is not None:
-        _stop_started_ray(starter, before)
+        _stop_private_ray(starter)
         raise starter.error
     return starter
 
 
-def _stop_started_ray(starter: _RayStarter, before: set[int]) -> None:
-    """Stop a Ray whose start failed or was cut short, and every process that appeared under this one meanwhile."""
+def _stop_private_ray(starter: _RayStarter) -> None:
+    """Stop the private Ray `starter` started, then kill every process of it that outlived ray.shutdown().
+
+    ray.shutdown() may not know yet of every process a Ray whose start was cut short started, and one interrupted
+    (a second Ctrl-C while Flower's engine stopped) left Ray's two agents running for a minute or two after fedtl had
+    exited, orphans no longer below this process (3 of 4 tries): they are held from Ray's start on.
+    """
     import ray
 
-    ray.shutdown()
-    # Ray may not know yet of every process it started (ray.shutdown() missed its agents, left running).
-    for pid in descendants(os.getpid()) - before:
-        with contextlib.suppress(OSError):  # it ended meanwhile
-            os.kill(pid, signal.SIGKILL)
-    starter.release.set()
+    starter.processes.hold(descendants(os.getpid()) - starter.before)  # any started since (the sites' workers)
+    try:
+        if ray.is_initialized():
+            ray.shutdown()
+    finally:
+        starter.processes.kill()
+        starter.release.set()
+
+
+class HeldProcesses:
+    """Processes held by a pidfd each (Linux): signalled even once reparented, and a pid reused meanwhile never is."""
+
+    def __init__(self) -> None:
+        self._fds: dict[int, int] = {}
+
+    def hold(self, pids: set[int]) -> None:
+        """Hold the processes `pids` (one that has ended meanwhile is left out)."""
+        for pid in pids - self._fds.keys():
+            with contextlib.suppress(OSError, AttributeError):  # ended; a kernel or OS without pidfds: not held
+                self._fds[pid] = os.pidfd_open(pid)
+
+    def kill(self) -> None:
+        """SIGKILL every held process still running (none, after a clean ray.shutdown()), and let go of them all."""
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            with contextlib.suppress(OSError):  # ESRCH: it has ended
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            os.close(fd)
 
 
 class _RayStarter(threading.Thread):
-    """Calls ray.init, then waits until released (after ray.shutdown)."""
+    """Calls ray.init, holds the processes it started, then waits until released (after ray.shutdown)."""
 
     def __init__(self, init_args: dict[str, Any]) -> None:
         super().__init__(name="fedtl-ray-start", daemon=True)
         self.init_args, self.error = init_args, None
         self.started, self.release = threading.Event(), threading.Event()
+        self.before = descendants(os.getpid())  # this process's children from before Ray: never Ray's
+        self.processes = HeldProcesses()
 
     def run(self) -> None:
         import ray
@@ -242,6 +270,8 @@ class _RayStarter(threading.Thread):
             self.error = exc
         finally:
             ray_log.removeFilter(notice)
+            # Ray's processes, its agents among them, while they are still below this one (held before any is stopped)
+            self.processes.hold(descendants(os.getpid()) - self.before)
             self.started.set()
         self.release.wait()
 
@@ -340,7 +370,7 @@ def leave_ray(starter: _RayStarter | None = None) -> None:
 
     # Flower's RayBackend.terminate already called ray.shutdown(), which stops a private Ray and only disconnects
     # this driver from a joined cluster; this covers runs that failed before the backend existed.
-    if ray.is_initialized():
-        ray.shutdown()
     if starter is not None:
-        starter.release.set()
+        _stop_private_ray(starter)
+    elif ray.is_initialized():
+        ray.shutdown()
