@@ -65,17 +65,19 @@ class FederationApp:
         """Extract the simulated sites' inputs before the engine starts (a run of `cfg.backbone` uses them)."""
         self.backbone = prepare_simulated_sites(self.cfg, num_sites)
 
-    def server_app(self, *, stop: threading.Event | None = None) -> ServerApp:
+    def server_app(
+        self, *, stop: threading.Event | None = None, on_push: Callable[[], None] | None = None
+    ) -> ServerApp:
         """Return the ServerApp (Flower calls its main with the Grid of whichever executor runs it).
 
         With `stop` (Flower's engine), the run waits for replies on a StoppingGrid: it ends at its next exchange once
-        `stop` is set.
+        `stop` is set, and calls `on_push` after each push (engine.PushWakesTheEngine).
         """
         app = ServerApp()
 
         @app.main()
         def _main(grid: Grid, context: Context) -> None:
-            self.outcome["summary"] = self.run(grid if stop is None else StoppingGrid(grid, stop))
+            self.outcome["summary"] = self.run(grid if stop is None else StoppingGrid(grid, stop, on_push=on_push))
 
         return app
 

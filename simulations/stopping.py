@@ -16,7 +16,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from flwr.app import Message
@@ -38,11 +38,11 @@ class StoppingGrid(Grid):
     """A Grid that raises RunStopped once `stop` is set, and waits for replies in steps of REPLY_POLL_S.
 
     Every call goes to the engine's grid; `send_and_receive` is push, then pull until every reply is in, the timeout
-    has passed, or the run is stopped.
+    has passed, or the run is stopped. `on_push` is called after each push (it wakes the engine).
     """
 
-    def __init__(self, grid: Grid, stop: threading.Event) -> None:
-        self._grid, self._stop = grid, stop
+    def __init__(self, grid: Grid, stop: threading.Event, *, on_push: Callable[[], None] | None = None) -> None:
+        self._grid, self._stop, self.on_push = grid, stop, on_push
         self.poll_s = REPLY_POLL_S
 
     def _check(self) -> None:
@@ -68,9 +68,12 @@ class StoppingGrid(Grid):
         return self._grid.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Push `messages`, unless the run was stopped."""
+        """Push `messages`, unless the run was stopped, then call `on_push`."""
         self._check()
-        return self._grid.push_messages(messages)
+        ids = self._grid.push_messages(messages)
+        if self.on_push is not None:
+            self.on_push()
+        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """Pull the replies to `message_ids` that are in, unless the run was stopped."""

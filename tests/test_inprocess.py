@@ -1,5 +1,6 @@
 """The in-process executor against Flower's simulation engine, and its Grid against Flower's message rules."""
 
+import inspect
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.server.superlink.fleet.vce import vce_api
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.numpy import load_file
@@ -19,7 +21,7 @@ from fedtl.server.report import short_reason
 from fedtl.shared.config import RunConfig
 from fedtl.simulations import federation as lab
 from fedtl.simulations import stopping
-from fedtl.simulations.engine import simulate
+from fedtl.simulations.engine import ENGINE_LOOK, simulate
 from fedtl.simulations.inprocess import NODE_ID_BASE, InProcessGrid, run_inprocess
 
 SITES = 3
@@ -44,11 +46,15 @@ def _dp_config(out: Path) -> RunConfig:
 @pytest.fixture(scope="module")
 def both_engines(tmp_path_factory):
     """Run the same config on Flower's engine and in process, each with its own fresh fedtl home."""
-    summaries, polls = {}, {}
+    summaries, polls, wakers = {}, {}, {}
     run_app = lab.FederationApp.run
 
     def polling_run(app: lab.FederationApp, grid) -> dict:  # noqa: ANN001 - either executor's Grid
         polls[engine] = getattr(grid, "poll_s", None)
+        on_push = getattr(grid, "on_push", None)
+        if on_push is not None:  # the engine's waker, and whether Flower's engine looks through it during the run
+            wakers[engine] = on_push.__self__
+            wakers["looks-through-waker"] = getattr(vce_api.add_messages_to_queue, "__self__", None) is on_push.__self__
         return run_app(app, grid)
 
     for engine, run in (("flower", simulate), ("inprocess", run_inprocess)):
@@ -57,7 +63,7 @@ def both_engines(tmp_path_factory):
             mp.setenv("FEDTL_HOME", str(tmp_path_factory.mktemp(f"home-{engine}")))
             cfg = _dp_config(tmp_path_factory.mktemp(f"runs-{engine}"))
             summaries[engine] = run(cfg, num_sites=SITES)
-    summaries["reply-polls"] = polls
+    summaries["reply-polls"], summaries["wakers"] = polls, wakers
     return summaries
 
 
@@ -66,6 +72,21 @@ def test_the_lab_looks_for_replies_on_flowers_engine_every_10_ms(both_engines):
     # Flower's InMemoryGrid polls each 0.1 s: two exchanges a round then wait about 0.1 s for nothing.
     assert both_engines["reply-polls"] == {"flower": stopping.REPLY_POLL_S, "inprocess": None}
     assert stopping.REPLY_POLL_S == 0.01
+
+
+@pytest.mark.slow
+def test_a_push_wakes_flowers_engine_instead_of_waiting_for_its_next_look(both_engines):
+    # Flower's engine looks for pushed messages every 0.1 s: each exchange (two a round) waited for that look.
+    wakers = both_engines["wakers"]
+    assert set(wakers) == {"flower", "looks-through-waker"} and wakers["looks-through-waker"]
+    # Every exchange's push woke it: 2 rounds of training and evaluation, at least, and the set-up's.
+    assert wakers["flower"].woken >= 4
+    assert vce_api.add_messages_to_queue.__module__ == vce_api.__name__  # Flower's own again after the run
+
+
+def test_flowers_engine_still_has_the_look_the_waker_replaces():
+    # Pinned Flower: a new one whose look has other parameters would run unwoken (with a warning); this says so first.
+    assert tuple(inspect.signature(vce_api.add_messages_to_queue).parameters) == ENGINE_LOOK
 
 
 def _metrics(summary: dict) -> list[dict]:
