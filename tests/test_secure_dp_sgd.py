@@ -279,12 +279,14 @@ def test_a_site_refuses_a_malformed_projection_for_its_centre_before_paying(tmp_
     from fedtl.server.setup import federation_label_names, load_server_backbone, load_server_data
     from fedtl.server.solvers.auto import resolve_feature_block
     from fedtl.shared.errors import ReplyError
+    from fedtl.shared.protocol import SimulationSettings
     from fedtl.simulations.federation import lab_settings, lab_sites, simulated_sites
 
     monkeypatch.setenv("FEDTL_HOME", str(tmp_path / "home"))
     cfg = resolve_feature_block(RunConfig.from_mapping({**SMALL, "out": str(tmp_path)}))
     backbone = load_server_backbone(cfg)
-    settings, simulation = lab_settings(cfg, backbone, federation_label_names(cfg, load_server_data(cfg)))
+    settings, _ = lab_settings(cfg, backbone, federation_label_names(cfg, load_server_data(cfg)))
+    simulation = SimulationSettings.for_run(cfg, run_dir=tmp_path)  # this site charges its ledger: a folder of its own
     with simulated_sites():
         site = next(lab_sites(2, simulation, backbone))
         plan = SessionPlan("ab", settings.run_id, 1, 2, 2, 2, FEATURE_SUM)
