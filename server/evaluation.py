@@ -28,7 +28,8 @@ class CentralEvaluation:
             data_fingerprint=test.fingerprint(),
             batch_size=cfg.feature_batch_size,
             device=cfg.device,
-            progress=False,
+            progress=True,
+            desc="held-out test set features",
             store_root=fedtl_home() / EXAMPLE_STORE,  # another split of the same data reuses it
         )
         self.model = backbone.model(cfg, len(label_names))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from fedtl.shared.files import NPZ_READ_ERRORS, atomic_write_npz
 from fedtl.shared.heap import reuse_freed_memory
 
 log = logging.getLogger(__name__)
+progress_log = logging.getLogger("fedtl.progress")  # the lab's terminal or log (cli/main.show_progress)
 
 FEATURES_FORMAT = 1  # bump when the cached file layout or extraction semantics change
 # Batches the host may queue on a GPU ahead of the features it has back: enough that the GPU never waits for the host
@@ -73,8 +75,9 @@ def extract_features(
     on_gpu = dev.type == "cuda"
     chunks: list[torch.Tensor] = []  # each batch's features in host memory (on a GPU: once its copy has arrived)
     copied: deque[torch.cuda.Event] = deque()  # on a GPU: marks after each batch's copy back, in queue order
-    # A bar where someone watches (a terminal), nothing in logs and captured output (tqdm's disable=None).
+    # A bar where someone watches (a terminal); in a log, one line once done (tqdm's disable=None: no terminal).
     bar = tqdm(total=len(images), desc=desc, unit="img", disable=None if progress else True, leave=False)
+    started = time.perf_counter()
     with reuse_freed_memory():  # each batch reuses the last one's activations' memory (shared/heap.py)
         for start in range(0, len(images), batch_size):
             batch = preprocessing.apply(images[start : start + batch_size], device=dev)  # (B, 3, S, S), (B, 2, L)...
@@ -94,6 +97,9 @@ def extract_features(
     if on_gpu:
         torch.cuda.synchronize(dev)  # every copy back has arrived before its features are read
     bar.close()
+    if progress and bar.disable and len(images):
+        seconds = time.perf_counter() - started
+        progress_log.info("%s: %d inputs through the backbone in %.1f s", desc, len(images), seconds)
     if not chunks:
         # No images: still report the backbone's feature width, so callers build heads of the right size.
         width = backbone(preprocessing.example_batch().to(dev)).shape[1]
