@@ -85,6 +85,16 @@ def test_extract_features_of_no_images_keeps_the_feature_width(tiny, pre):
 # --- feature_cache_key -----------------------------------------------------------------------------
 
 
+def test_without_a_terminal_an_extraction_says_once_done_what_it_passed(tiny, pre, digits, caplog):
+    # pytest captures the output: no terminal, so tqdm draws no bar, and a log would otherwise show nothing.
+    with caplog.at_level(logging.INFO, logger="fedtl.progress"):
+        extract_features(tiny, digits[0][:7], pre, device="cpu", desc="site-0 train features")
+        extract_features(tiny, digits[0][:7], pre, device="cpu", progress=False)  # asked for none: none
+        extract_features(tiny, digits[0][:0], pre, device="cpu")  # nothing passed: nothing to say
+    lines = [r.getMessage() for r in caplog.records if r.name == "fedtl.progress"]
+    assert len(lines) == 1 and lines[0].startswith("site-0 train features: 7 inputs through the backbone in ")
+
+
 def test_feature_cache_key_is_stable_and_sensitive_to_each_input(pre):
     base = feature_cache_key("bb-1", "data-1", pre)
     assert len(base) == 64 and int(base, 16) >= 0  # SHA-256 hex
