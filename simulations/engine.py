@@ -206,10 +206,10 @@ class PushWakesTheEngine:
 
     def _add_messages_to_queue(
         self,
-        state: Any,
+        state: Any,  # noqa: ANN401 - Flower's LinkState
         queue: Queue[Any],
         nodes_mapping: dict[int, int],
-        f_stop: threading.Event,  # noqa: ANN401
+        f_stop: threading.Event,
     ) -> None:
         """Put each node's next message in the workers' queue, as Flower's does, then wait for a push or 0.1 s."""
         while not f_stop.is_set():
