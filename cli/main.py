@@ -7,6 +7,8 @@ Commands by who runs them: `simulate`, `sweep`, `rank-backbones`, `audit` (cli/l
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import logging
 import os
 import sys
@@ -142,16 +144,22 @@ def entry() -> None:
     """Run the `fedtl` command and exit with its status.
 
     An interrupted run on Flower's engine (a second Ctrl-C: "stops at once") leaves Flower's threads waiting for replies
-    that will not come, and Python would wait for them before exiting: the process then ends without them.
+    that will not come, and Python would wait for them before exiting: the process then ends without them. Otherwise,
+    once no thread is left to wait for, the exit handlers run and the process ends: Python's own exit would then spend
+    about a second more taking torch's, Ray's and Flower's modules apart (0.95 s of a 5.2 s warm default run on 2
+    cores), which frees nothing the end of the process does not.
     """
     code = main()
     waiting = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
-    if code == EXIT_INTERRUPTED and waiting:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    if waiting and code != EXIT_INTERRUPTED:
+        sys.exit(code)  # Python joins them first, as it always does
+    if not waiting:
+        atexit._run_exitfuncs()  # what Python's exit runs (logging's flush, Ray's shutdown, temporary folders...)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more can be said there anyway
+            stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """The `fedtl` command line: options map onto the run config, bad input exits 2 with the culprit named."""
 
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -145,3 +147,20 @@ def test_the_table_says_how_many_of_the_sites_trained_when_rounds_sample_them(tm
     assert main(argv) == 0
     header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("run "))
     assert ": 2 of 4 sites trained, 1 rounds, backbone tiny" in header
+
+
+def test_the_command_runs_the_exit_handlers_and_says_everything_before_it_ends(tmp_path):
+    # `fedtl` ends its process itself once its exit handlers have run (Python's own teardown of torch's and Flower's
+    # modules took a second more): what they and the command wrote must still come out, through pipes too.
+    child = (
+        "import atexit, sys\n"
+        "from fedtl.cli.main import entry\n"
+        "atexit.register(lambda: print('an exit handler ran'))\n"
+        f"sys.argv = ['fedtl', 'predict', {str(tmp_path / 'missing.safetensors')!r}, 'x.png']\n"
+        "entry()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a pipe's output waits in a buffer
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2, done.stderr
+    assert "missing.safetensors" in done.stderr
+    assert done.stdout.splitlines() == ["an exit handler ran"]
