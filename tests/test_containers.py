@@ -293,7 +293,9 @@ def stack(tmp_path_factory, request):
     started = time.time()
     build = [str(ROOT / "deploy" / "build-images.sh"), "--base", base, "--host-pip", "--tag", stack.tag]
     build += ["--label", "fedtl.test=1"] + (["--no-cache"] if os.environ.get("FEDTL_TEST_NO_CACHE") == "1" else [])
-    built = subprocess.run(build, capture_output=True, text=True, timeout=3600)
+    # The build keeps its logs in $TMPDIR/fedtl-build-<tag>: here, a folder of the test's own, not one more in /tmp.
+    env = {**os.environ, "TMPDIR": str(tmp_path_factory.mktemp("build"))}
+    built = subprocess.run(build, capture_output=True, text=True, timeout=3600, env=env)
     assert built.returncode == 0, built.stdout + built.stderr
     print(f"\n{built.stdout.strip()}\n(test build: {time.time() - started:.0f} s)")
     assert not host_pip_servers(), "the build left its pip settings server running"
