@@ -24,6 +24,7 @@ from pathlib import Path
 from fedtl.client.approval import approve_app, build_fab
 from fedtl.client.policy import load_policy
 from fedtl.server.certs import generate_certificates, generate_supernode_keys
+from fedtl.simulations.engine import descendants
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -68,29 +69,9 @@ def repository_fab() -> bytes:
     return build_fab(app_snapshot())
 
 
-def descendants(pid: int) -> list[int]:
-    """Return every live descendant of `pid` (from /proc), children before grandchildren."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        parents.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     """Send `sig` to `proc` and every process it started, by PID; reap `proc`."""
-    pids = [proc.pid] + descendants(proc.pid)
+    pids = [proc.pid, *descendants(proc.pid)]
     for pid in pids:
         try:
             os.kill(pid, sig)
