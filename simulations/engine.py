@@ -279,7 +279,7 @@ def _stop_private_ray(starter: _RayStarter) -> None:
 
     ray.shutdown() may not know yet of every process a Ray whose start was cut short started, and one interrupted
     (a second Ctrl-C while Flower's engine stopped) left Ray's two agents running for a minute or two after fedtl had
-    exited, orphans no longer below this process (3 of 4 tries): they are held from Ray's start on.
+    exited, orphans no longer below this process (its test failed 7 of 10 tries): they are held from Ray's start on.
     """
     import ray
 
